@@ -1,0 +1,34 @@
+//! The replibox wire protocol.
+//!
+//! # Layout
+//! - [`frame`]: the codec. A frame is a 4-byte big-endian header length, a JSON
+//!   header, then an optional binary payload of the length the header declares.
+//!   Limits are checked before anything is allocated.
+//! - [`msg`]: every message kind, for every kind of connection.
+//! - [`ids`]: newtypes for identities and counters that cross module boundaries.
+//! - [`names`]: validation of usernames and of paths inside a user's directory.
+//! - [`hash`]: the content hash carried with every file version.
+//! - [`error`]: the protocol error type.
+
+pub mod error;
+pub mod frame;
+pub mod hash;
+pub mod ids;
+pub mod msg;
+pub mod names;
+
+pub use error::ProtoError;
+pub use frame::{read_frame, write_frame, Frame};
+pub use hash::ContentHash;
+pub use ids::{DeviceId, Epoch, Seq, ServerId, Version};
+pub use msg::*;
+pub use names::{validate_path, validate_username, NameError};
+
+/// Version of the protocol; a hello with any other version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest JSON header accepted, in bytes.
+pub const MAX_HEADER: usize = 64 * 1024;
+/// Largest binary payload accepted in one frame, in bytes.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Size of the file chunks senders use; below [`MAX_PAYLOAD`].
+pub const CHUNK_SIZE: usize = 256 * 1024;

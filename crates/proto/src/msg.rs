@@ -1,0 +1,256 @@
+//! Every message kind, for every kind of connection.
+//!
+//! One server port serves clients, other servers and status queries; the first
+//! frame of every connection is a [`Msg::Hello`] saying which of them is speaking.
+
+use crate::hash::ContentHash;
+use crate::ids::{DeviceId, Seq, Version};
+use serde::{Deserialize, Serialize};
+
+/// Who opens a connection, and what it brings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Who {
+    /// One device of a user.
+    Client {
+        /// The user, checked by [`crate::validate_username`].
+        user: String,
+        /// The device, stable across runs of the client on one sync dir.
+        device: DeviceId,
+        /// The port the client listens on for a new primary's call after a failover.
+        callback_port: u16,
+    },
+    /// A one-shot status query (`replibox-server --status`).
+    Status,
+}
+
+/// A file's metadata as the server holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    /// Path inside the user's directory.
+    pub path: String,
+    /// Bumped by every put, delete and rename of this path.
+    pub version: Version,
+    /// Size in bytes (0 for a tombstone).
+    pub size: u64,
+    /// Modification time the uploading device reported, ms since the Unix epoch.
+    pub mtime_ms: i64,
+    /// Hash of the content.
+    pub hash: ContentHash,
+    /// True for a tombstone: the file was deleted at this version.
+    #[serde(default)]
+    pub deleted: bool,
+    /// Access time of the server's copy, ms since the Unix epoch (listings only).
+    #[serde(default)]
+    pub atime_ms: i64,
+    /// Status-change time of the server's copy, ms since the Unix epoch (listings only).
+    #[serde(default)]
+    pub ctime_ms: i64,
+}
+
+/// A request from a client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Every file and tombstone of the user.
+    List,
+    /// Store a file; after [`Msg::Proceed`], the client sends its bytes as
+    /// [`Msg::Chunk`] frames and ends with [`Msg::UploadEnd`].
+    Upload {
+        /// Destination path.
+        path: String,
+        /// Exact size that will follow.
+        size: u64,
+        /// Modification time to record, ms since the Unix epoch.
+        mtime_ms: i64,
+        /// The version the device last saw at this path (None: it saw none, or a
+        /// tombstone). A different current version is a conflict.
+        base: Option<Version>,
+    },
+    /// Read a file: the server answers [`OpResult::Data`], then chunks, then
+    /// [`Msg::DownloadEnd`].
+    Download {
+        /// Path to read.
+        path: String,
+    },
+    /// Delete a file, leaving a tombstone.
+    Delete {
+        /// Path to delete.
+        path: String,
+        /// The version the device last saw; None deletes whatever is there.
+        base: Option<Version>,
+    },
+    /// Move a file to a path that holds no live file.
+    Rename {
+        /// Current path.
+        from: String,
+        /// New path.
+        to: String,
+        /// The version of `from` the device last saw.
+        base: Option<Version>,
+    },
+}
+
+/// The outcome of a request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum OpResult {
+    /// The change was stored; this is the path's new metadata.
+    Done {
+        /// New metadata (a tombstone after a delete; the new path after a rename).
+        meta: FileMeta,
+    },
+    /// The user's files and tombstones.
+    Listing {
+        /// Sorted by path.
+        files: Vec<FileMeta>,
+    },
+    /// A download starts: chunks follow.
+    Data {
+        /// The version being sent.
+        meta: FileMeta,
+    },
+    /// The path changed on the server since the device's base version.
+    Conflict {
+        /// What the server holds now (None: nothing, not even a tombstone).
+        current: Option<FileMeta>,
+    },
+    /// The request was refused; nothing changed.
+    Error {
+        /// A sentence for the user.
+        message: String,
+    },
+}
+
+/// A change pushed to a user's other device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Notice {
+    /// A file was created or replaced.
+    Put {
+        /// Its new metadata.
+        meta: FileMeta,
+    },
+    /// A file was deleted.
+    Delete {
+        /// The tombstone.
+        meta: FileMeta,
+    },
+    /// A file was moved.
+    Rename {
+        /// Its old path (now a tombstone).
+        from: String,
+        /// Its metadata at the new path.
+        meta: FileMeta,
+    },
+}
+
+/// Every message kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Msg {
+    /// First frame of every connection.
+    Hello {
+        /// Must equal [`crate::PROTOCOL_VERSION`].
+        version: u32,
+        /// Who is speaking.
+        who: Who,
+    },
+    /// A client's login was accepted.
+    Welcome {
+        /// Secret a new primary shows when it calls the client back.
+        token: String,
+        /// How many devices of this user are connected now, this one included.
+        devices: u32,
+        /// The last request seq of this device the server answered; the device
+        /// numbers its next requests after it.
+        last_seq: Seq,
+    },
+    /// The connection is refused; the server closes it after this frame.
+    Refused {
+        /// A sentence for the user or operator.
+        reason: String,
+    },
+    /// This server is not the primary; the primary listens at this address.
+    Redirect {
+        /// `IP:PORT` of the primary.
+        primary: String,
+    },
+    /// A client request.
+    Request {
+        /// The device's sequence number for it.
+        seq: Seq,
+        /// What to do.
+        op: Op,
+    },
+    /// The server accepts an upload; the client may send its chunks.
+    Proceed {
+        /// The upload's request.
+        seq: Seq,
+    },
+    /// File bytes for an upload or download, in the payload.
+    Chunk {
+        /// The transfer's request.
+        seq: Seq,
+    },
+    /// The last chunk of an upload was sent.
+    UploadEnd {
+        /// The upload's request.
+        seq: Seq,
+        /// Hash of all the bytes sent.
+        hash: ContentHash,
+    },
+    /// The last chunk of a download was sent.
+    DownloadEnd {
+        /// The download's request.
+        seq: Seq,
+        /// Hash of all the bytes sent.
+        hash: ContentHash,
+    },
+    /// The outcome of a request.
+    Reply {
+        /// The request answered.
+        seq: Seq,
+        /// Its outcome.
+        result: OpResult,
+    },
+    /// A change made by another device of the same user.
+    Notice {
+        /// What changed.
+        notice: Notice,
+    },
+    /// The answer to a status query: one JSON object.
+    Status {
+        /// The server's status.
+        status: serde_json::Value,
+    },
+    /// Keep-alive; answered with [`Msg::Pong`].
+    Ping,
+    /// Answer to [`Msg::Ping`].
+    Pong,
+    /// The sender ends the connection cleanly.
+    Bye,
+}
+
+impl Msg {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "hello",
+            Msg::Welcome { .. } => "welcome",
+            Msg::Refused { .. } => "refused",
+            Msg::Redirect { .. } => "redirect",
+            Msg::Request { .. } => "request",
+            Msg::Proceed { .. } => "proceed",
+            Msg::Chunk { .. } => "chunk",
+            Msg::UploadEnd { .. } => "upload_end",
+            Msg::DownloadEnd { .. } => "download_end",
+            Msg::Reply { .. } => "reply",
+            Msg::Notice { .. } => "notice",
+            Msg::Status { .. } => "status",
+            Msg::Ping => "ping",
+            Msg::Pong => "pong",
+            Msg::Bye => "bye",
+        }
+    }
+}

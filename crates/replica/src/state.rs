@@ -1,0 +1,412 @@
+//! The replicated state and the rules that change it.
+//!
+//! Everything a server knows that must survive its death lives in [`State`] and
+//! changes only through [`State::apply`] of an [`Entry`]: the same entries, applied in
+//! the same order, give the same state on every server. The decision functions
+//! (`check_*`) say whether a request may become an entry; they read the state and
+//! never change it. Nothing here touches a disk, a socket or a clock.
+
+use replibox_proto::{ContentHash, DeviceId, FileMeta, OpResult, Seq, Version};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Most devices one user may have connected at once.
+pub const MAX_DEVICES: usize = 2;
+
+/// A logged-in device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Its user.
+    pub user: String,
+    /// The device.
+    pub device: DeviceId,
+    /// The client's IP as the server saw it.
+    pub ip: String,
+    /// The port the client listens on for a new primary's call.
+    pub callback_port: u16,
+    /// Secret a new primary shows when calling back.
+    pub token: String,
+}
+
+/// The last request a device made that changed something, and its result, so that a
+/// resent request is answered instead of applied twice.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastRequest {
+    /// The request's sequence number.
+    pub seq: Seq,
+    /// What it was answered.
+    pub result: OpResult,
+}
+
+/// One change to the replicated state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    /// A file's new content sits in the temporary file `xfer` and becomes `meta`.
+    Put {
+        /// Owner.
+        user: String,
+        /// New metadata.
+        meta: FileMeta,
+        /// Name of the temporary file holding the bytes.
+        xfer: String,
+    },
+    /// A file is deleted; `meta` is its tombstone.
+    Delete {
+        /// Owner.
+        user: String,
+        /// Tombstone.
+        meta: FileMeta,
+    },
+    /// A file moves: `from` becomes a tombstone, `to` its new metadata.
+    Rename {
+        /// Owner.
+        user: String,
+        /// Tombstone left at the old path.
+        from: FileMeta,
+        /// Metadata at the new path.
+        to: FileMeta,
+    },
+    /// A device logs in.
+    Login {
+        /// Its session.
+        session: Session,
+    },
+    /// A device logs out or is gone.
+    Logout {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Forget every session (a lone server restarting: nobody is connected).
+    ClearSessions,
+}
+
+/// A change with its position in the history, and the request it answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Position: entries apply in strictly increasing order with no gap.
+    pub seq: Seq,
+    /// What changes.
+    pub change: Change,
+    /// The device request this entry answers, recorded for at-most-once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<(DeviceId, LastRequest)>,
+}
+
+/// The replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Seq of the last entry applied.
+    pub seq: Seq,
+    /// Every user's files and tombstones: user -> path -> metadata.
+    pub files: BTreeMap<String, BTreeMap<String, FileMeta>>,
+    /// Sessions by device.
+    pub sessions: BTreeMap<DeviceId, Session>,
+    /// Last changing request of each device.
+    pub requests: BTreeMap<DeviceId, LastRequest>,
+}
+
+/// Why an entry cannot be applied: the history has a gap or goes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfOrder {
+    /// The seq the state expected next.
+    pub expected: Seq,
+    /// The seq it was given.
+    pub got: Seq,
+}
+
+impl std::fmt::Display for OutOfOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "entry seq={} out of order, expected seq={}",
+            self.got, self.expected
+        )
+    }
+}
+
+impl std::error::Error for OutOfOrder {}
+
+impl State {
+    /// A live (not deleted) file.
+    pub fn live(&self, user: &str, path: &str) -> Option<&FileMeta> {
+        self.get(user, path).filter(|m| !m.deleted)
+    }
+
+    /// A file or its tombstone.
+    pub fn get(&self, user: &str, path: &str) -> Option<&FileMeta> {
+        self.files.get(user).and_then(|f| f.get(path))
+    }
+
+    /// The version the next change of `path` takes.
+    pub fn next_version(&self, user: &str, path: &str) -> Version {
+        self.get(user, path)
+            .map(|m| m.version.next())
+            .unwrap_or(Version(1))
+    }
+
+    /// Devices of `user` that hold a session, other than `except`.
+    pub fn devices_of(&self, user: &str, except: &DeviceId) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| s.user == user && &s.device != except)
+            .count()
+    }
+
+    /// The stored answer to a resent request, or an error for one older than the last.
+    pub fn already_answered(&self, device: &DeviceId, seq: Seq) -> Option<OpResult> {
+        let last = self.requests.get(device)?;
+        if last.seq == seq {
+            Some(last.result.clone())
+        } else if seq < last.seq {
+            Some(OpResult::Error {
+                message: format!(
+                    "request seq={seq} is older than the last one answered (seq={})",
+                    last.seq
+                ),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Applies the next entry of the history.
+    pub fn apply(&mut self, entry: &Entry) -> Result<(), OutOfOrder> {
+        if entry.seq != self.seq.next() {
+            return Err(OutOfOrder {
+                expected: self.seq.next(),
+                got: entry.seq,
+            });
+        }
+        self.seq = entry.seq;
+        match &entry.change {
+            Change::Put { user, meta, .. } | Change::Delete { user, meta } => {
+                self.files
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(meta.path.clone(), meta.clone());
+            }
+            Change::Rename { user, from, to } => {
+                let files = self.files.entry(user.clone()).or_default();
+                files.insert(from.path.clone(), from.clone());
+                files.insert(to.path.clone(), to.clone());
+            }
+            Change::Login { session } => {
+                self.sessions
+                    .insert(session.device.clone(), session.clone());
+            }
+            Change::Logout { device } => {
+                self.sessions.remove(device);
+            }
+            Change::ClearSessions => self.sessions.clear(),
+        }
+        if let Some((device, last)) = &entry.request {
+            self.requests.insert(device.clone(), last.clone());
+        }
+        Ok(())
+    }
+
+    /// Whether an upload of `path` on top of `base` may go ahead.
+    pub fn check_upload(
+        &self,
+        user: &str,
+        path: &str,
+        base: Option<Version>,
+    ) -> Result<(), OpResult> {
+        match self.live(user, path) {
+            Some(current) if Some(current.version) != base => Err(OpResult::Conflict {
+                current: Some(current.clone()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tombstone a delete of `path` would leave.
+    pub fn check_delete(
+        &self,
+        user: &str,
+        path: &str,
+        base: Option<Version>,
+    ) -> Result<FileMeta, OpResult> {
+        let current = self.live(user, path).ok_or_else(|| OpResult::Error {
+            message: format!("no such file on the server: {path}"),
+        })?;
+        if base.is_some_and(|b| b != current.version) {
+            return Err(OpResult::Conflict {
+                current: Some(current.clone()),
+            });
+        }
+        Ok(tombstone(current))
+    }
+
+    /// The (tombstone, new metadata) pair a rename would produce.
+    pub fn check_rename(
+        &self,
+        user: &str,
+        from: &str,
+        to: &str,
+        base: Option<Version>,
+    ) -> Result<(FileMeta, FileMeta), OpResult> {
+        if from == to {
+            return Err(OpResult::Error {
+                message: format!("cannot rename {from} onto itself"),
+            });
+        }
+        let current = self.live(user, from).ok_or_else(|| OpResult::Error {
+            message: format!("no such file on the server: {from}"),
+        })?;
+        if base.is_some_and(|b| b != current.version) {
+            return Err(OpResult::Conflict {
+                current: Some(current.clone()),
+            });
+        }
+        if let Some(existing) = self.live(user, to) {
+            return Err(OpResult::Conflict {
+                current: Some(existing.clone()),
+            });
+        }
+        let moved = FileMeta {
+            path: to.to_string(),
+            version: self.next_version(user, to),
+            ..current.clone()
+        };
+        Ok((tombstone(current), moved))
+    }
+}
+
+/// The tombstone that replaces a live file.
+pub fn tombstone(current: &FileMeta) -> FileMeta {
+    FileMeta {
+        path: current.path.clone(),
+        version: current.version.next(),
+        size: 0,
+        mtime_ms: current.mtime_ms,
+        hash: ContentHash::default(),
+        deleted: true,
+        atime_ms: 0,
+        ctime_ms: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(path: &str, version: u64) -> FileMeta {
+        FileMeta {
+            path: path.into(),
+            version: Version(version),
+            size: 1,
+            mtime_ms: 0,
+            hash: ContentHash::of(b"x"),
+            deleted: false,
+            atime_ms: 0,
+            ctime_ms: 0,
+        }
+    }
+
+    fn put(state: &State, path: &str) -> Entry {
+        Entry {
+            seq: state.seq.next(),
+            change: Change::Put {
+                user: "u".into(),
+                meta: meta(path, state.next_version("u", path).0),
+                xfer: "t".into(),
+            },
+            request: None,
+        }
+    }
+
+    #[test]
+    fn entries_apply_in_order_only() {
+        let mut s = State::default();
+        let e = put(&s, "a");
+        s.apply(&e).unwrap();
+        assert_eq!(
+            s.apply(&e),
+            Err(OutOfOrder {
+                expected: Seq(2),
+                got: Seq(1)
+            })
+        );
+        let mut gap = put(&s, "b");
+        gap.seq = Seq(5);
+        assert!(s.apply(&gap).is_err());
+        assert_eq!(s.seq, Seq(1));
+    }
+
+    #[test]
+    fn upload_conflicts_only_against_a_live_file_at_another_version() {
+        let mut s = State::default();
+        assert!(s.check_upload("u", "a", None).is_ok());
+        s.apply(&put(&s, "a")).unwrap();
+        assert!(s.check_upload("u", "a", Some(Version(1))).is_ok());
+        assert!(matches!(
+            s.check_upload("u", "a", None),
+            Err(OpResult::Conflict { .. })
+        ));
+        assert!(matches!(
+            s.check_upload("u", "a", Some(Version(7))),
+            Err(OpResult::Conflict { .. })
+        ));
+        let t = s.check_delete("u", "a", Some(Version(1))).unwrap();
+        assert_eq!(t.version, Version(2));
+        assert!(t.deleted);
+        s.apply(&Entry {
+            seq: s.seq.next(),
+            change: Change::Delete {
+                user: "u".into(),
+                meta: t,
+            },
+            request: None,
+        })
+        .unwrap();
+        // Recreating over a tombstone is not a conflict, and the version keeps growing.
+        assert!(s.check_upload("u", "a", None).is_ok());
+        assert_eq!(s.next_version("u", "a"), Version(3));
+    }
+
+    #[test]
+    fn delete_and_rename_rules() {
+        let mut s = State::default();
+        assert!(matches!(
+            s.check_delete("u", "a", None),
+            Err(OpResult::Error { .. })
+        ));
+        s.apply(&put(&s, "a")).unwrap();
+        s.apply(&put(&s, "b")).unwrap();
+        assert!(matches!(
+            s.check_rename("u", "a", "b", None),
+            Err(OpResult::Conflict { .. })
+        ));
+        assert!(matches!(
+            s.check_rename("u", "a", "a", None),
+            Err(OpResult::Error { .. })
+        ));
+        let (from, to) = s.check_rename("u", "a", "c/d", Some(Version(1))).unwrap();
+        assert!(from.deleted && from.path == "a" && from.version == Version(2));
+        assert!(!to.deleted && to.path == "c/d" && to.version == Version(1));
+    }
+
+    #[test]
+    fn resent_requests_get_their_first_answer() {
+        let mut s = State::default();
+        let dev = DeviceId("00000001".into());
+        let mut e = put(&s, "a");
+        let answer = OpResult::Done { meta: meta("a", 1) };
+        e.request = Some((
+            dev.clone(),
+            LastRequest {
+                seq: Seq(4),
+                result: answer.clone(),
+            },
+        ));
+        s.apply(&e).unwrap();
+        assert_eq!(s.already_answered(&dev, Seq(4)), Some(answer));
+        assert!(matches!(
+            s.already_answered(&dev, Seq(3)),
+            Some(OpResult::Error { .. })
+        ));
+        assert_eq!(s.already_answered(&dev, Seq(5)), None);
+    }
+}

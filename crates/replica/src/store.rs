@@ -1,0 +1,658 @@
+//! The durable store: users' files byte for byte, and the history that explains them.
+//!
+//! Layout under the data dir:
+//! - `users/<user>/<path>`: each user's current files, exactly as uploaded;
+//! - `meta/snapshot.json`: the [`State`] at some seq (written atomically);
+//! - `meta/log.jsonl`: one [`Entry`] per line after the snapshot, fsynced before its
+//!   file-system action runs (write-ahead);
+//! - `tmp/`: uploads in flight, named by transfer id.
+//!
+//! Commit order for every entry: append it to the log and fsync, then perform its
+//! file-system action (rename a temporary file into place, remove, move), then
+//! apply it to the in-memory state. Entries are committed one at a time, so after a
+//! crash only the last entry of the log can have an unfinished action; start-up
+//! redoes it, and every action is written so that redoing a finished one is a no-op.
+
+use crate::state::{Change, Entry, State};
+use replibox_proto::{ContentHash, FileMeta, Version};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// After this many log entries the state is written to a snapshot and the log emptied.
+const COMPACT_AFTER: usize = 10_000;
+
+/// A store operation that failed, with what it was doing.
+#[derive(Debug)]
+pub struct StoreError {
+    /// What was being done, and on which file.
+    pub context: String,
+    /// The cause.
+    pub source: io::Error,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.context, self.source)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Adds context to an I/O result.
+pub trait Context<T> {
+    /// Wraps the error with a description of the failed step.
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError {
+            context: what(),
+            source,
+        })
+    }
+}
+
+/// The data dir, its write-ahead log and its temporary files.
+pub struct Store {
+    root: PathBuf,
+    log: File,
+    log_entries: usize,
+    next_xfer: AtomicU64,
+}
+
+/// Milliseconds since the Unix epoch of a system time (negative before 1970).
+pub fn to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+/// The system time of milliseconds since the Unix epoch.
+pub fn from_ms(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens (or creates) a data dir, recovers the state, and finishes or discards
+    /// whatever a crash interrupted.
+    pub fn open(root: &Path) -> Result<(Store, State), StoreError> {
+        for dir in ["users", "meta", "tmp"] {
+            fs::create_dir_all(root.join(dir))
+                .context(|| format!("creating {}", root.join(dir).display()))?;
+        }
+        let snapshot_path = root.join("meta/snapshot.json");
+        let mut state = match fs::read(&snapshot_path) {
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes)
+                .map_err(io::Error::other)
+                .context(|| format!("reading {}", snapshot_path.display()))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(e).context(|| format!("reading {}", snapshot_path.display())),
+        };
+        let log_path = root.join("meta/log.jsonl");
+        let mut last: Option<Entry> = None;
+        let mut log_entries = 0;
+        let mut good_len: u64 = 0;
+        if let Ok(f) = File::open(&log_path) {
+            let mut reader = BufReader::new(f);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .context(|| format!("reading {}", log_path.display()))?;
+                if n == 0 || !line.ends_with('\n') {
+                    // A torn last line: its entry was never acknowledged; drop it.
+                    if n > 0 {
+                        log::warn!(
+                            "dropping torn log tail bytes={n} file={}",
+                            log_path.display()
+                        );
+                    }
+                    break;
+                }
+                let entry: Entry = match serde_json::from_str(&line) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        log::warn!(
+                            "dropping unreadable log tail error={e} file={}",
+                            log_path.display()
+                        );
+                        break;
+                    }
+                };
+                good_len += n as u64;
+                log_entries += 1;
+                if entry.seq <= state.seq {
+                    continue; // already in the snapshot (crash between snapshot and truncate)
+                }
+                state
+                    .apply(&entry)
+                    .map_err(io::Error::other)
+                    .context(|| format!("replaying {}", log_path.display()))?;
+                last = Some(entry);
+            }
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .context(|| format!("opening {}", log_path.display()))?;
+        log.set_len(good_len)
+            .context(|| format!("trimming {}", log_path.display()))?;
+        let store = Store {
+            root: root.to_path_buf(),
+            log,
+            log_entries,
+            next_xfer: AtomicU64::new(0),
+        };
+        if let Some(entry) = last {
+            store.act(&entry.change)?;
+        }
+        store.clear_tmp()?;
+        Ok((store, state))
+    }
+
+    /// The data dir.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a user's file lives.
+    pub fn user_path(&self, user: &str, path: &str) -> PathBuf {
+        self.root.join("users").join(user).join(path)
+    }
+
+    fn tmp_path(&self, xfer: &str) -> PathBuf {
+        self.root.join("tmp").join(xfer)
+    }
+
+    fn clear_tmp(&self) -> Result<(), StoreError> {
+        let tmp = self.root.join("tmp");
+        for entry in fs::read_dir(&tmp).context(|| format!("listing {}", tmp.display()))? {
+            let entry = entry.context(|| format!("listing {}", tmp.display()))?;
+            log::info!(
+                "removing abandoned temporary file={}",
+                entry.path().display()
+            );
+            let _ = fs::remove_file(entry.path());
+        }
+        Ok(())
+    }
+
+    /// Creates a temporary file for an incoming transfer; returns its id and handle.
+    pub fn create_temp(&self) -> Result<(String, File), StoreError> {
+        let n = self.next_xfer.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let xfer = format!("x{}-{nanos}-{n}", std::process::id());
+        let path = self.tmp_path(&xfer);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .context(|| format!("creating {}", path.display()))?;
+        Ok((xfer, file))
+    }
+
+    /// Removes a temporary file whose transfer was abandoned.
+    pub fn discard_temp(&self, xfer: &str) {
+        let _ = fs::remove_file(self.tmp_path(xfer));
+    }
+
+    /// Makes an entry durable, performs its file-system action, and applies it.
+    pub fn commit(&mut self, state: &mut State, entry: Entry) -> Result<(), StoreError> {
+        if entry.seq != state.seq.next() {
+            return Err(StoreError {
+                context: format!("committing entry seq={}", entry.seq),
+                source: io::Error::other(format!("state is at seq={}", state.seq)),
+            });
+        }
+        let mut line = serde_json::to_vec(&entry)
+            .map_err(io::Error::other)
+            .context(|| "encoding entry".into())?;
+        line.push(b'\n');
+        let log_path = self.root.join("meta/log.jsonl");
+        self.log
+            .write_all(&line)
+            .context(|| format!("appending to {}", log_path.display()))?;
+        self.log
+            .sync_data()
+            .context(|| format!("syncing {}", log_path.display()))?;
+        self.log_entries += 1;
+        self.act(&entry.change)?;
+        state
+            .apply(&entry)
+            .map_err(io::Error::other)
+            .context(|| "applying entry".into())?;
+        if self.log_entries >= COMPACT_AFTER {
+            self.compact(state)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state to a snapshot and empties the log.
+    pub fn compact(&mut self, state: &State) -> Result<(), StoreError> {
+        let path = self.root.join("meta/snapshot.json");
+        let bytes = serde_json::to_vec(state)
+            .map_err(io::Error::other)
+            .context(|| "encoding snapshot".into())?;
+        write_atomically(&path, &bytes)?;
+        self.log.set_len(0).context(|| "truncating log".into())?;
+        self.log.sync_all().context(|| "syncing log".into())?;
+        self.log_entries = 0;
+        log::info!("compacted log into snapshot seq={}", state.seq);
+        Ok(())
+    }
+
+    /// The file-system side of a change. Redoing a finished action changes nothing.
+    fn act(&self, change: &Change) -> Result<(), StoreError> {
+        match change {
+            Change::Put { user, meta, xfer } => {
+                let tmp = self.tmp_path(xfer);
+                if !tmp.exists() {
+                    return Ok(()); // already moved into place
+                }
+                let dest = self.user_path(user, &meta.path);
+                self.make_parent(user, &dest)?;
+                let f = File::options()
+                    .write(true)
+                    .open(&tmp)
+                    .context(|| format!("opening {}", tmp.display()))?;
+                let _ = f.set_modified(from_ms(meta.mtime_ms));
+                f.sync_all()
+                    .context(|| format!("syncing {}", tmp.display()))?;
+                fs::rename(&tmp, &dest)
+                    .context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
+                self.sync_parent(&dest)?;
+            }
+            Change::Delete { user, meta } => {
+                let path = self.user_path(user, &meta.path);
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        self.sync_parent(&path)?;
+                        self.prune_empty_dirs(user, &path);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).context(|| format!("removing {}", path.display())),
+                }
+            }
+            Change::Rename { user, from, to } => {
+                let src = self.user_path(user, &from.path);
+                let dest = self.user_path(user, &to.path);
+                if src.exists() {
+                    self.make_parent(user, &dest)?;
+                    fs::rename(&src, &dest)
+                        .context(|| format!("moving {} to {}", src.display(), dest.display()))?;
+                    self.sync_parent(&dest)?;
+                    self.sync_parent(&src)?;
+                    self.prune_empty_dirs(user, &src);
+                }
+            }
+            Change::Login { .. } | Change::Logout { .. } | Change::ClearSessions => {}
+        }
+        Ok(())
+    }
+
+    fn make_parent(&self, user: &str, dest: &Path) -> Result<(), StoreError> {
+        let parent = dest.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent)
+            .context(|| format!("creating {} for user {user}", parent.display()))
+    }
+
+    fn sync_parent(&self, path: &Path) -> Result<(), StoreError> {
+        let parent = path.parent().unwrap_or(&self.root);
+        fsync_dir(parent).context(|| format!("syncing directory {}", parent.display()))
+    }
+
+    /// Removes directories left empty below the user's directory.
+    fn prune_empty_dirs(&self, user: &str, removed: &Path) {
+        let top = self.root.join("users").join(user);
+        let mut dir = removed.parent();
+        while let Some(d) = dir {
+            if d == top || !d.starts_with(&top) || fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+
+    /// Opens a user's file for reading. The handle keeps reading the version it
+    /// opened even if a newer one is renamed over it meanwhile.
+    pub fn open_file(&self, user: &str, path: &str) -> Result<File, StoreError> {
+        let p = self.user_path(user, path);
+        File::open(&p).context(|| format!("opening {}", p.display()))
+    }
+
+    /// Access and status-change times of a user's file, in ms.
+    pub fn times(&self, user: &str, path: &str) -> (i64, i64) {
+        use std::os::unix::fs::MetadataExt;
+        match fs::metadata(self.user_path(user, path)) {
+            Ok(m) => (
+                m.atime() * 1000 + m.atime_nsec() / 1_000_000,
+                m.ctime() * 1000 + m.ctime_nsec() / 1_000_000,
+            ),
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// Compares `users/` with the state; returns the entries that make the state
+    /// describe what is on disk (files added or changed by hand, or whose entry a
+    /// crash lost). Missing files are reported, not tombstoned: a tombstone would
+    /// make every device delete its copy.
+    pub fn check_against(&self, state: &State) -> Result<Vec<(String, FileMeta)>, StoreError> {
+        let mut found = Vec::new();
+        let users = self.root.join("users");
+        for user_dir in fs::read_dir(&users).context(|| format!("listing {}", users.display()))? {
+            let user_dir = user_dir.context(|| format!("listing {}", users.display()))?;
+            let user = user_dir.file_name().to_string_lossy().into_owned();
+            if replibox_proto::validate_username(&user).is_err() || !user_dir.path().is_dir() {
+                log::warn!(
+                    "ignoring stray entry in users/: {}",
+                    user_dir.path().display()
+                );
+                continue;
+            }
+            let mut stack = vec![user_dir.path()];
+            while let Some(dir) = stack.pop() {
+                for e in fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))? {
+                    let e = e.context(|| format!("listing {}", dir.display()))?;
+                    let ft = e
+                        .file_type()
+                        .context(|| format!("inspecting {}", e.path().display()))?;
+                    if ft.is_dir() {
+                        stack.push(e.path());
+                        continue;
+                    }
+                    if !ft.is_file() {
+                        log::warn!("ignoring non-regular file {}", e.path().display());
+                        continue;
+                    }
+                    let rel = e
+                        .path()
+                        .strip_prefix(user_dir.path())
+                        .map(|p| p.to_string_lossy().into_owned());
+                    let Ok(rel) = rel else { continue };
+                    if replibox_proto::validate_path(&rel).is_err() {
+                        log::warn!("ignoring file with an invalid name {}", e.path().display());
+                        continue;
+                    }
+                    let md = e
+                        .metadata()
+                        .context(|| format!("inspecting {}", e.path().display()))?;
+                    let mtime = md.modified().map(to_ms).unwrap_or(0);
+                    let known = state.live(&user, &rel);
+                    if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime) {
+                        continue;
+                    }
+                    let hash = hash_file(&e.path())
+                        .context(|| format!("hashing {}", e.path().display()))?;
+                    let version = state.next_version(&user, &rel);
+                    log::warn!(
+                        "adopting file found on disk user={user} path={rel} size={}",
+                        md.len()
+                    );
+                    found.push((
+                        user.clone(),
+                        FileMeta {
+                            path: rel,
+                            version,
+                            size: md.len(),
+                            mtime_ms: mtime,
+                            hash,
+                            deleted: false,
+                            atime_ms: 0,
+                            ctime_ms: 0,
+                        },
+                    ));
+                }
+            }
+        }
+        for (user, files) in &state.files {
+            for meta in files.values().filter(|m| !m.deleted) {
+                if !self.user_path(user, &meta.path).is_file() {
+                    log::error!(
+                        "file missing from the store user={user} path={} version={}",
+                        meta.path,
+                        meta.version
+                    );
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records a file that is already in place (found by [`Store::check_against`]).
+    pub fn adopt(
+        &mut self,
+        state: &mut State,
+        user: String,
+        meta: FileMeta,
+    ) -> Result<(), StoreError> {
+        // Put with an xfer that does not exist: the action finds nothing to move.
+        let entry = Entry {
+            seq: state.seq.next(),
+            change: Change::Put {
+                user,
+                meta,
+                xfer: "adopted".into(),
+            },
+            request: None,
+        };
+        self.commit(state, entry)
+    }
+}
+
+/// Writes a small file atomically: temporary file, fsync, rename, fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .context(|| format!("syncing {}", tmp.display()))?;
+    fs::rename(&tmp, path).context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
+    if let Some(parent) = path.parent() {
+        fsync_dir(parent).context(|| format!("syncing directory {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// The content hash of a file, read in chunks.
+pub fn hash_file(path: &Path) -> io::Result<ContentHash> {
+    let mut f = File::open(path)?;
+    let mut h = ContentHash::default();
+    let mut buf = vec![0u8; replibox_proto::CHUNK_SIZE];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h);
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Metadata for a new version of `path`.
+pub fn new_meta(
+    path: &str,
+    version: Version,
+    size: u64,
+    mtime_ms: i64,
+    hash: ContentHash,
+) -> FileMeta {
+    FileMeta {
+        path: path.to_string(),
+        version,
+        size,
+        mtime_ms,
+        hash,
+        deleted: false,
+        atime_ms: 0,
+        ctime_ms: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tombstone;
+    use replibox_proto::Seq;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let p =
+                std::env::temp_dir().join(format!("replibox-store-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn put(store: &mut Store, state: &mut State, path: &str, bytes: &[u8]) {
+        let (xfer, mut f) = store.create_temp().unwrap();
+        f.write_all(bytes).unwrap();
+        let meta = new_meta(
+            path,
+            state.next_version("u", path),
+            bytes.len() as u64,
+            1_000,
+            ContentHash::of(bytes),
+        );
+        let entry = Entry {
+            seq: state.seq.next(),
+            change: Change::Put {
+                user: "u".into(),
+                meta,
+                xfer,
+            },
+            request: None,
+        };
+        store.commit(state, entry).unwrap();
+    }
+
+    #[test]
+    fn commit_then_reopen_gives_same_state_and_files() {
+        let dir = TempDir::new("reopen");
+        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        put(&mut store, &mut state, "a/b.txt", b"hello");
+        put(&mut store, &mut state, "a/b.txt", b"hello again");
+        put(&mut store, &mut state, "c", b"");
+        let t = tombstone(state.live("u", "c").unwrap());
+        let entry = Entry {
+            seq: state.seq.next(),
+            change: Change::Delete {
+                user: "u".into(),
+                meta: t,
+            },
+            request: None,
+        };
+        store.commit(&mut state, entry).unwrap();
+        drop(store);
+        let (store2, state2) = Store::open(&dir.0).unwrap();
+        assert_eq!(state2, state);
+        assert_eq!(
+            fs::read(store2.user_path("u", "a/b.txt")).unwrap(),
+            b"hello again"
+        );
+        assert!(!store2.user_path("u", "c").exists());
+        assert!(store2.check_against(&state2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn crash_after_log_before_rename_is_redone_at_start() {
+        let dir = TempDir::new("redo");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        let (xfer, mut f) = store.create_temp().unwrap();
+        f.write_all(b"data").unwrap();
+        let meta = new_meta("x", Version(1), 4, 5, ContentHash::of(b"data"));
+        let entry = Entry {
+            seq: Seq(1),
+            change: Change::Put {
+                user: "u".into(),
+                meta,
+                xfer,
+            },
+            request: None,
+        };
+        // Simulate the crash: the entry reaches the log, the rename never happens.
+        let mut line = serde_json::to_vec(&entry).unwrap();
+        line.push(b'\n');
+        store.log.write_all(&line).unwrap();
+        drop(store);
+        let (store, state) = Store::open(&dir.0).unwrap();
+        assert_eq!(state.seq, Seq(1));
+        assert_eq!(fs::read(store.user_path("u", "x")).unwrap(), b"data");
+    }
+
+    #[test]
+    fn torn_log_tail_and_abandoned_temporaries_are_dropped() {
+        let dir = TempDir::new("torn");
+        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        put(&mut store, &mut state, "keep", b"1");
+        let (_xfer, mut f) = store.create_temp().unwrap();
+        f.write_all(b"half an upload").unwrap();
+        store.log.write_all(b"{\"seq\":2,\"chan").unwrap();
+        drop(store);
+        let (store, state2) = Store::open(&dir.0).unwrap();
+        assert_eq!(state2, state);
+        assert_eq!(fs::read_dir(dir.0.join("tmp")).unwrap().count(), 0);
+        assert!(store.user_path("u", "keep").exists());
+        let users: Vec<_> = fs::read_dir(dir.0.join("users/u")).unwrap().collect();
+        assert_eq!(users.len(), 1, "no partial file visible");
+    }
+
+    #[test]
+    fn compaction_keeps_state() {
+        let dir = TempDir::new("compact");
+        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        put(&mut store, &mut state, "a", b"1");
+        store.compact(&state).unwrap();
+        put(&mut store, &mut state, "b", b"2");
+        drop(store);
+        let (_s, state2) = Store::open(&dir.0).unwrap();
+        assert_eq!(state2, state);
+    }
+
+    #[test]
+    fn files_dropped_in_by_hand_are_adopted() {
+        let dir = TempDir::new("adopt");
+        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        fs::create_dir_all(dir.0.join("users/u/d")).unwrap();
+        fs::write(dir.0.join("users/u/d/new.txt"), b"by hand").unwrap();
+        let found = store.check_against(&state).unwrap();
+        assert_eq!(found.len(), 1);
+        for (user, meta) in found {
+            store.adopt(&mut state, user, meta).unwrap();
+        }
+        assert_eq!(
+            state.live("u", "d/new.txt").unwrap().hash,
+            ContentHash::of(b"by hand")
+        );
+        assert!(store.check_against(&state).unwrap().is_empty());
+    }
+}
