@@ -24,11 +24,7 @@ pub struct Detector {
 impl Detector {
     /// A detector that heard from the primary at `now_ms`.
     pub fn new(timeout_ms: u64, now_ms: u64) -> Detector {
-        Detector {
-            timeout_ms,
-            last_heard_ms: now_ms,
-            closed: false,
-        }
+        Detector { timeout_ms, last_heard_ms: now_ms, closed: false }
     }
 
     /// A heartbeat (or any message) arrived from the primary.

@@ -1,1 +1,534 @@
-pub fn placeholder() {}
+//! The client side of the connection to the replibox primary.
+//!
+//! # Layout
+//! - [`Frontend`]: connect, requests (list, delete, rename, upload, download),
+//!   reconnection and resend.
+//! - [`FrontEvent`]: what the front-end tells the sync engine (pushed notices,
+//!   connection lost and regained).
+//! - [`FrontError`]: why a request could not be answered.
+//!
+//! Threads: a reader per connection (routes replies to the one waiting request,
+//! notices to the event channel), a keep-alive per connection, and a reconnector
+//! that runs while the server is unreachable.
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use replibox_proto::{
+    read_frame, write_frame, ContentHash, DeviceId, Epoch, FileMeta, Frame, Msg, Notice, Op, OpResult, ProtoError, Seq,
+    Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
+};
+use std::fmt;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often an idle connection is pinged.
+const PING_EVERY: Duration = Duration::from_secs(3);
+/// How long the server may stay silent before the connection is considered dead.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many redirects a login follows before giving up.
+const MAX_REDIRECTS: usize = 4;
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The user.
+    pub user: String,
+    /// This device.
+    pub device: DeviceId,
+    /// `HOST:PORT` of the server given on the command line.
+    pub server: String,
+    /// Local address to connect from.
+    pub bind: Option<IpAddr>,
+    /// The callback port announced at login.
+    pub callback_port: u16,
+    /// How long a request waits for the server to come back before failing.
+    pub unavailable_after: Duration,
+}
+
+/// Why a request was not answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrontError {
+    /// The server refused the login (third device, bad username, ...).
+    Refused(String),
+    /// The server could not be reached within the bound.
+    Unavailable(String),
+    /// The local source of an upload or destination of a download failed.
+    Local(String),
+    /// The server broke the protocol.
+    Protocol(String),
+}
+
+impl fmt::Display for FrontError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrontError::Refused(r) => write!(f, "the server refused the login: {r}"),
+            FrontError::Unavailable(r) => write!(f, "the server is unavailable: {r}"),
+            FrontError::Local(r) => f.write_str(r),
+            FrontError::Protocol(r) => write!(f, "protocol error: {r}"),
+        }
+    }
+}
+
+impl std::error::Error for FrontError {}
+
+/// What the front-end tells the sync engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrontEvent {
+    /// Another device changed something.
+    Notice(Notice),
+    /// The connection dropped; requests wait for it to come back.
+    Lost(String),
+    /// Logged in again after a loss; notices may have been missed meanwhile.
+    Reconnected,
+}
+
+/// Outcome of one attempt on one connection.
+enum Attempt<T> {
+    Done(T),
+    /// The connection died: resend on the next one.
+    Lost(String),
+}
+
+/// One live connection.
+struct Conn {
+    writer: Arc<Mutex<TcpStream>>,
+    replies: Receiver<Frame>,
+    generation: u64,
+}
+
+impl Conn {
+    fn send(&self, msg: &Msg, payload: &[u8]) -> Result<(), String> {
+        let mut s = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *s, Epoch(0), msg, payload).map_err(|e| e.to_string())
+    }
+
+    fn recv(&self) -> Result<Frame, String> {
+        // The reader thread times out reads itself; a closed channel means it ended.
+        self.replies.recv().map_err(|_| "connection closed".to_string())
+    }
+}
+
+struct Shared {
+    cfg: Config,
+    /// The live connection, or None while the server is unreachable.
+    conn: Mutex<Option<Arc<Conn>>>,
+    changed: Condvar,
+    /// Serialises requests: one on the wire at a time, in order.
+    turn: Mutex<Seq>,
+    events: Sender<FrontEvent>,
+    generation: Mutex<u64>,
+    closing: Mutex<bool>,
+}
+
+/// The front-end: cheap to clone, safe to share between threads.
+#[derive(Clone)]
+pub struct Frontend {
+    shared: Arc<Shared>,
+}
+
+/// What a successful login says.
+#[derive(Clone, Debug)]
+pub struct Login {
+    /// Devices of this user connected now, this one included.
+    pub devices: u32,
+    /// Where the session is (the server given, or the primary it redirected to).
+    pub server: SocketAddr,
+    /// The last request of this device the server answered.
+    pub last_seq: Seq,
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {addr}"))
+}
+
+fn connect_from(bind: Option<IpAddr>, to: SocketAddr) -> Result<TcpStream, String> {
+    match bind {
+        None => TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(|e| format!("cannot reach {to}: {e}")),
+        Some(ip) => {
+            // std cannot bind before connect; a socket bound to the chosen local IP is
+            // what makes 127.0.0.4 and 127.0.0.5 look like two machines.
+            let stream = bind_connect::connect(ip, to, CONNECT_TIMEOUT)
+                .map_err(|e| format!("cannot reach {to} from {ip}: {e}"))?;
+            Ok(stream)
+        }
+    }
+}
+
+mod bind_connect;
+
+/// Logs in on a fresh connection, following redirects. Returns the stream and login.
+fn login(cfg: &Config) -> Result<(TcpStream, Login), FrontError> {
+    let mut target = resolve(&cfg.server).map_err(FrontError::Unavailable)?;
+    for _ in 0..=MAX_REDIRECTS {
+        let mut stream = connect_from(cfg.bind, target).map_err(FrontError::Unavailable)?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+        let hello = Msg::Hello {
+            version: PROTOCOL_VERSION,
+            who: Who::Client { user: cfg.user.clone(), device: cfg.device.clone(), callback_port: cfg.callback_port },
+        };
+        write_frame(&mut stream, Epoch(0), &hello, &[])
+            .map_err(|e| FrontError::Unavailable(format!("{target}: {e}")))?;
+        let frame = read_frame(&mut stream)
+            .map_err(|e| FrontError::Unavailable(format!("{target}: {e}")))?
+            .ok_or_else(|| FrontError::Unavailable(format!("{target} closed the connection during login")))?;
+        match frame.msg {
+            Msg::Welcome { devices, last_seq, .. } => {
+                return Ok((stream, Login { devices, server: target, last_seq }));
+            }
+            Msg::Refused { reason } => return Err(FrontError::Refused(reason)),
+            Msg::Redirect { primary } => {
+                log::info!("redirected to primary={primary} by server={target}");
+                target = resolve(&primary).map_err(FrontError::Unavailable)?;
+            }
+            other => return Err(FrontError::Protocol(format!("{target} answered hello with {}", other.kind()))),
+        }
+    }
+    Err(FrontError::Protocol("too many redirects".into()))
+}
+
+impl Frontend {
+    /// Connects and logs in. Returns the front-end, its event stream and the login.
+    pub fn connect(cfg: Config) -> Result<(Frontend, Receiver<FrontEvent>, Login), FrontError> {
+        let (stream, login) = login(&cfg)?;
+        let (events, events_rx) = unbounded();
+        let shared = Arc::new(Shared {
+            cfg,
+            conn: Mutex::new(None),
+            changed: Condvar::new(),
+            turn: Mutex::new(login.last_seq),
+            events,
+            generation: Mutex::new(0),
+            closing: Mutex::new(false),
+        });
+        install(&shared, stream).map_err(FrontError::Unavailable)?;
+        Ok((Frontend { shared }, events_rx, login))
+    }
+
+    /// Ends the session cleanly.
+    pub fn logout(&self) {
+        *self.shared.closing.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(conn) = conn {
+            let _ = conn.send(&Msg::Bye, &[]);
+            let s = conn.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits for a live connection, up to the configured bound.
+    fn live(&self) -> Result<Arc<Conn>, FrontError> {
+        let deadline = Instant::now() + self.shared.cfg.unavailable_after;
+        let mut guard = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if *self.shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
+                return Err(FrontError::Unavailable("the session was closed".into()));
+            }
+            if let Some(c) = guard.as_ref() {
+                return Ok(c.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FrontError::Unavailable(format!(
+                    "no answer from {} for {:?}",
+                    self.shared.cfg.server, self.shared.cfg.unavailable_after
+                )));
+            }
+            guard = self.shared.changed.wait_timeout(guard, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Runs one request to completion, resending it on a new connection if the
+    /// current one dies before the answer arrives. `attempt` must be repeatable.
+    fn with_retry<T>(
+        &self,
+        mut attempt: impl FnMut(&Conn, Seq) -> Result<Attempt<T>, FrontError>,
+    ) -> Result<T, FrontError> {
+        let mut turn = self.shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+        *turn = turn.next();
+        let seq = *turn;
+        loop {
+            let conn = self.live()?;
+            match attempt(&conn, seq)? {
+                Attempt::Done(t) => return Ok(t),
+                Attempt::Lost(why) => {
+                    log::info!("resending request seq={seq} after losing the connection: {why}");
+                    lost(&self.shared, conn.generation, why);
+                }
+            }
+        }
+    }
+
+    /// A request answered by one reply: list, delete or rename.
+    pub fn request(&self, op: Op) -> Result<OpResult, FrontError> {
+        self.with_retry(|conn, seq| {
+            if let Err(e) = conn.send(&Msg::Request { seq, op: op.clone() }, &[]) {
+                return Ok(Attempt::Lost(e));
+            }
+            Ok(match wait_reply(conn, seq)? {
+                Ok(r) => Attempt::Done(r),
+                Err(e) => Attempt::Lost(e),
+            })
+        })
+    }
+
+    /// Uploads `size` bytes of `source` (read from its start) to `path`.
+    /// `progress` is called with the bytes sent so far.
+    pub fn upload<F: Read + Seek>(
+        &self,
+        path: &str,
+        source: &mut F,
+        size: u64,
+        mtime_ms: i64,
+        base: Option<Version>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<OpResult, FrontError> {
+        self.with_retry(|conn, seq| {
+            let op = Op::Upload { path: path.to_string(), size, mtime_ms, base };
+            if let Err(e) = conn.send(&Msg::Request { seq, op }, &[]) {
+                return Ok(Attempt::Lost(e));
+            }
+            let first = match conn.recv() {
+                Ok(f) => f,
+                Err(e) => return Ok(Attempt::Lost(e)),
+            };
+            match first.msg {
+                Msg::Proceed { seq: s } if s == seq => {}
+                Msg::Reply { seq: s, result } if s == seq => return Ok(Attempt::Done(result)),
+                other => return Err(FrontError::Protocol(format!("unexpected {} answering an upload", other.kind()))),
+            }
+            source.seek(SeekFrom::Start(0)).map_err(|e| FrontError::Local(format!("cannot read {path}: {e}")))?;
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let mut sent = 0u64;
+            let mut hash = ContentHash::default();
+            while sent < size {
+                let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
+                let n =
+                    source.read(&mut buf[..want]).map_err(|e| FrontError::Local(format!("cannot read {path}: {e}")))?;
+                if n == 0 {
+                    break; // the file shrank: the server sees a short upload and refuses it
+                }
+                hash.update(&buf[..n]);
+                if let Err(e) = conn.send(&Msg::Chunk { seq }, &buf[..n]) {
+                    return Ok(Attempt::Lost(e));
+                }
+                sent += n as u64;
+                progress(sent);
+            }
+            if let Err(e) = conn.send(&Msg::UploadEnd { seq, hash }, &[]) {
+                return Ok(Attempt::Lost(e));
+            }
+            Ok(match wait_reply(conn, seq)? {
+                Ok(r) => Attempt::Done(r),
+                Err(e) => Attempt::Lost(e),
+            })
+        })
+    }
+
+    /// Downloads `path` into `dest` (rewound and truncated on every attempt).
+    /// Returns the metadata of the version received, or the server's refusal.
+    pub fn download<F: Write + Seek + SetLen>(
+        &self,
+        path: &str,
+        dest: &mut F,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Result<FileMeta, OpResult>, FrontError> {
+        self.with_retry(|conn, seq| {
+            dest.seek(SeekFrom::Start(0))
+                .and_then(|_| dest.set_len(0))
+                .map_err(|e| FrontError::Local(format!("cannot write {path}: {e}")))?;
+            if let Err(e) = conn.send(&Msg::Request { seq, op: Op::Download { path: path.to_string() } }, &[]) {
+                return Ok(Attempt::Lost(e));
+            }
+            let meta = match wait_reply(conn, seq)? {
+                Err(e) => return Ok(Attempt::Lost(e)),
+                Ok(OpResult::Data { meta }) => meta,
+                Ok(other) => return Ok(Attempt::Done(Err(other))),
+            };
+            let mut got = 0u64;
+            let mut hash = ContentHash::default();
+            loop {
+                let frame = match conn.recv() {
+                    Ok(f) => f,
+                    Err(e) => return Ok(Attempt::Lost(e)),
+                };
+                match frame.msg {
+                    Msg::Chunk { seq: s } if s == seq => {
+                        got += frame.payload.len() as u64;
+                        if got > meta.size {
+                            return Err(FrontError::Protocol(format!(
+                                "download of {path} longer than {} bytes",
+                                meta.size
+                            )));
+                        }
+                        hash.update(&frame.payload);
+                        dest.write_all(&frame.payload)
+                            .map_err(|e| FrontError::Local(format!("cannot write {path}: {e}")))?;
+                        progress(got, meta.size);
+                    }
+                    Msg::DownloadEnd { seq: s, hash: sent } if s == seq => {
+                        if got != meta.size || sent != hash || hash != meta.hash {
+                            return Err(FrontError::Protocol(format!(
+                                "download of {path} arrived damaged ({got} of {} bytes)",
+                                meta.size
+                            )));
+                        }
+                        dest.flush().map_err(|e| FrontError::Local(format!("cannot write {path}: {e}")))?;
+                        return Ok(Attempt::Done(Ok(meta)));
+                    }
+                    other => return Err(FrontError::Protocol(format!("unexpected {} during download", other.kind()))),
+                }
+            }
+        })
+    }
+}
+
+/// Files whose length can be set; lets a retried download start over.
+pub trait SetLen {
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl SetLen for std::fs::File {
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        std::fs::File::set_len(self, len)
+    }
+}
+
+/// Waits for the reply to `seq`. `Ok(Err(_))` means the connection died first.
+fn wait_reply(conn: &Conn, seq: Seq) -> Result<Result<OpResult, String>, FrontError> {
+    loop {
+        let frame = match conn.recv() {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        match frame.msg {
+            Msg::Reply { seq: s, result } if s == seq => return Ok(Ok(result)),
+            Msg::Reply { seq: s, .. } if s < seq => continue, // a late answer to an abandoned attempt
+            other => return Err(FrontError::Protocol(format!("unexpected {} waiting for reply {seq}", other.kind()))),
+        }
+    }
+}
+
+/// Makes `stream` the live connection and starts its reader and keep-alive.
+fn install(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
+    let generation = {
+        let mut g = shared.generation.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        *g
+    };
+    let read_half = stream.try_clone().map_err(|e| format!("cannot clone socket: {e}"))?;
+    let (replies_tx, replies) = bounded::<Frame>(64);
+    let writer = Arc::new(Mutex::new(stream));
+    let conn = Arc::new(Conn { writer: writer.clone(), replies, generation });
+    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+    shared.changed.notify_all();
+
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("frontend-reader-{generation}"))
+        .spawn(move || read_loop(s, read_half, replies_tx, generation))
+        .map_err(|e| e.to_string())?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("frontend-ping-{generation}"))
+        .spawn(move || loop {
+            std::thread::sleep(PING_EVERY);
+            if *s.generation.lock().unwrap_or_else(|p| p.into_inner()) != generation {
+                return;
+            }
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if write_frame(&mut *w, Epoch(0), &Msg::Ping, &[]).is_err() {
+                return;
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>, generation: u64) {
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, &mut stream);
+    let why = loop {
+        match read_frame(&mut reader) {
+            Ok(None) => break "the server closed the connection".to_string(),
+            Err(ProtoError::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                break format!("no word from the server for {READ_TIMEOUT:?}")
+            }
+            Err(e) => break e.to_string(),
+            Ok(Some(frame)) => match frame.msg {
+                Msg::Pong => {}
+                Msg::Notice { notice } => {
+                    let _ = shared.events.send(FrontEvent::Notice(notice));
+                }
+                _ => {
+                    if replies.send(frame).is_err() {
+                        break "front-end closed".into();
+                    }
+                }
+            },
+        }
+    };
+    drop(replies);
+    lost(&shared, generation, why);
+}
+
+/// Marks connection `generation` dead (once) and starts reconnecting.
+fn lost(shared: &Arc<Shared>, generation: u64, why: String) {
+    {
+        let mut conn = shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        match conn.as_ref() {
+            Some(c) if c.generation == generation => {
+                let _ = c.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown(std::net::Shutdown::Both);
+                *conn = None;
+            }
+            _ => return, // already handled, or a newer connection is live
+        }
+    }
+    if *shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
+        return;
+    }
+    log::warn!("lost connection to server={}: {why}", shared.cfg.server);
+    let _ = shared.events.send(FrontEvent::Lost(why));
+    let s = shared.clone();
+    let _ = std::thread::Builder::new().name("frontend-reconnect".into()).spawn(move || reconnect(s));
+}
+
+fn reconnect(shared: Arc<Shared>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if *shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
+            return;
+        }
+        match login(&shared.cfg) {
+            Ok((stream, login)) => {
+                if install(&shared, stream).is_ok() {
+                    log::info!("reconnected to server={}", login.server);
+                    let _ = shared.events.send(FrontEvent::Reconnected);
+                    return;
+                }
+            }
+            Err(FrontError::Refused(r)) => log::warn!("server refused the new login: {r}"),
+            Err(e) => log::debug!("reconnect failed: {e}"),
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Used by tests: waits on a receiver with a deadline.
+pub fn recv_until<T>(rx: &Receiver<T>, deadline: Instant) -> Option<T> {
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(t) => Some(t),
+        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+    }
+}

@@ -26,16 +26,12 @@ impl fmt::Display for ProtoError {
         match self {
             ProtoError::Io(e) => write!(f, "i/o error: {e}"),
             ProtoError::Truncated { part } => write!(f, "stream ended inside a frame ({part})"),
-            ProtoError::HeaderLength(n) => write!(
-                f,
-                "frame header length {n} is outside 1..={} bytes",
-                crate::MAX_HEADER
-            ),
-            ProtoError::PayloadTooLarge(n) => write!(
-                f,
-                "frame payload of {n} bytes is over the limit of {} bytes",
-                crate::MAX_PAYLOAD
-            ),
+            ProtoError::HeaderLength(n) => {
+                write!(f, "frame header length {n} is outside 1..={} bytes", crate::MAX_HEADER)
+            }
+            ProtoError::PayloadTooLarge(n) => {
+                write!(f, "frame payload of {n} bytes is over the limit of {} bytes", crate::MAX_PAYLOAD)
+            }
             ProtoError::BadHeader(e) => write!(f, "malformed or unknown frame header: {e}"),
         }
     }

@@ -33,11 +33,7 @@ pub struct Frame {
 impl Frame {
     /// A frame with no payload.
     pub fn new(epoch: Epoch, msg: Msg) -> Self {
-        Frame {
-            epoch,
-            msg,
-            payload: Vec::new(),
-        }
+        Frame { epoch, msg, payload: Vec::new() }
     }
 }
 
@@ -62,21 +58,12 @@ fn is_zero(n: &usize) -> bool {
 }
 
 /// Writes one frame and flushes the writer.
-pub fn write_frame<W: Write>(
-    w: &mut W,
-    epoch: Epoch,
-    msg: &Msg,
-    payload: &[u8],
-) -> Result<(), ProtoError> {
+pub fn write_frame<W: Write>(w: &mut W, epoch: Epoch, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
     if payload.len() > MAX_PAYLOAD {
         return Err(ProtoError::PayloadTooLarge(payload.len()));
     }
-    let header = serde_json::to_vec(&HeaderOut {
-        epoch,
-        payload: payload.len(),
-        msg,
-    })
-    .map_err(ProtoError::BadHeader)?;
+    let header =
+        serde_json::to_vec(&HeaderOut { epoch, payload: payload.len(), msg }).map_err(ProtoError::BadHeader)?;
     if header.is_empty() || header.len() > MAX_HEADER {
         return Err(ProtoError::HeaderLength(header.len()));
     }
@@ -111,11 +98,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
     match read_full(r, &mut len)? {
         0 => return Ok(None),
         4 => {}
-        _ => {
-            return Err(ProtoError::Truncated {
-                part: "length prefix",
-            })
-        }
+        _ => return Err(ProtoError::Truncated { part: "length prefix" }),
     }
     let header_len = u32::from_be_bytes(len) as usize;
     if header_len == 0 || header_len > MAX_HEADER {
@@ -133,11 +116,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
     if read_full(r, &mut payload)? != header.payload {
         return Err(ProtoError::Truncated { part: "payload" });
     }
-    Ok(Some(Frame {
-        epoch: header.epoch,
-        msg: header.msg,
-        payload,
-    }))
+    Ok(Some(Frame { epoch: header.epoch, msg: header.msg, payload }))
 }
 
 #[cfg(test)]
@@ -168,81 +147,25 @@ mod tests {
             (
                 Msg::Hello {
                     version: 1,
-                    who: Who::Client {
-                        user: "alice".into(),
-                        device: DeviceId("0123abcd".into()),
-                        callback_port: 4100,
-                    },
+                    who: Who::Client { user: "alice".into(), device: DeviceId("0123abcd".into()), callback_port: 4100 },
                 },
                 vec![],
             ),
-            (
-                Msg::Hello {
-                    version: 1,
-                    who: Who::Status,
-                },
-                vec![],
-            ),
-            (
-                Msg::Welcome {
-                    token: "t".into(),
-                    devices: 2,
-                    last_seq: Seq(9),
-                },
-                vec![],
-            ),
+            (Msg::Hello { version: 1, who: Who::Status }, vec![]),
+            (Msg::Welcome { token: "t".into(), devices: 2, last_seq: Seq(9) }, vec![]),
             (
                 Msg::Request {
                     seq: Seq(7),
-                    op: Op::Upload {
-                        path: "a".into(),
-                        size: 5,
-                        mtime_ms: -3,
-                        base: Some(Version(2)),
-                    },
+                    op: Op::Upload { path: "a".into(), size: 5, mtime_ms: -3, base: Some(Version(2)) },
                 },
                 vec![],
             ),
             (Msg::Chunk { seq: Seq(7) }, b"hello".to_vec()),
-            (
-                Msg::UploadEnd {
-                    seq: Seq(7),
-                    hash: ContentHash::of(b"hello"),
-                },
-                vec![],
-            ),
-            (
-                Msg::Reply {
-                    seq: Seq(7),
-                    result: OpResult::Done { meta: meta.clone() },
-                },
-                vec![],
-            ),
-            (
-                Msg::Reply {
-                    seq: Seq(8),
-                    result: OpResult::Listing {
-                        files: vec![meta.clone()],
-                    },
-                },
-                vec![],
-            ),
-            (
-                Msg::Reply {
-                    seq: Seq(9),
-                    result: OpResult::Conflict { current: None },
-                },
-                vec![],
-            ),
-            (
-                Msg::Notice {
-                    notice: Notice::Rename {
-                        from: "x".into(),
-                        meta,
-                    },
-                },
-                vec![],
-            ),
+            (Msg::UploadEnd { seq: Seq(7), hash: ContentHash::of(b"hello") }, vec![]),
+            (Msg::Reply { seq: Seq(7), result: OpResult::Done { meta: meta.clone() } }, vec![]),
+            (Msg::Reply { seq: Seq(8), result: OpResult::Listing { files: vec![meta.clone()] } }, vec![]),
+            (Msg::Reply { seq: Seq(9), result: OpResult::Conflict { current: None } }, vec![]),
+            (Msg::Notice { notice: Notice::Rename { from: "x".into(), meta } }, vec![]),
             (Msg::Ping, vec![]),
             (Msg::Chunk { seq: Seq(1) }, vec![0xAB; MAX_PAYLOAD]),
         ]
@@ -257,10 +180,7 @@ mod tests {
             assert_eq!(frame.epoch, Epoch(42));
             assert_eq!(frame.msg, msg);
             assert_eq!(frame.payload, payload);
-            assert!(
-                read_frame(&mut r).unwrap().is_none(),
-                "clean end after one frame"
-            );
+            assert!(read_frame(&mut r).unwrap().is_none(), "clean end after one frame");
         }
     }
 
@@ -282,29 +202,17 @@ mod tests {
     fn oversized_header_refused_before_allocating() {
         let mut bytes = (u32::MAX).to_be_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
-        assert!(matches!(
-            read_frame(&mut &bytes[..]),
-            Err(ProtoError::HeaderLength(_))
-        ));
+        assert!(matches!(read_frame(&mut &bytes[..]), Err(ProtoError::HeaderLength(_))));
         let zero = 0u32.to_be_bytes();
-        assert!(matches!(
-            read_frame(&mut &zero[..]),
-            Err(ProtoError::HeaderLength(0))
-        ));
+        assert!(matches!(read_frame(&mut &zero[..]), Err(ProtoError::HeaderLength(0))));
     }
 
     #[test]
     fn oversized_payload_refused() {
-        let header = format!(
-            r#"{{"epoch":0,"payload":{},"msg":{{"kind":"ping"}}}}"#,
-            MAX_PAYLOAD + 1
-        );
+        let header = format!(r#"{{"epoch":0,"payload":{},"msg":{{"kind":"ping"}}}}"#, MAX_PAYLOAD + 1);
         let mut bytes = (header.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
-        assert!(matches!(
-            read_frame(&mut &bytes[..]),
-            Err(ProtoError::PayloadTooLarge(_))
-        ));
+        assert!(matches!(read_frame(&mut &bytes[..]), Err(ProtoError::PayloadTooLarge(_))));
         let mut sink = Vec::new();
         let big = vec![0u8; MAX_PAYLOAD + 1];
         assert!(write_frame(&mut sink, Epoch(0), &Msg::Ping, &big).is_err());
@@ -312,17 +220,12 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_garbage_are_bad_headers() {
-        for header in [
-            r#"{"epoch":0,"msg":{"kind":"launch_missiles"}}"#,
-            "not json at all",
-            r#"{"msg":{"kind":"ping"}}"#,
-        ] {
+        for header in
+            [r#"{"epoch":0,"msg":{"kind":"launch_missiles"}}"#, "not json at all", r#"{"msg":{"kind":"ping"}}"#]
+        {
             let mut bytes = (header.len() as u32).to_be_bytes().to_vec();
             bytes.extend_from_slice(header.as_bytes());
-            assert!(
-                matches!(read_frame(&mut &bytes[..]), Err(ProtoError::BadHeader(_))),
-                "{header}"
-            );
+            assert!(matches!(read_frame(&mut &bytes[..]), Err(ProtoError::BadHeader(_))), "{header}");
         }
     }
 

@@ -53,17 +53,11 @@ impl DeviceId {
     /// Checks that a device id is 8 to 64 lowercase hex digits.
     pub fn validate(&self) -> Result<(), String> {
         let ok = (8..=64).contains(&self.0.len())
-            && self
-                .0
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && self.0.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "invalid device id {:?}: want 8 to 64 lowercase hex digits",
-                self.0
-            ))
+            Err(format!("invalid device id {:?}: want 8 to 64 lowercase hex digits", self.0))
         }
     }
 }

@@ -33,10 +33,7 @@ impl fmt::Display for NameError {
 impl std::error::Error for NameError {}
 
 fn refuse<T>(input: &str, reason: &'static str) -> Result<T, NameError> {
-    Err(NameError {
-        input: input.to_string(),
-        reason,
-    })
+    Err(NameError { input: input.to_string(), reason })
 }
 
 /// Checks a username: `[A-Za-z0-9_.-]{1,64}`, not starting with a dot.
@@ -47,10 +44,7 @@ pub fn validate_username(user: &str) -> Result<(), NameError> {
     if user.starts_with('.') {
         return refuse(user, "a username may not start with a dot");
     }
-    if !user
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
-    {
+    if !user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-') {
         return refuse(user, "a username uses only A-Z, a-z, 0-9, '_', '.' and '-'");
     }
     Ok(())
@@ -77,12 +71,8 @@ pub fn validate_path(path: &str) -> Result<(), NameError> {
         match component {
             "" => return refuse(path, "the path has an empty component"),
             "." | ".." => return refuse(path, "'.' and '..' are not allowed in a path"),
-            c if c.len() > MAX_COMPONENT => {
-                return refuse(path, "a path component is longer than 255 bytes")
-            }
-            c if c.starts_with(RESERVED_PREFIX) => {
-                return refuse(path, "names starting with .replibox are reserved")
-            }
+            c if c.len() > MAX_COMPONENT => return refuse(path, "a path component is longer than 255 bytes"),
+            c if c.starts_with(RESERVED_PREFIX) => return refuse(path, "names starting with .replibox are reserved"),
             _ => {}
         }
     }
@@ -103,30 +93,14 @@ mod tests {
         for ok in ["alice", "a", "Bob_1.x-y", &"u".repeat(64)] {
             assert!(validate_username(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            ".alice",
-            "a/b",
-            "a b",
-            "../x",
-            "é",
-            &"u".repeat(65),
-            "a\0b",
-        ] {
+        for bad in ["", ".alice", "a/b", "a b", "../x", "é", &"u".repeat(65), "a\0b"] {
             assert!(validate_username(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn paths() {
-        for ok in [
-            "a",
-            "a/b/c.txt",
-            "with space.pdf",
-            "ünïcödé/ファイル",
-            "a..b",
-            ".hidden",
-        ] {
+        for ok in ["a", "a/b/c.txt", "with space.pdf", "ünïcödé/ファイル", "a..b", ".hidden"] {
             assert!(validate_path(ok).is_ok(), "{ok}");
         }
         let long = "x".repeat(256);

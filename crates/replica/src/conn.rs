@@ -7,8 +7,8 @@
 use crate::core::{ConnId, CoreRequest, Event};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
-    read_frame, validate_path, validate_username, write_frame, ContentHash, DeviceId, Epoch, Frame,
-    Msg, Op, OpResult, ProtoError, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
+    read_frame, validate_path, validate_username, write_frame, ContentHash, DeviceId, Epoch, Frame, Msg, Op, OpResult,
+    ProtoError, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -68,10 +68,7 @@ impl From<ProtoError> for End {
 
 /// Serves one accepted connection until it ends.
 pub fn serve(stream: TcpStream, conn: ConnId, core: Sender<Event>) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
@@ -94,27 +91,14 @@ pub fn serve(stream: TcpStream, conn: ConnId, core: Sender<Event>) {
     let (version, who) = match hello.msg {
         Msg::Hello { version, who } => (version, who),
         other => {
-            log::warn!(
-                "closing connection peer={peer}: first frame is {} not hello",
-                other.kind()
-            );
-            let _ = writer.send(
-                Epoch(0),
-                &Msg::Refused {
-                    reason: "the first frame must be a hello".into(),
-                },
-                &[],
-            );
+            log::warn!("closing connection peer={peer}: first frame is {} not hello", other.kind());
+            let _ = writer.send(Epoch(0), &Msg::Refused { reason: "the first frame must be a hello".into() }, &[]);
             return;
         }
     };
     if version != PROTOCOL_VERSION {
-        log::warn!(
-            "closing connection peer={peer}: protocol version {version}, want {PROTOCOL_VERSION}"
-        );
-        let reason = format!(
-            "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
-        );
+        log::warn!("closing connection peer={peer}: protocol version {version}, want {PROTOCOL_VERSION}");
+        let reason = format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}");
         let _ = writer.send(Epoch(0), &Msg::Refused { reason }, &[]);
         return;
     }
@@ -127,40 +111,20 @@ pub fn serve(stream: TcpStream, conn: ConnId, core: Sender<Event>) {
                 }
             }
         }
-        Who::Client {
-            user,
-            device,
-            callback_port,
-        } => {
-            let refusal = validate_username(&user)
-                .map_err(|e| e.to_string())
-                .and_then(|_| device.validate());
+        Who::Client { user, device, callback_port } => {
+            let refusal = validate_username(&user).map_err(|e| e.to_string()).and_then(|_| device.validate());
             if let Err(reason) = refusal {
                 log::warn!("refused client peer={peer}: {reason}");
                 let _ = writer.send(Epoch(0), &Msg::Refused { reason }, &[]);
                 return;
             }
-            let ip = reader
-                .get_ref()
-                .peer_addr()
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default();
-            let client = Client {
-                conn,
-                user,
-                device,
-                core: core.clone(),
-                writer: writer.clone(),
-                peer,
-            };
+            let ip = reader.get_ref().peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            let client = Client { conn, user, device, core: core.clone(), writer: writer.clone(), peer };
             let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
             let end = client.run(&mut reader, ip, callback_port);
             match &end {
                 End::Clean => log::info!("connection closed conn={conn} peer={}", client.peer),
-                other => log::warn!(
-                    "connection closed conn={conn} peer={}: {other}",
-                    client.peer
-                ),
+                other => log::warn!("connection closed conn={conn} peer={}: {other}", client.peer),
             }
             let _ = core.send(Event::Disconnect { conn });
         }
@@ -184,13 +148,7 @@ impl Client {
 
     fn ask<T>(&self, seq: Seq, make: impl FnOnce(Sender<T>) -> CoreRequest) -> Result<T, End> {
         let (tx, rx) = bounded(1);
-        self.core
-            .send(Event::Request {
-                conn: self.conn,
-                seq,
-                req: make(tx),
-            })
-            .map_err(|_| End::CoreGone)?;
+        self.core.send(Event::Request { conn: self.conn, seq, req: make(tx) }).map_err(|_| End::CoreGone)?;
         rx.recv().map_err(|_| End::CoreGone)
     }
 
@@ -212,17 +170,11 @@ impl Client {
         match rx.recv() {
             Err(_) => return End::CoreGone,
             Ok(Err(reason)) => {
-                let _ = self.send(&Msg::Refused {
-                    reason: reason.clone(),
-                });
+                let _ = self.send(&Msg::Refused { reason: reason.clone() });
                 return End::Violation(format!("login refused: {reason}"));
             }
             Ok(Ok((token, devices, last_seq))) => {
-                if let Err(e) = self.send(&Msg::Welcome {
-                    token,
-                    devices,
-                    last_seq,
-                }) {
+                if let Err(e) = self.send(&Msg::Welcome { token, devices, last_seq }) {
                     return e;
                 }
             }
@@ -248,10 +200,7 @@ impl Client {
                 Msg::Ping => self.send(&Msg::Pong),
                 Msg::Bye => return End::Clean,
                 Msg::Request { seq, op } => self.request(reader, seq, op),
-                other => Err(End::Violation(format!(
-                    "unexpected {} outside a request",
-                    other.kind()
-                ))),
+                other => Err(End::Violation(format!("unexpected {} outside a request", other.kind()))),
             };
             if let Err(end) = result {
                 return end;
@@ -271,19 +220,10 @@ impl Client {
         };
         for p in paths {
             if let Err(e) = validate_path(p) {
-                log::warn!(
-                    "refused request user={} device={} seq={seq}: {e}",
-                    self.user,
-                    self.device
-                );
+                log::warn!("refused request user={} device={} seq={seq}: {e}", self.user, self.device);
                 // An upload's chunks would follow a refused header only after a
                 // Proceed, which is never sent, so the session stays in step.
-                return self.reply(
-                    seq,
-                    OpResult::Error {
-                        message: e.to_string(),
-                    },
-                );
+                return self.reply(seq, OpResult::Error { message: e.to_string() });
             }
         }
         match op {
@@ -296,31 +236,15 @@ impl Client {
                 self.reply(seq, result)
             }
             Op::Rename { from, to, base } => {
-                let result = self.ask(seq, |reply| CoreRequest::Rename {
-                    from,
-                    to,
-                    base,
-                    reply,
-                })?;
+                let result = self.ask(seq, |reply| CoreRequest::Rename { from, to, base, reply })?;
                 self.reply(seq, result)
             }
-            Op::Download { path } => {
-                match self.ask(seq, |reply| CoreRequest::Open { path, reply })? {
-                    Err(result) => self.reply(seq, result),
-                    Ok((meta, file)) => self.download(seq, meta, file),
-                }
-            }
-            Op::Upload {
-                path,
-                size,
-                mtime_ms,
-                base,
-            } => {
-                let pre = self.ask(seq, |reply| CoreRequest::BeginUpload {
-                    path: path.clone(),
-                    base,
-                    reply,
-                })?;
+            Op::Download { path } => match self.ask(seq, |reply| CoreRequest::Open { path, reply })? {
+                Err(result) => self.reply(seq, result),
+                Ok((meta, file)) => self.download(seq, meta, file),
+            },
+            Op::Upload { path, size, mtime_ms, base } => {
+                let pre = self.ask(seq, |reply| CoreRequest::BeginUpload { path: path.clone(), base, reply })?;
                 if let Some(result) = pre {
                     return self.reply(seq, result);
                 }
@@ -329,12 +253,7 @@ impl Client {
         }
     }
 
-    fn download(
-        &self,
-        seq: Seq,
-        meta: replibox_proto::FileMeta,
-        mut file: std::fs::File,
-    ) -> Result<(), End> {
+    fn download(&self, seq: Seq, meta: replibox_proto::FileMeta, mut file: std::fs::File) -> Result<(), End> {
         let size = meta.size;
         self.reply(seq, OpResult::Data { meta })?;
         let mut buf = vec![0u8; CHUNK_SIZE];
@@ -369,9 +288,7 @@ impl Client {
     ) -> Result<(), End> {
         let (xfer, mut file) = {
             let (tx, rx) = bounded(1);
-            self.core
-                .send(Event::NewTemp { reply: tx })
-                .map_err(|_| End::CoreGone)?;
+            self.core.send(Event::NewTemp { reply: tx }).map_err(|_| End::CoreGone)?;
             match rx.recv().map_err(|_| End::CoreGone)? {
                 Ok(t) => t,
                 Err(message) => return self.reply(seq, OpResult::Error { message }),
@@ -388,9 +305,7 @@ impl Client {
             let frame: Frame = match read_frame(reader) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    return Err(discard(End::Violation(format!(
-                        "closed mid-upload of {path} ({got} of {size} bytes)"
-                    ))))
+                    return Err(discard(End::Violation(format!("closed mid-upload of {path} ({got} of {size} bytes)"))))
                 }
                 Err(e) => return Err(discard(End::Proto(e))),
             };
@@ -406,45 +321,29 @@ impl Client {
                     hash.update(&frame.payload);
                     if let Err(e) = file.write_all(&frame.payload) {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
-                        return Err(discard(End::Violation(format!(
-                            "server cannot store the upload: {e}"
-                        ))));
+                        return Err(discard(End::Violation(format!("server cannot store the upload: {e}"))));
                     }
                 }
                 Msg::UploadEnd { seq: s, hash } if s == seq => break hash,
                 other => {
-                    return Err(discard(End::Violation(format!(
-                        "unexpected {} during upload of {path}",
-                        other.kind()
-                    ))))
+                    return Err(discard(End::Violation(format!("unexpected {} during upload of {path}", other.kind()))))
                 }
             }
         };
         if got != size || sent_hash != hash {
             let _ = self.core.send(Event::DiscardTemp { xfer });
-            let message = format!("upload of {path} arrived damaged ({got} of {size} bytes, hash {hash} vs {sent_hash})");
+            let message =
+                format!("upload of {path} arrived damaged ({got} of {size} bytes, hash {hash} vs {sent_hash})");
             log::warn!("{message}");
             return self.reply(seq, OpResult::Error { message });
         }
         if let Err(e) = file.sync_all() {
             let _ = self.core.send(Event::DiscardTemp { xfer });
-            return self.reply(
-                seq,
-                OpResult::Error {
-                    message: format!("server cannot sync the upload: {e}"),
-                },
-            );
+            return self.reply(seq, OpResult::Error { message: format!("server cannot sync the upload: {e}") });
         }
         drop(file);
-        let result = self.ask(seq, |reply| CoreRequest::CommitUpload {
-            path,
-            base,
-            xfer,
-            size,
-            mtime_ms,
-            hash,
-            reply,
-        })?;
+        let result =
+            self.ask(seq, |reply| CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply })?;
         self.reply(seq, result)
     }
 }

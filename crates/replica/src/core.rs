@@ -6,7 +6,7 @@
 //! relies on.
 
 use crate::state::{Change, Entry, LastRequest, Session, State, MAX_DEVICES};
-use crate::store::{new_meta, Store};
+use crate::store::{new_meta, CommitError, Store};
 use crossbeam_channel::{Receiver, Sender};
 use replibox_proto::{ContentHash, DeviceId, Epoch, FileMeta, Msg, Notice, OpResult, Seq, Version};
 use serde_json::json;
@@ -150,28 +150,18 @@ pub struct Core {
 impl Core {
     /// A core over a recovered store.
     pub fn new(store: Store, state: State, listen: SocketAddr) -> Core {
-        Core {
-            state,
-            store,
-            live: BTreeMap::new(),
-            listen,
-            epoch: Epoch(0),
-        }
+        Core { state, store, live: BTreeMap::new(), listen, epoch: Epoch(0) }
     }
 
     /// Brings the state in line with what start-up found, as a lone primary.
-    pub fn start_as_primary(&mut self) -> Result<(), crate::store::StoreError> {
+    pub fn start_as_primary(&mut self) -> Result<(), String> {
         if !self.state.sessions.is_empty() {
             // Nobody is connected to a server that just started.
-            let entry = Entry {
-                seq: self.state.seq.next(),
-                change: Change::ClearSessions,
-                request: None,
-            };
-            self.store.commit(&mut self.state, entry)?;
+            let entry = Entry { seq: self.state.seq.next(), change: Change::ClearSessions, request: None };
+            self.store.commit(&mut self.state, entry).map_err(|e| e.to_string())?;
         }
-        for (user, meta) in self.store.check_against(&self.state)? {
-            self.store.adopt(&mut self.state, user, meta)?;
+        for (user, meta) in self.store.check_against(&self.state).map_err(|e| e.to_string())? {
+            self.store.adopt(&mut self.state, user, meta).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -181,15 +171,7 @@ impl Core {
         for event in events {
             match event {
                 Event::Shutdown => break,
-                Event::Login {
-                    conn,
-                    user,
-                    device,
-                    ip,
-                    callback_port,
-                    out,
-                    reply,
-                } => {
+                Event::Login { conn, user, device, ip, callback_port, out, reply } => {
                     let answer = self.login(conn, user, device, ip, callback_port, out);
                     let _ = reply.send(answer);
                 }
@@ -222,17 +204,22 @@ impl Core {
         })
     }
 
-    /// Commits an entry; a store failure is fatal (the disk can no longer be trusted
-    /// to match the state), so the server stops rather than serve a lie.
-    fn commit(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>) {
-        let entry = Entry {
-            seq: self.state.seq.next(),
-            change,
-            request,
-        };
-        if let Err(e) = self.store.commit(&mut self.state, entry) {
-            log::error!("cannot commit, stopping: {e}");
-            std::process::exit(3);
+    /// Commits an entry. An entry that did not reach the log changed nothing and is
+    /// refused; one that reached the log but whose action failed leaves the disk
+    /// and the state disagreeing, so the server stops rather than serve a lie
+    /// (start-up redoes the action).
+    fn commit(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>) -> Result<(), OpResult> {
+        let entry = Entry { seq: self.state.seq.next(), change, request };
+        match self.store.commit(&mut self.state, entry) {
+            Ok(()) => Ok(()),
+            Err(CommitError::Unlogged(e)) => {
+                log::error!("cannot commit: {e}");
+                Err(OpResult::Error { message: "the server cannot store changes right now".into() })
+            }
+            Err(e @ CommitError::Logged(_)) => {
+                log::error!("stopping: {e}");
+                std::process::exit(3);
+            }
         }
     }
 
@@ -247,49 +234,25 @@ impl Core {
     ) -> Result<(String, u32, Seq), String> {
         let others = self.state.devices_of(&user, &device);
         if others >= MAX_DEVICES {
-            log::warn!(
-                "refused login user={user} device={device}: {others} devices already connected"
-            );
+            log::warn!("refused login user={user} device={device}: {others} devices already connected");
             return Err(format!(
                 "user {user} already has {MAX_DEVICES} devices connected; log out of one of them first"
             ));
         }
         // The same device logging in again (a restarted client whose old connection
         // is not yet known to be dead) replaces its old connection.
-        let stale: Vec<ConnId> = self
-            .live
-            .iter()
-            .filter(|(_, l)| l.device == device)
-            .map(|(c, _)| *c)
-            .collect();
+        let stale: Vec<ConnId> = self.live.iter().filter(|(_, l)| l.device == device).map(|(c, _)| *c).collect();
         for c in stale {
             log::info!("replacing old connection conn={c} of device={device}");
             self.live.remove(&c);
         }
         let token = crate::random_hex(16);
-        let session = Session {
-            user: user.clone(),
-            device: device.clone(),
-            ip,
-            callback_port,
-            token: token.clone(),
-        };
-        self.commit(Change::Login { session }, None);
-        self.live.insert(
-            conn,
-            Live {
-                user: user.clone(),
-                device: device.clone(),
-                out,
-            },
-        );
+        let session = Session { user: user.clone(), device: device.clone(), ip, callback_port, token: token.clone() };
+        self.commit(Change::Login { session }, None)
+            .map_err(|_| "the server cannot store sessions right now".to_string())?;
+        self.live.insert(conn, Live { user: user.clone(), device: device.clone(), out });
         let devices = self.state.devices_of(&user, &DeviceId(String::new())) as u32;
-        let last = self
-            .state
-            .requests
-            .get(&device)
-            .map(|l| l.seq)
-            .unwrap_or_default();
+        let last = self.state.requests.get(&device).map(|l| l.seq).unwrap_or_default();
         log::info!("logged in user={user} device={device} conn={conn} devices={devices}");
         Ok((token, devices, last))
     }
@@ -300,18 +263,9 @@ impl Core {
         };
         let still_connected = self.live.values().any(|l| l.device == live.device);
         if !still_connected && self.state.sessions.contains_key(&live.device) {
-            self.commit(
-                Change::Logout {
-                    device: live.device.clone(),
-                },
-                None,
-            );
+            let _ = self.commit(Change::Logout { device: live.device.clone() }, None);
         }
-        log::info!(
-            "logged out user={} device={} conn={conn}",
-            live.user,
-            live.device
-        );
+        log::info!("logged out user={} device={} conn={conn}", live.user, live.device);
     }
 
     fn request(&mut self, conn: ConnId, seq: Seq, req: CoreRequest) {
@@ -322,12 +276,8 @@ impl Core {
         let (user, device) = (live.user.clone(), live.device.clone());
         match req {
             CoreRequest::List { reply } => {
-                let mut files: Vec<FileMeta> = self
-                    .state
-                    .files
-                    .get(&user)
-                    .map(|f| f.values().cloned().collect())
-                    .unwrap_or_default();
+                let mut files: Vec<FileMeta> =
+                    self.state.files.get(&user).map(|f| f.values().cloned().collect()).unwrap_or_default();
                 for m in files.iter_mut().filter(|m| !m.deleted) {
                     (m.atime_ms, m.ctime_ms) = self.store.times(&user, &m.path);
                 }
@@ -335,19 +285,11 @@ impl Core {
             }
             CoreRequest::Open { path, reply } => {
                 let answer = match self.state.live(&user, &path) {
-                    None => Err(OpResult::Error {
-                        message: format!("no such file on the server: {path}"),
+                    None => Err(OpResult::Error { message: format!("no such file on the server: {path}") }),
+                    Some(meta) => self.store.open_file(&user, &path).map(|f| (meta.clone(), f)).map_err(|e| {
+                        log::error!("cannot open stored file user={user}: {e}");
+                        OpResult::Error { message: format!("the server cannot read {path}") }
                     }),
-                    Some(meta) => self
-                        .store
-                        .open_file(&user, &path)
-                        .map(|f| (meta.clone(), f))
-                        .map_err(|e| {
-                            log::error!("cannot open stored file user={user}: {e}");
-                            OpResult::Error {
-                                message: format!("the server cannot read {path}"),
-                            }
-                        }),
                 };
                 let _ = reply.send(answer);
             }
@@ -358,15 +300,7 @@ impl Core {
                     .or_else(|| self.state.check_upload(&user, &path, base).err());
                 let _ = reply.send(answer);
             }
-            CoreRequest::CommitUpload {
-                path,
-                base,
-                xfer,
-                size,
-                mtime_ms,
-                hash,
-                reply,
-            } => {
+            CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply } => {
                 if let Some(answer) = self.state.already_answered(&device, seq) {
                     self.store.discard_temp(&xfer);
                     let _ = reply.send(answer);
@@ -377,32 +311,17 @@ impl Core {
                     let _ = reply.send(answer);
                     return;
                 }
-                let meta = new_meta(
-                    &path,
-                    self.state.next_version(&user, &path),
-                    size,
-                    mtime_ms,
-                    hash,
-                );
+                let meta = new_meta(&path, self.state.next_version(&user, &path), size, mtime_ms, hash);
                 let result = OpResult::Done { meta: meta.clone() };
-                self.commit(
-                    Change::Put {
-                        user: user.clone(),
-                        meta: meta.clone(),
-                        xfer,
-                    },
-                    Some((
-                        device.clone(),
-                        LastRequest {
-                            seq,
-                            result: result.clone(),
-                        },
-                    )),
-                );
-                log::info!(
-                    "stored user={user} path={path} version={} size={size} device={device}",
-                    meta.version
-                );
+                let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
+                if let Err(refusal) =
+                    self.commit(change, Some((device.clone(), LastRequest { seq, result: result.clone() })))
+                {
+                    self.store.discard_temp(&xfer);
+                    let _ = reply.send(refusal);
+                    return;
+                }
+                log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
                 let _ = reply.send(result);
                 self.push(conn, &user, Notice::Put { meta });
             }
@@ -417,34 +336,20 @@ impl Core {
                     }
                     Ok(meta) => {
                         let result = OpResult::Done { meta: meta.clone() };
-                        self.commit(
-                            Change::Delete {
-                                user: user.clone(),
-                                meta: meta.clone(),
-                            },
-                            Some((
-                                device.clone(),
-                                LastRequest {
-                                    seq,
-                                    result: result.clone(),
-                                },
-                            )),
-                        );
-                        log::info!(
-                            "deleted user={user} path={path} version={} device={device}",
-                            meta.version
-                        );
+                        let change = Change::Delete { user: user.clone(), meta: meta.clone() };
+                        if let Err(refusal) =
+                            self.commit(change, Some((device.clone(), LastRequest { seq, result: result.clone() })))
+                        {
+                            let _ = reply.send(refusal);
+                            return;
+                        }
+                        log::info!("deleted user={user} path={path} version={} device={device}", meta.version);
                         let _ = reply.send(result);
                         self.push(conn, &user, Notice::Delete { meta });
                     }
                 }
             }
-            CoreRequest::Rename {
-                from,
-                to,
-                base,
-                reply,
-            } => {
+            CoreRequest::Rename { from, to, base, reply } => {
                 if let Some(answer) = self.state.already_answered(&device, seq) {
                     let _ = reply.send(answer);
                     return;
@@ -454,23 +359,14 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                     Ok((gone, moved)) => {
-                        let result = OpResult::Done {
-                            meta: moved.clone(),
-                        };
-                        self.commit(
-                            Change::Rename {
-                                user: user.clone(),
-                                from: gone,
-                                to: moved.clone(),
-                            },
-                            Some((
-                                device.clone(),
-                                LastRequest {
-                                    seq,
-                                    result: result.clone(),
-                                },
-                            )),
-                        );
+                        let result = OpResult::Done { meta: moved.clone() };
+                        let change = Change::Rename { user: user.clone(), from: gone, to: moved.clone() };
+                        if let Err(refusal) =
+                            self.commit(change, Some((device.clone(), LastRequest { seq, result: result.clone() })))
+                        {
+                            let _ = reply.send(refusal);
+                            return;
+                        }
                         log::info!("renamed user={user} from={from} to={to} device={device}");
                         let _ = reply.send(result);
                         self.push(conn, &user, Notice::Rename { from, meta: moved });
@@ -484,9 +380,7 @@ impl Core {
     fn push(&self, from: ConnId, user: &str, notice: Notice) {
         for (c, live) in &self.live {
             if *c != from && live.user == user {
-                let _ = live.out.send(Msg::Notice {
-                    notice: notice.clone(),
-                });
+                let _ = live.out.send(Msg::Notice { notice: notice.clone() });
             }
         }
     }

@@ -58,26 +58,20 @@ fn run(args: Args) -> Result<(), String> {
     if args.backup.is_some() {
         return Err("backups (-b) are not supported by this build yet".into());
     }
-    let (store, state) = Store::open(&args.data)
-        .map_err(|e| format!("cannot open data dir {}: {e}", args.data.display()))?;
+    let (store, state) =
+        Store::open(&args.data).map_err(|e| format!("cannot open data dir {}: {e}", args.data.display()))?;
     let listen = SocketAddr::new(args.bind, args.port);
-    let listener =
-        TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
     let mut core = Core::new(store, state, listen);
-    core.start_as_primary()
-        .map_err(|e| format!("cannot check data dir {}: {e}", args.data.display()))?;
-    let running =
-        server::start(listener, core).map_err(|e| format!("cannot start threads: {e}"))?;
+    core.start_as_primary().map_err(|e| format!("cannot check data dir {}: {e}", args.data.display()))?;
+    let running = server::start(listener, core).map_err(|e| format!("cannot start threads: {e}"))?;
     let events = running.events.clone();
     ctrlc::set_handler(move || {
         let _ = events.send(Event::Shutdown);
     })
     .map_err(|e| format!("cannot install signal handler: {e}"))?;
-    log::info!(
-        "serving as primary addr={listen} data={}",
-        args.data.display()
-    );
+    log::info!("serving as primary addr={listen} data={}", args.data.display());
     let _ = running.core.join();
     log::info!("stopped");
     Ok(())

@@ -18,30 +18,26 @@ pub struct Running {
 /// port 0 and pass the listener in).
 pub fn start(listener: TcpListener, core: Core) -> std::io::Result<Running> {
     let (events, rx) = unbounded();
-    let core = std::thread::Builder::new()
-        .name("core".into())
-        .spawn(move || core.run(rx))?;
+    let core = std::thread::Builder::new().name("core".into()).spawn(move || core.run(rx))?;
     let accept_events = events.clone();
-    std::thread::Builder::new()
-        .name("accept".into())
-        .spawn(move || {
-            let mut next: u64 = 0;
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        next += 1;
-                        let conn = next;
-                        let core = accept_events.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name(format!("conn-{conn}"))
-                            .spawn(move || conn::serve(stream, conn, core));
-                        if let Err(e) = spawned {
-                            log::error!("cannot start a connection thread: {e}");
-                        }
+    std::thread::Builder::new().name("accept".into()).spawn(move || {
+        let mut next: u64 = 0;
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    next += 1;
+                    let conn = next;
+                    let core = accept_events.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("conn-{conn}"))
+                        .spawn(move || conn::serve(stream, conn, core));
+                    if let Err(e) = spawned {
+                        log::error!("cannot start a connection thread: {e}");
                     }
-                    Err(e) => log::warn!("accept failed: {e}"),
                 }
+                Err(e) => log::warn!("accept failed: {e}"),
             }
-        })?;
+        }
+    })?;
     Ok(Running { events, core })
 }

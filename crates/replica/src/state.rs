@@ -117,11 +117,7 @@ pub struct OutOfOrder {
 
 impl std::fmt::Display for OutOfOrder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "entry seq={} out of order, expected seq={}",
-            self.got, self.expected
-        )
+        write!(f, "entry seq={} out of order, expected seq={}", self.got, self.expected)
     }
 }
 
@@ -140,17 +136,12 @@ impl State {
 
     /// The version the next change of `path` takes.
     pub fn next_version(&self, user: &str, path: &str) -> Version {
-        self.get(user, path)
-            .map(|m| m.version.next())
-            .unwrap_or(Version(1))
+        self.get(user, path).map(|m| m.version.next()).unwrap_or(Version(1))
     }
 
     /// Devices of `user` that hold a session, other than `except`.
     pub fn devices_of(&self, user: &str, except: &DeviceId) -> usize {
-        self.sessions
-            .values()
-            .filter(|s| s.user == user && &s.device != except)
-            .count()
+        self.sessions.values().filter(|s| s.user == user && &s.device != except).count()
     }
 
     /// The stored answer to a resent request, or an error for one older than the last.
@@ -160,10 +151,7 @@ impl State {
             Some(last.result.clone())
         } else if seq < last.seq {
             Some(OpResult::Error {
-                message: format!(
-                    "request seq={seq} is older than the last one answered (seq={})",
-                    last.seq
-                ),
+                message: format!("request seq={seq} is older than the last one answered (seq={})", last.seq),
             })
         } else {
             None
@@ -173,18 +161,12 @@ impl State {
     /// Applies the next entry of the history.
     pub fn apply(&mut self, entry: &Entry) -> Result<(), OutOfOrder> {
         if entry.seq != self.seq.next() {
-            return Err(OutOfOrder {
-                expected: self.seq.next(),
-                got: entry.seq,
-            });
+            return Err(OutOfOrder { expected: self.seq.next(), got: entry.seq });
         }
         self.seq = entry.seq;
         match &entry.change {
             Change::Put { user, meta, .. } | Change::Delete { user, meta } => {
-                self.files
-                    .entry(user.clone())
-                    .or_default()
-                    .insert(meta.path.clone(), meta.clone());
+                self.files.entry(user.clone()).or_default().insert(meta.path.clone(), meta.clone());
             }
             Change::Rename { user, from, to } => {
                 let files = self.files.entry(user.clone()).or_default();
@@ -192,8 +174,7 @@ impl State {
                 files.insert(to.path.clone(), to.clone());
             }
             Change::Login { session } => {
-                self.sessions
-                    .insert(session.device.clone(), session.clone());
+                self.sessions.insert(session.device.clone(), session.clone());
             }
             Change::Logout { device } => {
                 self.sessions.remove(device);
@@ -206,35 +187,44 @@ impl State {
         Ok(())
     }
 
+    /// Refuses a path that would need a live file to be a folder, or a folder to be
+    /// a file (`a` is a file and `a/b` is asked for, or the reverse).
+    pub fn check_name_free(&self, user: &str, path: &str) -> Result<(), OpResult> {
+        for (i, _) in path.match_indices('/') {
+            let ancestor = &path[..i];
+            if self.live(user, ancestor).is_some() {
+                return Err(OpResult::Error { message: format!("{ancestor} is a file on the server, not a folder") });
+            }
+        }
+        if let Some(files) = self.files.get(user) {
+            let prefix = format!("{path}/");
+            let inside =
+                files.range(prefix.clone()..).take_while(|(p, _)| p.starts_with(&prefix)).any(|(_, m)| !m.deleted);
+            if inside {
+                return Err(OpResult::Error { message: format!("{path} is a folder on the server, not a file") });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether an upload of `path` on top of `base` may go ahead.
-    pub fn check_upload(
-        &self,
-        user: &str,
-        path: &str,
-        base: Option<Version>,
-    ) -> Result<(), OpResult> {
+    pub fn check_upload(&self, user: &str, path: &str, base: Option<Version>) -> Result<(), OpResult> {
+        self.check_name_free(user, path)?;
         match self.live(user, path) {
-            Some(current) if Some(current.version) != base => Err(OpResult::Conflict {
-                current: Some(current.clone()),
-            }),
+            Some(current) if Some(current.version) != base => {
+                Err(OpResult::Conflict { current: Some(current.clone()) })
+            }
             _ => Ok(()),
         }
     }
 
     /// The tombstone a delete of `path` would leave.
-    pub fn check_delete(
-        &self,
-        user: &str,
-        path: &str,
-        base: Option<Version>,
-    ) -> Result<FileMeta, OpResult> {
-        let current = self.live(user, path).ok_or_else(|| OpResult::Error {
-            message: format!("no such file on the server: {path}"),
-        })?;
+    pub fn check_delete(&self, user: &str, path: &str, base: Option<Version>) -> Result<FileMeta, OpResult> {
+        let current = self
+            .live(user, path)
+            .ok_or_else(|| OpResult::Error { message: format!("no such file on the server: {path}") })?;
         if base.is_some_and(|b| b != current.version) {
-            return Err(OpResult::Conflict {
-                current: Some(current.clone()),
-            });
+            return Err(OpResult::Conflict { current: Some(current.clone()) });
         }
         Ok(tombstone(current))
     }
@@ -248,28 +238,19 @@ impl State {
         base: Option<Version>,
     ) -> Result<(FileMeta, FileMeta), OpResult> {
         if from == to {
-            return Err(OpResult::Error {
-                message: format!("cannot rename {from} onto itself"),
-            });
+            return Err(OpResult::Error { message: format!("cannot rename {from} onto itself") });
         }
-        let current = self.live(user, from).ok_or_else(|| OpResult::Error {
-            message: format!("no such file on the server: {from}"),
-        })?;
+        let current = self
+            .live(user, from)
+            .ok_or_else(|| OpResult::Error { message: format!("no such file on the server: {from}") })?;
         if base.is_some_and(|b| b != current.version) {
-            return Err(OpResult::Conflict {
-                current: Some(current.clone()),
-            });
+            return Err(OpResult::Conflict { current: Some(current.clone()) });
         }
         if let Some(existing) = self.live(user, to) {
-            return Err(OpResult::Conflict {
-                current: Some(existing.clone()),
-            });
+            return Err(OpResult::Conflict { current: Some(existing.clone()) });
         }
-        let moved = FileMeta {
-            path: to.to_string(),
-            version: self.next_version(user, to),
-            ..current.clone()
-        };
+        self.check_name_free(user, to)?;
+        let moved = FileMeta { path: to.to_string(), version: self.next_version(user, to), ..current.clone() };
         Ok((tombstone(current), moved))
     }
 }
@@ -322,13 +303,7 @@ mod tests {
         let mut s = State::default();
         let e = put(&s, "a");
         s.apply(&e).unwrap();
-        assert_eq!(
-            s.apply(&e),
-            Err(OutOfOrder {
-                expected: Seq(2),
-                got: Seq(1)
-            })
-        );
+        assert_eq!(s.apply(&e), Err(OutOfOrder { expected: Seq(2), got: Seq(1) }));
         let mut gap = put(&s, "b");
         gap.seq = Seq(5);
         assert!(s.apply(&gap).is_err());
@@ -341,26 +316,13 @@ mod tests {
         assert!(s.check_upload("u", "a", None).is_ok());
         s.apply(&put(&s, "a")).unwrap();
         assert!(s.check_upload("u", "a", Some(Version(1))).is_ok());
-        assert!(matches!(
-            s.check_upload("u", "a", None),
-            Err(OpResult::Conflict { .. })
-        ));
-        assert!(matches!(
-            s.check_upload("u", "a", Some(Version(7))),
-            Err(OpResult::Conflict { .. })
-        ));
+        assert!(matches!(s.check_upload("u", "a", None), Err(OpResult::Conflict { .. })));
+        assert!(matches!(s.check_upload("u", "a", Some(Version(7))), Err(OpResult::Conflict { .. })));
         let t = s.check_delete("u", "a", Some(Version(1))).unwrap();
         assert_eq!(t.version, Version(2));
         assert!(t.deleted);
-        s.apply(&Entry {
-            seq: s.seq.next(),
-            change: Change::Delete {
-                user: "u".into(),
-                meta: t,
-            },
-            request: None,
-        })
-        .unwrap();
+        s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
+            .unwrap();
         // Recreating over a tombstone is not a conflict, and the version keeps growing.
         assert!(s.check_upload("u", "a", None).is_ok());
         assert_eq!(s.next_version("u", "a"), Version(3));
@@ -369,23 +331,31 @@ mod tests {
     #[test]
     fn delete_and_rename_rules() {
         let mut s = State::default();
-        assert!(matches!(
-            s.check_delete("u", "a", None),
-            Err(OpResult::Error { .. })
-        ));
+        assert!(matches!(s.check_delete("u", "a", None), Err(OpResult::Error { .. })));
         s.apply(&put(&s, "a")).unwrap();
         s.apply(&put(&s, "b")).unwrap();
-        assert!(matches!(
-            s.check_rename("u", "a", "b", None),
-            Err(OpResult::Conflict { .. })
-        ));
-        assert!(matches!(
-            s.check_rename("u", "a", "a", None),
-            Err(OpResult::Error { .. })
-        ));
+        assert!(matches!(s.check_rename("u", "a", "b", None), Err(OpResult::Conflict { .. })));
+        assert!(matches!(s.check_rename("u", "a", "a", None), Err(OpResult::Error { .. })));
         let (from, to) = s.check_rename("u", "a", "c/d", Some(Version(1))).unwrap();
         assert!(from.deleted && from.path == "a" && from.version == Version(2));
         assert!(!to.deleted && to.path == "c/d" && to.version == Version(1));
+    }
+
+    #[test]
+    fn a_file_never_becomes_a_folder_nor_the_reverse() {
+        let mut s = State::default();
+        s.apply(&put(&s, "a")).unwrap();
+        s.apply(&put(&s, "d/x")).unwrap();
+        assert!(matches!(s.check_upload("u", "a/b", None), Err(OpResult::Error { .. })));
+        assert!(matches!(s.check_upload("u", "d", None), Err(OpResult::Error { .. })));
+        assert!(matches!(s.check_rename("u", "a", "d", Some(Version(1))), Err(OpResult::Error { .. })));
+        assert!(s.check_upload("u", "d/y", None).is_ok());
+        assert!(s.check_upload("u", "d.txt", None).is_ok());
+        // Once d/x is deleted, d may become a file.
+        let t = s.check_delete("u", "d/x", None).unwrap();
+        s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
+            .unwrap();
+        assert!(s.check_upload("u", "d", None).is_ok());
     }
 
     #[test]
@@ -394,19 +364,10 @@ mod tests {
         let dev = DeviceId("00000001".into());
         let mut e = put(&s, "a");
         let answer = OpResult::Done { meta: meta("a", 1) };
-        e.request = Some((
-            dev.clone(),
-            LastRequest {
-                seq: Seq(4),
-                result: answer.clone(),
-            },
-        ));
+        e.request = Some((dev.clone(), LastRequest { seq: Seq(4), result: answer.clone() }));
         s.apply(&e).unwrap();
         assert_eq!(s.already_answered(&dev, Seq(4)), Some(answer));
-        assert!(matches!(
-            s.already_answered(&dev, Seq(3)),
-            Some(OpResult::Error { .. })
-        ));
+        assert!(matches!(s.already_answered(&dev, Seq(3)), Some(OpResult::Error { .. })));
         assert_eq!(s.already_answered(&dev, Seq(5)), None);
     }
 }

@@ -46,6 +46,26 @@ impl std::error::Error for StoreError {
     }
 }
 
+/// Why a commit failed, and whether the entry reached the log.
+#[derive(Debug)]
+pub enum CommitError {
+    /// Nothing changed: the entry is not in the log.
+    Unlogged(StoreError),
+    /// The entry is in the log but its file-system action failed.
+    Logged(StoreError),
+}
+
+impl fmt::Display for CommitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommitError::Unlogged(e) => write!(f, "entry not logged: {e}"),
+            CommitError::Logged(e) => write!(f, "entry logged but not carried out: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CommitError {}
+
 /// Adds context to an I/O result.
 pub trait Context<T> {
     /// Wraps the error with a description of the failed step.
@@ -54,10 +74,7 @@ pub trait Context<T> {
 
 impl<T> Context<T> for io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError {
-            context: what(),
-            source,
-        })
+        self.map_err(|source| StoreError { context: what(), source })
     }
 }
 
@@ -95,8 +112,7 @@ impl Store {
     /// whatever a crash interrupted.
     pub fn open(root: &Path) -> Result<(Store, State), StoreError> {
         for dir in ["users", "meta", "tmp"] {
-            fs::create_dir_all(root.join(dir))
-                .context(|| format!("creating {}", root.join(dir).display()))?;
+            fs::create_dir_all(root.join(dir)).context(|| format!("creating {}", root.join(dir).display()))?;
         }
         let snapshot_path = root.join("meta/snapshot.json");
         let mut state = match fs::read(&snapshot_path) {
@@ -115,26 +131,18 @@ impl Store {
             let mut line = String::new();
             loop {
                 line.clear();
-                let n = reader
-                    .read_line(&mut line)
-                    .context(|| format!("reading {}", log_path.display()))?;
+                let n = reader.read_line(&mut line).context(|| format!("reading {}", log_path.display()))?;
                 if n == 0 || !line.ends_with('\n') {
                     // A torn last line: its entry was never acknowledged; drop it.
                     if n > 0 {
-                        log::warn!(
-                            "dropping torn log tail bytes={n} file={}",
-                            log_path.display()
-                        );
+                        log::warn!("dropping torn log tail bytes={n} file={}", log_path.display());
                     }
                     break;
                 }
                 let entry: Entry = match serde_json::from_str(&line) {
                     Ok(e) => e,
                     Err(e) => {
-                        log::warn!(
-                            "dropping unreadable log tail error={e} file={}",
-                            log_path.display()
-                        );
+                        log::warn!("dropping unreadable log tail error={e} file={}", log_path.display());
                         break;
                     }
                 };
@@ -155,14 +163,8 @@ impl Store {
             .append(true)
             .open(&log_path)
             .context(|| format!("opening {}", log_path.display()))?;
-        log.set_len(good_len)
-            .context(|| format!("trimming {}", log_path.display()))?;
-        let store = Store {
-            root: root.to_path_buf(),
-            log,
-            log_entries,
-            next_xfer: AtomicU64::new(0),
-        };
+        log.set_len(good_len).context(|| format!("trimming {}", log_path.display()))?;
+        let store = Store { root: root.to_path_buf(), log, log_entries, next_xfer: AtomicU64::new(0) };
         if let Some(entry) = last {
             store.act(&entry.change)?;
         }
@@ -188,10 +190,7 @@ impl Store {
         let tmp = self.root.join("tmp");
         for entry in fs::read_dir(&tmp).context(|| format!("listing {}", tmp.display()))? {
             let entry = entry.context(|| format!("listing {}", tmp.display()))?;
-            log::info!(
-                "removing abandoned temporary file={}",
-                entry.path().display()
-            );
+            log::info!("removing abandoned temporary file={}", entry.path().display());
             let _ = fs::remove_file(entry.path());
         }
         Ok(())
@@ -200,10 +199,7 @@ impl Store {
     /// Creates a temporary file for an incoming transfer; returns its id and handle.
     pub fn create_temp(&self) -> Result<(String, File), StoreError> {
         let n = self.next_xfer.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let xfer = format!("x{}-{nanos}-{n}", std::process::id());
         let path = self.tmp_path(&xfer);
         let file = OpenOptions::new()
@@ -220,42 +216,54 @@ impl Store {
     }
 
     /// Makes an entry durable, performs its file-system action, and applies it.
-    pub fn commit(&mut self, state: &mut State, entry: Entry) -> Result<(), StoreError> {
+    ///
+    /// `Err(Unlogged)`: the entry did not reach the log and nothing changed; the
+    /// request can be refused and the server goes on. `Err(Logged)`: the entry is
+    /// durable but its action failed, so disk and state disagree; the caller must
+    /// stop (start-up redoes the action).
+    pub fn commit(&mut self, state: &mut State, entry: Entry) -> Result<(), CommitError> {
+        self.append(state, &entry).map_err(CommitError::Unlogged)?;
+        self.act(&entry.change).map_err(CommitError::Logged)?;
+        state
+            .apply(&entry)
+            .map_err(io::Error::other)
+            .context(|| "applying entry".into())
+            .map_err(CommitError::Logged)?;
+        if self.log_entries >= COMPACT_AFTER {
+            // A failed compaction leaves the log whole: not fatal.
+            if let Err(e) = self.compact(state) {
+                log::error!("cannot compact the log: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends an entry to the log and fsyncs it; on failure the log is cut back
+    /// to where it was, so no torn line is left before later entries.
+    fn append(&mut self, state: &State, entry: &Entry) -> Result<(), StoreError> {
         if entry.seq != state.seq.next() {
             return Err(StoreError {
                 context: format!("committing entry seq={}", entry.seq),
                 source: io::Error::other(format!("state is at seq={}", state.seq)),
             });
         }
-        let mut line = serde_json::to_vec(&entry)
-            .map_err(io::Error::other)
-            .context(|| "encoding entry".into())?;
+        let mut line = serde_json::to_vec(entry).map_err(io::Error::other).context(|| "encoding entry".into())?;
         line.push(b'\n');
         let log_path = self.root.join("meta/log.jsonl");
-        self.log
-            .write_all(&line)
-            .context(|| format!("appending to {}", log_path.display()))?;
-        self.log
-            .sync_data()
-            .context(|| format!("syncing {}", log_path.display()))?;
-        self.log_entries += 1;
-        self.act(&entry.change)?;
-        state
-            .apply(&entry)
-            .map_err(io::Error::other)
-            .context(|| "applying entry".into())?;
-        if self.log_entries >= COMPACT_AFTER {
-            self.compact(state)?;
+        let before = self.log.metadata().map(|m| m.len()).context(|| format!("inspecting {}", log_path.display()))?;
+        let written = self.log.write_all(&line).and_then(|_| self.log.sync_data());
+        if let Err(e) = written {
+            let _ = self.log.set_len(before);
+            return Err(e).context(|| format!("appending to {}", log_path.display()));
         }
+        self.log_entries += 1;
         Ok(())
     }
 
     /// Writes the state to a snapshot and empties the log.
     pub fn compact(&mut self, state: &State) -> Result<(), StoreError> {
         let path = self.root.join("meta/snapshot.json");
-        let bytes = serde_json::to_vec(state)
-            .map_err(io::Error::other)
-            .context(|| "encoding snapshot".into())?;
+        let bytes = serde_json::to_vec(state).map_err(io::Error::other).context(|| "encoding snapshot".into())?;
         write_atomically(&path, &bytes)?;
         self.log.set_len(0).context(|| "truncating log".into())?;
         self.log.sync_all().context(|| "syncing log".into())?;
@@ -274,15 +282,10 @@ impl Store {
                 }
                 let dest = self.user_path(user, &meta.path);
                 self.make_parent(user, &dest)?;
-                let f = File::options()
-                    .write(true)
-                    .open(&tmp)
-                    .context(|| format!("opening {}", tmp.display()))?;
+                let f = File::options().write(true).open(&tmp).context(|| format!("opening {}", tmp.display()))?;
                 let _ = f.set_modified(from_ms(meta.mtime_ms));
-                f.sync_all()
-                    .context(|| format!("syncing {}", tmp.display()))?;
-                fs::rename(&tmp, &dest)
-                    .context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
+                f.sync_all().context(|| format!("syncing {}", tmp.display()))?;
+                fs::rename(&tmp, &dest).context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
                 self.sync_parent(&dest)?;
             }
             Change::Delete { user, meta } => {
@@ -301,8 +304,7 @@ impl Store {
                 let dest = self.user_path(user, &to.path);
                 if src.exists() {
                     self.make_parent(user, &dest)?;
-                    fs::rename(&src, &dest)
-                        .context(|| format!("moving {} to {}", src.display(), dest.display()))?;
+                    fs::rename(&src, &dest).context(|| format!("moving {} to {}", src.display(), dest.display()))?;
                     self.sync_parent(&dest)?;
                     self.sync_parent(&src)?;
                     self.prune_empty_dirs(user, &src);
@@ -315,8 +317,7 @@ impl Store {
 
     fn make_parent(&self, user: &str, dest: &Path) -> Result<(), StoreError> {
         let parent = dest.parent().unwrap_or(&self.root);
-        fs::create_dir_all(parent)
-            .context(|| format!("creating {} for user {user}", parent.display()))
+        fs::create_dir_all(parent).context(|| format!("creating {} for user {user}", parent.display()))
     }
 
     fn sync_parent(&self, path: &Path) -> Result<(), StoreError> {
@@ -347,10 +348,7 @@ impl Store {
     pub fn times(&self, user: &str, path: &str) -> (i64, i64) {
         use std::os::unix::fs::MetadataExt;
         match fs::metadata(self.user_path(user, path)) {
-            Ok(m) => (
-                m.atime() * 1000 + m.atime_nsec() / 1_000_000,
-                m.ctime() * 1000 + m.ctime_nsec() / 1_000_000,
-            ),
+            Ok(m) => (m.atime() * 1000 + m.atime_nsec() / 1_000_000, m.ctime() * 1000 + m.ctime_nsec() / 1_000_000),
             Err(_) => (0, 0),
         }
     }
@@ -366,19 +364,14 @@ impl Store {
             let user_dir = user_dir.context(|| format!("listing {}", users.display()))?;
             let user = user_dir.file_name().to_string_lossy().into_owned();
             if replibox_proto::validate_username(&user).is_err() || !user_dir.path().is_dir() {
-                log::warn!(
-                    "ignoring stray entry in users/: {}",
-                    user_dir.path().display()
-                );
+                log::warn!("ignoring stray entry in users/: {}", user_dir.path().display());
                 continue;
             }
             let mut stack = vec![user_dir.path()];
             while let Some(dir) = stack.pop() {
                 for e in fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))? {
                     let e = e.context(|| format!("listing {}", dir.display()))?;
-                    let ft = e
-                        .file_type()
-                        .context(|| format!("inspecting {}", e.path().display()))?;
+                    let ft = e.file_type().context(|| format!("inspecting {}", e.path().display()))?;
                     if ft.is_dir() {
                         stack.push(e.path());
                         continue;
@@ -387,30 +380,21 @@ impl Store {
                         log::warn!("ignoring non-regular file {}", e.path().display());
                         continue;
                     }
-                    let rel = e
-                        .path()
-                        .strip_prefix(user_dir.path())
-                        .map(|p| p.to_string_lossy().into_owned());
+                    let rel = e.path().strip_prefix(user_dir.path()).map(|p| p.to_string_lossy().into_owned());
                     let Ok(rel) = rel else { continue };
                     if replibox_proto::validate_path(&rel).is_err() {
                         log::warn!("ignoring file with an invalid name {}", e.path().display());
                         continue;
                     }
-                    let md = e
-                        .metadata()
-                        .context(|| format!("inspecting {}", e.path().display()))?;
+                    let md = e.metadata().context(|| format!("inspecting {}", e.path().display()))?;
                     let mtime = md.modified().map(to_ms).unwrap_or(0);
                     let known = state.live(&user, &rel);
                     if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime) {
                         continue;
                     }
-                    let hash = hash_file(&e.path())
-                        .context(|| format!("hashing {}", e.path().display()))?;
+                    let hash = hash_file(&e.path()).context(|| format!("hashing {}", e.path().display()))?;
                     let version = state.next_version(&user, &rel);
-                    log::warn!(
-                        "adopting file found on disk user={user} path={rel} size={}",
-                        md.len()
-                    );
+                    log::warn!("adopting file found on disk user={user} path={rel} size={}", md.len());
                     found.push((
                         user.clone(),
                         FileMeta {
@@ -430,11 +414,7 @@ impl Store {
         for (user, files) in &state.files {
             for meta in files.values().filter(|m| !m.deleted) {
                 if !self.user_path(user, &meta.path).is_file() {
-                    log::error!(
-                        "file missing from the store user={user} path={} version={}",
-                        meta.path,
-                        meta.version
-                    );
+                    log::error!("file missing from the store user={user} path={} version={}", meta.path, meta.version);
                 }
             }
         }
@@ -442,22 +422,10 @@ impl Store {
     }
 
     /// Records a file that is already in place (found by [`Store::check_against`]).
-    pub fn adopt(
-        &mut self,
-        state: &mut State,
-        user: String,
-        meta: FileMeta,
-    ) -> Result<(), StoreError> {
+    pub fn adopt(&mut self, state: &mut State, user: String, meta: FileMeta) -> Result<(), CommitError> {
         // Put with an xfer that does not exist: the action finds nothing to move.
-        let entry = Entry {
-            seq: state.seq.next(),
-            change: Change::Put {
-                user,
-                meta,
-                xfer: "adopted".into(),
-            },
-            request: None,
-        };
+        let entry =
+            Entry { seq: state.seq.next(), change: Change::Put { user, meta, xfer: "adopted".into() }, request: None };
         self.commit(state, entry)
     }
 }
@@ -466,10 +434,8 @@ impl Store {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .context(|| format!("syncing {}", tmp.display()))?;
+    f.write_all(bytes).context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().context(|| format!("syncing {}", tmp.display()))?;
     fs::rename(&tmp, path).context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
     if let Some(parent) = path.parent() {
         fsync_dir(parent).context(|| format!("syncing directory {}", parent.display()))?;
@@ -492,23 +458,8 @@ pub fn hash_file(path: &Path) -> io::Result<ContentHash> {
 }
 
 /// Metadata for a new version of `path`.
-pub fn new_meta(
-    path: &str,
-    version: Version,
-    size: u64,
-    mtime_ms: i64,
-    hash: ContentHash,
-) -> FileMeta {
-    FileMeta {
-        path: path.to_string(),
-        version,
-        size,
-        mtime_ms,
-        hash,
-        deleted: false,
-        atime_ms: 0,
-        ctime_ms: 0,
-    }
+pub fn new_meta(path: &str, version: Version, size: u64, mtime_ms: i64, hash: ContentHash) -> FileMeta {
+    FileMeta { path: path.to_string(), version, size, mtime_ms, hash, deleted: false, atime_ms: 0, ctime_ms: 0 }
 }
 
 #[cfg(test)]
@@ -520,8 +471,7 @@ mod tests {
     struct TempDir(PathBuf);
     impl TempDir {
         fn new(name: &str) -> Self {
-            let p =
-                std::env::temp_dir().join(format!("replibox-store-{name}-{}", std::process::id()));
+            let p = std::env::temp_dir().join(format!("replibox-store-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&p);
             fs::create_dir_all(&p).unwrap();
             TempDir(p)
@@ -536,22 +486,9 @@ mod tests {
     fn put(store: &mut Store, state: &mut State, path: &str, bytes: &[u8]) {
         let (xfer, mut f) = store.create_temp().unwrap();
         f.write_all(bytes).unwrap();
-        let meta = new_meta(
-            path,
-            state.next_version("u", path),
-            bytes.len() as u64,
-            1_000,
-            ContentHash::of(bytes),
-        );
-        let entry = Entry {
-            seq: state.seq.next(),
-            change: Change::Put {
-                user: "u".into(),
-                meta,
-                xfer,
-            },
-            request: None,
-        };
+        let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));
+        let entry =
+            Entry { seq: state.seq.next(), change: Change::Put { user: "u".into(), meta, xfer }, request: None };
         store.commit(state, entry).unwrap();
     }
 
@@ -563,22 +500,13 @@ mod tests {
         put(&mut store, &mut state, "a/b.txt", b"hello again");
         put(&mut store, &mut state, "c", b"");
         let t = tombstone(state.live("u", "c").unwrap());
-        let entry = Entry {
-            seq: state.seq.next(),
-            change: Change::Delete {
-                user: "u".into(),
-                meta: t,
-            },
-            request: None,
-        };
+        let entry =
+            Entry { seq: state.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None };
         store.commit(&mut state, entry).unwrap();
         drop(store);
         let (store2, state2) = Store::open(&dir.0).unwrap();
         assert_eq!(state2, state);
-        assert_eq!(
-            fs::read(store2.user_path("u", "a/b.txt")).unwrap(),
-            b"hello again"
-        );
+        assert_eq!(fs::read(store2.user_path("u", "a/b.txt")).unwrap(), b"hello again");
         assert!(!store2.user_path("u", "c").exists());
         assert!(store2.check_against(&state2).unwrap().is_empty());
     }
@@ -590,15 +518,7 @@ mod tests {
         let (xfer, mut f) = store.create_temp().unwrap();
         f.write_all(b"data").unwrap();
         let meta = new_meta("x", Version(1), 4, 5, ContentHash::of(b"data"));
-        let entry = Entry {
-            seq: Seq(1),
-            change: Change::Put {
-                user: "u".into(),
-                meta,
-                xfer,
-            },
-            request: None,
-        };
+        let entry = Entry { seq: Seq(1), change: Change::Put { user: "u".into(), meta, xfer }, request: None };
         // Simulate the crash: the entry reaches the log, the rename never happens.
         let mut line = serde_json::to_vec(&entry).unwrap();
         line.push(b'\n');
@@ -649,10 +569,7 @@ mod tests {
         for (user, meta) in found {
             store.adopt(&mut state, user, meta).unwrap();
         }
-        assert_eq!(
-            state.live("u", "d/new.txt").unwrap().hash,
-            ContentHash::of(b"by hand")
-        );
+        assert_eq!(state.live("u", "d/new.txt").unwrap().hash, ContentHash::of(b"by hand"));
         assert!(store.check_against(&state).unwrap().is_empty());
     }
 }

@@ -1,0 +1,695 @@
+//! The sync engine: one thread that owns the index and the sync dir's state.
+//!
+//! It reacts to three inputs: commands from the CLI, events from the front-end
+//! (notices pushed by the server, connection lost and regained) and events from
+//! the watcher. Because one thread does all of it, a file the engine is placing
+//! from the server is recorded in the index before the watcher's event for it is
+//! looked at, which is what keeps received changes from bouncing back (echo
+//! suppression): the scan finds the file exactly as the index says.
+
+use crate::index::{Index, Synced};
+use crate::progress::Progress;
+use crate::reconcile::{conflicted_name, decide, locally_changed, Action};
+use crate::scan::{self, LocalFile};
+use crate::timefmt;
+use crate::watcher::WatchEvent;
+use crossbeam_channel::{select, Receiver, Sender};
+use replibox_frontend::{FrontError, FrontEvent, Frontend};
+use replibox_proto::{ContentHash, FileMeta, Notice, Op, OpResult, Version};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Quiet time after the last watcher event before the sync dir is scanned.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A file modified more recently than this is still being written: wait.
+const SETTLE: Duration = Duration::from_millis(200);
+/// A file still open for writing this long after its last event is taken as is.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
+/// A full rescan runs this often even without events, in case any were lost.
+const RESCAN_EVERY: Duration = Duration::from_secs(30);
+
+/// A command for the engine from the CLI.
+pub enum Command {
+    /// `upload PATH`: put a file from anywhere into the sync dir and the server.
+    Upload {
+        /// The file to upload.
+        source: PathBuf,
+        /// Outcome line, or error line.
+        reply: Sender<Result<String, String>>,
+    },
+    /// `delete NAME`.
+    Delete {
+        /// Path inside the sync dir.
+        name: String,
+        /// Outcome.
+        reply: Sender<Result<String, String>>,
+    },
+    /// `get_sync_dir`: reconcile everything with the server now.
+    SyncAll {
+        /// Outcome.
+        reply: Sender<Result<String, String>>,
+    },
+    /// End the engine.
+    Stop,
+}
+
+/// Counts of what a reconciliation did.
+#[derive(Default, Debug)]
+struct Tally {
+    uploaded: usize,
+    downloaded: usize,
+    deleted_remote: usize,
+    deleted_local: usize,
+    conflicts: usize,
+    failed: usize,
+}
+
+/// The engine.
+pub struct Engine {
+    root: PathBuf,
+    tmp: PathBuf,
+    front: Frontend,
+    index: Index,
+    device_label: String,
+    /// Local states the server refused; not retried until the file changes again.
+    refused: BTreeMap<String, LocalFile>,
+    /// Paths with a write in progress (an inotify modify without its close-write yet).
+    writing: HashMap<String, Instant>,
+    /// When the next local pass is due.
+    pass_due: Option<Instant>,
+    /// Set when notices may have been missed: reconcile with a full listing.
+    need_full: bool,
+    last_full: Instant,
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+fn mtime_ms_of(ns: i128) -> i64 {
+    (ns.div_euclid(1_000_000)) as i64
+}
+
+fn hash_file(path: &Path) -> io::Result<ContentHash> {
+    let mut f = File::open(path)?;
+    let mut h = ContentHash::default();
+    let mut buf = vec![0u8; replibox_proto::CHUNK_SIZE];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h);
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Prints a line about background sync activity (stderr, so stdout carries only
+/// command outcomes that scripts wait for).
+fn activity(line: String) {
+    eprintln!("{line}");
+}
+
+impl Engine {
+    /// An engine over `root` (the sync dir, which must exist) using `front`.
+    pub fn new(root: PathBuf, front: Frontend, device_label: String) -> io::Result<Engine> {
+        let meta = root.join(".replibox");
+        let tmp = meta.join("tmp");
+        fs::create_dir_all(&tmp)?;
+        for e in fs::read_dir(&tmp)?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let index = Index::load(meta.join("index.json"));
+        Ok(Engine {
+            root,
+            tmp,
+            front,
+            index,
+            device_label,
+            refused: BTreeMap::new(),
+            writing: HashMap::new(),
+            pass_due: None,
+            need_full: false,
+            last_full: Instant::now(),
+        })
+    }
+
+    /// Runs until [`Command::Stop`] or until the command channel closes.
+    pub fn run(mut self, commands: Receiver<Command>, front: Receiver<FrontEvent>, watch: Receiver<WatchEvent>) {
+        loop {
+            let now = Instant::now();
+            let due = self.pass_due.unwrap_or(self.last_full + RESCAN_EVERY);
+            let wait = due.saturating_duration_since(now);
+            select! {
+                recv(commands) -> cmd => match cmd {
+                    Ok(Command::Stop) | Err(_) => break,
+                    Ok(cmd) => self.command(cmd),
+                },
+                recv(front) -> ev => match ev {
+                    Ok(FrontEvent::Notice(n)) => self.notice(n),
+                    Ok(FrontEvent::Lost(why)) => activity(format!("connection to the server lost ({why}); local changes wait until it is back")),
+                    Ok(FrontEvent::Reconnected) => {
+                        activity("connection to the server is back; catching up".into());
+                        self.need_full = true;
+                        self.pass_due = Some(Instant::now());
+                    }
+                    Err(_) => {}
+                },
+                recv(watch) -> ev => if let Ok(ev) = ev { self.watched(ev) },
+                default(wait) => {
+                    if self.need_full || self.pass_due.is_none() {
+                        if let Err(e) = self.sync_all() {
+                            activity(format!("sync postponed: {e}"));
+                            self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+                        }
+                    } else {
+                        self.pass_due = None;
+                        self.local_pass();
+                    }
+                }
+            }
+            if let Err(e) = self.index.save() {
+                log::error!("cannot save the index: {e}");
+            }
+        }
+        let _ = self.index.save();
+    }
+
+    fn watched(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Writing(p) => {
+                self.writing.insert(p, Instant::now());
+            }
+            WatchEvent::Closed(p) => {
+                self.writing.remove(&p);
+            }
+            WatchEvent::Changed => {}
+        }
+        let due = Instant::now() + DEBOUNCE;
+        self.pass_due = Some(self.pass_due.map_or(due, |d| d.max(due)));
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Upload { source, reply } => {
+                let _ = reply.send(self.upload_from(&source));
+            }
+            Command::Delete { name, reply } => {
+                let _ = reply.send(self.delete_named(&name));
+            }
+            Command::SyncAll { reply } => {
+                let answer = self.sync_all().map(|t| {
+                    format!(
+                        "sync dir {}: in sync with the server ({} uploaded, {} downloaded, {} deleted there, {} deleted here, {} conflicts{})",
+                        self.root.display(),
+                        t.uploaded,
+                        t.downloaded,
+                        t.deleted_remote,
+                        t.deleted_local,
+                        t.conflicts,
+                        if t.failed > 0 { format!(", {} refused", t.failed) } else { String::new() }
+                    )
+                });
+                let _ = reply.send(answer.map_err(|e| e.to_string()));
+            }
+            Command::Stop => {}
+        }
+    }
+
+    fn abs(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Reconciles every path with a full listing from the server.
+    fn sync_all(&mut self) -> Result<Tally, FrontError> {
+        let files = match self.front.request(Op::List)? {
+            OpResult::Listing { files } => files,
+            other => return Err(FrontError::Protocol(format!("list answered with {other:?}"))),
+        };
+        self.need_full = false;
+        self.last_full = Instant::now();
+        let server: BTreeMap<String, FileMeta> = files.into_iter().map(|m| (m.path.clone(), m)).collect();
+        let local = scan::scan(&self.root);
+        let paths: BTreeSet<String> =
+            server.keys().chain(local.keys()).chain(self.index.entries.keys()).cloned().collect();
+        let mut tally = Tally::default();
+        // Deletes first, so that a file replaced by a folder (or the reverse) frees
+        // its name before the new content needs it.
+        let mut later = Vec::new();
+        for path in paths {
+            let action = decide(server.get(&path), local.get(&path), self.index.get(&path));
+            match action {
+                Action::DeleteRemote { .. } | Action::DeleteLocal | Action::ForgetIndex => {
+                    self.carry_out(&path, action, server.get(&path), &mut tally)?
+                }
+                Action::Nothing => {}
+                _ => later.push((path, action)),
+            }
+        }
+        for (path, action) in later {
+            self.carry_out(&path, action, server.get(&path), &mut tally)?;
+        }
+        // Conflicted copies made above are new local files: send them now.
+        tally.uploaded += self.local_pass();
+        Ok(tally)
+    }
+
+    fn carry_out(
+        &mut self,
+        path: &str,
+        action: Action,
+        server: Option<&FileMeta>,
+        t: &mut Tally,
+    ) -> Result<(), FrontError> {
+        match action {
+            Action::Nothing => {}
+            Action::ForgetIndex => {
+                self.index.remove(path);
+            }
+            Action::Upload { base } => match self.upload(path, base)? {
+                Some(true) => t.uploaded += 1,
+                Some(false) => t.failed += 1,
+                None => {}
+            },
+            Action::DeleteRemote { base } => {
+                self.delete_remote(path, Some(base))?;
+                t.deleted_remote += 1;
+            }
+            Action::Download => {
+                self.fetch(path)?;
+                t.downloaded += 1;
+            }
+            Action::DeleteLocal => {
+                self.delete_local(path);
+                t.deleted_local += 1;
+            }
+            Action::Conflict => {
+                if let Some(current) = server {
+                    if self.conflict(path, current)? {
+                        t.conflicts += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks for local changes and sends them. Returns how many uploads were made.
+    fn local_pass(&mut self) -> usize {
+        let local = scan::scan(&self.root);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        let mut changed = Vec::new();
+        let mut postpone = false;
+        for (path, l) in &local {
+            if !locally_changed(Some(l), self.index.get(path)) || self.refused.get(path) == Some(l) {
+                continue;
+            }
+            let still_writing = self.writing.get(path).is_some_and(|t| t.elapsed() < WRITER_GRACE);
+            if still_writing || now - l.mtime_ns < SETTLE.as_nanos() as i128 {
+                postpone = true;
+                continue;
+            }
+            changed.push(path.clone());
+        }
+        let deleted: Vec<String> = self.index.entries.keys().filter(|p| !local.contains_key(*p)).cloned().collect();
+        let mut uploads = 0;
+        let result = (|| -> Result<(), FrontError> {
+            let mut deleted_left: BTreeSet<String> = deleted.into_iter().collect();
+            // A new file with the size, mtime and content of a vanished one is that
+            // file, moved: rename it on the server instead of sending it again.
+            let mut fresh = Vec::new();
+            for path in changed {
+                if self.index.get(&path).is_none() {
+                    if let Some(from) = self.moved_from(&path, &local[&path], &deleted_left) {
+                        deleted_left.remove(&from);
+                        if self.rename_remote(&from, &path)? {
+                            continue;
+                        }
+                        deleted_left.insert(from);
+                    }
+                }
+                fresh.push(path);
+            }
+            for path in deleted_left {
+                let base = self.index.get(&path).map(|i| i.version);
+                self.delete_remote(&path, base)?;
+            }
+            for path in fresh {
+                let base = self.index.get(&path).map(|i| i.version);
+                if self.upload(&path, base)? == Some(true) {
+                    uploads += 1;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            activity(format!("sync postponed: {e}"));
+            self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+        } else if postpone {
+            self.pass_due = Some(Instant::now() + SETTLE);
+        }
+        uploads
+    }
+
+    fn moved_from(&self, path: &str, l: &LocalFile, candidates: &BTreeSet<String>) -> Option<String> {
+        let matching: Vec<&String> = candidates
+            .iter()
+            .filter(|c| self.index.get(c).is_some_and(|i| i.size == l.size && i.mtime_ns == l.mtime_ns))
+            .collect();
+        if matching.is_empty() {
+            return None;
+        }
+        let hash = hash_file(&self.abs(path)).ok()?;
+        matching.into_iter().find(|c| self.index.get(c).is_some_and(|i| i.hash == hash)).cloned()
+    }
+
+    /// Sends the local file at `path`. Some(true): stored; Some(false): refused;
+    /// None: nothing to send (the file vanished, or the conflict was resolved).
+    fn upload(&mut self, path: &str, base: Option<Version>) -> Result<Option<bool>, FrontError> {
+        let abs = self.abs(path);
+        let Ok(mut file) = File::open(&abs) else { return Ok(None) };
+        let Ok(md) = file.metadata() else { return Ok(None) };
+        if !md.is_file() {
+            return Ok(None);
+        }
+        let l = LocalFile { size: md.len(), mtime_ns: scan::mtime_ns(&md) };
+        let mut progress = Progress::new(format!("uploading {path}"), l.size);
+        let result =
+            self.front.upload(path, &mut file, l.size, mtime_ms_of(l.mtime_ns), base, &mut |n| progress.update(n));
+        progress.finish();
+        match result? {
+            OpResult::Done { meta } => {
+                self.refused.remove(path);
+                self.index
+                    .set(path, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+                activity(format!("uploaded {path} ({})", crate::progress::bytes(l.size)));
+                Ok(Some(true))
+            }
+            OpResult::Conflict { current: Some(current) } => {
+                self.conflict(path, &current)?;
+                Ok(None)
+            }
+            OpResult::Error { message } => {
+                activity(format!("the server refused {path}: {message}"));
+                self.refused.insert(path.to_string(), l);
+                Ok(Some(false))
+            }
+            other => Err(FrontError::Protocol(format!("upload answered with {other:?}"))),
+        }
+    }
+
+    fn delete_remote(&mut self, path: &str, base: Option<Version>) -> Result<(), FrontError> {
+        match self.front.request(Op::Delete { path: path.to_string(), base })? {
+            OpResult::Done { .. } => {
+                self.index.remove(path);
+                activity(format!("deleted {path} on the server"));
+            }
+            OpResult::Conflict { current: Some(_) } => {
+                // Changed elsewhere since this device saw it: the edit wins, fetch it.
+                self.index.remove(path);
+                self.fetch(path)?;
+            }
+            _ => {
+                self.index.remove(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Renames on the server; false when the server would not (the caller falls
+    /// back to delete and upload).
+    fn rename_remote(&mut self, from: &str, to: &str) -> Result<bool, FrontError> {
+        let base = self.index.get(from).map(|i| i.version);
+        let Some(l) = scan::stat(&self.root, to) else { return Ok(false) };
+        match self.front.request(Op::Rename { from: from.to_string(), to: to.to_string(), base })? {
+            OpResult::Done { meta } => {
+                self.index.remove(from);
+                self.index
+                    .set(to, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+                activity(format!("renamed {from} to {to} on the server"));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Both sides changed `path`; the server holds `current`. Returns true when a
+    /// conflicted copy was made (false: the contents were equal after all).
+    fn conflict(&mut self, path: &str, current: &FileMeta) -> Result<bool, FrontError> {
+        let abs = self.abs(path);
+        if current.deleted {
+            return Ok(false);
+        }
+        if let (Ok(hash), Some(l)) = (hash_file(&abs), scan::stat(&self.root, path)) {
+            if hash == current.hash {
+                self.index.set(path, Synced { version: current.version, size: l.size, mtime_ns: l.mtime_ns, hash });
+                return Ok(false);
+            }
+        }
+        self.set_aside(path);
+        self.fetch(path)?;
+        // The conflicted copy is a new local file: the next local pass sends it.
+        self.pass_due = Some(Instant::now());
+        Ok(true)
+    }
+
+    /// Moves the local file at `path` to a conflicted-copy name.
+    fn set_aside(&mut self, path: &str) -> Option<String> {
+        let abs = self.abs(path);
+        if scan::stat(&self.root, path).is_none() {
+            return None;
+        }
+        let date = timefmt::date(timefmt::now_ms());
+        let root = self.root.clone();
+        let copy = conflicted_name(path, &self.device_label, &date, |c| root.join(c).exists());
+        match fs::rename(&abs, self.abs(&copy)) {
+            Ok(()) => {
+                activity(format!("conflict on {path}: this device's version is kept as {copy}"));
+                Some(copy)
+            }
+            Err(e) => {
+                log::error!("{}", io_err("cannot set aside", &abs, e));
+                None
+            }
+        }
+    }
+
+    /// Fetches the server's version of `path` and puts it in place.
+    fn fetch(&mut self, path: &str) -> Result<(), FrontError> {
+        let tmp_path = self.tmp.join(format!("dl-{}", std::process::id()));
+        let mut tmp = File::create(&tmp_path).map_err(|e| FrontError::Local(io_err("cannot create", &tmp_path, e)))?;
+        let mut progress: Option<Progress> = None;
+        let got = self.front.download(path, &mut tmp, &mut |done, total| {
+            progress.get_or_insert_with(|| Progress::new(format!("downloading {path}"), total)).update(done)
+        });
+        if let Some(p) = progress {
+            p.finish();
+        }
+        let meta = match got {
+            Ok(Ok(meta)) => meta,
+            Ok(Err(refusal)) => {
+                let _ = fs::remove_file(&tmp_path);
+                log::info!("not fetching {path}: {refusal:?}");
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e);
+            }
+        };
+        let _ = tmp.set_modified(crate::from_ms(meta.mtime_ms));
+        let _ = tmp.sync_all();
+        drop(tmp);
+        self.place(path, &tmp_path, &meta)
+    }
+
+    /// Moves a received file into place, keeping any local edit that appeared
+    /// meanwhile as a conflicted copy.
+    fn place(&mut self, path: &str, tmp_path: &Path, meta: &FileMeta) -> Result<(), FrontError> {
+        let dest = self.abs(path);
+        if locally_changed(scan::stat(&self.root, path).as_ref(), self.index.get(path)) && dest.exists() {
+            let same = hash_file(&dest).map(|h| h == meta.hash).unwrap_or(false);
+            if !same {
+                self.set_aside(path);
+            }
+        }
+        if let Some(parent) = dest.parent() {
+            if let Err(e) = fs::create_dir_all(parent) {
+                let _ = fs::remove_file(tmp_path);
+                activity(format!("cannot receive {path}: {}", io_err("cannot create", parent, e)));
+                return Ok(());
+            }
+        }
+        if let Err(e) = fs::rename(tmp_path, &dest) {
+            let _ = fs::remove_file(tmp_path);
+            activity(format!("cannot receive {path}: {}", io_err("cannot write", &dest, e)));
+            return Ok(());
+        }
+        if let Some(l) = scan::stat(&self.root, path) {
+            self.index.set(path, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+        }
+        activity(format!("received {path} ({})", crate::progress::bytes(meta.size)));
+        Ok(())
+    }
+
+    fn delete_local(&mut self, path: &str) {
+        let abs = self.abs(path);
+        match fs::remove_file(&abs) {
+            Ok(()) => activity(format!("deleted {path} (deleted on another device)")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("{}", io_err("cannot delete", &abs, e)),
+        }
+        self.index.remove(path);
+        self.prune(&abs);
+    }
+
+    /// Removes folders left empty by a delete, up to the sync dir.
+    fn prune(&self, removed: &Path) {
+        let mut dir = removed.parent();
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) || fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+
+    /// A change pushed by the server.
+    fn notice(&mut self, notice: Notice) {
+        let result = match notice {
+            Notice::Put { meta } => self.remote_put(&meta),
+            Notice::Delete { meta } => {
+                self.remote_delete(&meta);
+                Ok(())
+            }
+            Notice::Rename { from, meta } => self.remote_rename(&from, &meta),
+        };
+        if let Err(e) = result {
+            activity(format!("could not apply a change from the server: {e}; will catch up"));
+            self.need_full = true;
+            self.pass_due = Some(Instant::now() + Duration::from_secs(1));
+        }
+    }
+
+    fn remote_put(&mut self, meta: &FileMeta) -> Result<(), FrontError> {
+        if self.index.get(&meta.path).is_some_and(|i| i.version >= meta.version) {
+            return Ok(());
+        }
+        self.fetch(&meta.path)
+    }
+
+    fn remote_delete(&mut self, meta: &FileMeta) {
+        let path = meta.path.as_str();
+        let Some(i) = self.index.get(path).cloned() else { return };
+        if i.version >= meta.version {
+            return;
+        }
+        let l = scan::stat(&self.root, path);
+        if locally_changed(l.as_ref(), Some(&i)) {
+            // Edited here: the edit survives and goes back up as a new file.
+            self.index.remove(path);
+            self.pass_due = Some(Instant::now());
+        } else {
+            self.delete_local(path);
+        }
+    }
+
+    fn remote_rename(&mut self, from: &str, meta: &FileMeta) -> Result<(), FrontError> {
+        let unchanged =
+            self.index.get(from).is_some_and(|i| !locally_changed(scan::stat(&self.root, from).as_ref(), Some(i)));
+        let to_free = scan::stat(&self.root, &meta.path).is_none()
+            && self.index.get(&meta.path).is_none_or(|i| i.version < meta.version);
+        if unchanged && to_free {
+            let dest = self.abs(&meta.path);
+            let moved =
+                dest.parent().map_or(Ok(()), fs::create_dir_all).and_then(|_| fs::rename(self.abs(from), &dest));
+            if moved.is_ok() {
+                let old = self.index.remove(from);
+                self.prune(&self.abs(from));
+                if let (Some(l), Some(old)) = (scan::stat(&self.root, &meta.path), old) {
+                    self.index.set(
+                        &meta.path,
+                        Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: old.hash },
+                    );
+                }
+                activity(format!("renamed {from} to {} (renamed on another device)", meta.path));
+                return Ok(());
+            }
+        }
+        let gone =
+            FileMeta { path: from.to_string(), version: Version(meta.version.0.max(1)), deleted: true, ..meta.clone() };
+        if let Some(i) = self.index.get(from) {
+            // Any version newer than the one seen here marks the old path as gone.
+            let gone = FileMeta { version: i.version.next(), ..gone };
+            self.remote_delete(&gone);
+        }
+        self.remote_put(meta)
+    }
+
+    /// `upload PATH`: sends a file from anywhere and puts a copy in the sync dir.
+    fn upload_from(&mut self, source: &Path) -> Result<String, String> {
+        let mut file = File::open(source).map_err(|e| io_err("cannot open", source, e))?;
+        let md = file.metadata().map_err(|e| io_err("cannot read", source, e))?;
+        if !md.is_file() {
+            return Err(format!("{} is not a regular file", source.display()));
+        }
+        let name = source
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("{} has no usable file name", source.display()))?
+            .to_string();
+        replibox_proto::validate_path(&name).map_err(|e| e.to_string())?;
+        let mtime_ns = scan::mtime_ns(&md);
+        let inside = fs::canonicalize(source).ok() == fs::canonicalize(self.abs(&name)).ok();
+        // An explicit upload replaces whatever the server holds under that name.
+        let mut base = self.index.get(&name).map(|i| i.version);
+        let mut progress = Progress::new(format!("uploading {name}"), md.len());
+        let meta = loop {
+            let result = self
+                .front
+                .upload(&name, &mut file, md.len(), mtime_ms_of(mtime_ns), base, &mut |n| progress.update(n))
+                .map_err(|e| e.to_string())?;
+            match result {
+                OpResult::Done { meta } => break meta,
+                OpResult::Conflict { current: Some(c) } if base != Some(c.version) => base = Some(c.version),
+                OpResult::Error { message } => return Err(message),
+                other => return Err(format!("unexpected answer: {other:?}")),
+            }
+        };
+        progress.finish();
+        if !inside {
+            // Copy into the sync dir through a temporary file, then record it so the
+            // watcher's event for it is not sent back up.
+            let tmp_path = self.tmp.join(format!("up-{}", std::process::id()));
+            fs::copy(source, &tmp_path).map_err(|e| io_err("cannot copy", source, e))?;
+            if let Ok(f) = File::options().write(true).open(&tmp_path) {
+                let _ = f.set_modified(crate::from_ms(meta.mtime_ms));
+            }
+            let dest = self.abs(&name);
+            if locally_changed(scan::stat(&self.root, &name).as_ref(), self.index.get(&name)) && dest.exists() {
+                self.set_aside(&name);
+            }
+            fs::rename(&tmp_path, &dest).map_err(|e| io_err("cannot write", &dest, e))?;
+        }
+        if let Some(l) = scan::stat(&self.root, &name) {
+            self.index
+                .set(&name, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+        }
+        Ok(format!("uploaded {name} ({} bytes)", meta.size))
+    }
+
+    /// `delete NAME`: deletes on the server and in the sync dir.
+    fn delete_named(&mut self, name: &str) -> Result<String, String> {
+        replibox_proto::validate_path(name).map_err(|e| e.to_string())?;
+        match self.front.request(Op::Delete { path: name.to_string(), base: None }).map_err(|e| e.to_string())? {
+            OpResult::Done { .. } => {
+                self.delete_local(name);
+                Ok(format!("deleted {name}"))
+            }
+            OpResult::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        }
+    }
+}

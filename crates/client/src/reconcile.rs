@@ -1,0 +1,172 @@
+//! What to do with one path, given what the server, the disk and the index say.
+//!
+//! Pure: the sync engine calls [`decide`] for every path at login (and whenever it
+//! must catch up), then carries the action out. The rule is that no change is ever
+//! lost: when both sides changed, both survive (a conflicted copy, or the edit
+//! winning over the delete).
+
+use crate::index::Synced;
+use crate::scan::LocalFile;
+use replibox_proto::{FileMeta, Version};
+
+/// What the engine should do with a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Already in sync.
+    Nothing,
+    /// Send the local file; `base` is the server version it replaces.
+    Upload {
+        /// Version the upload replaces (None: a new file).
+        base: Option<Version>,
+    },
+    /// Delete the server's file, which the device saw at `base`.
+    DeleteRemote {
+        /// The version deleted.
+        base: Version,
+    },
+    /// Fetch the server's version.
+    Download,
+    /// Delete the local file (deleted on the server, unchanged here).
+    DeleteLocal,
+    /// Drop the index entry (gone on both sides).
+    ForgetIndex,
+    /// Both sides changed the file: keep the server's under the name and the
+    /// local one as a conflicted copy (unless their contents are equal).
+    Conflict,
+}
+
+/// True when the local file differs from what was last in sync.
+pub fn locally_changed(local: Option<&LocalFile>, index: Option<&Synced>) -> bool {
+    match (local, index) {
+        (Some(l), Some(i)) => l.size != i.size || l.mtime_ns != i.mtime_ns,
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+/// Decides one path.
+pub fn decide(server: Option<&FileMeta>, local: Option<&LocalFile>, index: Option<&Synced>) -> Action {
+    let live = server.filter(|m| !m.deleted);
+    let local_changed = locally_changed(local, index);
+    let server_changed = match (server, index) {
+        (Some(s), Some(i)) => s.version != i.version,
+        (Some(s), None) => !s.deleted,
+        // The server has no record at all (a new data dir): nothing changed there
+        // that could win over the local copy, which is sent again below.
+        (None, _) => false,
+    };
+    match (local_changed, server_changed) {
+        (false, false) => {
+            if local.is_some() && server.is_none() {
+                Action::Upload { base: None }
+            } else {
+                Action::Nothing
+            }
+        }
+        (true, false) => match (local, live) {
+            (Some(_), _) => Action::Upload { base: live.map(|m| m.version) },
+            (None, Some(m)) => Action::DeleteRemote { base: m.version },
+            (None, None) => Action::ForgetIndex,
+        },
+        (false, true) => match (local, live) {
+            (_, Some(_)) => Action::Download,
+            (Some(_), None) => Action::DeleteLocal,
+            (None, None) => Action::ForgetIndex,
+        },
+        (true, true) => match (local, live) {
+            (Some(_), Some(_)) => Action::Conflict,
+            (Some(_), None) => Action::Upload { base: None },
+            (None, Some(_)) => Action::Download,
+            (None, None) => Action::ForgetIndex,
+        },
+    }
+}
+
+/// `dir/name (conflicted copy DEVICE DATE).ext`, with ` 2`, ` 3`... after DATE
+/// while `taken` says the name exists.
+pub fn conflicted_name(path: &str, device: &str, date: &str, taken: impl Fn(&str) -> bool) -> String {
+    let (dir, file) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    // A leading dot is part of the name (".bashrc"), not an extension.
+    let (stem, ext) = match file.rfind('.') {
+        Some(i) if i > 0 => (&file[..i], &file[i..]),
+        _ => (file, ""),
+    };
+    let mut n = 1;
+    loop {
+        let suffix = if n == 1 { String::new() } else { format!(" {n}") };
+        let candidate = format!("{dir}{stem} (conflicted copy {device} {date}{suffix}){ext}");
+        if !taken(&candidate) {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replibox_proto::ContentHash;
+
+    fn meta(v: u64, deleted: bool) -> FileMeta {
+        FileMeta {
+            path: "p".into(),
+            version: Version(v),
+            size: 1,
+            mtime_ms: 0,
+            hash: ContentHash::of(b"s"),
+            deleted,
+            atime_ms: 0,
+            ctime_ms: 0,
+        }
+    }
+    fn synced(v: u64) -> Synced {
+        Synced { version: Version(v), size: 1, mtime_ns: 10, hash: ContentHash::of(b"s") }
+    }
+    const SAME: LocalFile = LocalFile { size: 1, mtime_ns: 10 };
+    const EDITED: LocalFile = LocalFile { size: 2, mtime_ns: 20 };
+
+    #[test]
+    fn every_case() {
+        use Action::*;
+        let live = meta(3, false);
+        let newer = meta(4, false);
+        let gone = meta(4, true);
+        let cases: Vec<(Option<&FileMeta>, Option<&LocalFile>, Option<Synced>, Action)> = vec![
+            (Some(&live), Some(&SAME), Some(synced(3)), Nothing),
+            (Some(&live), Some(&EDITED), Some(synced(3)), Upload { base: Some(Version(3)) }),
+            (Some(&live), None, Some(synced(3)), DeleteRemote { base: Version(3) }),
+            (Some(&newer), Some(&SAME), Some(synced(3)), Download),
+            (Some(&gone), Some(&SAME), Some(synced(3)), DeleteLocal),
+            (Some(&newer), Some(&EDITED), Some(synced(3)), Conflict),
+            (Some(&gone), Some(&EDITED), Some(synced(3)), Upload { base: None }),
+            (Some(&newer), None, Some(synced(3)), Download),
+            (Some(&gone), None, Some(synced(3)), ForgetIndex),
+            (Some(&live), None, None, Download),
+            (None, Some(&SAME), None, Upload { base: None }),
+            (Some(&live), Some(&SAME), None, Conflict),
+            (Some(&gone), None, None, Nothing),
+            (Some(&gone), Some(&SAME), None, Upload { base: None }),
+            (None, Some(&SAME), Some(synced(3)), Upload { base: None }),
+            (None, None, Some(synced(3)), ForgetIndex),
+        ];
+        for (i, (s, l, idx, want)) in cases.into_iter().enumerate() {
+            assert_eq!(decide(s, l, idx.as_ref()), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn conflicted_names() {
+        let never = |_: &str| false;
+        assert_eq!(
+            conflicted_name("a/report.pdf", "dev1", "2026-11-26", never),
+            "a/report (conflicted copy dev1 2026-11-26).pdf"
+        );
+        assert_eq!(conflicted_name("notes", "d", "x", never), "notes (conflicted copy d x)");
+        assert_eq!(conflicted_name(".bashrc", "d", "x", never), ".bashrc (conflicted copy d x)");
+        let first = "f (conflicted copy d x).txt".to_string();
+        assert_eq!(conflicted_name("f.txt", "d", "x", |c| c == first), "f (conflicted copy d x 2).txt");
+    }
+}

@@ -1,0 +1,77 @@
+//! Walking the sync dir: every regular file with a valid name, never following
+//! symlinks, never entering the client's own `.replibox` entries.
+
+use replibox_proto::names::is_reserved;
+use replibox_proto::validate_path;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::UNIX_EPOCH;
+
+/// A local file as the scanner saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalFile {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the Unix epoch.
+    pub mtime_ns: i128,
+}
+
+/// The mtime of a file's metadata in ns since the Unix epoch.
+pub fn mtime_ns(md: &fs::Metadata) -> i128 {
+    match md.modified() {
+        Ok(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        },
+        Err(_) => 0,
+    }
+}
+
+/// Stats one path inside the sync dir; None when it is not a regular file.
+pub fn stat(root: &Path, rel: &str) -> Option<LocalFile> {
+    let md = fs::symlink_metadata(root.join(rel)).ok()?;
+    md.file_type().is_file().then(|| LocalFile { size: md.len(), mtime_ns: mtime_ns(&md) })
+}
+
+/// Every syncable file under `root`, by relative path.
+pub fn scan(root: &Path) -> BTreeMap<String, LocalFile> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("cannot list {}: {e}", dir.display());
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let name = match entry.file_name().into_string() {
+                Ok(n) => n,
+                Err(n) => {
+                    log::warn!("skipping a name that is not UTF-8: {n:?} in {}", dir.display());
+                    continue;
+                }
+            };
+            if is_reserved(&name) {
+                continue;
+            }
+            let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+            let Ok(md) = fs::symlink_metadata(entry.path()) else { continue };
+            let ft = md.file_type();
+            if ft.is_dir() {
+                stack.push((entry.path(), rel));
+            } else if ft.is_file() {
+                if let Err(e) = validate_path(&rel) {
+                    log::warn!("not syncing {rel}: {e}");
+                    continue;
+                }
+                out.insert(rel, LocalFile { size: md.len(), mtime_ns: mtime_ns(&md) });
+            } else if ft.is_symlink() {
+                log::debug!("not following symlink {rel}");
+            }
+        }
+    }
+    out
+}
