@@ -46,6 +46,7 @@ enum End {
     Clean,
     Proto(ProtoError),
     Violation(String),
+    Refused(String),
     CoreGone,
 }
 
@@ -55,6 +56,7 @@ impl std::fmt::Display for End {
             End::Clean => f.write_str("closed by peer"),
             End::Proto(e) => write!(f, "{e}"),
             End::Violation(s) => write!(f, "protocol violation: {s}"),
+            End::Refused(r) => write!(f, "login refused: {r}"),
             End::CoreGone => f.write_str("server shutting down"),
         }
     }
@@ -171,7 +173,7 @@ impl Client {
             Err(_) => return End::CoreGone,
             Ok(Err(reason)) => {
                 let _ = self.send(&Msg::Refused { reason: reason.clone() });
-                return End::Violation(format!("login refused: {reason}"));
+                return End::Refused(reason);
             }
             Ok(Ok((token, devices, last_seq))) => {
                 if let Err(e) = self.send(&Msg::Welcome { token, devices, last_seq }) {
