@@ -6,6 +6,7 @@
 //!   Limits are checked before anything is allocated.
 //! - [`msg`]: every message kind, for every kind of connection.
 //! - [`ids`]: newtypes for identities and counters that cross module boundaries.
+//! - [`repl`]: the replicated history (entries, changes, sessions, members).
 //! - [`names`]: validation of usernames and of paths inside a user's directory.
 //! - [`hash`]: the content hash carried with every file version.
 //! - [`error`]: the protocol error type.
@@ -16,6 +17,7 @@ pub mod hash;
 pub mod ids;
 pub mod msg;
 pub mod names;
+pub mod repl;
 
 pub use error::ProtoError;
 pub use frame::{read_frame, write_frame, Frame};

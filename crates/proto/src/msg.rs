@@ -4,7 +4,8 @@
 //! frame of every connection is a [`Msg::Hello`] saying which of them is speaking.
 
 use crate::hash::ContentHash;
-use crate::ids::{DeviceId, Seq, Version};
+use crate::ids::{DeviceId, Seq, ServerId, Version};
+use crate::repl::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Who opens a connection, and what it brings.
@@ -22,6 +23,25 @@ pub enum Who {
     },
     /// A one-shot status query (`replibox-server --status`).
     Status,
+    /// A server joining the cluster (or rejoining after a restart). The connection
+    /// becomes its replication link.
+    Server {
+        /// Its id, if it has one (from `--id` or its data dir).
+        id: Option<ServerId>,
+        /// The IP it listens on, when it was bound to one; otherwise the primary
+        /// takes the IP it sees the connection come from.
+        ip: Option<String>,
+        /// The port it listens on.
+        port: u16,
+        /// The last entry it applied.
+        seq: Seq,
+    },
+    /// A backup fetching file contents it lacks (a connection of its own, so that
+    /// a long transfer never delays the replication link).
+    Fetch {
+        /// The backup's id.
+        id: ServerId,
+    },
 }
 
 /// A file's metadata as the server holds it.
@@ -224,6 +244,67 @@ pub enum Msg {
         /// The server's status.
         status: serde_json::Value,
     },
+    /// The primary accepted a joining server; the snapshot follows.
+    Joined {
+        /// The joiner's id (assigned now if it had none).
+        id: ServerId,
+        /// The primary's id.
+        primary: ServerId,
+    },
+    /// Part of the primary's state as JSON, in the payload.
+    SnapshotChunk,
+    /// The snapshot is complete; it is the state after entry `seq`.
+    SnapshotEnd {
+        /// Seq of the last entry the snapshot includes.
+        seq: Seq,
+    },
+    /// Bytes of an upload in flight, forwarded to a backup as they arrive (payload).
+    XferChunk {
+        /// The transfer (also the name of its temporary file).
+        xfer: String,
+    },
+    /// The forwarded upload is complete.
+    XferEnd {
+        /// The transfer.
+        xfer: String,
+        /// Its size.
+        size: u64,
+        /// Hash of its bytes.
+        hash: crate::hash::ContentHash,
+    },
+    /// The forwarded upload was abandoned; its temporary file can go.
+    XferAbort {
+        /// The transfer.
+        xfer: String,
+    },
+    /// The next entry of the history.
+    Apply {
+        /// The entry.
+        entry: Entry,
+    },
+    /// The primary is alive and has applied up to `seq`.
+    Heartbeat {
+        /// The primary's last seq.
+        seq: Seq,
+    },
+    /// A backup has applied (durably, content included) every entry up to `seq`.
+    Ack {
+        /// Its last seq.
+        seq: Seq,
+    },
+    /// A joining backup has caught up to `seq` and holds every file's content.
+    CaughtUp {
+        /// Its last seq.
+        seq: Seq,
+    },
+    /// On a fetch connection: send the current content of a user's file
+    /// (answered like a download, with seq 0).
+    Fetch {
+        /// Owner.
+        user: String,
+        /// Path.
+        path: String,
+    },
     /// Keep-alive; answered with [`Msg::Pong`].
     Ping,
     /// Answer to [`Msg::Ping`].
@@ -248,6 +329,17 @@ impl Msg {
             Msg::Reply { .. } => "reply",
             Msg::Notice { .. } => "notice",
             Msg::Status { .. } => "status",
+            Msg::Joined { .. } => "joined",
+            Msg::SnapshotChunk => "snapshot_chunk",
+            Msg::SnapshotEnd { .. } => "snapshot_end",
+            Msg::XferChunk { .. } => "xfer_chunk",
+            Msg::XferEnd { .. } => "xfer_end",
+            Msg::XferAbort { .. } => "xfer_abort",
+            Msg::Apply { .. } => "apply",
+            Msg::Heartbeat { .. } => "heartbeat",
+            Msg::Ack { .. } => "ack",
+            Msg::CaughtUp { .. } => "caught_up",
+            Msg::Fetch { .. } => "fetch",
             Msg::Ping => "ping",
             Msg::Pong => "pong",
             Msg::Bye => "bye",

@@ -5,6 +5,7 @@
 //! the connection's writer thread interleave only at frame boundaries.
 
 use crate::core::{ConnId, CoreRequest, Event};
+use crate::link::{DataSender, LinkOut};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, ContentHash, DeviceId, Epoch, Frame, Msg, Op, OpResult,
@@ -12,6 +13,7 @@ use replibox_proto::{
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,19 +27,35 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The write side of a connection, shared by the threads that send on it.
 #[derive(Clone)]
-pub struct FrameWriter(Arc<Mutex<TcpStream>>);
+pub struct FrameWriter {
+    stream: Arc<Mutex<TcpStream>>,
+    epoch: Arc<AtomicU64>,
+}
 
 impl FrameWriter {
-    /// Wraps a clone of the stream.
-    pub fn new(stream: TcpStream) -> FrameWriter {
-        FrameWriter(Arc::new(Mutex::new(stream)))
+    /// Wraps a clone of the stream; frames carry the server's current epoch.
+    pub fn new(stream: TcpStream, epoch: Arc<AtomicU64>) -> FrameWriter {
+        FrameWriter { stream: Arc::new(Mutex::new(stream)), epoch }
     }
 
     /// Writes one frame.
-    pub fn send(&self, epoch: Epoch, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *s, epoch, msg, payload)
+    pub fn send(&self, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
+        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *s, Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
     }
+}
+
+/// What every connection thread needs.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The core's queue.
+    pub core: Sender<Event>,
+    /// The server's epoch, stamped on every frame.
+    pub epoch: Arc<AtomicU64>,
+    /// How long an upload waits for a backup's queue before leaving it out.
+    pub ack_timeout: Duration,
+    /// Numbers replication links.
+    pub links: Arc<AtomicU64>,
 }
 
 /// Why a client connection ended.
@@ -69,13 +87,14 @@ impl From<ProtoError> for End {
 }
 
 /// Serves one accepted connection until it ends.
-pub fn serve(stream: TcpStream, conn: ConnId, core: Sender<Event>) {
+pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
+    let core = ctx.core.clone();
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let writer = match stream.try_clone() {
-        Ok(s) => FrameWriter::new(s),
+        Ok(s) => FrameWriter::new(s, ctx.epoch.clone()),
         Err(e) => {
             log::warn!("dropping connection peer={peer}: cannot clone socket: {e}");
             return;
@@ -94,14 +113,14 @@ pub fn serve(stream: TcpStream, conn: ConnId, core: Sender<Event>) {
         Msg::Hello { version, who } => (version, who),
         other => {
             log::warn!("closing connection peer={peer}: first frame is {} not hello", other.kind());
-            let _ = writer.send(Epoch(0), &Msg::Refused { reason: "the first frame must be a hello".into() }, &[]);
+            let _ = writer.send(&Msg::Refused { reason: "the first frame must be a hello".into() }, &[]);
             return;
         }
     };
     if version != PROTOCOL_VERSION {
         log::warn!("closing connection peer={peer}: protocol version {version}, want {PROTOCOL_VERSION}");
         let reason = format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}");
-        let _ = writer.send(Epoch(0), &Msg::Refused { reason }, &[]);
+        let _ = writer.send(&Msg::Refused { reason }, &[]);
         return;
     }
     match who {
@@ -109,19 +128,53 @@ pub fn serve(stream: TcpStream, conn: ConnId, core: Sender<Event>) {
             let (tx, rx) = bounded(1);
             if core.send(Event::Status { reply: tx }).is_ok() {
                 if let Ok(status) = rx.recv() {
-                    let _ = writer.send(Epoch(0), &Msg::Status { status }, &[]);
+                    let _ = writer.send(&Msg::Status { status }, &[]);
                 }
             }
         }
+        Who::Server { id, ip, port, seq } => {
+            let stream = reader.into_inner();
+            crate::follow::serve_link(stream, writer, ctx, id, ip, port, seq, peer);
+            return;
+        }
+        Who::Fetch { id } => {
+            let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
+            serve_fetch(&mut reader, &writer, &core, id, &peer);
+        }
         Who::Client { user, device, callback_port } => {
+            let (tx, rx) = bounded(1);
+            if core.send(Event::Route { reply: tx }).is_err() {
+                return;
+            }
+            match rx.recv() {
+                Ok(None) => {}
+                Ok(Some(Some(primary))) => {
+                    log::info!("redirecting client user={user} peer={peer} to primary={primary}");
+                    let _ = writer.send(&Msg::Redirect { primary }, &[]);
+                    return;
+                }
+                _ => {
+                    let reason = "this server is a backup and does not know the primary yet; try again".to_string();
+                    let _ = writer.send(&Msg::Refused { reason }, &[]);
+                    return;
+                }
+            }
             let refusal = validate_username(&user).map_err(|e| e.to_string()).and_then(|_| device.validate());
             if let Err(reason) = refusal {
                 log::warn!("refused client peer={peer}: {reason}");
-                let _ = writer.send(Epoch(0), &Msg::Refused { reason }, &[]);
+                let _ = writer.send(&Msg::Refused { reason }, &[]);
                 return;
             }
             let ip = reader.get_ref().peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-            let client = Client { conn, user, device, core: core.clone(), writer: writer.clone(), peer };
+            let client = Client {
+                conn,
+                user,
+                device,
+                core: core.clone(),
+                writer: writer.clone(),
+                peer,
+                ack_timeout: ctx.ack_timeout,
+            };
             let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
             let end = client.run(&mut reader, ip, callback_port);
             match &end {
@@ -141,11 +194,96 @@ struct Client {
     core: Sender<Event>,
     writer: FrameWriter,
     peer: String,
+    ack_timeout: Duration,
+}
+
+/// Serves a backup's fetches: each names a user's file, answered like a download
+/// (seq 0): the metadata, the chunks, the end with the hash.
+fn serve_fetch<R: Read>(
+    reader: &mut R,
+    writer: &FrameWriter,
+    core: &Sender<Event>,
+    id: replibox_proto::ServerId,
+    peer: &str,
+) {
+    loop {
+        let frame = match read_frame(reader) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("fetch connection of backup id={id} peer={peer} closed: {e}");
+                return;
+            }
+        };
+        let (user, path) = match frame.msg {
+            Msg::Fetch { user, path } => (user, path),
+            Msg::Ping => {
+                let _ = writer.send(&Msg::Pong, &[]);
+                continue;
+            }
+            other => {
+                log::warn!("fetch connection of backup id={id} peer={peer}: unexpected {}", other.kind());
+                return;
+            }
+        };
+        let valid = validate_username(&user)
+            .map_err(|e| e.to_string())
+            .and_then(|_| validate_path(&path).map_err(|e| e.to_string()));
+        let answer = match valid {
+            Err(message) => Err(OpResult::Error { message }),
+            Ok(()) => {
+                let (tx, rx) = bounded(1);
+                if core.send(Event::OpenFor { user, path, reply: tx }).is_err() {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(a) => a,
+                    Err(_) => return,
+                }
+            }
+        };
+        let sent = match answer {
+            Err(result) => writer.send(&Msg::Reply { seq: Seq(0), result }, &[]).is_ok(),
+            Ok((meta, file)) => stream_file(writer, Seq(0), meta, file).is_ok(),
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+/// Sends a file as a download: the metadata, its chunks, the end with the hash.
+fn stream_file(
+    writer: &FrameWriter,
+    seq: Seq,
+    meta: replibox_proto::FileMeta,
+    mut file: std::fs::File,
+) -> Result<(), End> {
+    let size = meta.size;
+    writer.send(&Msg::Reply { seq, result: OpResult::Data { meta } }, &[])?;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut sent = 0u64;
+    let mut hash = ContentHash::default();
+    while sent < size {
+        let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(End::Violation(format!("stored file shorter than its metadata ({sent} of {size} bytes)")))
+            }
+            Ok(n) => n,
+            Err(e) => return Err(End::Violation(format!("reading stored file: {e}"))),
+        };
+        hash.update(&buf[..n]);
+        writer.send(&Msg::Chunk { seq }, &buf[..n])?;
+        sent += n as u64;
+    }
+    writer.send(&Msg::DownloadEnd { seq, hash }, &[])?;
+    Ok(())
 }
 
 impl Client {
     fn send(&self, msg: &Msg) -> Result<(), End> {
-        self.writer.send(Epoch(0), msg, &[]).map_err(End::Proto)
+        self.writer.send(msg, &[]).map_err(End::Proto)
     }
 
     fn ask<T>(&self, seq: Seq, make: impl FnOnce(Sender<T>) -> CoreRequest) -> Result<T, End> {
@@ -187,7 +325,7 @@ impl Client {
         let name = format!("conn-{}-push", self.conn);
         let _ = std::thread::Builder::new().name(name).spawn(move || {
             for msg in out_rx {
-                if w.send(Epoch(0), &msg, &[]).is_err() {
+                if w.send(&msg, &[]).is_err() {
                     break;
                 }
             }
@@ -246,39 +384,22 @@ impl Client {
                 Ok((meta, file)) => self.download(seq, meta, file),
             },
             Op::Upload { path, size, mtime_ms, base } => {
-                let pre = self.ask(seq, |reply| CoreRequest::BeginUpload { path: path.clone(), base, reply })?;
-                if let Some(result) = pre {
-                    return self.reply(seq, result);
+                match self.ask(seq, |reply| CoreRequest::BeginUpload { path: path.clone(), base, reply })? {
+                    Err(result) => self.reply(seq, result),
+                    Ok(backups) => self.upload(reader, seq, path, size, mtime_ms, base, backups),
                 }
-                self.upload(reader, seq, path, size, mtime_ms, base)
             }
         }
     }
 
-    fn download(&self, seq: Seq, meta: replibox_proto::FileMeta, mut file: std::fs::File) -> Result<(), End> {
-        let size = meta.size;
-        self.reply(seq, OpResult::Data { meta })?;
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut sent = 0u64;
-        let mut hash = ContentHash::default();
-        while sent < size {
-            let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
-            let n = match file.read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Err(End::Violation(format!(
-                        "stored file shorter than its metadata ({sent} of {size} bytes)"
-                    )))
-                }
-                Ok(n) => n,
-                Err(e) => return Err(End::Violation(format!("reading stored file: {e}"))),
-            };
-            hash.update(&buf[..n]);
-            self.writer.send(Epoch(0), &Msg::Chunk { seq }, &buf[..n])?;
-            sent += n as u64;
-        }
-        self.send(&Msg::DownloadEnd { seq, hash })
+    fn download(&self, seq: Seq, meta: replibox_proto::FileMeta, file: std::fs::File) -> Result<(), End> {
+        stream_file(&self.writer, seq, meta, file)
     }
 
+    /// Receives an upload into a temporary file and, chunk by chunk as it arrives,
+    /// forwards it to every backup (never storing the whole file before passing
+    /// it on); then asks the core to commit it.
+    #[allow(clippy::too_many_arguments)]
     fn upload<R: Read>(
         &self,
         reader: &mut R,
@@ -287,6 +408,7 @@ impl Client {
         size: u64,
         mtime_ms: i64,
         base: Option<replibox_proto::Version>,
+        mut backups: Vec<DataSender>,
     ) -> Result<(), End> {
         let (xfer, mut file) = {
             let (tx, rx) = bounded(1);
@@ -296,54 +418,81 @@ impl Client {
                 Err(message) => return self.reply(seq, OpResult::Error { message }),
             }
         };
-        let discard = |why: End| {
+        let abandon = |backups: &[DataSender], why: End| {
             let _ = self.core.send(Event::DiscardTemp { xfer: xfer.clone() });
+            for b in backups {
+                let _ = b.tx.try_send(LinkOut::msg(Msg::XferAbort { xfer: xfer.clone() }));
+            }
             why
         };
-        self.send(&Msg::Proceed { seq }).map_err(discard)?;
+        if let Err(e) = self.send(&Msg::Proceed { seq }) {
+            return Err(abandon(&backups, e));
+        }
         let mut got = 0u64;
         let mut hash = ContentHash::default();
         let sent_hash = loop {
             let frame: Frame = match read_frame(reader) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    return Err(discard(End::Violation(format!("closed mid-upload of {path} ({got} of {size} bytes)"))))
+                    let why = End::Violation(format!("closed mid-upload of {path} ({got} of {size} bytes)"));
+                    return Err(abandon(&backups, why));
                 }
-                Err(e) => return Err(discard(End::Proto(e))),
+                Err(e) => return Err(abandon(&backups, End::Proto(e))),
             };
             match frame.msg {
-                Msg::Ping => self.send(&Msg::Pong).map_err(discard)?,
+                Msg::Ping => {
+                    if let Err(e) = self.send(&Msg::Pong) {
+                        return Err(abandon(&backups, e));
+                    }
+                }
                 Msg::Chunk { seq: s } if s == seq => {
                     got += frame.payload.len() as u64;
                     if got > size {
-                        return Err(discard(End::Violation(format!(
-                            "upload of {path} exceeds its declared {size} bytes"
-                        ))));
+                        let why = End::Violation(format!("upload of {path} exceeds its declared {size} bytes"));
+                        return Err(abandon(&backups, why));
                     }
                     hash.update(&frame.payload);
                     if let Err(e) = file.write_all(&frame.payload) {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
-                        return Err(discard(End::Violation(format!("server cannot store the upload: {e}"))));
+                        let why = End::Violation(format!("server cannot store the upload: {e}"));
+                        return Err(abandon(&backups, why));
                     }
+                    let chunk = Arc::new(frame.payload);
+                    backups.retain(|b| {
+                        let out = LinkOut { msg: Msg::XferChunk { xfer: xfer.clone() }, payload: Some(chunk.clone()) };
+                        match b.tx.send_timeout(out, self.ack_timeout) {
+                            Ok(()) => true,
+                            Err(_) => {
+                                // The core drops a backup that stalls; this upload
+                                // stops waiting for it now.
+                                log::warn!("backup id={} is not taking upload chunks of {path}; leaving it out", b.id);
+                                false
+                            }
+                        }
+                    });
                 }
                 Msg::UploadEnd { seq: s, hash } if s == seq => break hash,
                 other => {
-                    return Err(discard(End::Violation(format!("unexpected {} during upload of {path}", other.kind()))))
+                    let why = End::Violation(format!("unexpected {} during upload of {path}", other.kind()));
+                    return Err(abandon(&backups, why));
                 }
             }
         };
         if got != size || sent_hash != hash {
-            let _ = self.core.send(Event::DiscardTemp { xfer });
+            let _ = abandon(&backups, End::Clean);
             let message =
                 format!("upload of {path} arrived damaged ({got} of {size} bytes, hash {hash} vs {sent_hash})");
             log::warn!("{message}");
             return self.reply(seq, OpResult::Error { message });
         }
         if let Err(e) = file.sync_all() {
-            let _ = self.core.send(Event::DiscardTemp { xfer });
+            let _ = abandon(&backups, End::Clean);
             return self.reply(seq, OpResult::Error { message: format!("server cannot sync the upload: {e}") });
         }
         drop(file);
+        for b in &backups {
+            let _ = b.tx.send_timeout(LinkOut::msg(Msg::XferEnd { xfer: xfer.clone(), size, hash }), self.ack_timeout);
+        }
         let result =
             self.ask(seq, |reply| CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply })?;
         self.reply(seq, result)

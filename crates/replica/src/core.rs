@@ -1,21 +1,45 @@
 //! The core thread: the one owner of the state and the store.
 //!
 //! Connection threads send it [`Event`]s and wait on a reply channel; it never
-//! blocks on a socket (pushes to other devices go through each connection's writer
-//! channel) and it commits one entry at a time, which is what the store's recovery
-//! relies on.
+//! blocks on a socket (pushes to devices and frames to backups go through queues
+//! that other threads drain), and it commits one entry at a time, which is what the
+//! store's recovery relies on.
+//!
+//! As primary it runs the replication rule "backups first": every entry is
+//! committed locally, sent to every backup, and only when every live backup has
+//! acknowledged it (in order: acks are cumulative) is the client answered and the
+//! change pushed to the user's other device. A backup that does not acknowledge
+//! within the bound is dropped from the membership, and that drop is itself an
+//! entry. As backup it applies the entries its follower thread receives.
 
-use crate::state::{Change, Entry, LastRequest, Session, State, MAX_DEVICES};
+use crate::link::{DataSender, LinkOut};
+use crate::state::{Change, Entry, LastRequest, Member, Session, State, MAX_DEVICES};
 use crate::store::{new_meta, CommitError, Store};
-use crossbeam_channel::{Receiver, Sender};
-use replibox_proto::{ContentHash, DeviceId, Epoch, FileMeta, Msg, Notice, OpResult, Seq, Version};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use replibox_proto::{ContentHash, DeviceId, FileMeta, Msg, Notice, OpResult, Seq, ServerId, Version};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Identifies one connection to the server.
 pub type ConnId = u64;
+
+/// Settings the core runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This server's id.
+    pub id: ServerId,
+    /// The address this server listens on (its IP may be unspecified).
+    pub listen: SocketAddr,
+    /// How often the primary sends a heartbeat to each backup.
+    pub heartbeat: Duration,
+    /// How long the primary waits for a backup's acknowledgement before dropping it.
+    pub ack_timeout: Duration,
+}
 
 /// A logged-in connection as the core sees it.
 struct Live {
@@ -24,13 +48,53 @@ struct Live {
     out: Sender<Msg>,
 }
 
-/// What a connection asks of the core.
+/// A backup's link, as the primary holds it.
+struct Link {
+    no: u64,
+    addr: String,
+    ctl: Sender<LinkOut>,
+    data: Sender<LinkOut>,
+    stream: TcpStream,
+    /// False while it catches up: it receives entries but is not waited for.
+    live: bool,
+}
+
+/// What to do once an entry is stored on every backup.
+enum Done {
+    Nothing,
+    Reply { reply: Sender<OpResult>, result: OpResult, push: Option<(ConnId, String, Notice)> },
+    Login { reply: Sender<Result<(String, u32, Seq), String>>, answer: (String, u32, Seq) },
+}
+
+impl Done {
+    fn fail(self, refusal: OpResult) {
+        match self {
+            Done::Nothing => {}
+            Done::Reply { reply, .. } => {
+                let _ = reply.send(refusal);
+            }
+            Done::Login { reply, .. } => {
+                let _ = reply.send(Err("the server cannot store sessions right now".into()));
+            }
+        }
+    }
+}
+
+/// An entry not yet acknowledged by every live backup.
+struct Pending {
+    seq: Seq,
+    waiting: BTreeSet<ServerId>,
+    deadline: Instant,
+    done: Done,
+}
+
+/// What a connection, a link or the follower asks of the core.
 pub enum Event {
     /// A client says hello.
     Login {
         /// The connection.
         conn: ConnId,
-        /// The session it asks for (token filled in by the core).
+        /// Its user.
         user: String,
         /// Its device.
         device: DeviceId,
@@ -43,7 +107,7 @@ pub enum Event {
         /// The answer: (token, devices connected, last seq answered) or a refusal.
         reply: Sender<Result<(String, u32, Seq), String>>,
     },
-    /// A connection ended.
+    /// A client connection ended.
     Disconnect {
         /// The connection.
         conn: ConnId,
@@ -67,10 +131,105 @@ pub enum Event {
         /// Its id.
         xfer: String,
     },
+    /// Where is the primary? `None`: here.
+    Route {
+        /// The answer: None when this server is the primary, else its address if known.
+        reply: Sender<Option<Option<String>>>,
+    },
     /// A status query.
     Status {
         /// The answer.
         reply: Sender<serde_json::Value>,
+    },
+    /// A server asks to join (primary only).
+    Join {
+        /// The id it has, if any.
+        id: Option<ServerId>,
+        /// `IP:PORT` it listens on.
+        addr: String,
+        /// The IP it reached this server on (to learn our own address).
+        local_ip: std::net::IpAddr,
+        /// Link number (tells a stale link's events from the current one's).
+        no: u64,
+        /// Control queue of its link.
+        ctl: Sender<LinkOut>,
+        /// Data queue of its link.
+        data: Sender<LinkOut>,
+        /// The socket, to shut it down when the backup is dropped.
+        stream: TcpStream,
+        /// Accepted (its id) or refused (why).
+        reply: Sender<Result<ServerId, String>>,
+    },
+    /// A backup acknowledged entries up to `seq`.
+    Ack {
+        /// Link number.
+        no: u64,
+        /// The backup.
+        id: ServerId,
+        /// Its last seq.
+        seq: Seq,
+    },
+    /// A joining backup caught up.
+    CaughtUp {
+        /// Link number.
+        no: u64,
+        /// The backup.
+        id: ServerId,
+        /// Its last seq.
+        seq: Seq,
+    },
+    /// A backup's link ended.
+    LinkDown {
+        /// Link number.
+        no: u64,
+        /// The backup.
+        id: ServerId,
+        /// Why.
+        why: String,
+    },
+    /// Open a user's file for a backup fetching it.
+    OpenFor {
+        /// Owner.
+        user: String,
+        /// Path.
+        path: String,
+        /// Metadata and handle, or why not.
+        reply: Sender<Result<(FileMeta, File), OpResult>>,
+    },
+    /// Backup: the primary accepted us under this id.
+    Joined {
+        /// Our id.
+        id: ServerId,
+    },
+    /// Backup: replace the state with the primary's snapshot; answers the files
+    /// whose content must be fetched.
+    Install {
+        /// The primary's state.
+        state: Box<State>,
+        /// Files to fetch, or why the snapshot could not be installed.
+        reply: Sender<Result<Vec<(String, FileMeta)>, String>>,
+    },
+    /// Backup: apply the next entry (its content, if any, is in place in tmp/).
+    Apply {
+        /// The entry.
+        entry: Entry,
+        /// Our seq after it, or why not.
+        reply: Sender<Result<Seq, String>>,
+    },
+    /// Backup: a fetched file sits in temporary file `xfer`; put it in place if it
+    /// is the content the state expects.
+    PlaceFetched {
+        /// Owner.
+        user: String,
+        /// What was fetched.
+        meta: FileMeta,
+        /// Its temporary file.
+        xfer: String,
+    },
+    /// Backup: the follower knows the primary's address.
+    PrimaryAt {
+        /// `IP:PORT`.
+        addr: String,
     },
     /// Stop the core.
     Shutdown,
@@ -90,14 +249,14 @@ pub enum CoreRequest {
         /// The metadata and an open handle, or the reason why not.
         reply: Sender<Result<(FileMeta, File), OpResult>>,
     },
-    /// May an upload start? `None` means go ahead.
+    /// May an upload start? Ok carries the backups to forward its chunks to.
     BeginUpload {
         /// Path.
         path: String,
         /// Base version.
         base: Option<Version>,
         /// The answer.
-        reply: Sender<Option<OpResult>>,
+        reply: Sender<Result<Vec<DataSender>, OpResult>>,
     },
     /// An upload's bytes are durable in temporary file `xfer`.
     CommitUpload {
@@ -138,83 +297,262 @@ pub enum CoreRequest {
     },
 }
 
+/// Primary or backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Serves clients and replicates to backups.
+    Primary,
+    /// Follows the primary.
+    Backup,
+}
+
 /// The core's state.
 pub struct Core {
+    settings: Settings,
+    role: Role,
     state: State,
     store: Store,
     live: BTreeMap<ConnId, Live>,
-    listen: SocketAddr,
-    epoch: Epoch,
+    links: BTreeMap<ServerId, Link>,
+    pending: VecDeque<Pending>,
+    /// The epoch frames are stamped with, shared with the connection threads.
+    epoch: Arc<AtomicU64>,
+    /// Backup: the primary's address as the follower last reached it.
+    primary_addr: Option<String>,
+    next_heartbeat: Instant,
+}
+
+fn refusal(message: impl Into<String>) -> OpResult {
+    OpResult::Error { message: message.into() }
 }
 
 impl Core {
     /// A core over a recovered store.
-    pub fn new(store: Store, state: State, listen: SocketAddr) -> Core {
-        Core { state, store, live: BTreeMap::new(), listen, epoch: Epoch(0) }
+    pub fn new(store: Store, state: State, settings: Settings, role: Role) -> Core {
+        let epoch = Arc::new(AtomicU64::new(state.epoch.0));
+        Core {
+            settings,
+            role,
+            state,
+            store,
+            live: BTreeMap::new(),
+            links: BTreeMap::new(),
+            pending: VecDeque::new(),
+            epoch,
+            primary_addr: None,
+            next_heartbeat: Instant::now(),
+        }
     }
 
-    /// Brings the state in line with what start-up found, as a lone primary.
+    /// The epoch shared with connection threads (frames carry it).
+    pub fn epoch_handle(&self) -> Arc<AtomicU64> {
+        self.epoch.clone()
+    }
+
+    /// The replicated state (for tests and start-up checks).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn my_addr(&self) -> String {
+        self.settings.listen.to_string()
+    }
+
+    /// Starts a new epoch as primary of a cluster of one: backups (re)join it.
+    /// Also forgets every session (nobody is connected to a server that just
+    /// started) and adopts files found on disk that the state does not describe.
     pub fn start_as_primary(&mut self) -> Result<(), String> {
+        let epoch = self.state.epoch.next();
+        let me = Member { id: self.settings.id, addr: self.my_addr() };
+        self.commit(Change::NewEpoch { epoch, primary: self.settings.id, members: vec![me] })
+            .map_err(|e| format!("cannot start epoch {epoch}: {e:?}"))?;
         if !self.state.sessions.is_empty() {
-            // Nobody is connected to a server that just started.
-            let entry = Entry { seq: self.state.seq.next(), change: Change::ClearSessions, request: None };
-            self.store.commit(&mut self.state, entry).map_err(|e| e.to_string())?;
+            self.commit(Change::ClearSessions).map_err(|e| format!("cannot clear sessions: {e:?}"))?;
         }
         for (user, meta) in self.store.check_against(&self.state).map_err(|e| e.to_string())? {
             self.store.adopt(&mut self.state, user, meta).map_err(|e| e.to_string())?;
         }
+        self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
+        log::info!("became primary id={} epoch={} seq={}", self.settings.id, self.state.epoch, self.state.seq);
         Ok(())
     }
 
     /// Runs until [`Event::Shutdown`] or until every sender is gone.
     pub fn run(mut self, events: Receiver<Event>) {
-        for event in events {
-            match event {
-                Event::Shutdown => break,
-                Event::Login { conn, user, device, ip, callback_port, out, reply } => {
-                    let answer = self.login(conn, user, device, ip, callback_port, out);
-                    let _ = reply.send(answer);
-                }
-                Event::Disconnect { conn } => self.disconnect(conn),
-                Event::Request { conn, seq, req } => self.request(conn, seq, req),
-                Event::NewTemp { reply } => {
-                    let _ = reply.send(self.store.create_temp().map_err(|e| {
-                        log::error!("cannot create temporary file: {e}");
-                        "the server cannot store uploads right now".to_string()
-                    }));
-                }
-                Event::DiscardTemp { xfer } => self.store.discard_temp(&xfer),
-                Event::Status { reply } => {
-                    let _ = reply.send(self.status());
-                }
+        loop {
+            let wait = self.next_timer().saturating_duration_since(Instant::now());
+            match events.recv_timeout(wait) {
+                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => {}
             }
+            self.timers();
         }
         log::info!("core stopped seq={}", self.state.seq);
     }
 
+    fn next_timer(&self) -> Instant {
+        let mut t = Instant::now() + Duration::from_secs(1);
+        if self.role == Role::Primary {
+            t = t.min(self.next_heartbeat);
+            if let Some(p) = self.pending.front() {
+                t = t.min(p.deadline);
+            }
+        }
+        t
+    }
+
+    fn timers(&mut self) {
+        if self.role != Role::Primary {
+            return;
+        }
+        let now = Instant::now();
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.settings.heartbeat;
+            let seq = self.state.seq;
+            for link in self.links.values() {
+                let _ = link.ctl.send(LinkOut::msg(Msg::Heartbeat { seq }));
+            }
+        }
+        while let Some(front) = self.pending.front() {
+            if front.deadline > now || front.waiting.is_empty() {
+                break;
+            }
+            let (seq, late): (Seq, Vec<ServerId>) = (front.seq, front.waiting.iter().copied().collect());
+            for id in late {
+                let ms = self.settings.ack_timeout.as_millis();
+                self.drop_backup(id, &format!("no acknowledgement of seq={seq} within {ms} ms"));
+            }
+        }
+        self.settle();
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Shutdown => {}
+            Event::Login { conn, user, device, ip, callback_port, out, reply } => {
+                self.login(conn, user, device, ip, callback_port, out, reply)
+            }
+            Event::Disconnect { conn } => self.disconnect(conn),
+            Event::Request { conn, seq, req } => self.request(conn, seq, req),
+            Event::NewTemp { reply } => {
+                let _ = reply.send(self.store.create_temp().map_err(|e| {
+                    log::error!("cannot create temporary file: {e}");
+                    "the server cannot store uploads right now".to_string()
+                }));
+            }
+            Event::DiscardTemp { xfer } => self.store.discard_temp(&xfer),
+            Event::Route { reply } => {
+                let answer = match self.role {
+                    Role::Primary => None,
+                    Role::Backup => {
+                        Some(self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string)))
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Event::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Event::Join { id, addr, local_ip, no, ctl, data, stream, reply } => {
+                let answer = self.join(id, addr, local_ip, no, ctl, data, stream);
+                let _ = reply.send(answer);
+            }
+            Event::Ack { no, id, seq } => self.acked(no, id, seq),
+            Event::CaughtUp { no, id, seq } => self.caught_up(no, id, seq),
+            Event::LinkDown { no, id, why } => {
+                if self.links.get(&id).is_some_and(|l| l.no == no) {
+                    self.drop_backup(id, &why);
+                    self.settle();
+                }
+            }
+            Event::OpenFor { user, path, reply } => {
+                let _ = reply.send(self.open(&user, &path));
+            }
+            Event::Joined { id } => {
+                if let Err(e) = crate::store::save_id(self.store.root(), id) {
+                    log::error!("cannot record server id={id}: {e}");
+                }
+                self.settings.id = id;
+            }
+            Event::Install { state, reply } => {
+                let answer = self.store.install(&self.state, &state).map_err(|e| e.to_string());
+                if answer.is_ok() {
+                    self.state = *state;
+                    self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
+                    log::info!("installed snapshot seq={} epoch={}", self.state.seq, self.state.epoch);
+                }
+                let _ = reply.send(answer);
+            }
+            Event::Apply { entry, reply } => {
+                let seq = entry.seq;
+                let answer = match self.store.commit(&mut self.state, entry) {
+                    Ok(()) => Ok(seq),
+                    Err(CommitError::Unlogged(e)) => Err(e.to_string()),
+                    Err(e @ CommitError::Logged(_)) => {
+                        log::error!("stopping: {e}");
+                        std::process::exit(3);
+                    }
+                };
+                self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
+                let _ = reply.send(answer);
+            }
+            Event::PlaceFetched { user, meta, xfer } => {
+                let wanted = self.state.live(&user, &meta.path).cloned();
+                match wanted {
+                    Some(w) if w.hash == meta.hash && w.size == meta.size => {
+                        if let Err(e) = self.store.place_temp(&user, &w, &xfer) {
+                            log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
+                        }
+                    }
+                    _ => self.store.discard_temp(&xfer),
+                }
+            }
+            Event::PrimaryAt { addr } => self.primary_addr = Some(addr),
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
+        let primary = self.state.primary;
+        let members: Vec<_> = self
+            .state
+            .members
+            .values()
+            .map(|m| {
+                let role = if Some(m.id) == primary { "primary" } else { "backup" };
+                json!({"id": m.id.0, "addr": m.addr, "role": role})
+            })
+            .collect();
+        let primary_addr = match self.role {
+            Role::Primary => Some(self.state.primary_addr().map(str::to_string).unwrap_or_else(|| self.my_addr())),
+            Role::Backup => self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string)),
+        };
         json!({
-            "id": 1,
-            "role": "primary",
-            "epoch": self.epoch.0,
-            "primary": self.listen.to_string(),
-            "members": [{"id": 1, "addr": self.listen.to_string(), "role": "primary"}],
+            "id": self.settings.id.0,
+            "role": match self.role { Role::Primary => "primary", Role::Backup => "backup" },
+            "epoch": self.state.epoch.0,
+            "primary": primary_addr,
+            "members": members,
             "seq": self.state.seq.0,
             "sessions": self.state.sessions.len(),
         })
     }
 
-    /// Commits an entry. An entry that did not reach the log changed nothing and is
-    /// refused; one that reached the log but whose action failed leaves the disk
-    /// and the state disagreeing, so the server stops rather than serve a lie
-    /// (start-up redoes the action).
-    fn commit(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>) -> Result<(), OpResult> {
+    /// Commits an entry locally. An entry that did not reach the log changed
+    /// nothing and is refused; one that reached the log but whose action failed
+    /// leaves the disk and the state disagreeing, so the server stops rather than
+    /// serve a lie (start-up redoes the action).
+    fn commit(&mut self, change: Change) -> Result<Entry, OpResult> {
+        self.commit_for(change, None)
+    }
+
+    fn commit_for(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>) -> Result<Entry, OpResult> {
         let entry = Entry { seq: self.state.seq.next(), change, request };
-        match self.store.commit(&mut self.state, entry) {
-            Ok(()) => Ok(()),
+        match self.store.commit(&mut self.state, entry.clone()) {
+            Ok(()) => Ok(entry),
             Err(CommitError::Unlogged(e)) => {
                 log::error!("cannot commit: {e}");
-                Err(OpResult::Error { message: "the server cannot store changes right now".into() })
+                Err(refusal("the server cannot store changes right now"))
             }
             Err(e @ CommitError::Logged(_)) => {
                 log::error!("stopping: {e}");
@@ -223,6 +561,135 @@ impl Core {
         }
     }
 
+    /// Commits an entry here, sends it to every backup, and runs `done` once every
+    /// live backup has acknowledged it.
+    fn propose(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>, done: Done) {
+        let entry = match self.commit_for(change, request) {
+            Ok(e) => e,
+            Err(r) => return done.fail(r),
+        };
+        let seq = entry.seq;
+        let mut waiting = BTreeSet::new();
+        for (id, link) in &self.links {
+            // Joining backups get every entry too, but are not waited for yet.
+            if link.ctl.send(LinkOut::msg(Msg::Apply { entry: entry.clone() })).is_ok() && link.live {
+                waiting.insert(*id);
+            }
+        }
+        let deadline = Instant::now() + self.settings.ack_timeout;
+        self.pending.push_back(Pending { seq, waiting, deadline, done });
+        self.settle();
+    }
+
+    /// Runs the `done` of every entry at the front that no backup is waited for.
+    fn settle(&mut self) {
+        while self.pending.front().is_some_and(|p| p.waiting.is_empty()) {
+            let Some(p) = self.pending.pop_front() else { break };
+            match p.done {
+                Done::Nothing => {}
+                Done::Login { reply, answer } => {
+                    let _ = reply.send(Ok(answer));
+                }
+                Done::Reply { reply, result, push } => {
+                    let _ = reply.send(result);
+                    if let Some((conn, user, notice)) = push {
+                        self.push(conn, &user, notice);
+                    }
+                }
+            }
+        }
+    }
+
+    fn acked(&mut self, no: u64, id: ServerId, seq: Seq) {
+        if !self.links.get(&id).is_some_and(|l| l.no == no) {
+            return;
+        }
+        for p in self.pending.iter_mut().take_while(|p| p.seq <= seq) {
+            p.waiting.remove(&id);
+        }
+        self.settle();
+    }
+
+    fn caught_up(&mut self, no: u64, id: ServerId, seq: Seq) {
+        let Some(link) = self.links.get_mut(&id).filter(|l| l.no == no) else { return };
+        if link.live {
+            return;
+        }
+        link.live = true;
+        let member = Member { id, addr: link.addr.clone() };
+        log::info!("backup caught up id={id} addr={} seq={seq}; adding it to the membership", member.addr);
+        self.propose(Change::Join { member }, None, Done::Nothing);
+    }
+
+    /// Removes a backup from the links and the membership.
+    fn drop_backup(&mut self, id: ServerId, why: &str) {
+        if let Some(link) = self.links.remove(&id) {
+            log::warn!("dropping backup id={id} addr={}: {why}", link.addr);
+            let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        }
+        for p in self.pending.iter_mut() {
+            p.waiting.remove(&id);
+        }
+        if self.state.members.contains_key(&id) {
+            self.propose(Change::Leave { id }, None, Done::Nothing);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn join(
+        &mut self,
+        id: Option<ServerId>,
+        addr: String,
+        local_ip: std::net::IpAddr,
+        no: u64,
+        ctl: Sender<LinkOut>,
+        data: Sender<LinkOut>,
+        stream: TcpStream,
+    ) -> Result<ServerId, String> {
+        if self.role != Role::Primary {
+            return Err("this server is not the primary".into());
+        }
+        let me = self.settings.id;
+        let highest = self.links.keys().copied().chain([me, self.state.max_id]).max().unwrap_or(me);
+        let id = id.unwrap_or(highest.next());
+        if id == me || id.0 == 0 {
+            return Err(format!("server id {id} is taken by the primary; give the new server another --id"));
+        }
+        let known =
+            self.links.get(&id).map(|l| l.addr.clone()).or_else(|| self.state.members.get(&id).map(|m| m.addr.clone()));
+        if let Some(other) = known {
+            if other != addr && self.links.contains_key(&id) {
+                return Err(format!(
+                    "server id {id} is already in the cluster at {other}; give the new server another --id"
+                ));
+            }
+            // The same server back again (restarted): it rejoins from scratch.
+            self.drop_backup(id, "it is joining again");
+        }
+        // A primary bound to 0.0.0.0 learns the address backups reach it on.
+        if self.settings.listen.ip().is_unspecified() {
+            let mine = SocketAddr::new(local_ip, self.settings.listen.port()).to_string();
+            if self.state.members.get(&me).is_some_and(|m| m.addr != mine) {
+                self.propose(Change::Join { member: Member { id: me, addr: mine } }, None, Done::Nothing);
+            }
+        }
+        // Joined, then the snapshot: the state after seq S. Every entry after S
+        // follows on the same queue, in order.
+        let _ = ctl.send(LinkOut::msg(Msg::Joined { id, primary: me }));
+        let snapshot = match serde_json::to_vec(&self.state) {
+            Ok(s) => s,
+            Err(e) => return Err(format!("cannot encode the snapshot: {e}")),
+        };
+        for chunk in snapshot.chunks(replibox_proto::MAX_PAYLOAD) {
+            let _ = ctl.send(LinkOut { msg: Msg::SnapshotChunk, payload: Some(Arc::new(chunk.to_vec())) });
+        }
+        let _ = ctl.send(LinkOut::msg(Msg::SnapshotEnd { seq: self.state.seq }));
+        log::info!("backup joining id={id} addr={addr} from seq={}", self.state.seq);
+        self.links.insert(id, Link { no, addr, ctl, data, stream, live: false });
+        Ok(id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn login(
         &mut self,
         conn: ConnId,
@@ -231,13 +698,19 @@ impl Core {
         ip: String,
         callback_port: u16,
         out: Sender<Msg>,
-    ) -> Result<(String, u32, Seq), String> {
+        reply: Sender<Result<(String, u32, Seq), String>>,
+    ) {
+        if self.role != Role::Primary {
+            let _ = reply.send(Err("this server is a backup".into()));
+            return;
+        }
         let others = self.state.devices_of(&user, &device);
         if others >= MAX_DEVICES {
             log::warn!("refused login user={user} device={device}: {others} devices already connected");
-            return Err(format!(
+            let _ = reply.send(Err(format!(
                 "user {user} already has {MAX_DEVICES} devices connected; log out of one of them first"
-            ));
+            )));
+            return;
         }
         // The same device logging in again (a restarted client whose old connection
         // is not yet known to be dead) replaces its old connection.
@@ -248,24 +721,30 @@ impl Core {
         }
         let token = crate::random_hex(16);
         let session = Session { user: user.clone(), device: device.clone(), ip, callback_port, token: token.clone() };
-        self.commit(Change::Login { session }, None)
-            .map_err(|_| "the server cannot store sessions right now".to_string())?;
         self.live.insert(conn, Live { user: user.clone(), device: device.clone(), out });
-        let devices = self.state.devices_of(&user, &DeviceId(String::new())) as u32;
+        let devices = self.state.devices_of(&user, &device) as u32 + 1;
         let last = self.state.requests.get(&device).map(|l| l.seq).unwrap_or_default();
         log::info!("logged in user={user} device={device} conn={conn} devices={devices}");
-        Ok((token, devices, last))
+        self.propose(Change::Login { session }, None, Done::Login { reply, answer: (token, devices, last) });
     }
 
     fn disconnect(&mut self, conn: ConnId) {
-        let Some(live) = self.live.remove(&conn) else {
-            return;
-        };
+        let Some(live) = self.live.remove(&conn) else { return };
         let still_connected = self.live.values().any(|l| l.device == live.device);
         if !still_connected && self.state.sessions.contains_key(&live.device) {
-            let _ = self.commit(Change::Logout { device: live.device.clone() }, None);
+            self.propose(Change::Logout { device: live.device.clone() }, None, Done::Nothing);
         }
         log::info!("logged out user={} device={} conn={conn}", live.user, live.device);
+    }
+
+    fn open(&self, user: &str, path: &str) -> Result<(FileMeta, File), OpResult> {
+        match self.state.live(user, path) {
+            None => Err(refusal(format!("no such file on the server: {path}"))),
+            Some(meta) => self.store.open_file(user, path).map(|f| (meta.clone(), f)).map_err(|e| {
+                log::error!("cannot open stored file user={user}: {e}");
+                refusal(format!("the server cannot read {path}"))
+            }),
+        }
     }
 
     fn request(&mut self, conn: ConnId, seq: Seq, req: CoreRequest) {
@@ -274,6 +753,7 @@ impl Core {
             return;
         };
         let (user, device) = (live.user.clone(), live.device.clone());
+        let answered = |state: &State| state.already_answered(&device, seq);
         match req {
             CoreRequest::List { reply } => {
                 let mut files: Vec<FileMeta> =
@@ -284,49 +764,39 @@ impl Core {
                 let _ = reply.send(OpResult::Listing { files });
             }
             CoreRequest::Open { path, reply } => {
-                let answer = match self.state.live(&user, &path) {
-                    None => Err(OpResult::Error { message: format!("no such file on the server: {path}") }),
-                    Some(meta) => self.store.open_file(&user, &path).map(|f| (meta.clone(), f)).map_err(|e| {
-                        log::error!("cannot open stored file user={user}: {e}");
-                        OpResult::Error { message: format!("the server cannot read {path}") }
-                    }),
+                let _ = reply.send(self.open(&user, &path));
+            }
+            CoreRequest::BeginUpload { path, base, reply } => {
+                let answer = match answered(&self.state).or_else(|| self.state.check_upload(&user, &path, base).err()) {
+                    Some(r) => Err(r),
+                    None => Ok(self
+                        .links
+                        .iter()
+                        .filter(|(_, l)| l.live)
+                        .map(|(id, l)| DataSender { id: *id, tx: l.data.clone() })
+                        .collect()),
                 };
                 let _ = reply.send(answer);
             }
-            CoreRequest::BeginUpload { path, base, reply } => {
-                let answer = self
-                    .state
-                    .already_answered(&device, seq)
-                    .or_else(|| self.state.check_upload(&user, &path, base).err());
-                let _ = reply.send(answer);
-            }
             CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply } => {
-                if let Some(answer) = self.state.already_answered(&device, seq) {
-                    self.store.discard_temp(&xfer);
-                    let _ = reply.send(answer);
-                    return;
-                }
-                if let Err(answer) = self.state.check_upload(&user, &path, base) {
+                let early = answered(&self.state).or_else(|| self.state.check_upload(&user, &path, base).err());
+                if let Some(answer) = early {
                     self.store.discard_temp(&xfer);
                     let _ = reply.send(answer);
                     return;
                 }
                 let meta = new_meta(&path, self.state.next_version(&user, &path), size, mtime_ms, hash);
                 let result = OpResult::Done { meta: meta.clone() };
+                log::info!("storing user={user} path={path} version={} size={size} device={device}", meta.version);
                 let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
-                if let Err(refusal) =
-                    self.commit(change, Some((device.clone(), LastRequest { seq, result: result.clone() })))
-                {
-                    self.store.discard_temp(&xfer);
-                    let _ = reply.send(refusal);
-                    return;
-                }
-                log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
-                let _ = reply.send(result);
-                self.push(conn, &user, Notice::Put { meta });
+                let request = Some((device, LastRequest { seq, result: result.clone() }));
+                let push = Some((conn, user, Notice::Put { meta }));
+                self.propose(change, request, Done::Reply { reply, result, push });
+                // A refused commit leaves the temporary file behind; harmless if not.
+                self.store.discard_temp(&xfer);
             }
             CoreRequest::Delete { path, base, reply } => {
-                if let Some(answer) = self.state.already_answered(&device, seq) {
+                if let Some(answer) = answered(&self.state) {
                     let _ = reply.send(answer);
                     return;
                 }
@@ -335,22 +805,17 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                     Ok(meta) => {
+                        log::info!("deleting user={user} path={path} version={} device={device}", meta.version);
                         let result = OpResult::Done { meta: meta.clone() };
                         let change = Change::Delete { user: user.clone(), meta: meta.clone() };
-                        if let Err(refusal) =
-                            self.commit(change, Some((device.clone(), LastRequest { seq, result: result.clone() })))
-                        {
-                            let _ = reply.send(refusal);
-                            return;
-                        }
-                        log::info!("deleted user={user} path={path} version={} device={device}", meta.version);
-                        let _ = reply.send(result);
-                        self.push(conn, &user, Notice::Delete { meta });
+                        let request = Some((device, LastRequest { seq, result: result.clone() }));
+                        let push = Some((conn, user, Notice::Delete { meta }));
+                        self.propose(change, request, Done::Reply { reply, result, push });
                     }
                 }
             }
             CoreRequest::Rename { from, to, base, reply } => {
-                if let Some(answer) = self.state.already_answered(&device, seq) {
+                if let Some(answer) = answered(&self.state) {
                     let _ = reply.send(answer);
                     return;
                 }
@@ -359,17 +824,12 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                     Ok((gone, moved)) => {
+                        log::info!("renaming user={user} from={from} to={to} device={device}");
                         let result = OpResult::Done { meta: moved.clone() };
                         let change = Change::Rename { user: user.clone(), from: gone, to: moved.clone() };
-                        if let Err(refusal) =
-                            self.commit(change, Some((device.clone(), LastRequest { seq, result: result.clone() })))
-                        {
-                            let _ = reply.send(refusal);
-                            return;
-                        }
-                        log::info!("renamed user={user} from={from} to={to} device={device}");
-                        let _ = reply.send(result);
-                        self.push(conn, &user, Notice::Rename { from, meta: moved });
+                        let request = Some((device, LastRequest { seq, result: result.clone() }));
+                        let push = Some((conn, user, Notice::Rename { from, meta: moved }));
+                        self.propose(change, request, Done::Reply { reply, result, push });
                     }
                 }
             }

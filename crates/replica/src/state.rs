@@ -6,92 +6,13 @@
 //! (`check_*`) say whether a request may become an entry; they read the state and
 //! never change it. Nothing here touches a disk, a socket or a clock.
 
-use replibox_proto::{ContentHash, DeviceId, FileMeta, OpResult, Seq, Version};
+pub use replibox_proto::repl::{Change, Entry, LastRequest, Member, Session};
+use replibox_proto::{ContentHash, DeviceId, Epoch, FileMeta, OpResult, Seq, ServerId, Version};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Most devices one user may have connected at once.
 pub const MAX_DEVICES: usize = 2;
-
-/// A logged-in device.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Session {
-    /// Its user.
-    pub user: String,
-    /// The device.
-    pub device: DeviceId,
-    /// The client's IP as the server saw it.
-    pub ip: String,
-    /// The port the client listens on for a new primary's call.
-    pub callback_port: u16,
-    /// Secret a new primary shows when calling back.
-    pub token: String,
-}
-
-/// The last request a device made that changed something, and its result, so that a
-/// resent request is answered instead of applied twice.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LastRequest {
-    /// The request's sequence number.
-    pub seq: Seq,
-    /// What it was answered.
-    pub result: OpResult,
-}
-
-/// One change to the replicated state.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "change", rename_all = "snake_case")]
-pub enum Change {
-    /// A file's new content sits in the temporary file `xfer` and becomes `meta`.
-    Put {
-        /// Owner.
-        user: String,
-        /// New metadata.
-        meta: FileMeta,
-        /// Name of the temporary file holding the bytes.
-        xfer: String,
-    },
-    /// A file is deleted; `meta` is its tombstone.
-    Delete {
-        /// Owner.
-        user: String,
-        /// Tombstone.
-        meta: FileMeta,
-    },
-    /// A file moves: `from` becomes a tombstone, `to` its new metadata.
-    Rename {
-        /// Owner.
-        user: String,
-        /// Tombstone left at the old path.
-        from: FileMeta,
-        /// Metadata at the new path.
-        to: FileMeta,
-    },
-    /// A device logs in.
-    Login {
-        /// Its session.
-        session: Session,
-    },
-    /// A device logs out or is gone.
-    Logout {
-        /// The device.
-        device: DeviceId,
-    },
-    /// Forget every session (a lone server restarting: nobody is connected).
-    ClearSessions,
-}
-
-/// A change with its position in the history, and the request it answers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
-    /// Position: entries apply in strictly increasing order with no gap.
-    pub seq: Seq,
-    /// What changes.
-    pub change: Change,
-    /// The device request this entry answers, recorded for at-most-once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<(DeviceId, LastRequest)>,
-}
 
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -104,6 +25,19 @@ pub struct State {
     pub sessions: BTreeMap<DeviceId, Session>,
     /// Last changing request of each device.
     pub requests: BTreeMap<DeviceId, LastRequest>,
+    /// The current epoch (0 before any primary started one).
+    #[serde(default)]
+    pub epoch: Epoch,
+    /// The primary of the current epoch.
+    #[serde(default)]
+    pub primary: Option<ServerId>,
+    /// Every server of the cluster, the primary included.
+    #[serde(default)]
+    pub members: BTreeMap<ServerId, Member>,
+    /// The highest server id ever seen; new ids are assigned above it, so that an
+    /// id is never reused for another server.
+    #[serde(default)]
+    pub max_id: ServerId,
 }
 
 /// Why an entry cannot be applied: the history has a gap or goes back.
@@ -124,6 +58,11 @@ impl std::fmt::Display for OutOfOrder {
 impl std::error::Error for OutOfOrder {}
 
 impl State {
+    /// The address of the current primary, if known.
+    pub fn primary_addr(&self) -> Option<&str> {
+        self.primary.and_then(|p| self.members.get(&p)).map(|m| m.addr.as_str())
+    }
+
     /// A live (not deleted) file.
     pub fn live(&self, user: &str, path: &str) -> Option<&FileMeta> {
         self.get(user, path).filter(|m| !m.deleted)
@@ -180,6 +119,19 @@ impl State {
                 self.sessions.remove(device);
             }
             Change::ClearSessions => self.sessions.clear(),
+            Change::NewEpoch { epoch, primary, members } => {
+                self.epoch = *epoch;
+                self.primary = Some(*primary);
+                self.members = members.iter().map(|m| (m.id, m.clone())).collect();
+                self.max_id = members.iter().map(|m| m.id).fold(self.max_id.max(*primary), ServerId::max);
+            }
+            Change::Join { member } => {
+                self.max_id = self.max_id.max(member.id);
+                self.members.insert(member.id, member.clone());
+            }
+            Change::Leave { id } => {
+                self.members.remove(id);
+            }
         }
         if let Some((device, last)) = &entry.request {
             self.requests.insert(device.clone(), last.clone());

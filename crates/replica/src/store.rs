@@ -14,7 +14,7 @@
 //! redoes it, and every action is written so that redoing a finished one is a no-op.
 
 use crate::state::{Change, Entry, State};
-use replibox_proto::{ContentHash, FileMeta, Version};
+use replibox_proto::{ContentHash, FileMeta, ServerId, Version};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -310,7 +310,12 @@ impl Store {
                     self.prune_empty_dirs(user, &src);
                 }
             }
-            Change::Login { .. } | Change::Logout { .. } | Change::ClearSessions => {}
+            Change::Login { .. }
+            | Change::Logout { .. }
+            | Change::ClearSessions
+            | Change::NewEpoch { .. }
+            | Change::Join { .. }
+            | Change::Leave { .. } => {}
         }
         Ok(())
     }
@@ -428,6 +433,110 @@ impl Store {
             Entry { seq: state.seq.next(), change: Change::Put { user, meta, xfer: "adopted".into() }, request: None };
         self.commit(state, entry)
     }
+}
+
+impl Store {
+    /// Replaces the state with a primary's snapshot (a backup joining). Files the
+    /// snapshot does not hold are removed; files it holds are kept when the old
+    /// state had the same version and content and the disk copy still matches;
+    /// every other file is returned, to be fetched from the primary.
+    pub fn install(&mut self, old: &State, new: &State) -> Result<Vec<(String, FileMeta)>, StoreError> {
+        let path = self.root.join("meta/snapshot.json");
+        let bytes = serde_json::to_vec(new).map_err(io::Error::other).context(|| "encoding snapshot".into())?;
+        write_atomically(&path, &bytes)?;
+        self.log.set_len(0).context(|| "truncating log".into())?;
+        self.log.sync_all().context(|| "syncing log".into())?;
+        self.log_entries = 0;
+        let mut needed = Vec::new();
+        for (user, files) in &new.files {
+            for meta in files.values().filter(|m| !m.deleted) {
+                let same = old.live(user, &meta.path).is_some_and(|o| o.version == meta.version && o.hash == meta.hash);
+                let on_disk = fs::metadata(self.user_path(user, &meta.path)).is_ok_and(|md| {
+                    md.is_file() && md.len() == meta.size && md.modified().map(to_ms).ok() == Some(meta.mtime_ms)
+                });
+                if !(same && on_disk) {
+                    needed.push((user.clone(), meta.clone()));
+                }
+            }
+        }
+        // Remove what the primary does not hold (deleted meanwhile, or never
+        // acknowledged here).
+        let users = self.root.join("users");
+        let mut stack = vec![users.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let Ok(rel) = p.strip_prefix(&users) else { continue };
+                let rel = rel.to_string_lossy();
+                let (user, file) = rel.split_once('/').unwrap_or((&rel, ""));
+                if new.live(user, file).is_none() {
+                    log::info!("removing file the primary does not hold: {}", p.display());
+                    let _ = fs::remove_file(&p);
+                    self.prune_empty_dirs(user, &p);
+                }
+            }
+        }
+        Ok(needed)
+    }
+
+    /// Puts a fetched file (in temporary file `xfer`) in place as `meta`, without a
+    /// log entry: the state already describes it; only its content was missing.
+    pub fn place_temp(&self, user: &str, meta: &FileMeta, xfer: &str) -> Result<(), StoreError> {
+        let tmp = self.tmp_path(xfer);
+        let dest = self.user_path(user, &meta.path);
+        self.make_parent(user, &dest)?;
+        let f = File::options().write(true).open(&tmp).context(|| format!("opening {}", tmp.display()))?;
+        let _ = f.set_modified(from_ms(meta.mtime_ms));
+        f.sync_all().context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, &dest).context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
+        self.sync_parent(&dest)
+    }
+
+    /// Opens (creating) the temporary file of a transfer another server names.
+    pub fn open_temp(&self, xfer: &str) -> Result<File, StoreError> {
+        if xfer.is_empty() || !xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(StoreError { context: format!("transfer name {xfer:?}"), source: io::Error::other("invalid") });
+        }
+        let path = self.tmp_path(xfer);
+        File::create(&path).context(|| format!("creating {}", path.display()))
+    }
+
+    /// Path of a transfer's temporary file.
+    pub fn temp_path(&self, xfer: &str) -> PathBuf {
+        self.tmp_path(xfer)
+    }
+}
+
+/// Reads the server id recorded in a data dir.
+pub fn load_id(root: &Path) -> Result<Option<ServerId>, StoreError> {
+    let path = root.join("server.json");
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(io::Error::other)
+                .context(|| format!("reading {}", path.display()))?;
+            match v.get("id").and_then(|i| i.as_u64()) {
+                Some(id) if id > 0 => Ok(Some(ServerId(id))),
+                _ => Err(StoreError {
+                    context: format!("reading {}", path.display()),
+                    source: io::Error::other("no valid id"),
+                }),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Records a server id in a data dir.
+pub fn save_id(root: &Path, id: ServerId) -> Result<(), StoreError> {
+    fs::create_dir_all(root).context(|| format!("creating {}", root.display()))?;
+    write_atomically(&root.join("server.json"), serde_json::json!({ "id": id.0 }).to_string().as_bytes())
 }
 
 /// Writes a small file atomically: temporary file, fsync, rename, fsync the directory.

@@ -1,0 +1,533 @@
+//! Both ends of a replication link.
+//!
+//! Primary side ([`serve_link`]): a joining server's connection is handed to the
+//! core (which queues the snapshot and every later entry on the link) and then
+//! read for the backup's acknowledgements.
+//!
+//! Backup side ([`follow`]): the follower thread joins through the address given
+//! with `-b` (following a redirect to the primary), installs the snapshot, fetches
+//! the files it lacks or holds at an older version, says it has caught up, then
+//! applies the live stream in order: forwarded upload chunks go to temporary files
+//! as they arrive; an entry is applied once its content is durable (fetched from
+//! the primary when the chunks did not come, e.g. for an upload already under way
+//! when this backup joined), and acknowledged after it is applied.
+
+use crate::conn::{Ctx, FrameWriter};
+use crate::core::Event;
+use crate::link::{self, LinkOut, DATA_QUEUE};
+use crate::state::{Change, State};
+use crossbeam_channel::{bounded, unbounded, Sender};
+use replibox_proto::{
+    read_frame, write_frame, ContentHash, Epoch, FileMeta, Frame, Msg, OpResult, ProtoError, Seq, ServerId, Who,
+    PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn ask<T>(core: &Sender<Event>, make: impl FnOnce(Sender<T>) -> Event) -> Option<T> {
+    let (tx, rx) = bounded(1);
+    core.send(make(tx)).ok()?;
+    rx.recv().ok()
+}
+
+/// Primary side: serves a server that said hello as a joining backup.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_link(
+    stream: TcpStream,
+    writer: FrameWriter,
+    ctx: Ctx,
+    id: Option<ServerId>,
+    ip: Option<String>,
+    port: u16,
+    seq: Seq,
+    peer: String,
+) {
+    match ask(&ctx.core, |reply| Event::Route { reply }) {
+        Some(None) => {}
+        Some(Some(Some(primary))) => {
+            log::info!("redirecting joining server peer={peer} to primary={primary}");
+            let _ = writer.send(&Msg::Redirect { primary }, &[]);
+            return;
+        }
+        _ => {
+            let reason = "this server is a backup that does not know the primary yet; try again".into();
+            let _ = writer.send(&Msg::Refused { reason }, &[]);
+            return;
+        }
+    }
+    drop(writer);
+    let no = ctx.links.fetch_add(1, Ordering::Relaxed) + 1;
+    let (Ok(peer_addr), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return };
+    let ip = ip.and_then(|s| s.parse::<IpAddr>().ok()).filter(|i| !i.is_unspecified()).unwrap_or(peer_addr.ip());
+    let addr = SocketAddr::new(ip, port).to_string();
+    let (ctl_tx, ctl_rx) = unbounded();
+    let (data_tx, data_rx) = bounded(DATA_QUEUE);
+    let (Ok(write_half), Ok(shut_half)) = (stream.try_clone(), stream.try_clone()) else { return };
+    let epoch = ctx.epoch.clone();
+    let label = addr.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("link-{no}-writer"))
+        .spawn(move || link::writer(write_half, ctl_rx, data_rx, epoch, label));
+    if spawned.is_err() {
+        return;
+    }
+    let (tx, rx) = bounded(1);
+    let join = Event::Join {
+        id,
+        addr: addr.clone(),
+        local_ip: local.ip(),
+        no,
+        ctl: ctl_tx.clone(),
+        data: data_tx,
+        stream: shut_half,
+        reply: tx,
+    };
+    if ctx.core.send(join).is_err() {
+        return;
+    }
+    let id = match rx.recv() {
+        Ok(Ok(id)) => id,
+        Ok(Err(reason)) => {
+            log::warn!("refused joining server peer={peer} addr={addr}: {reason}");
+            let _ = ctl_tx.send(LinkOut::msg(Msg::Refused { reason }));
+            return;
+        }
+        Err(_) => return,
+    };
+    drop(ctl_tx);
+    log::info!("replication link up id={id} addr={addr} their_seq={seq}");
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let why = loop {
+        let frame = match read_frame(&mut reader) {
+            Ok(Some(f)) => f,
+            Ok(None) => break "closed by the backup".to_string(),
+            Err(e) if e.is_timeout() => break format!("silent for {:?}", ctx.ack_timeout),
+            Err(e) => break e.to_string(),
+        };
+        let event = match frame.msg {
+            Msg::Ack { seq } => Event::Ack { no, id, seq },
+            Msg::CaughtUp { seq } => {
+                // From now on a silent backup is a stalled one: its acks of the
+                // heartbeats stop.
+                let _ = reader.get_ref().set_read_timeout(Some(ctx.ack_timeout.max(Duration::from_millis(200))));
+                Event::CaughtUp { no, id, seq }
+            }
+            Msg::Ping => continue,
+            other => break format!("unexpected {} from the backup", other.kind()),
+        };
+        if ctx.core.send(event).is_err() {
+            return;
+        }
+    };
+    let _ = ctx.core.send(Event::LinkDown { no, id, why });
+}
+
+/// How a backup follows its primary.
+#[derive(Clone, Debug)]
+pub struct FollowConfig {
+    /// `HOST:PORT` given with `-b`.
+    pub join: String,
+    /// The IP this server listens on, when bound to one.
+    pub ip: Option<IpAddr>,
+    /// The port this server listens on.
+    pub port: u16,
+    /// The id from `--id` or the data dir.
+    pub id: Option<ServerId>,
+    /// Silence from the primary longer than this means the link is lost.
+    pub failure_timeout: Duration,
+    /// The data dir's temporary-file folder.
+    pub tmp: PathBuf,
+}
+
+enum Stop {
+    /// Go to that server instead.
+    Redirect(String),
+    /// Refused for good (a duplicate id): the server must stop.
+    Fatal(String),
+    /// Lost or failed: try again.
+    Retry(String),
+}
+
+impl From<ProtoError> for Stop {
+    fn from(e: ProtoError) -> Self {
+        Stop::Retry(e.to_string())
+    }
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, Stop> {
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| Stop::Retry(format!("cannot resolve {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| Stop::Retry(format!("cannot resolve {addr}")))?;
+    let s = TcpStream::connect_timeout(&sock, timeout).map_err(|e| Stop::Retry(format!("cannot reach {addr}: {e}")))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Backup side: follows the primary for as long as the process runs.
+pub fn follow(cfg: FollowConfig, core: Sender<Event>, epoch: Arc<AtomicU64>) {
+    let mut target = cfg.join.clone();
+    let mut id = cfg.id;
+    let mut failures = 0u32;
+    loop {
+        match session(&cfg, &core, &epoch, &target, &mut id) {
+            Stop::Redirect(primary) => {
+                log::info!("following redirect to primary={primary}");
+                target = primary;
+            }
+            Stop::Fatal(reason) => {
+                log::error!("cannot join the cluster: {reason}");
+                eprintln!("replibox-server: cannot join the cluster through {target}: {reason}");
+                std::process::exit(1);
+            }
+            Stop::Retry(why) => {
+                failures += 1;
+                if failures == 1 || failures % 20 == 0 {
+                    log::warn!("not following a primary (via {target}): {why}; retrying");
+                }
+                // After a few failures at a primary learnt from a redirect, go back
+                // to the address given on the command line.
+                if failures % 5 == 0 {
+                    target = cfg.join.clone();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// One connection to the primary, from hello to its end.
+fn session(
+    cfg: &FollowConfig,
+    core: &Sender<Event>,
+    epoch: &AtomicU64,
+    target: &str,
+    id: &mut Option<ServerId>,
+) -> Stop {
+    let stream = match connect(target, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(stop) => return stop,
+    };
+    let seq = ask(core, |reply| Event::Status { reply })
+        .and_then(|s| s.get("seq").and_then(|v| v.as_u64()))
+        .map(Seq)
+        .unwrap_or_default();
+    let Ok(mut out) = stream.try_clone() else { return Stop::Retry("cannot clone socket".into()) };
+    let _ = stream.set_read_timeout(Some(cfg.failure_timeout));
+    let hello = Msg::Hello {
+        version: PROTOCOL_VERSION,
+        who: Who::Server {
+            id: *id,
+            ip: cfg.ip.filter(|i| !i.is_unspecified()).map(|i| i.to_string()),
+            port: cfg.port,
+            seq,
+        },
+    };
+    if let Err(e) = write_frame(&mut out, Epoch(epoch.load(Ordering::Relaxed)), &hello, &[]) {
+        return Stop::Retry(e.to_string());
+    }
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut follower =
+        Follower { cfg, core, epoch, out, target: target.to_string(), fetcher: None, xfers: HashMap::new() };
+    let stop = follower.run(&mut reader, id);
+    follower.cleanup();
+    stop
+}
+
+/// A forwarded upload being received.
+struct Incoming {
+    file: File,
+    size: u64,
+    hash: ContentHash,
+    complete: bool,
+}
+
+struct Follower<'a> {
+    cfg: &'a FollowConfig,
+    core: &'a Sender<Event>,
+    epoch: &'a AtomicU64,
+    out: TcpStream,
+    target: String,
+    fetcher: Option<Fetcher>,
+    xfers: HashMap<String, Incoming>,
+}
+
+fn valid_xfer(xfer: &str) -> bool {
+    !xfer.is_empty() && xfer.len() <= 128 && xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Follower<'_> {
+    fn send(&mut self, msg: &Msg) -> Result<(), Stop> {
+        write_frame(&mut self.out, Epoch(self.epoch.load(Ordering::Relaxed)), msg, &[]).map_err(Stop::from)
+    }
+
+    fn next(&self, reader: &mut BufReader<TcpStream>) -> Result<Frame, Stop> {
+        loop {
+            match read_frame(reader) {
+                Ok(Some(f)) => {
+                    let mine = self.epoch.load(Ordering::Relaxed);
+                    if f.epoch.0 < mine {
+                        log::warn!(
+                            "dropping {} from {} with stale epoch={} (ours is {mine})",
+                            f.msg.kind(),
+                            self.target,
+                            f.epoch
+                        );
+                        continue;
+                    }
+                    return Ok(f);
+                }
+                Ok(None) => return Err(Stop::Retry("the primary closed the link".into())),
+                Err(e) if e.is_timeout() => {
+                    return Err(Stop::Retry(format!("no word from the primary for {:?}", self.cfg.failure_timeout)))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn run(&mut self, reader: &mut BufReader<TcpStream>, id: &mut Option<ServerId>) -> Stop {
+        match self.join(reader, id) {
+            Ok(()) => {}
+            Err(stop) => return stop,
+        }
+        loop {
+            let frame = match self.next(reader) {
+                Ok(f) => f,
+                Err(stop) => return stop,
+            };
+            if let Err(stop) = self.handle(frame) {
+                return stop;
+            }
+        }
+    }
+
+    /// Hello's answer, the snapshot, and the files this server lacks.
+    fn join(&mut self, reader: &mut BufReader<TcpStream>, id: &mut Option<ServerId>) -> Result<(), Stop> {
+        let first = self.next(reader)?;
+        let primary_epoch = first.epoch;
+        let (my_id, primary) = match first.msg {
+            Msg::Redirect { primary } => return Err(Stop::Redirect(primary)),
+            Msg::Refused { reason } => return Err(Stop::Fatal(reason)),
+            Msg::Joined { id, primary } => (id, primary),
+            other => return Err(Stop::Retry(format!("unexpected {} answering our hello", other.kind()))),
+        };
+        let mine = self.epoch.load(Ordering::Relaxed);
+        if primary_epoch.0 < mine {
+            return Err(Stop::Retry(format!(
+                "the server at {} is primary of epoch {primary_epoch}, older than ours ({mine}); not following it",
+                self.target
+            )));
+        }
+        *id = Some(my_id);
+        let _ = self.core.send(Event::Joined { id: my_id });
+        let _ = self.core.send(Event::PrimaryAt { addr: self.target.clone() });
+        let mut snapshot = Vec::new();
+        let snap_seq = loop {
+            let f = self.next(reader)?;
+            match f.msg {
+                Msg::SnapshotChunk => snapshot.extend_from_slice(&f.payload),
+                Msg::SnapshotEnd { seq } => break seq,
+                other => return Err(Stop::Retry(format!("unexpected {} inside the snapshot", other.kind()))),
+            }
+        };
+        let state: State = serde_json::from_slice(&snapshot).map_err(|e| Stop::Retry(format!("bad snapshot: {e}")))?;
+        drop(snapshot);
+        let needed = ask(self.core, |reply| Event::Install { state: Box::new(state), reply })
+            .ok_or_else(|| Stop::Retry("core stopped".into()))?
+            .map_err(|e| Stop::Retry(format!("cannot install the snapshot: {e}")))?;
+        log::info!(
+            "joined primary id={primary} at {} as id={my_id}; snapshot seq={snap_seq}; fetching {} files",
+            self.target,
+            needed.len()
+        );
+        let mut bytes = 0;
+        for (n, (user, meta)) in needed.iter().enumerate() {
+            let xfer = format!("f{}-{n}", std::process::id());
+            if let Some(got) = self.fetch(user, &meta.path, &xfer)? {
+                bytes += got.size;
+                let _ = self.core.send(Event::PlaceFetched { user: user.clone(), meta: got, xfer });
+            }
+        }
+        log::info!("caught up to seq={snap_seq} (fetched {} files, {bytes} bytes)", needed.len());
+        self.send(&Msg::CaughtUp { seq: snap_seq })
+    }
+
+    fn handle(&mut self, frame: Frame) -> Result<(), Stop> {
+        match frame.msg {
+            Msg::XferChunk { xfer } => {
+                if !valid_xfer(&xfer) {
+                    return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+                }
+                if !self.xfers.contains_key(&xfer) {
+                    let path = self.cfg.tmp.join(&xfer);
+                    let file = File::create(&path)
+                        .map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
+                    self.xfers.insert(
+                        xfer.clone(),
+                        Incoming { file, size: 0, hash: ContentHash::default(), complete: false },
+                    );
+                }
+                if let Some(inc) = self.xfers.get_mut(&xfer) {
+                    inc.size += frame.payload.len() as u64;
+                    inc.hash.update(&frame.payload);
+                    inc.file
+                        .write_all(&frame.payload)
+                        .map_err(|e| Stop::Retry(format!("cannot write transfer {xfer}: {e}")))?;
+                }
+            }
+            Msg::XferEnd { xfer, size, hash } => {
+                if !valid_xfer(&xfer) {
+                    return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+                }
+                if size == 0 && !self.xfers.contains_key(&xfer) {
+                    let path = self.cfg.tmp.join(&xfer);
+                    let file = File::create(&path)
+                        .map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
+                    self.xfers.insert(
+                        xfer.clone(),
+                        Incoming { file, size: 0, hash: ContentHash::default(), complete: false },
+                    );
+                }
+                if let Some(inc) = self.xfers.get_mut(&xfer) {
+                    if inc.size == size && inc.hash == hash && inc.file.sync_all().is_ok() {
+                        inc.complete = true;
+                    } else {
+                        log::warn!("transfer {xfer} arrived incomplete ({} of {size} bytes); will fetch it", inc.size);
+                    }
+                }
+            }
+            Msg::XferAbort { xfer } => {
+                if self.xfers.remove(&xfer).is_some() {
+                    let _ = std::fs::remove_file(self.cfg.tmp.join(&xfer));
+                }
+            }
+            Msg::Apply { entry } => {
+                if let Change::Put { user, meta, xfer } = &entry.change {
+                    let ready = self.xfers.remove(xfer).is_some_and(|inc| inc.complete);
+                    if !ready {
+                        if !valid_xfer(xfer) {
+                            return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+                        }
+                        // The chunks never came (the upload began before this backup
+                        // was live): fetch the content before applying.
+                        let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
+                        if let Some(got) = self.fetch(user, &meta.path, xfer)? {
+                            if got.version < meta.version {
+                                log::warn!(
+                                    "fetched {} at version {} for entry version {}",
+                                    meta.path,
+                                    got.version,
+                                    meta.version
+                                );
+                            }
+                        }
+                    }
+                }
+                let seq = entry.seq;
+                match ask(self.core, |reply| Event::Apply { entry, reply }) {
+                    Some(Ok(applied)) => self.send(&Msg::Ack { seq: applied })?,
+                    Some(Err(e)) => return Err(Stop::Retry(format!("cannot apply entry seq={seq}: {e}"))),
+                    None => return Err(Stop::Retry("core stopped".into())),
+                }
+            }
+            Msg::Heartbeat { .. } => {
+                let seq = ask(self.core, |reply| Event::Status { reply })
+                    .and_then(|s| s.get("seq").and_then(|v| v.as_u64()))
+                    .map(Seq)
+                    .unwrap_or_default();
+                self.send(&Msg::Ack { seq })?;
+            }
+            other => return Err(Stop::Retry(format!("unexpected {} on the replication link", other.kind()))),
+        }
+        Ok(())
+    }
+
+    /// Fetches a user's file into temporary file `xfer`; None when the primary no
+    /// longer holds it (a later entry will say what became of it).
+    fn fetch(&mut self, user: &str, path: &str, xfer: &str) -> Result<Option<FileMeta>, Stop> {
+        if self.fetcher.is_none() {
+            let id = ask(self.core, |reply| Event::Status { reply })
+                .and_then(|s| s.get("id").and_then(|v| v.as_u64()))
+                .map(ServerId)
+                .unwrap_or_default();
+            self.fetcher =
+                Some(Fetcher::open(&self.target, id, self.epoch.load(Ordering::Relaxed), self.cfg.failure_timeout)?);
+        }
+        let Some(f) = self.fetcher.as_mut() else { return Err(Stop::Retry("no fetch connection".into())) };
+        let dest = self.cfg.tmp.join(xfer);
+        match f.fetch(user, path, &dest) {
+            Ok(got) => Ok(got),
+            Err(e) => {
+                self.fetcher = None;
+                let _ = std::fs::remove_file(&dest);
+                Err(e)
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        for (xfer, _) in self.xfers.drain() {
+            let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
+        }
+    }
+}
+
+/// A backup's connection for fetching file contents.
+struct Fetcher {
+    stream: BufReader<TcpStream>,
+    out: TcpStream,
+    epoch: u64,
+}
+
+impl Fetcher {
+    fn open(target: &str, id: ServerId, epoch: u64, timeout: Duration) -> Result<Fetcher, Stop> {
+        let stream = connect(target, Duration::from_secs(2))?;
+        let _ = stream.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
+        let mut out = stream.try_clone().map_err(|e| Stop::Retry(e.to_string()))?;
+        write_frame(&mut out, Epoch(epoch), &Msg::Hello { version: PROTOCOL_VERSION, who: Who::Fetch { id } }, &[])?;
+        Ok(Fetcher { stream: BufReader::with_capacity(256 * 1024, stream), out, epoch })
+    }
+
+    fn fetch(&mut self, user: &str, path: &str, dest: &std::path::Path) -> Result<Option<FileMeta>, Stop> {
+        write_frame(&mut self.out, Epoch(self.epoch), &Msg::Fetch { user: user.into(), path: path.into() }, &[])?;
+        let first = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
+        let meta = match first.msg {
+            Msg::Reply { result: OpResult::Data { meta }, .. } => meta,
+            Msg::Reply { result, .. } => {
+                log::info!("primary has no {path} of user {user} to fetch: {result:?}");
+                return Ok(None);
+            }
+            other => return Err(Stop::Retry(format!("unexpected {} answering a fetch", other.kind()))),
+        };
+        let mut file = File::create(dest).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", dest.display())))?;
+        let mut hash = ContentHash::default();
+        let mut got = 0u64;
+        loop {
+            let f = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
+            match f.msg {
+                Msg::Chunk { .. } => {
+                    got += f.payload.len() as u64;
+                    hash.update(&f.payload);
+                    file.write_all(&f.payload)
+                        .map_err(|e| Stop::Retry(format!("cannot write {}: {e}", dest.display())))?;
+                }
+                Msg::DownloadEnd { hash: sent, .. } => {
+                    if got != meta.size || sent != hash {
+                        return Err(Stop::Retry(format!("fetch of {path} arrived damaged")));
+                    }
+                    file.sync_all().map_err(|e| Stop::Retry(format!("cannot sync {}: {e}", dest.display())))?;
+                    return Ok(Some(meta));
+                }
+                other => return Err(Stop::Retry(format!("unexpected {} during a fetch", other.kind()))),
+            }
+        }
+    }
+}
