@@ -279,8 +279,8 @@ pub enum Msg {
     },
     /// The next entry of the history.
     Apply {
-        /// The entry.
-        entry: Entry,
+        /// The entry (boxed: it is by far the largest message).
+        entry: Box<Entry>,
     },
     /// The primary is alive and has applied up to `seq`.
     Heartbeat {

@@ -13,12 +13,13 @@
 //! entry. As backup it applies the entries its follower thread receives.
 
 use crate::link::{DataSender, LinkOut};
+use crate::replicate::Acks;
 use crate::state::{Change, Entry, LastRequest, Member, Session, State, MAX_DEVICES};
 use crate::store::{new_meta, CommitError, Store};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use replibox_proto::{ContentHash, DeviceId, FileMeta, Msg, Notice, OpResult, Seq, ServerId, Version};
 use serde_json::json;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,8 +56,6 @@ struct Link {
     ctl: Sender<LinkOut>,
     data: Sender<LinkOut>,
     stream: TcpStream,
-    /// False while it catches up: it receives entries but is not waited for.
-    live: bool,
 }
 
 /// What to do once an entry is stored on every backup.
@@ -78,14 +77,6 @@ impl Done {
             }
         }
     }
-}
-
-/// An entry not yet acknowledged by every live backup.
-struct Pending {
-    seq: Seq,
-    waiting: BTreeSet<ServerId>,
-    deadline: Instant,
-    done: Done,
 }
 
 /// What a connection, a link or the follower asks of the core.
@@ -314,7 +305,10 @@ pub struct Core {
     store: Store,
     live: BTreeMap<ConnId, Live>,
     links: BTreeMap<ServerId, Link>,
-    pending: VecDeque<Pending>,
+    /// Entries waiting for the backups; a link is live here once it caught up.
+    acks: Acks<Done>,
+    /// Origin of the milliseconds `acks` counts in.
+    started: Instant,
     /// The epoch frames are stamped with, shared with the connection threads.
     epoch: Arc<AtomicU64>,
     /// Backup: the primary's address as the follower last reached it.
@@ -330,14 +324,16 @@ impl Core {
     /// A core over a recovered store.
     pub fn new(store: Store, state: State, settings: Settings, role: Role) -> Core {
         let epoch = Arc::new(AtomicU64::new(state.epoch.0));
+        let ack_ms = settings.ack_timeout.as_millis() as u64;
         Core {
             settings,
             role,
             state,
             store,
             live: BTreeMap::new(),
+            acks: Acks::new(ack_ms),
+            started: Instant::now(),
             links: BTreeMap::new(),
-            pending: VecDeque::new(),
             epoch,
             primary_addr: None,
             next_heartbeat: Instant::now(),
@@ -395,8 +391,8 @@ impl Core {
         let mut t = Instant::now() + Duration::from_secs(1);
         if self.role == Role::Primary {
             t = t.min(self.next_heartbeat);
-            if let Some(p) = self.pending.front() {
-                t = t.min(p.deadline);
+            if let Some(ms) = self.acks.next_deadline() {
+                t = t.min(self.started + Duration::from_millis(ms));
             }
         }
         t
@@ -414,17 +410,19 @@ impl Core {
                 let _ = link.ctl.send(LinkOut::msg(Msg::Heartbeat { seq }));
             }
         }
-        while let Some(front) = self.pending.front() {
-            if front.deadline > now || front.waiting.is_empty() {
+        // Dropping the backups that hold up the oldest entry may reveal the next one
+        // overdue too: repeat until none is.
+        loop {
+            self.settle();
+            let late = self.acks.overdue(self.now_ms());
+            if late.is_empty() {
                 break;
             }
-            let (seq, late): (Seq, Vec<ServerId>) = (front.seq, front.waiting.iter().copied().collect());
+            let ms = self.settings.ack_timeout.as_millis();
             for id in late {
-                let ms = self.settings.ack_timeout.as_millis();
-                self.drop_backup(id, &format!("no acknowledgement of seq={seq} within {ms} ms"));
+                self.drop_backup(id, &format!("no acknowledgement within {ms} ms"));
             }
         }
-        self.settle();
     }
 
     fn handle(&mut self, event: Event) {
@@ -568,24 +566,22 @@ impl Core {
             Ok(e) => e,
             Err(r) => return done.fail(r),
         };
-        let seq = entry.seq;
-        let mut waiting = BTreeSet::new();
-        for (id, link) in &self.links {
-            // Joining backups get every entry too, but are not waited for yet.
-            if link.ctl.send(LinkOut::msg(Msg::Apply { entry: entry.clone() })).is_ok() && link.live {
-                waiting.insert(*id);
-            }
+        // Joining backups get every entry too, but are not waited for yet.
+        for link in self.links.values() {
+            let _ = link.ctl.send(LinkOut::msg(Msg::Apply { entry: Box::new(entry.clone()) }));
         }
-        let deadline = Instant::now() + self.settings.ack_timeout;
-        self.pending.push_back(Pending { seq, waiting, deadline, done });
+        self.acks.propose(entry.seq, self.now_ms(), done);
         self.settle();
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Runs the `done` of every entry at the front that no backup is waited for.
     fn settle(&mut self) {
-        while self.pending.front().is_some_and(|p| p.waiting.is_empty()) {
-            let Some(p) = self.pending.pop_front() else { break };
-            match p.done {
+        for (_, done) in self.acks.settle() {
+            match done {
                 Done::Nothing => {}
                 Done::Login { reply, answer } => {
                     let _ = reply.send(Ok(answer));
@@ -601,21 +597,19 @@ impl Core {
     }
 
     fn acked(&mut self, no: u64, id: ServerId, seq: Seq) {
-        if !self.links.get(&id).is_some_and(|l| l.no == no) {
+        if self.links.get(&id).is_none_or(|l| l.no != no) {
             return;
         }
-        for p in self.pending.iter_mut().take_while(|p| p.seq <= seq) {
-            p.waiting.remove(&id);
-        }
+        self.acks.ack(id, seq);
         self.settle();
     }
 
     fn caught_up(&mut self, no: u64, id: ServerId, seq: Seq) {
-        let Some(link) = self.links.get_mut(&id).filter(|l| l.no == no) else { return };
-        if link.live {
+        let Some(link) = self.links.get(&id).filter(|l| l.no == no) else { return };
+        if self.acks.is_live(id) {
             return;
         }
-        link.live = true;
+        self.acks.add(id);
         let member = Member { id, addr: link.addr.clone() };
         log::info!("backup caught up id={id} addr={} seq={seq}; adding it to the membership", member.addr);
         self.propose(Change::Join { member }, None, Done::Nothing);
@@ -627,9 +621,7 @@ impl Core {
             log::warn!("dropping backup id={id} addr={}: {why}", link.addr);
             let _ = link.stream.shutdown(std::net::Shutdown::Both);
         }
-        for p in self.pending.iter_mut() {
-            p.waiting.remove(&id);
-        }
+        self.acks.remove(id);
         if self.state.members.contains_key(&id) {
             self.propose(Change::Leave { id }, None, Done::Nothing);
         }
@@ -685,7 +677,7 @@ impl Core {
         }
         let _ = ctl.send(LinkOut::msg(Msg::SnapshotEnd { seq: self.state.seq }));
         log::info!("backup joining id={id} addr={addr} from seq={}", self.state.seq);
-        self.links.insert(id, Link { no, addr, ctl, data, stream, live: false });
+        self.links.insert(id, Link { no, addr, ctl, data, stream });
         Ok(id)
     }
 
@@ -772,7 +764,7 @@ impl Core {
                     None => Ok(self
                         .links
                         .iter()
-                        .filter(|(_, l)| l.live)
+                        .filter(|(id, _)| self.acks.is_live(**id))
                         .map(|(id, l)| DataSender { id: *id, tx: l.data.clone() })
                         .collect()),
                 };

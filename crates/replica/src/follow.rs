@@ -189,12 +189,12 @@ pub fn follow(cfg: FollowConfig, core: Sender<Event>, epoch: Arc<AtomicU64>) {
             }
             Stop::Retry(why) => {
                 failures += 1;
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     log::warn!("not following a primary (via {target}): {why}; retrying");
                 }
                 // After a few failures at a primary learnt from a redirect, go back
                 // to the address given on the command line.
-                if failures % 5 == 0 {
+                if failures.is_multiple_of(5) {
                     target = cfg.join.clone();
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -432,7 +432,7 @@ impl Follower<'_> {
                     }
                 }
                 let seq = entry.seq;
-                match ask(self.core, |reply| Event::Apply { entry, reply }) {
+                match ask(self.core, |reply| Event::Apply { entry: *entry, reply }) {
                     Some(Ok(applied)) => self.send(&Msg::Ack { seq: applied })?,
                     Some(Err(e)) => return Err(Stop::Retry(format!("cannot apply entry seq={seq}: {e}"))),
                     None => return Err(Stop::Retry("core stopped".into())),
