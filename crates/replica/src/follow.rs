@@ -110,6 +110,15 @@ pub fn serve_link(
             Err(e) if e.is_timeout() => break format!("silent for {:?}", ctx.ack_timeout),
             Err(e) => break e.to_string(),
         };
+        let ours = ctx.epoch.load(Ordering::Relaxed);
+        if frame.epoch.0 < ours {
+            log::warn!(
+                "dropping {} from backup id={id} with stale epoch={} (ours is {ours})",
+                frame.msg.kind(),
+                frame.epoch
+            );
+            continue;
+        }
         let event = match frame.msg {
             Msg::Ack { seq } => Event::Ack { no, id, seq },
             Msg::CaughtUp { seq } => {
