@@ -779,7 +779,7 @@ impl Core {
                 }
                 let meta = new_meta(&path, self.state.next_version(&user, &path), size, mtime_ms, hash);
                 let result = OpResult::Done { meta: meta.clone() };
-                log::info!("storing user={user} path={path} version={} size={size} device={device}", meta.version);
+                log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
                 let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
                 let request = Some((device, LastRequest { seq, result: result.clone() }));
                 let push = Some((conn, user, Notice::Put { meta }));
@@ -797,7 +797,7 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                     Ok(meta) => {
-                        log::info!("deleting user={user} path={path} version={} device={device}", meta.version);
+                        log::info!("deleted user={user} path={path} version={} device={device}", meta.version);
                         let result = OpResult::Done { meta: meta.clone() };
                         let change = Change::Delete { user: user.clone(), meta: meta.clone() };
                         let request = Some((device, LastRequest { seq, result: result.clone() }));
@@ -816,7 +816,7 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                     Ok((gone, moved)) => {
-                        log::info!("renaming user={user} from={from} to={to} device={device}");
+                        log::info!("renamed user={user} from={from} to={to} device={device}");
                         let result = OpResult::Done { meta: moved.clone() };
                         let change = Change::Rename { user: user.clone(), from: gone, to: moved.clone() };
                         let request = Some((device, LastRequest { seq, result: result.clone() }));
