@@ -106,6 +106,17 @@ fn hash_file(path: &Path) -> io::Result<ContentHash> {
     }
 }
 
+/// Checks a path the server sent before it is joined to the sync dir.
+fn trusted_path(path: &str) -> bool {
+    match replibox_proto::validate_path(path) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("ignoring a change from the server: {e}");
+            false
+        }
+    }
+}
+
 /// Prints a line about background sync activity (stderr, so stdout carries only
 /// command outcomes that scripts wait for).
 fn activity(line: String) {
@@ -230,7 +241,10 @@ impl Engine {
         };
         self.need_full = false;
         self.last_full = Instant::now();
-        let server: BTreeMap<String, FileMeta> = files.into_iter().map(|m| (m.path.clone(), m)).collect();
+        // Paths from the server are checked like any input from a peer: one that
+        // could reach outside the sync dir is ignored.
+        let server: BTreeMap<String, FileMeta> =
+            files.into_iter().filter(|m| trusted_path(&m.path)).map(|m| (m.path.clone(), m)).collect();
         let local = scan::scan(&self.root);
         let paths: BTreeSet<String> =
             server.keys().chain(local.keys()).chain(self.index.entries.keys()).cloned().collect();
@@ -558,6 +572,13 @@ impl Engine {
 
     /// A change pushed by the server.
     fn notice(&mut self, notice: Notice) {
+        let paths_ok = match &notice {
+            Notice::Put { meta } | Notice::Delete { meta } => trusted_path(&meta.path),
+            Notice::Rename { from, meta } => trusted_path(from) && trusted_path(&meta.path),
+        };
+        if !paths_ok {
+            return;
+        }
         let result = match notice {
             Notice::Put { meta } => self.remote_put(&meta),
             Notice::Delete { meta } => {

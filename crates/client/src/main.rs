@@ -16,10 +16,16 @@ use std::time::Duration;
 /// A replibox device: keeps `sync_dir_USER` in sync with the server and the
 /// user's other device, and reads commands from stdin.
 ///
-/// Commands: upload PATH, download NAME, delete NAME, list_server, list_client,
-/// get_sync_dir, exit (end of input works like exit).
+/// Commands (one per line on stdin; each prints its outcome on stdout when done):
+///   upload PATH     put a file from anywhere into the sync dir, the server and every device
+///   download NAME   copy a file from the server into the current directory (not synced)
+///   delete NAME     delete a file from the server and every device
+///   list_server     the server's files: name, size, mtime, atime, ctime
+///   list_client     this device's files, the same way
+///   get_sync_dir    reconcile the sync dir with the server now (runs by itself at login)
+///   exit            log out and quit (end of input does the same)
 #[derive(Parser, Debug)]
-#[command(name = "replibox-client", version, about, long_about = None)]
+#[command(name = "replibox-client", version, verbatim_doc_comment)]
 struct Args {
     /// The user to log in as ([A-Za-z0-9_.-], 1 to 64 characters, not starting with a dot).
     user: String,
@@ -177,9 +183,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
             }
         }
     }
+    // Log out first: a request waiting for an unreachable server gives up at once
+    // instead of holding the exit for the unavailability bound.
+    front.logout();
     let _ = cmd_tx.send(Command::Stop);
     let _ = engine_thread.join();
-    front.logout();
     drop(callback);
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

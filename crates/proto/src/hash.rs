@@ -4,13 +4,32 @@
 //! (to skip a needless conflict copy, and to check a transfer end to end), so a
 //! 64-bit FNV-1a is enough; a cryptographic hash would need a new dependency.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
-/// A streaming 64-bit FNV-1a hash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+/// A streaming 64-bit FNV-1a hash. On the wire and on disk it is a string of 16
+/// hex digits: as a JSON number it would lose bits in parsers that read numbers
+/// as doubles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ContentHash(pub u64);
+
+impl Serialize for ContentHash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ContentHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.len() != 16 {
+            return Err(serde::de::Error::custom(format!("content hash {text:?} is not 16 hex digits")));
+        }
+        u64::from_str_radix(&text, 16)
+            .map(ContentHash)
+            .map_err(|_| serde::de::Error::custom(format!("content hash {text:?} is not 16 hex digits")))
+    }
+}
 
 const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -54,6 +73,16 @@ mod tests {
     fn known_vectors() {
         assert_eq!(ContentHash::of(b"").0, 0xcbf29ce484222325);
         assert_eq!(ContentHash::of(b"a").0, 0xaf63dc4c8601ec8c);
+    }
+
+    #[test]
+    fn json_form_is_sixteen_hex_digits() {
+        let h = ContentHash(u64::MAX - 1);
+        let text = serde_json::to_string(&h).unwrap();
+        assert_eq!(text, "\"fffffffffffffffe\"");
+        assert_eq!(serde_json::from_str::<ContentHash>(&text).unwrap(), h);
+        assert!(serde_json::from_str::<ContentHash>("12").is_err());
+        assert!(serde_json::from_str::<ContentHash>("\"xyz\"").is_err());
     }
 
     #[test]

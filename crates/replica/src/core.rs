@@ -375,10 +375,24 @@ impl Core {
 
     /// Runs until [`Event::Shutdown`] or until every sender is gone.
     pub fn run(mut self, events: Receiver<Event>) {
+        // On shutdown, new work is turned away (its connections close and clients
+        // resend after the restart) while the entries already under way finish
+        // replicating, for at most the ack bound.
+        let mut stopping: Option<Instant> = None;
         loop {
+            if let Some(deadline) = stopping {
+                if self.acks.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+            }
             let wait = self.next_timer().saturating_duration_since(Instant::now());
             match events.recv_timeout(wait) {
-                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Event::Shutdown) => {
+                    log::info!("shutting down: {} entries still replicating", self.acks.len());
+                    stopping.get_or_insert(Instant::now() + self.settings.ack_timeout);
+                }
+                Ok(Event::Login { .. } | Event::Request { .. } | Event::Join { .. }) if stopping.is_some() => {}
                 Ok(event) => self.handle(event),
                 Err(RecvTimeoutError::Timeout) => {}
             }

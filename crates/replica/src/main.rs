@@ -17,7 +17,7 @@ use std::time::Duration;
 /// or any member, which points the joiner at the primary). Query any server with
 /// `--status HOST:PORT`.
 #[derive(Parser, Debug)]
-#[command(name = "replibox-server", version, about, long_about = None)]
+#[command(name = "replibox-server", version)]
 #[command(group(ArgGroup::new("mode").required(true).args(["primary", "backup", "status"])))]
 struct Args {
     /// Start as the primary of a new cluster (a new epoch; backups join it).
