@@ -1,0 +1,809 @@
+//! The process-test harness: real binaries, real sockets, one directory per test.
+//!
+//! - [`TestDir`]: the test's own directory under the target dir; kept when the test
+//!   fails, removed when it passes. Creating one makes it the test's "current"
+//!   directory, whose processes and files every failure report shows.
+//! - [`Proc`]: a child process whose stdout and stderr go to files in the test dir,
+//!   SIGKILLed on drop so that no test leaves an orphan.
+//! - [`Server`], [`Client`]: `replibox-server` and `replibox-client` on 127.0.0.x.
+//! - [`wait_until`], [`wait_for`]: poll a condition until a deadline; on timeout the
+//!   panic says what was awaited and shows every process's output and the test dir.
+//! - [`files`]: seeded content, tree snapshots and comparisons.
+//! - [`raw`]: a hand-driven protocol connection, for bad input.
+//!
+//! No sleep is an assertion here: everything waits on a condition, with deadlines
+//! generous enough for a loaded 2-core machine.
+
+pub mod files;
+pub mod raw;
+
+use std::cell::RefCell;
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The deadline for anything that should happen "soon": generous, because a
+/// timeout only ever turns a hang into a readable failure.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The loopback address servers listen on (the first of the three servers later).
+pub const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+/// The loopback address of a user's first device.
+pub const DEVICE1_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
+/// The loopback address of a user's second device.
+pub const DEVICE2_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+/// A further address, for a third device or a rogue client.
+pub const DEVICE3_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+/// And one more.
+pub const DEVICE4_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7));
+
+// ---------------------------------------------------------------------------
+// Binaries
+
+/// The client binary, built by cargo for this test.
+pub fn client_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_replibox-client"))
+}
+
+/// The server binary: cargo only builds the tested package's binaries, so it is
+/// looked for beside the client's, where `cargo build --workspace` puts it.
+pub fn server_bin() -> PathBuf {
+    static FOUND: OnceLock<PathBuf> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let client = client_bin();
+            let dir = client.parent().expect("the client binary has a directory");
+            let server = dir.join(format!("replibox-server{}", std::env::consts::EXE_SUFFIX));
+            assert!(
+                server.is_file(),
+                "replibox-server not found at {}: cargo builds only the client's binary for these tests; \
+                 run `cargo build --workspace` first (with the same CARGO_TARGET_DIR and profile)",
+                server.display()
+            );
+            server
+        })
+        .clone()
+}
+
+// ---------------------------------------------------------------------------
+// The current test: what a failure report shows
+
+#[derive(Clone)]
+struct ProcInfo {
+    name: String,
+    pid: u32,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+#[derive(Default)]
+struct Current {
+    root: Option<PathBuf>,
+    procs: Vec<ProcInfo>,
+    reported: bool,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Current> = RefCell::new(Current::default());
+}
+
+fn register(info: ProcInfo) {
+    CURRENT.with(|c| c.borrow_mut().procs.push(info));
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = match fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) => return format!("    (cannot read {}: {e})\n", path.display()),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    let skip = all.len().saturating_sub(lines);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("    ... {skip} earlier lines in {}\n", path.display()));
+    }
+    for l in &all[skip..] {
+        out.push_str("    ");
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// Every process's output and a listing of the test dir, for a failure message.
+pub fn report() -> String {
+    CURRENT.with(|c| {
+        let c = c.borrow();
+        let mut out = String::new();
+        for p in &c.procs {
+            out.push_str(&format!("\n--- {} (pid {}) stdout:\n", p.name, p.pid));
+            out.push_str(&tail(&p.stdout, 40));
+            out.push_str(&format!("--- {} (pid {}) stderr:\n", p.name, p.pid));
+            out.push_str(&tail(&p.stderr, 80));
+        }
+        if let Some(root) = &c.root {
+            out.push_str(&format!("\n--- files under {}:\n", root.display()));
+            out.push_str(&files::listing(root, 300));
+        }
+        out
+    })
+}
+
+fn mark_reported() {
+    CURRENT.with(|c| c.borrow_mut().reported = true);
+}
+
+/// Panics with `msg` followed by the report.
+#[track_caller]
+pub fn fail(msg: impl std::fmt::Display) -> ! {
+    let report = report();
+    mark_reported();
+    panic!("{msg}\n{report}");
+}
+
+// ---------------------------------------------------------------------------
+// Waiting
+
+/// Polls `cond` until it holds; on timeout panics saying what was awaited, with
+/// every process's output and a listing of the test dir.
+#[track_caller]
+pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(deadline, what, || cond().then_some(()))
+}
+
+/// Polls `probe` until it gives a value, and returns it; on timeout panics like
+/// [`wait_until`].
+#[track_caller]
+pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(t) = probe() {
+            return t;
+        }
+        if start.elapsed() >= deadline {
+            fail(format!("timed out after {deadline:?} waiting for: {what}"));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Expected content of a tree: relative path -> bytes.
+pub type Want = std::collections::BTreeMap<String, Vec<u8>>;
+
+/// Waits until every root holds exactly `want` (paths, bytes, and no folder the
+/// files do not need; see [`files::check_tree`]); on timeout the panic shows the
+/// last difference found.
+#[track_caller]
+pub fn wait_trees(what: &str, roots: &[&Path], want: &Want) {
+    let start = Instant::now();
+    loop {
+        let last = match roots.iter().try_for_each(|r| files::check_tree(r, want)) {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if start.elapsed() >= DEADLINE {
+            fail(format!("timed out after {DEADLINE:?} waiting for: {what}\nlast difference: {last}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test dir
+
+/// A test's own directory, `target/tmp/process/NAME`. Kept when the test fails
+/// (its path is printed), removed when it passes.
+pub struct TestDir {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    /// Creates (emptied) the directory for test `name` and makes it the current one.
+    pub fn new(name: &str) -> TestDir {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("process").join(name);
+        if path.exists() {
+            fs::remove_dir_all(&path).unwrap_or_else(|e| panic!("cannot empty {}: {e}", path.display()));
+        }
+        fs::create_dir_all(path.join("logs")).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        CURRENT.with(|c| *c.borrow_mut() = Current { root: Some(path.clone()), procs: Vec::new(), reported: false });
+        TestDir { path }
+    }
+
+    /// A path inside the test dir.
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Creates a subdirectory and returns its path.
+    pub fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let p = self.path.join(rel);
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()));
+        p
+    }
+
+    fn log_paths(&self, name: &str) -> (PathBuf, PathBuf) {
+        let logs = self.path.join("logs");
+        let mut n = 1;
+        loop {
+            let stem = if n == 1 { name.to_string() } else { format!("{name}.{n}") };
+            let out = logs.join(format!("{stem}.stdout"));
+            if !out.exists() {
+                return (out, logs.join(format!("{stem}.stderr")));
+            }
+            n += 1;
+        }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let reported = CURRENT.with(|c| std::mem::take(&mut *c.borrow_mut()).reported);
+        if std::thread::panicking() {
+            if !reported {
+                // Processes are already killed (they were created after the dir, so
+                // dropped before it); their output stays in the files.
+                eprintln!("{}", report_for(&self.path));
+            }
+            eprintln!("test dir kept for inspection: {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn report_for(root: &Path) -> String {
+    let mut out = String::new();
+    let logs = root.join("logs");
+    let mut names: Vec<PathBuf> =
+        fs::read_dir(&logs).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    names.sort();
+    for p in names {
+        out.push_str(&format!("\n--- {}:\n", p.file_name().unwrap_or_default().to_string_lossy()));
+        out.push_str(&tail(&p, 80));
+    }
+    out.push_str(&format!("\n--- files under {}:\n", root.display()));
+    out.push_str(&files::listing(root, 300));
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Ports
+
+/// A port on `ip` that nothing listens on now, outside the kernel's ephemeral
+/// range (so no outgoing connection takes it meanwhile), different for every call
+/// in this process and spread by pid between concurrent test processes.
+pub fn free_port(ip: IpAddr) -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const BASE: u16 = 20_000;
+    const SPAN: u16 = 12_000; // below 32768, where Linux's ephemeral range starts
+    let offset = ((std::process::id() % 97) as u16) * 120;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = BASE + (offset + n) % SPAN;
+        if TcpListener::bind(SocketAddr::new(ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip}");
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process with its output in files; SIGKILLed on drop.
+pub struct Proc {
+    /// Its name in reports.
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    status: Option<ExitStatus>,
+    /// File holding its stdout.
+    pub stdout_path: PathBuf,
+    /// File holding its stderr.
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr going to `logs/NAME.stdout|stderr` in the
+    /// test dir, and stdin piped (kept open until [`Proc::close_stdin`]) or null.
+    pub fn spawn(t: &TestDir, name: &str, mut cmd: Command, piped_stdin: bool) -> Proc {
+        let (stdout_path, stderr_path) = t.log_paths(name);
+        let out = File::create(&stdout_path).expect("create stdout file");
+        let err = File::create(&stderr_path).expect("create stderr file");
+        cmd.stdout(out).stderr(err).stdin(if piped_stdin { Stdio::piped() } else { Stdio::null() });
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let stdin = child.stdin.take();
+        register(ProcInfo {
+            name: name.to_string(),
+            pid: child.id(),
+            stdout: stdout_path.clone(),
+            stderr: stderr_path.clone(),
+        });
+        Proc { name: name.to_string(), child, stdin, status: None, stdout_path, stderr_path }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read(&self.stdout_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read(&self.stderr_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Writes one line to its stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap_or_else(|| fail(format!("{}: stdin is not open", self.name)));
+        if let Err(e) = stdin.write_all(format!("{line}\n").as_bytes()).and_then(|_| stdin.flush()) {
+            fail(format!("{}: cannot write {line:?} to its stdin: {e}", self.name));
+        }
+    }
+
+    /// Closes its stdin (end of input).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Its exit status if it has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.name));
+        }
+        self.status
+    }
+
+    /// True while it runs.
+    pub fn running(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+
+    /// Sends a signal by name (`INT`, `TERM`, `STOP`, `CONT`, `KILL`).
+    pub fn signal(&mut self, sig: &str) {
+        if !self.running() {
+            fail(format!("cannot send SIG{sig} to {}: it has already ended", self.name));
+        }
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill: {e}"))
+            .success();
+        assert!(ok, "kill -s {sig} {} failed", self.pid());
+    }
+
+    /// SIGKILLs it (if still running) and reaps it.
+    pub fn kill(&mut self) -> ExitStatus {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = Some(self.child.wait().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.name)));
+        }
+        self.status.unwrap()
+    }
+
+    /// Waits for it to end on its own.
+    #[track_caller]
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let what = format!("{} to exit", self.name);
+        wait_for(deadline, &what, || self.try_status())
+    }
+
+    /// Peak resident set size (VmHWM) in KiB, from /proc.
+    pub fn vm_hwm_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| fail(format!("cannot read /proc status of {}: {e}", self.name)));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| fail(format!("no VmHWM in /proc status of {}", self.name)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stdin = None;
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+
+/// How to start a server.
+#[derive(Clone, Debug)]
+pub struct ServerOpts {
+    /// Name in reports and log files.
+    pub name: String,
+    /// Address to listen on.
+    pub ip: IpAddr,
+    /// Port; None picks a free one.
+    pub port: Option<u16>,
+    /// Data dir; None is `NAME-data` in the test dir.
+    pub data: Option<PathBuf>,
+    /// Mode arguments, `["-p"]` for a primary (later `["-b", "HOST:PORT"]`).
+    pub mode: Vec<String>,
+    /// Further arguments.
+    pub extra: Vec<String>,
+}
+
+impl ServerOpts {
+    /// A primary named `name` on 127.0.0.1.
+    pub fn primary(name: &str) -> ServerOpts {
+        ServerOpts { name: name.into(), ip: SERVER_IP, port: None, data: None, mode: vec!["-p".into()], extra: vec![] }
+    }
+}
+
+/// A running (or stopped) `replibox-server`.
+pub struct Server {
+    /// How it was started; `port` and `data` are filled in.
+    pub opts: ServerOpts,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data dir.
+    pub data: PathBuf,
+    /// The process of its current run.
+    pub proc: Proc,
+}
+
+impl Server {
+    /// The usual single primary on 127.0.0.1.
+    pub fn primary(t: &TestDir) -> Server {
+        Server::start(t, ServerOpts::primary("server"))
+    }
+
+    /// Starts a server and waits until it accepts connections.
+    pub fn start(t: &TestDir, opts: ServerOpts) -> Server {
+        let data = opts.data.clone().unwrap_or_else(|| t.join(format!("{}-data", opts.name)));
+        let fixed = opts.port.is_some();
+        for _attempt in 0..5 {
+            let port = opts.port.unwrap_or_else(|| free_port(opts.ip));
+            let opts = ServerOpts { port: Some(port), data: Some(data.clone()), ..opts.clone() };
+            let mut proc = Proc::spawn(t, &opts.name, server_command(&opts), false);
+            let addr = SocketAddr::new(opts.ip, port);
+            let up = wait_for(DEADLINE, &format!("{} to listen on {addr}", opts.name), || {
+                if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                    return Some(true);
+                }
+                proc.try_status().map(|_| false)
+            });
+            if up {
+                return Server { opts, addr, data, proc };
+            }
+            let err = proc.stderr();
+            if fixed || !err.contains("cannot listen") {
+                fail(format!("{} exited at start-up: {}", opts.name, err.trim()));
+            }
+            // Someone took the port between the probe and the bind: try another.
+        }
+        fail(format!("{} could not find a free port", opts.name));
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same address and data dir (SIGKILLing the old run
+    /// first if it still runs).
+    pub fn restart(&mut self, t: &TestDir) {
+        self.proc.kill();
+        let again = Server::start(t, self.opts.clone());
+        self.proc = again.proc;
+    }
+
+    /// `DATA/users/USER`.
+    pub fn user_dir(&self, user: &str) -> PathBuf {
+        self.data.join("users").join(user)
+    }
+
+    /// `DATA/tmp`.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.data.join("tmp")
+    }
+
+    /// Its log (stderr) in this run.
+    pub fn log(&self) -> String {
+        self.proc.stderr()
+    }
+
+    /// The `stored user=U path=P ...` log lines of this run for one path, as
+    /// (version, size, device).
+    pub fn stored(&self, user: &str, path: &str) -> Vec<(u64, u64, String)> {
+        let prefix = format!("stored user={user} path={path} version=");
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(&prefix)? + prefix.len()..];
+                let (version, rest) = rest.split_once(" size=")?;
+                let (size, device) = rest.split_once(" device=")?;
+                Some((version.parse().ok()?, size.parse().ok()?, device.trim().to_string()))
+            })
+            .collect()
+    }
+
+    /// `replibox-server --status` of this server, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(server_bin())
+            .args(["--status", &self.addr.to_string()])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run replibox-server --status: {e}"));
+        if !out.status.success() {
+            fail(format!("--status failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            fail(format!("--status printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        })
+    }
+}
+
+fn server_command(opts: &ServerOpts) -> Command {
+    let mut cmd = Command::new(server_bin());
+    cmd.args(&opts.mode)
+        .args(["--port", &opts.port.unwrap().to_string()])
+        .args(["--bind", &opts.ip.to_string()])
+        .arg("--data")
+        .arg(opts.data.as_ref().unwrap())
+        .args(&opts.extra)
+        .env("RUST_LOG", std::env::var("REPLIBOX_TEST_SERVER_LOG").unwrap_or_else(|_| "info".into()))
+        .env_remove("RUST_BACKTRACE");
+    cmd
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// How to start a client.
+#[derive(Clone, Debug)]
+pub struct ClientOpts {
+    /// Name in reports and log files (and of its default directories).
+    pub name: String,
+    /// The user.
+    pub user: String,
+    /// The server it is given.
+    pub server: SocketAddr,
+    /// `--bind`.
+    pub bind: IpAddr,
+    /// `--sync-dir`; None is `NAME-sync` in the test dir.
+    pub sync_dir: Option<PathBuf>,
+    /// `--headless` (otherwise commands come on stdin).
+    pub headless: bool,
+    /// Working directory (where `download` writes); None is `NAME-cwd` in the test dir.
+    pub cwd: Option<PathBuf>,
+}
+
+impl ClientOpts {
+    /// A device of `user` named `name`, connecting from `bind` to `server`.
+    pub fn new(name: &str, user: &str, server: &Server, bind: IpAddr) -> ClientOpts {
+        ClientOpts {
+            name: name.into(),
+            user: user.into(),
+            server: server.addr,
+            bind,
+            sync_dir: None,
+            headless: true,
+            cwd: None,
+        }
+    }
+
+    /// Reads commands from stdin instead of running headless.
+    pub fn interactive(mut self) -> ClientOpts {
+        self.headless = false;
+        self
+    }
+}
+
+/// A command's outcome: its stdout lines, or its stderr message.
+pub type Outcome = Result<String, String>;
+
+/// A `replibox-client` process.
+pub struct Client {
+    /// How it was started; `sync_dir` and `cwd` are filled in.
+    pub opts: ClientOpts,
+    /// Its sync dir.
+    pub sync_dir: PathBuf,
+    /// Its working directory.
+    pub cwd: PathBuf,
+    /// The process of its current run.
+    pub proc: Proc,
+}
+
+impl Client {
+    /// Starts a headless device and waits until its login sync is done.
+    pub fn headless(t: &TestDir, name: &str, user: &str, server: &Server, bind: IpAddr) -> Client {
+        let c = Client::spawn(t, ClientOpts::new(name, user, server, bind));
+        c.wait_logged_in();
+        c
+    }
+
+    /// Starts a device reading commands from stdin and waits until its login sync
+    /// is done.
+    pub fn interactive(t: &TestDir, name: &str, user: &str, server: &Server, bind: IpAddr) -> Client {
+        let c = Client::spawn(t, ClientOpts::new(name, user, server, bind).interactive());
+        c.wait_logged_in();
+        c
+    }
+
+    /// Starts a client without waiting for anything.
+    pub fn spawn(t: &TestDir, opts: ClientOpts) -> Client {
+        let sync_dir = opts.sync_dir.clone().unwrap_or_else(|| t.join(format!("{}-sync", opts.name)));
+        let cwd = opts.cwd.clone().unwrap_or_else(|| t.join(format!("{}-cwd", opts.name)));
+        fs::create_dir_all(&cwd).unwrap_or_else(|e| panic!("cannot create {}: {e}", cwd.display()));
+        let opts = ClientOpts { sync_dir: Some(sync_dir.clone()), cwd: Some(cwd.clone()), ..opts };
+        let mut cmd = Command::new(client_bin());
+        cmd.arg(&opts.user)
+            .arg(opts.server.ip().to_string())
+            .arg(opts.server.port().to_string())
+            .arg("--sync-dir")
+            .arg(&sync_dir)
+            .args(["--bind", &opts.bind.to_string()])
+            .current_dir(&cwd)
+            .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("RUST_BACKTRACE");
+        if opts.headless {
+            cmd.arg("--headless");
+        }
+        let proc = Proc::spawn(t, &opts.name, cmd, !opts.headless);
+        Client { opts, sync_dir, cwd, proc }
+    }
+
+    /// Starts it again with the same options (the previous run must have ended).
+    pub fn restart(&mut self, t: &TestDir) {
+        if self.proc.running() {
+            fail(format!("{} is still running; stop it before restarting it", self.opts.name));
+        }
+        let again = Client::spawn(t, self.opts.clone());
+        self.proc = again.proc;
+        self.wait_logged_in();
+    }
+
+    /// Waits for the outcome line of the login's get_sync_dir on stdout.
+    #[track_caller]
+    pub fn wait_logged_in(&self) {
+        let name = &self.opts.name;
+        let pid = self.proc.pid();
+        wait_until(DEADLINE, &format!("{name} to log in and finish its first sync"), || {
+            if self.proc.stdout().lines().any(|l| l.contains("in sync with the server")) {
+                return true;
+            }
+            // try_status needs &mut; peek at /proc instead to notice an early exit.
+            if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+                fail(format!("{name} ended before logging in"));
+            }
+            false
+        });
+    }
+
+    /// A path inside its sync dir.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.sync_dir.join(rel)
+    }
+
+    /// The device label used in conflicted-copy names (8 hex digits).
+    pub fn device_label(&self) -> String {
+        let id = fs::read_to_string(self.sync_dir.join(".replibox/device"))
+            .unwrap_or_else(|e| fail(format!("{} has no device id: {e}", self.opts.name)));
+        id.trim()[..8].to_string()
+    }
+
+    /// The full device id, as the server logs it.
+    pub fn device_id(&self) -> String {
+        fs::read_to_string(self.sync_dir.join(".replibox/device"))
+            .unwrap_or_else(|e| fail(format!("{} has no device id: {e}", self.opts.name)))
+            .trim()
+            .to_string()
+    }
+
+    /// Runs one command on an interactive client and returns its outcome: the new
+    /// stdout (up to the `N files` line for the list commands, one line otherwise),
+    /// or the new error line on stderr.
+    #[track_caller]
+    pub fn cmd(&mut self, line: &str) -> Outcome {
+        let out_mark = self.proc.stdout().len();
+        let err_mark = self.proc.stderr().len();
+        self.proc.send_line(line);
+        let is_list = line.trim_start().starts_with("list_");
+        let what = format!("the outcome of {line:?} from {}", self.opts.name);
+        let pid = self.proc.pid();
+        wait_for(DEADLINE, &what, || {
+            let out = self.proc.stdout();
+            let new_out = &out[out_mark.min(out.len())..];
+            let complete: Vec<&str> = match new_out.rfind('\n') {
+                Some(i) => new_out[..i].lines().collect(),
+                None => vec![],
+            };
+            if is_list {
+                if let Some(end) = complete.iter().position(|l| is_count_line(l)) {
+                    return Some(Ok(complete[..=end].join("\n")));
+                }
+            } else if let Some(first) = complete.first() {
+                return Some(Ok(first.to_string()));
+            }
+            let err = self.proc.stderr();
+            let new_err = &err[err_mark.min(err.len())..];
+            let complete_err = new_err.rfind('\n').map_or("", |i| &new_err[..i]);
+            if let Some(l) = complete_err.lines().find(|l| is_command_error(l)) {
+                return Some(Err(l.to_string()));
+            }
+            if is_zombie(pid) || !Path::new(&format!("/proc/{pid}")).exists() {
+                fail(format!("{} ended while running {line:?}", self.opts.name));
+            }
+            None
+        })
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    #[track_caller]
+    pub fn ok(&mut self, line: &str) -> String {
+        match self.cmd(line) {
+            Ok(out) => out,
+            Err(e) => fail(format!("{line:?} on {} failed: {e}", self.opts.name)),
+        }
+    }
+
+    /// Runs a command that must fail; returns its error line.
+    #[track_caller]
+    pub fn err(&mut self, line: &str) -> String {
+        match self.cmd(line) {
+            Err(e) => e,
+            Ok(out) => fail(format!("{line:?} on {} should have failed, printed: {out}", self.opts.name)),
+        }
+    }
+
+    /// Stops a headless client with SIGINT (or an interactive one with `exit`) and
+    /// waits for it to end; returns its exit status.
+    #[track_caller]
+    pub fn stop(&mut self) -> ExitStatus {
+        if self.opts.headless {
+            self.proc.signal("INT");
+        } else {
+            self.proc.send_line("exit");
+        }
+        self.proc.wait_exit(DEADLINE)
+    }
+
+    /// Background activity lines (stderr) so far.
+    pub fn activity(&self) -> String {
+        self.proc.stderr()
+    }
+}
+
+fn is_count_line(l: &str) -> bool {
+    let mut words = l.split(' ');
+    matches!(
+        (words.next().map(|n| n.parse::<u64>().is_ok()), words.next(), words.next()),
+        (Some(true), Some("file" | "files"), None)
+    )
+}
+
+/// Lines the client prints on stderr for a failed command (not background
+/// activity, not log records).
+fn is_command_error(l: &str) -> bool {
+    l.starts_with("error: ") || l.starts_with("usage: ") || l.starts_with("unknown command")
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// A server and two headless devices of `user` on 127.0.0.4 and 127.0.0.5.
+pub fn server_and_two_devices(t: &TestDir, user: &str) -> (Server, Client, Client) {
+    let server = Server::primary(t);
+    let d1 = Client::headless(t, "dev1", user, &server, DEVICE1_IP);
+    let d2 = Client::headless(t, "dev2", user, &server, DEVICE2_IP);
+    (server, d1, d2)
+}

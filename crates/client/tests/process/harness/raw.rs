@@ -1,0 +1,150 @@
+//! A protocol connection driven by hand, for sending what a real client never
+//! would.
+
+use super::{fail, DEADLINE};
+use replibox_proto::{read_frame, write_frame, DeviceId, Epoch, Frame, Msg, Op, OpResult, ProtoError, Seq, Who};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A raw connection to a server.
+pub struct Raw {
+    /// The socket.
+    pub stream: TcpStream,
+    /// What it is, for messages.
+    pub what: String,
+    seq: u64,
+}
+
+impl Raw {
+    /// Connects (from 127.0.0.1).
+    pub fn connect(addr: SocketAddr, what: &str) -> Raw {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| fail(format!("{what}: cannot connect to {addr}: {e}")));
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.set_write_timeout(Some(DEADLINE)).unwrap();
+        Raw { stream, what: what.to_string(), seq: 0 }
+    }
+
+    /// Connects and logs in as a client of `user` with device id `device`;
+    /// panics unless welcomed.
+    pub fn login(addr: SocketAddr, user: &str, device: &str, what: &str) -> Raw {
+        let mut r = Raw::connect(addr, what);
+        r.send(&hello(user, device));
+        match r.recv() {
+            Some(Frame { msg: Msg::Welcome { last_seq, .. }, .. }) => {
+                r.seq = last_seq.0;
+                r
+            }
+            other => fail(format!("{what}: login of {user} not welcomed: {other:?}")),
+        }
+    }
+
+    /// Writes bytes as they are.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.stream.write_all(bytes).and_then(|_| self.stream.flush()) {
+            fail(format!("{}: cannot send: {e}", self.what));
+        }
+    }
+
+    /// Writes one well-formed frame.
+    pub fn send(&mut self, msg: &Msg) {
+        self.send_with(msg, &[]);
+    }
+
+    /// Writes one well-formed frame with a payload.
+    pub fn send_with(&mut self, msg: &Msg, payload: &[u8]) {
+        if let Err(e) = write_frame(&mut self.stream, Epoch(0), msg, payload) {
+            fail(format!("{}: cannot send {}: {e}", self.what, msg.kind()));
+        }
+    }
+
+    /// Reads one frame (None: the server closed the connection cleanly).
+    pub fn recv(&mut self) -> Option<Frame> {
+        match read_frame(&mut self.stream) {
+            Ok(f) => f,
+            Err(ProtoError::Io(e)) if e.kind() == ErrorKind::ConnectionReset => None,
+            Err(e) => fail(format!("{}: reading a frame: {e}", self.what)),
+        }
+    }
+
+    /// The next request sequence number of this connection's device.
+    pub fn next_seq(&mut self) -> Seq {
+        self.seq += 1;
+        Seq(self.seq)
+    }
+
+    /// Sends a request with the next sequence number and returns the reply's result,
+    /// skipping pushed notices and pongs.
+    pub fn request(&mut self, op: Op) -> OpResult {
+        let seq = self.next_seq();
+        self.send(&Msg::Request { seq, op });
+        loop {
+            match self.recv() {
+                Some(Frame { msg: Msg::Reply { seq: s, result }, .. }) if s == seq => return result,
+                Some(Frame { msg: Msg::Notice { .. } | Msg::Pong, .. }) => {}
+                other => fail(format!("{}: expected the reply to request {seq}, got {other:?}", self.what)),
+            }
+        }
+    }
+
+    /// Waits (up to [`DEADLINE`]) for the server to close the connection; returns
+    /// the frames it sent first. Panics if the connection stays open.
+    pub fn expect_closed(&mut self) -> Vec<Frame> {
+        self.wait_closed(DEADLINE)
+    }
+
+    /// Like [`Raw::expect_closed`] with another deadline.
+    pub fn wait_closed(&mut self, deadline: Duration) -> Vec<Frame> {
+        let start = Instant::now();
+        let _ = self.stream.set_read_timeout(Some(deadline));
+        let mut frames = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset || e.kind() == ErrorKind::BrokenPipe => break,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    fail(format!("{}: the server kept the connection open for {:?}", self.what, start.elapsed()))
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => fail(format!("{}: waiting for the close: {e}", self.what)),
+            }
+        }
+        let mut r = &pending[..];
+        while let Ok(Some(f)) = read_frame(&mut r) {
+            frames.push(f);
+        }
+        frames
+    }
+
+    /// Closes the sending side (the server then reads end of stream).
+    pub fn shutdown_write(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+/// A client hello with protocol version 1.
+pub fn hello(user: &str, device: &str) -> Msg {
+    Msg::Hello {
+        version: replibox_proto::PROTOCOL_VERSION,
+        who: Who::Client { user: user.into(), device: DeviceId(device.into()), callback_port: 9 },
+    }
+}
+
+/// A frame built by hand: a length prefix and a header given as text.
+pub fn frame_bytes(header: &str) -> Vec<u8> {
+    let mut out = (header.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out
+}
+
+/// The refusal reason among frames, if any.
+pub fn refusal(frames: &[Frame]) -> Option<String> {
+    frames.iter().find_map(|f| match &f.msg {
+        Msg::Refused { reason } => Some(reason.clone()),
+        _ => None,
+    })
+}

@@ -1,0 +1,23 @@
+//! Process tests: the real `replibox-server` and `replibox-client` binaries on
+//! loopback addresses, checked on disk.
+//!
+//! The server listens on 127.0.0.1; a user's two devices connect from 127.0.0.4
+//! and 127.0.0.5 (a third from 127.0.0.6), so that each looks like its own machine.
+//! Every test has its own directory under `target/tmp/process/` (kept when it fails)
+//! and its own port, so the tests run in parallel.
+//!
+//! Run `cargo build --workspace` first: cargo builds only the client's binary for
+//! the client's tests, and the server binary is taken from the same directory.
+//!
+//! Modules by topic:
+//! - [`sync`]: live sync between two devices; a slow writer; echo suppression.
+//! - [`offline`]: reconciliation at login, conflicted copies.
+//! - [`devices`]: the two-device limit; a client killed mid-upload.
+//! - [`restart`]: a server restarted on its data dir.
+//! - [`memory`]: peak memory while a big file crosses.
+//! - [`bad_input`]: hostile bytes on the server port; paths escaping a user's dir.
+//! - [`cli`]: the commands read from stdin.
+
+#[allow(dead_code)] // the harness also serves tests still to come (replication)
+mod harness;
+
