@@ -21,3 +21,10 @@
 #[allow(dead_code)] // the harness also serves tests still to come (replication)
 mod harness;
 
+mod bad_input;
+mod cli;
+mod devices;
+mod memory;
+mod offline;
+mod restart;
+mod sync;

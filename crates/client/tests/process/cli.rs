@@ -1,0 +1,97 @@
+//! The commands read from stdin.
+
+use crate::harness::files::{holds, put, seeded};
+use crate::harness::*;
+use crate::restart::listed;
+use std::fs;
+
+/// `upload` of a file from outside the sync dir prints its outcome once the server
+/// has stored it, and the file reaches both sync dirs; `download NAME` writes a copy
+/// into the working directory that is not synced; `list_server`/`list_client` show
+/// names and sizes; `delete` removes the file everywhere; a missing file, an
+/// unknown name or an unknown command print an error on stderr and the session goes
+/// on; errors make the final exit code non-zero; end of input works like `exit`.
+#[test]
+fn cli_commands_work_and_errors_leave_the_session_running() {
+    let t = TestDir::new("cli_commands");
+    let server = Server::primary(&t);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &server, DEVICE1_IP);
+    let d2 = Client::headless(&t, "dev2", "alice", &server, DEVICE2_IP);
+    let users = server.user_dir("alice");
+
+    // upload from outside the sync dir (a multi-chunk file, a name with a space).
+    let report = seeded(41, 700 * 1024 + 3);
+    let outside = t.mkdir("outside");
+    put(&outside.join("report 2026.pdf"), &report);
+    let out = d1.ok(&format!("upload {}", outside.join("report 2026.pdf").display()));
+    assert!(out.contains("report 2026.pdf"), "the upload outcome should name the file: {out}");
+    // The outcome is printed only once the server stored the file: no waiting here.
+    assert!(holds(&users.join("report 2026.pdf"), &report), "upload printed its outcome before the server stored it");
+    assert!(holds(&outside.join("report 2026.pdf"), &report), "the uploaded source changed");
+    wait_until(DEADLINE, "the uploaded file in both sync dirs", || {
+        holds(&d1.path("report 2026.pdf"), &report) && holds(&d2.path("report 2026.pdf"), &report)
+    });
+
+    // A nested file made on device 2, for download and the listings.
+    put(&d2.path("docs/notes.txt"), b"notes from device 2");
+    wait_until(DEADLINE, "docs/notes.txt on device 1", || holds(&d1.path("docs/notes.txt"), b"notes from device 2"));
+
+    // download: a copy in the working directory, named after the file.
+    let out = d1.ok("download report 2026.pdf");
+    assert!(out.contains("report 2026.pdf"), "the download outcome should name the file: {out}");
+    assert!(holds(&d1.cwd.join("report 2026.pdf"), &report), "download did not write the copy in the working dir");
+    d1.ok("download docs/notes.txt");
+    assert!(holds(&d1.cwd.join("notes.txt"), b"notes from device 2"), "download of a nested file");
+    // That copy is not synced: changing it changes nothing on the server.
+    fs::write(d1.cwd.join("notes.txt"), b"changed in the working dir only").unwrap();
+
+    let mut sizes = std::collections::BTreeMap::new();
+    sizes.insert("docs/notes.txt".to_string(), 19u64);
+    sizes.insert("report 2026.pdf".to_string(), report.len() as u64);
+    assert_eq!(listed(&d1.ok("list_server")), sizes, "list_server");
+    assert_eq!(listed(&d1.ok("list_client")), sizes, "list_client");
+    assert!(holds(&users.join("docs/notes.txt"), b"notes from device 2"), "the downloaded copy was synced");
+
+    // Errors, each followed by a working command.
+    let missing = t.join("no such file.txt");
+    for line in [
+        format!("upload {}", missing.display()),
+        "download nosuch.txt".to_string(),
+        "delete nosuch.txt".to_string(),
+        "download docs".to_string(),
+        "frobnicate".to_string(),
+        "upload".to_string(),
+    ] {
+        let e = d1.err(&line);
+        assert!(!e.trim().is_empty(), "{line}: empty error message");
+        assert_eq!(listed(&d1.ok("list_client")), sizes, "list_client after {line:?}");
+    }
+    assert!(!d1.cwd.join("nosuch.txt").exists(), "a failed download left a file");
+
+    // delete: gone from the server and this sync dir when the outcome is printed,
+    // then from the other device.
+    let out = d1.ok("delete report 2026.pdf");
+    assert!(out.contains("report 2026.pdf"), "the delete outcome should name the file: {out}");
+    assert!(!users.join("report 2026.pdf").exists(), "delete printed its outcome before the server deleted");
+    assert!(!d1.path("report 2026.pdf").exists(), "delete left the file in this device's sync dir");
+    wait_until(DEADLINE, "the delete to reach device 2", || !d2.path("report 2026.pdf").exists());
+    sizes.remove("report 2026.pdf");
+    assert_eq!(listed(&d1.ok("list_server")), sizes, "list_server after delete");
+    assert!(holds(&d1.cwd.join("report 2026.pdf"), &report), "delete removed the downloaded copy");
+
+    // get_sync_dir by hand.
+    let out = d1.ok("get_sync_dir");
+    assert!(out.contains("in sync with the server"), "get_sync_dir: {out}");
+
+    // exit: "bye", and a non-zero code because commands failed.
+    let status = d1.stop();
+    assert!(!status.success(), "the session had errors, so the exit code should be non-zero; got {status}");
+
+    // End of input works like exit, and a session without errors exits with 0.
+    let mut d3 = Client::interactive(&t, "dev3", "alice", &server, DEVICE3_IP);
+    assert!(holds(&d3.path("docs/notes.txt"), b"notes from device 2"), "a new device logs in in sync");
+    assert!(listed(&d3.ok("list_client")).contains_key("docs/notes.txt"));
+    d3.proc.close_stdin();
+    let status = d3.proc.wait_exit(DEADLINE);
+    assert!(status.success(), "end of input should end a clean session with 0, got {status}");
+}

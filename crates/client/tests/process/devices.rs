@@ -1,0 +1,102 @@
+//! The two-device limit, and what a device's death leaves behind.
+
+use crate::harness::files::{put, tree, write_seeded};
+use crate::harness::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+/// A third device of one user is refused with a clear message and a non-zero
+/// exit; it syncs nothing; the first two keep syncing both ways; another user is
+/// not affected by alice's limit.
+#[test]
+fn a_third_device_is_refused_and_the_first_two_keep_syncing() {
+    let t = TestDir::new("devices_third_refused");
+    let (server, d1, d2) = server_and_two_devices(&t, "alice");
+    let users = server.user_dir("alice");
+    put(&d1.path("before.txt"), b"there before the third device");
+    let mut want = Want::new();
+    want.insert("before.txt".into(), b"there before the third device".to_vec());
+    wait_trees("before.txt everywhere", &[&d1.sync_dir, &d2.sync_dir, &users], &want);
+
+    for interactive in [false, true] {
+        let name = if interactive { "dev3-interactive" } else { "dev3-headless" };
+        let mut opts = ClientOpts::new(name, "alice", &server, DEVICE3_IP);
+        if interactive {
+            opts = opts.interactive();
+        }
+        let mut d3 = Client::spawn(&t, opts);
+        let status = d3.proc.wait_exit(DEADLINE);
+        let err = d3.proc.stderr();
+        assert!(!status.success(), "{name} should exit with a non-zero code, got {status}; stderr: {err}");
+        assert!(
+            err.contains("login refused") && err.contains("2 devices"),
+            "{name} should say that the login was refused because alice has 2 devices connected: {err}"
+        );
+        assert_eq!(d3.proc.stdout(), "", "{name} printed an outcome although refused");
+        assert!(tree(&d3.sync_dir).files.is_empty(), "{name} received files although refused");
+    }
+
+    put(&d1.path("after/from 1.txt"), b"from device 1 after the refusal");
+    put(&d2.path("from 2.txt"), b"from device 2 after the refusal");
+    want.insert("after/from 1.txt".into(), b"from device 1 after the refusal".to_vec());
+    want.insert("from 2.txt".into(), b"from device 2 after the refusal".to_vec());
+    wait_trees("the first two devices to keep syncing", &[&d1.sync_dir, &d2.sync_dir, &users], &want);
+    assert_eq!(server.status()["sessions"], 2, "the server should hold alice's two sessions only");
+
+    // The limit is per user.
+    let bob = Client::headless(&t, "bob", "bob", &server, DEVICE3_IP);
+    put(&bob.path("bob.txt"), b"bob's");
+    wait_until(DEADLINE, "bob's file on the server", || {
+        files::holds(&server.user_dir("bob").join("bob.txt"), b"bob's")
+    });
+    wait_trees("alice's files untouched by bob", &[&d1.sync_dir, &d2.sync_dir, &users], &want);
+}
+
+/// A client SIGKILLed in the middle of uploading a 256 MiB file: nothing partial
+/// appears under `DATA/users`, `DATA/tmp` is emptied, no other device receives
+/// anything of it, and its device slot is freed (two other devices log in).
+#[test]
+fn a_client_killed_mid_upload_leaves_no_partial_file_and_frees_its_slot() {
+    let t = TestDir::new("devices_killed_mid_upload");
+    let server = Server::primary(&t);
+    let mut d1 = Client::headless(&t, "dev1", "alice", &server, DEVICE1_IP);
+    let users = server.user_dir("alice");
+    put(&d1.path("before.txt"), b"stored before the crash");
+    let mut want = Want::new();
+    want.insert("before.txt".into(), b"stored before the crash".to_vec());
+    wait_trees("before.txt on the server", &[&users], &want);
+
+    // Written outside, then moved in: the upload starts as soon as it is seen.
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let src = t.join("big.bin");
+    write_seeded(&src, 9, SIZE);
+    fs::rename(&src, d1.path("big.bin")).unwrap();
+
+    // Kill the client while the server holds part of the file in DATA/tmp. This
+    // polls tightly: the transfer takes about a second on an idle machine.
+    let tmp = server.tmp_dir();
+    let start = Instant::now();
+    let partial = loop {
+        let in_flight: Vec<u64> = tree(&tmp).files.into_values().collect();
+        if let Some(&n) = in_flight.iter().find(|&&n| n > 0 && n < SIZE / 2) {
+            d1.proc.kill();
+            break n;
+        }
+        if users.join("big.bin").exists() || start.elapsed() > DEADLINE {
+            fail("missed the moment: the upload finished (or never started) before the client could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    eprintln!("killed the client with {partial} bytes in DATA/tmp");
+
+    wait_until(DEADLINE, "DATA/tmp to be emptied after the crash", || tree(&tmp).files.is_empty());
+    files::check_tree(&users, &want).unwrap_or_else(|e| fail(format!("a partial file is visible: {e}")));
+    assert!(server.stored("alice", "big.bin").is_empty(), "the server logged storing big.bin");
+
+    // Two other devices can log in: the dead device's slot was freed.
+    let d2 = Client::headless(&t, "dev2", "alice", &server, DEVICE2_IP);
+    let d3 = Client::headless(&t, "dev3", "alice", &server, DEVICE3_IP);
+    wait_trees("the new devices to hold only what was stored", &[&d2.sync_dir, &d3.sync_dir, &users], &want);
+    assert_eq!(server.status()["sessions"], 2, "the dead device's session should be gone");
+    assert!(d1.proc.try_status().is_some());
+}
