@@ -95,3 +95,52 @@ fn cli_commands_work_and_errors_leave_the_session_running() {
     let status = d3.proc.wait_exit(DEADLINE);
     assert!(status.success(), "end of input should end a clean session with 0, got {status}");
 }
+
+/// The command line is a contract: `--help` names every option, the sync dir
+/// defaults to `./sync_dir_USER`, and an invalid username or a missing argument is
+/// an error with a message and a non-zero exit.
+#[test]
+fn command_line_contract() {
+    let t = TestDir::new("cli_contract");
+    let help = |bin: std::path::PathBuf| {
+        let out = std::process::Command::new(&bin).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{} --help failed", bin.display());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let client_help = help(client_bin());
+    for word in ["USER", "HOST", "PORT", "--sync-dir", "--bind", "--headless"] {
+        assert!(client_help.contains(word), "replibox-client --help should mention {word}:\n{client_help}");
+    }
+    let server_help = help(server_bin());
+    for word in ["-p", "--port", "--bind", "--data", "--status"] {
+        assert!(server_help.contains(word), "replibox-server --help should mention {word}:\n{server_help}");
+    }
+
+    let server = Server::primary(&t);
+    // No --sync-dir: ./sync_dir_alice in the working directory.
+    let cwd = t.mkdir("home");
+    let mut opts = ClientOpts::new("default-dir", "alice", &server, DEVICE1_IP).interactive();
+    opts.cwd = Some(cwd.clone());
+    let mut c = Client::spawn_without_sync_dir(&t, opts);
+    wait_until(DEADLINE, "the default sync dir's outcome line", || {
+        c.proc.stdout().lines().any(|l| l.contains("in sync with the server"))
+    });
+    assert!(cwd.join("sync_dir_alice/.replibox").is_dir(), "the sync dir should default to ./sync_dir_alice");
+    put(&cwd.join("sync_dir_alice/hello.txt"), b"hello");
+    wait_until(DEADLINE, "a file in the default sync dir to reach the server", || {
+        holds(&server.user_dir("alice").join("hello.txt"), b"hello")
+    });
+    assert!(c.stop().success());
+
+    for (args, what) in [
+        (vec!["../bob", "127.0.0.1", "1"], "an invalid username"),
+        (vec![".alice", "127.0.0.1", "1"], "a username starting with a dot"),
+        (vec!["alice", "127.0.0.1"], "a missing port"),
+        (vec!["alice", "127.0.0.1", "not-a-port"], "a port that is not a number"),
+    ] {
+        let out = std::process::Command::new(client_bin()).args(&args).current_dir(&cwd).output().unwrap();
+        assert!(!out.status.success(), "{what}: should exit non-zero");
+        assert!(!out.stderr.is_empty(), "{what}: should say why on stderr");
+    }
+    assert!(!cwd.join("sync_dir_../bob").exists() && !t.join("bob").exists(), "an invalid username made a directory");
+}

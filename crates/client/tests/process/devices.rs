@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 /// A third device of one user is refused with a clear message and a non-zero
 /// exit; it syncs nothing; the first two keep syncing both ways; another user is
-/// not affected by alice's limit.
+/// not affected by alice's limit; once device 2 logs out (SIGTERM), a new device
+/// takes its slot.
 #[test]
 fn a_third_device_is_refused_and_the_first_two_keep_syncing() {
     let t = TestDir::new("devices_third_refused");
-    let (server, d1, d2) = server_and_two_devices(&t, "alice");
+    let (server, d1, mut d2) = server_and_two_devices(&t, "alice");
     let users = server.user_dir("alice");
     put(&d1.path("before.txt"), b"there before the third device");
     let mut want = Want::new();
@@ -43,6 +44,12 @@ fn a_third_device_is_refused_and_the_first_two_keep_syncing() {
     wait_trees("the first two devices to keep syncing", &[&d1.sync_dir, &d2.sync_dir, &users], &want);
     assert_eq!(server.status()["sessions"], 2, "the server should hold alice's two sessions only");
 
+    // The refused device really connected from its own address (--bind).
+    assert!(
+        server.log().lines().any(|l| l.contains("login refused") && l.contains(&format!("peer={DEVICE3_IP}:"))),
+        "the server should log the refusal of the device connecting from {DEVICE3_IP}"
+    );
+
     // The limit is per user.
     let bob = Client::headless(&t, "bob", "bob", &server, DEVICE3_IP);
     put(&bob.path("bob.txt"), b"bob's");
@@ -50,6 +57,16 @@ fn a_third_device_is_refused_and_the_first_two_keep_syncing() {
         files::holds(&server.user_dir("bob").join("bob.txt"), b"bob's")
     });
     wait_trees("alice's files untouched by bob", &[&d1.sync_dir, &d2.sync_dir, &users], &want);
+
+    // SIGTERM logs device 2 out cleanly, which frees its slot for a third device.
+    d2.proc.signal("TERM");
+    let status = d2.proc.wait_exit(DEADLINE);
+    assert!(status.success(), "device 2 should log out cleanly on SIGTERM, ended with {status}");
+    let d3 = Client::headless(&t, "dev3", "alice", &server, DEVICE4_IP);
+    wait_trees("the new device to get alice's files", &[&d3.sync_dir], &want);
+    put(&d3.path("from 3.txt"), b"from the device that took the freed slot");
+    want.insert("from 3.txt".into(), b"from the device that took the freed slot".to_vec());
+    wait_trees("the new device to sync with device 1", &[&d1.sync_dir, &d3.sync_dir, &users], &want);
 }
 
 /// A client SIGKILLed in the middle of uploading a 256 MiB file: nothing partial

@@ -199,7 +199,8 @@ pub fn wait_trees(what: &str, roots: &[&Path], want: &Want) {
 // The test dir
 
 /// A test's own directory, `target/tmp/process/NAME`. Kept when the test fails
-/// (its path is printed), removed when it passes.
+/// (its path is printed), removed when it passes unless `REPLIBOX_KEEP_TEST_DIRS`
+/// is set.
 pub struct TestDir {
     /// Its path.
     pub path: PathBuf,
@@ -253,7 +254,7 @@ impl Drop for TestDir {
                 eprintln!("{}", report_for(&self.path));
             }
             eprintln!("test dir kept for inspection: {}", self.path.display());
-        } else {
+        } else if std::env::var_os("REPLIBOX_KEEP_TEST_DIRS").is_none() {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
@@ -638,17 +639,30 @@ impl Client {
 
     /// Starts a client without waiting for anything.
     pub fn spawn(t: &TestDir, opts: ClientOpts) -> Client {
-        let sync_dir = opts.sync_dir.clone().unwrap_or_else(|| t.join(format!("{}-sync", opts.name)));
+        Client::start(t, opts, true)
+    }
+
+    /// Starts a client without `--sync-dir` (so it uses `./sync_dir_USER` in its
+    /// working directory), without waiting for anything.
+    pub fn spawn_without_sync_dir(t: &TestDir, opts: ClientOpts) -> Client {
+        Client::start(t, opts, false)
+    }
+
+    fn start(t: &TestDir, opts: ClientOpts, give_sync_dir: bool) -> Client {
         let cwd = opts.cwd.clone().unwrap_or_else(|| t.join(format!("{}-cwd", opts.name)));
+        let sync_dir = match (&opts.sync_dir, give_sync_dir) {
+            (Some(d), _) => d.clone(),
+            (None, true) => t.join(format!("{}-sync", opts.name)),
+            (None, false) => cwd.join(format!("sync_dir_{}", opts.user)),
+        };
         fs::create_dir_all(&cwd).unwrap_or_else(|e| panic!("cannot create {}: {e}", cwd.display()));
-        let opts = ClientOpts { sync_dir: Some(sync_dir.clone()), cwd: Some(cwd.clone()), ..opts };
+        let opts = ClientOpts { sync_dir: give_sync_dir.then(|| sync_dir.clone()), cwd: Some(cwd.clone()), ..opts };
         let mut cmd = Command::new(client_bin());
-        cmd.arg(&opts.user)
-            .arg(opts.server.ip().to_string())
-            .arg(opts.server.port().to_string())
-            .arg("--sync-dir")
-            .arg(&sync_dir)
-            .args(["--bind", &opts.bind.to_string()])
+        cmd.arg(&opts.user).arg(opts.server.ip().to_string()).arg(opts.server.port().to_string());
+        if give_sync_dir {
+            cmd.arg("--sync-dir").arg(&sync_dir);
+        }
+        cmd.args(["--bind", &opts.bind.to_string()])
             .current_dir(&cwd)
             .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("RUST_BACKTRACE");
@@ -664,7 +678,7 @@ impl Client {
         if self.proc.running() {
             fail(format!("{} is still running; stop it before restarting it", self.opts.name));
         }
-        let again = Client::spawn(t, self.opts.clone());
+        let again = Client::start(t, self.opts.clone(), self.opts.sync_dir.is_some());
         self.proc = again.proc;
         self.wait_logged_in();
     }
