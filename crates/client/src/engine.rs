@@ -78,6 +78,8 @@ pub struct Engine {
     refused: BTreeMap<String, LocalFile>,
     /// Paths with a write in progress (an inotify modify without its close-write yet).
     writing: HashMap<String, Instant>,
+    /// Paths not synced because a folder on their way is a symlink (reported once).
+    unconfined: BTreeSet<String>,
     /// When the next local pass is due.
     pass_due: Option<Instant>,
     /// Set when notices may have been missed: reconcile with a full listing.
@@ -141,6 +143,7 @@ impl Engine {
             device_label,
             refused: BTreeMap::new(),
             writing: HashMap::new(),
+            unconfined: BTreeSet::new(),
             pass_due: None,
             need_full: false,
             last_full: Instant::now(),
@@ -492,6 +495,10 @@ impl Engine {
 
     /// Fetches the server's version of `path` and puts it in place.
     fn fetch(&mut self, path: &str) -> Result<(), FrontError> {
+        if !scan::confined(&self.root, path) {
+            self.not_confined(path);
+            return Ok(());
+        }
         let tmp_path = self.tmp.join(format!("dl-{}", std::process::id()));
         let mut tmp = File::create(&tmp_path).map_err(|e| FrontError::Local(io_err("cannot create", &tmp_path, e)))?;
         let mut progress: Option<Progress> = None;
@@ -519,10 +526,23 @@ impl Engine {
         self.place(path, &tmp_path, &meta)
     }
 
+    /// Says (once per path) that `path` is not touched because a folder on its way
+    /// is a symlink.
+    fn not_confined(&mut self, path: &str) {
+        if self.unconfined.insert(path.to_string()) {
+            activity(format!("not syncing {path} here: a folder on its way is a symbolic link, which is not followed"));
+        }
+    }
+
     /// Moves a received file into place, keeping any local edit that appeared
     /// meanwhile as a conflicted copy.
     fn place(&mut self, path: &str, tmp_path: &Path, meta: &FileMeta) -> Result<(), FrontError> {
         let dest = self.abs(path);
+        if !scan::confined(&self.root, path) {
+            let _ = fs::remove_file(tmp_path);
+            self.not_confined(path);
+            return Ok(());
+        }
         if locally_changed(scan::stat(&self.root, path).as_ref(), self.index.get(path)) && dest.exists() {
             let same = hash_file(&dest).map(|h| h == meta.hash).unwrap_or(false);
             if !same {
@@ -550,6 +570,11 @@ impl Engine {
 
     fn delete_local(&mut self, path: &str) {
         let abs = self.abs(path);
+        if !scan::confined(&self.root, path) {
+            self.index.remove(path);
+            self.not_confined(path);
+            return;
+        }
         match fs::remove_file(&abs) {
             Ok(()) => activity(format!("deleted {path} (deleted on another device)")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -620,7 +645,8 @@ impl Engine {
     fn remote_rename(&mut self, from: &str, meta: &FileMeta) -> Result<(), FrontError> {
         let unchanged =
             self.index.get(from).is_some_and(|i| !locally_changed(scan::stat(&self.root, from).as_ref(), Some(i)));
-        let to_free = scan::stat(&self.root, &meta.path).is_none()
+        let to_free = scan::confined(&self.root, &meta.path)
+            && scan::stat(&self.root, &meta.path).is_none()
             && self.index.get(&meta.path).is_none_or(|i| i.version < meta.version);
         if unchanged && to_free {
             let dest = self.abs(&meta.path);

@@ -28,8 +28,31 @@ pub fn mtime_ns(md: &fs::Metadata) -> i128 {
     }
 }
 
-/// Stats one path inside the sync dir; None when it is not a regular file.
+/// True when every folder between `root` and `rel` is a real folder, or does not
+/// exist yet (it will be created as one): nothing read, written, moved or removed
+/// at `rel` goes through a symlink, which could lead outside the sync dir.
+pub fn confined(root: &Path, rel: &str) -> bool {
+    let mut dir = root.to_path_buf();
+    let mut parts: Vec<&str> = rel.split('/').collect();
+    parts.pop();
+    for part in parts {
+        dir.push(part);
+        match fs::symlink_metadata(&dir) {
+            Ok(md) if md.file_type().is_dir() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+            // A symlink, or a file where a folder should be.
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Stats one path inside the sync dir; None when it is not a regular file, or
+/// when a folder on its way is a symlink (never followed).
 pub fn stat(root: &Path, rel: &str) -> Option<LocalFile> {
+    if !confined(root, rel) {
+        return None;
+    }
     let md = fs::symlink_metadata(root.join(rel)).ok()?;
     md.file_type().is_file().then(|| LocalFile { size: md.len(), mtime_ns: mtime_ns(&md) })
 }
@@ -74,4 +97,31 @@ pub fn scan(root: &Path) -> BTreeMap<String, LocalFile> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinked_folders_are_not_confined() {
+        let root = std::env::temp_dir().join(format!("replibox-scan-confined-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let outside = root.with_extension("outside");
+        fs::create_dir_all(root.join("real/sub")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        fs::write(root.join("file"), b"x").unwrap();
+        assert!(confined(&root, "top.txt"));
+        assert!(confined(&root, "real/sub/x"));
+        assert!(confined(&root, "new/folders/x"));
+        assert!(!confined(&root, "link/f"));
+        assert!(!confined(&root, "link/deeper/f"));
+        assert!(!confined(&root, "file/x"));
+        assert!(stat(&root, "link/f").is_none(), "stat must not follow a symlinked folder");
+        assert!(!scan(&root).contains_key("link/f"));
+        let _ = fs::remove_dir_all(&root);
+        let _ = fs::remove_dir_all(&outside);
+    }
 }
