@@ -465,7 +465,11 @@ impl Engine {
                 return Ok(false);
             }
         }
-        self.set_aside(path);
+        if self.set_aside(path).is_none() && scan::stat(&self.root, path).is_some() {
+            // This device's version could not be moved aside: keep it rather than
+            // fetch the server's over it; the next full sync tries again.
+            return Ok(false);
+        }
         self.fetch(path)?;
         // The conflicted copy is a new local file: the next local pass sends it.
         self.pass_due = Some(Instant::now());
@@ -545,8 +549,11 @@ impl Engine {
         }
         if locally_changed(scan::stat(&self.root, path).as_ref(), self.index.get(path)) && dest.exists() {
             let same = hash_file(&dest).map(|h| h == meta.hash).unwrap_or(false);
-            if !same {
-                self.set_aside(path);
+            if !same && self.set_aside(path).is_none() {
+                // Never replace a local version that could not be kept aside.
+                let _ = fs::remove_file(tmp_path);
+                activity(format!("cannot receive {path}: this device's version could not be set aside, so it stays"));
+                return Ok(());
             }
         }
         if let Some(parent) = dest.parent() {
@@ -715,8 +722,15 @@ impl Engine {
                 let _ = f.set_modified(crate::from_ms(meta.mtime_ms));
             }
             let dest = self.abs(&name);
-            if locally_changed(scan::stat(&self.root, &name).as_ref(), self.index.get(&name)) && dest.exists() {
-                self.set_aside(&name);
+            if locally_changed(scan::stat(&self.root, &name).as_ref(), self.index.get(&name))
+                && dest.exists()
+                && self.set_aside(&name).is_none()
+            {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(format!(
+                    "uploaded {name} to the server, but {} was changed here and could not be set aside, so it stays",
+                    dest.display()
+                ));
             }
             fs::rename(&tmp_path, &dest).map_err(|e| io_err("cannot write", &dest, e))?;
         }

@@ -7,6 +7,7 @@
 
 use crate::index::Synced;
 use crate::scan::LocalFile;
+use replibox_proto::names::MAX_COMPONENT;
 use replibox_proto::{FileMeta, Version};
 
 /// What the engine should do with a path.
@@ -83,7 +84,8 @@ pub fn decide(server: Option<&FileMeta>, local: Option<&LocalFile>, index: Optio
 }
 
 /// `dir/name (conflicted copy DEVICE DATE).ext`, with ` 2`, ` 3`... after DATE
-/// while `taken` says the name exists.
+/// while `taken` says the name exists. The name is shortened (never the part from
+/// ` (conflicted copy` on) so that it stays within the file system's 255 bytes.
 pub fn conflicted_name(path: &str, device: &str, date: &str, taken: impl Fn(&str) -> bool) -> String {
     let (dir, file) = match path.rfind('/') {
         Some(i) => (&path[..=i], &path[i + 1..]),
@@ -97,12 +99,32 @@ pub fn conflicted_name(path: &str, device: &str, date: &str, taken: impl Fn(&str
     let mut n = 1;
     loop {
         let suffix = if n == 1 { String::new() } else { format!(" {n}") };
-        let candidate = format!("{dir}{stem} (conflicted copy {device} {date}{suffix}){ext}");
+        let mut tail = format!(" (conflicted copy {device} {date}{suffix}){ext}");
+        let mut stem = stem;
+        if tail.len() >= MAX_COMPONENT {
+            // An extension too long to keep: it becomes part of the name.
+            tail = format!(" (conflicted copy {device} {date}{suffix})");
+            stem = file;
+        }
+        let candidate = format!("{dir}{}{tail}", truncate(stem, MAX_COMPONENT.saturating_sub(tail.len())));
         if !taken(&candidate) {
             return candidate;
         }
         n += 1;
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character
+/// boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]
@@ -168,5 +190,26 @@ mod tests {
         assert_eq!(conflicted_name(".bashrc", "d", "x", never), ".bashrc (conflicted copy d x)");
         let first = "f (conflicted copy d x).txt".to_string();
         assert_eq!(conflicted_name("f.txt", "d", "x", |c| c == first), "f (conflicted copy d x 2).txt");
+    }
+
+    #[test]
+    fn conflicted_names_stay_within_255_bytes() {
+        let long = format!("dir/{}.txt", "n".repeat(240));
+        let copy = conflicted_name(&long, "0123abcd", "2026-11-26", |_| false);
+        let file = copy.strip_prefix("dir/").unwrap();
+        assert!(file.len() <= MAX_COMPONENT, "{} bytes", file.len());
+        assert!(file.ends_with(" (conflicted copy 0123abcd 2026-11-26).txt"), "{copy}");
+        assert!(file.starts_with("nnnn"));
+        // Multi-byte characters are cut whole.
+        let wide = format!("{}.md", "é".repeat(126));
+        let copy = conflicted_name(&wide, "d", "2026-11-26", |_| false);
+        assert!(copy.len() <= MAX_COMPONENT && copy.ends_with(" (conflicted copy d 2026-11-26).md"), "{copy}");
+        // An extension too long to keep whole.
+        let ext = format!("a.{}", "x".repeat(250));
+        let copy = conflicted_name(&ext, "d", "x", |_| false);
+        assert!(copy.len() <= MAX_COMPONENT && copy.ends_with(" (conflicted copy d x)"), "{copy}");
+        // Numbering keeps within the limit too.
+        let copy = conflicted_name(&long, "0123abcd", "2026-11-26", |c| !c.contains(" 2)"));
+        assert!(copy.strip_prefix("dir/").unwrap().len() <= MAX_COMPONENT && copy.contains("2026-11-26 2).txt"));
     }
 }
