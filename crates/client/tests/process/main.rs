@@ -13,6 +13,7 @@
 //! - [`sync`]: live sync between two devices; a slow writer; echo suppression.
 //! - [`offline`]: reconciliation at login, conflicted copies.
 //! - [`devices`]: the two-device limit; a client killed mid-upload.
+//! - [`edges`]: bursts, files becoming folders, symlinks, long names.
 //! - [`restart`]: a server restarted on its data dir.
 //! - [`memory`]: peak memory while a big file crosses.
 //! - [`bad_input`]: hostile bytes on the server port; paths escaping a user's dir.
@@ -24,6 +25,7 @@ mod harness;
 mod bad_input;
 mod cli;
 mod devices;
+mod edges;
 mod memory;
 mod offline;
 mod restart;
