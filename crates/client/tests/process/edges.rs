@@ -123,3 +123,70 @@ fn a_conflict_on_a_long_name_loses_nothing() {
     });
     assert!(files::holds(&users.join(&name), b"device 1's edit"), "the server's version keeps the name");
 }
+
+/// Both devices write different content to one file at the same moment, while
+/// online: they converge, and both versions survive (one under the name, the other
+/// as a conflicted copy).
+#[test]
+fn simultaneous_edits_on_both_devices_keep_both_versions() {
+    let t = TestDir::new("edges_simultaneous_edits");
+    let (server, d1, d2) = server_and_two_devices(&t, "alice");
+    let users = server.user_dir("alice");
+    put(&d1.path("shared.txt"), b"the original");
+    wait_until(DEADLINE, "shared.txt on device 2", || files::holds(&d2.path("shared.txt"), b"the original"));
+    let (a, b) = (seeded(51, 300_000), seeded(52, 200_000));
+    let (p1, p2) = (d1.path("shared.txt"), d2.path("shared.txt"));
+    let (a2, b2) = (a.clone(), b.clone());
+    let w1 = std::thread::spawn(move || put(&p1, &a2));
+    let w2 = std::thread::spawn(move || put(&p2, &b2));
+    w1.join().unwrap();
+    w2.join().unwrap();
+    wait_until(DEADLINE, "both devices and the server to agree, with both versions present", || {
+        let t1 = files::contents(&d1.sync_dir);
+        t1 == files::contents(&d2.sync_dir)
+            && t1 == files::contents(&users)
+            && t1.values().any(|v| *v == a)
+            && t1.values().any(|v| *v == b)
+    });
+}
+
+/// `mv a b` over an existing `b`: `a` is gone everywhere and `b` holds a's bytes.
+#[test]
+fn a_move_over_an_existing_file_replaces_it_everywhere() {
+    let t = TestDir::new("edges_move_over");
+    let (server, d1, d2) = server_and_two_devices(&t, "alice");
+    let users = server.user_dir("alice");
+    let roots = [d1.sync_dir.as_path(), d2.sync_dir.as_path(), users.as_path()];
+    let mut want = Want::new();
+    want.insert("a.txt".into(), b"content of a".to_vec());
+    want.insert("b.txt".into(), b"content of b, to be replaced".to_vec());
+    for (p, bytes) in &want {
+        put(&d1.path(p), bytes);
+    }
+    wait_trees("a.txt and b.txt everywhere", &roots, &want);
+    fs::rename(d1.path("a.txt"), d1.path("b.txt")).unwrap();
+    want.remove("a.txt");
+    want.insert("b.txt".into(), b"content of a".to_vec());
+    wait_trees("b.txt replaced by a.txt everywhere", &roots, &want);
+}
+
+/// The server is killed while a device uploads a big file, and started again: the
+/// device resends it by itself, and it arrives whole on the other device.
+#[test]
+fn an_upload_interrupted_by_a_server_restart_is_resent() {
+    const SIZE: u64 = 128 * 1024 * 1024;
+    let t = TestDir::new("edges_upload_across_restart");
+    let (mut server, d1, d2) = server_and_two_devices(&t, "alice");
+    let src = t.join("big.bin");
+    files::write_seeded(&src, 61, SIZE);
+    fs::rename(&src, d1.path("big.bin")).unwrap();
+    let tmp = server.tmp_dir();
+    wait_until(DEADLINE, "the upload to be under way", || tree(&tmp).files.values().any(|&n| n > 0 && n < SIZE));
+    server.kill();
+    server.restart(&t);
+    wait_until(DEADLINE, "the resent upload to reach the server and device 2", || {
+        files::same_file(&d1.path("big.bin"), &server.user_dir("alice").join("big.bin"))
+            && files::same_file(&d1.path("big.bin"), &d2.path("big.bin"))
+    });
+    assert!(tree(&tmp).files.is_empty(), "temporary files left: {:?}", tree(&tmp));
+}
