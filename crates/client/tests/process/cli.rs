@@ -59,6 +59,7 @@ fn cli_commands_work_and_errors_leave_the_session_running() {
         "download nosuch.txt".to_string(),
         "delete nosuch.txt".to_string(),
         "download docs".to_string(),
+        format!("upload {}", outside.display()),
         "frobnicate".to_string(),
         "upload".to_string(),
     ] {

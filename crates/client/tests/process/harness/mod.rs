@@ -65,9 +65,38 @@ pub fn server_bin() -> PathBuf {
                  run `cargo build --workspace` first (with the same CARGO_TARGET_DIR and profile)",
                 server.display()
             );
+            if let Some(newer) = newer_source_than(&server) {
+                panic!(
+                    "{} is older than {}: cargo test does not rebuild the server binary; \
+                     run `cargo build --workspace` first (with the same CARGO_TARGET_DIR and profile)",
+                    server.display(),
+                    newer.display()
+                );
+            }
             server
         })
         .clone()
+}
+
+/// A source file of the server (its crate, or a crate it depends on, or the
+/// workspace manifests) modified after `binary` was built, if any.
+fn newer_source_than(binary: &Path) -> Option<PathBuf> {
+    let built = fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.parent()?;
+    let mut stack: Vec<PathBuf> = ["crates/replica", "crates/proto", "crates/election"]
+        .iter()
+        .flat_map(|c| [root.join(c).join("src"), root.join(c).join("Cargo.toml")])
+        .chain([root.join("Cargo.toml"), root.join("Cargo.lock")])
+        .collect();
+    while let Some(p) = stack.pop() {
+        let Ok(md) = fs::metadata(&p) else { continue };
+        if md.is_dir() {
+            stack.extend(fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        } else if md.modified().is_ok_and(|m| m > built) {
+            return Some(p);
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------
