@@ -479,9 +479,7 @@ impl Engine {
     /// Moves the local file at `path` to a conflicted-copy name.
     fn set_aside(&mut self, path: &str) -> Option<String> {
         let abs = self.abs(path);
-        if scan::stat(&self.root, path).is_none() {
-            return None;
-        }
+        scan::stat(&self.root, path)?;
         let date = timefmt::date(timefmt::now_ms());
         let root = self.root.clone();
         let copy = conflicted_name(path, &self.device_label, &date, |c| root.join(c).exists());

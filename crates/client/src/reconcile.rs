@@ -156,7 +156,8 @@ mod tests {
         let live = meta(3, false);
         let newer = meta(4, false);
         let gone = meta(4, true);
-        let cases: Vec<(Option<&FileMeta>, Option<&LocalFile>, Option<Synced>, Action)> = vec![
+        type Case<'a> = (Option<&'a FileMeta>, Option<&'a LocalFile>, Option<Synced>, Action);
+        let cases: Vec<Case> = vec![
             (Some(&live), Some(&SAME), Some(synced(3)), Nothing),
             (Some(&live), Some(&EDITED), Some(synced(3)), Upload { base: Some(Version(3)) }),
             (Some(&live), None, Some(synced(3)), DeleteRemote { base: Version(3) }),
