@@ -426,7 +426,9 @@ fn install(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
         *g
     };
     let read_half = stream.try_clone().map_err(|e| format!("cannot clone socket: {e}"))?;
-    let (replies_tx, replies) = bounded::<Frame>(64);
+    // A few frames of slack between the socket and the caller: at most 8 MiB even
+    // with payloads at the protocol's 1 MiB limit.
+    let (replies_tx, replies) = bounded::<Frame>(8);
     let writer = Arc::new(Mutex::new(stream));
     let conn = Arc::new(Conn { writer: writer.clone(), replies, generation });
     *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);

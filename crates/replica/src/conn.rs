@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a peer may stay silent before the connection is given up. Clients send
 /// a ping every few seconds while idle.
@@ -42,6 +42,24 @@ impl FrameWriter {
     pub fn send(&self, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut *s, Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
+    }
+}
+
+/// Reads from a socket until a deadline for all the reads together.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
     }
 }
 
@@ -92,7 +110,6 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let writer = match stream.try_clone() {
         Ok(s) => FrameWriter::new(s, ctx.epoch.clone()),
         Err(e) => {
@@ -100,15 +117,21 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
             return;
         }
     };
-    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
-    let hello = match read_frame(&mut reader) {
+    // The hello is read unbuffered against one deadline for the whole frame, so a
+    // peer trickling a byte at a time cannot hold this thread.
+    let hello = match read_frame(&mut Deadline { stream: &stream, until: Instant::now() + HELLO_TIMEOUT }) {
         Ok(Some(f)) => f,
         Ok(None) => return,
+        Err(e) if e.is_timeout() => {
+            log::warn!("closing connection peer={peer}: no complete hello within {HELLO_TIMEOUT:?}");
+            return;
+        }
         Err(e) => {
             log::warn!("closing connection peer={peer}: bad hello: {e}");
             return;
         }
     };
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
     let (version, who) = match hello.msg {
         Msg::Hello { version, who } => (version, who),
         other => {

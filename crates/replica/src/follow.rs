@@ -102,6 +102,9 @@ pub fn serve_link(
     };
     drop(ctl_tx);
     log::info!("replication link up id={id} addr={addr} their_seq={seq}");
+    // A joining backup may fetch files for a long while before it says anything:
+    // no read timeout until it has caught up (then its heartbeat acks pace it).
+    let _ = stream.set_read_timeout(None);
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let why = loop {
         let frame = match read_frame(&mut reader) {
