@@ -18,8 +18,10 @@
 //! - [`memory`]: peak memory while a big file crosses.
 //! - [`bad_input`]: hostile bytes on the server port; paths escaping a user's dir.
 //! - [`cli`]: the commands read from stdin.
+//! - [`replication`]: three servers and more: backups first, catch-up, joins,
+//!   stalled backups, redirects, duplicate ids, misbehaving peers.
 
-#[allow(dead_code)] // the harness also serves tests still to come (replication)
+#[allow(dead_code)] // not every test binary module uses every helper
 mod harness;
 
 mod bad_input;
@@ -28,5 +30,6 @@ mod devices;
 mod edges;
 mod memory;
 mod offline;
+mod replication;
 mod restart;
 mod sync;

@@ -31,9 +31,13 @@ impl Rng {
             c.copy_from_slice(&self.next_u64().to_le_bytes());
         }
         let rest = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&last[..n]);
+        // Draw for a remainder only when there is one, so that filling a buffer in
+        // pieces of whole multiples of 8 gives the same bytes as filling it at once.
+        if !rest.is_empty() {
+            let last = self.next_u64().to_le_bytes();
+            let n = rest.len();
+            rest.copy_from_slice(&last[..n]);
+        }
     }
 }
 

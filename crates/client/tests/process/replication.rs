@@ -1,0 +1,347 @@
+//! Three servers (and a fourth): a primary on 127.0.0.1, backups on 127.0.0.2 and
+//! 127.0.0.3, the two devices on 127.0.0.4 and 127.0.0.5.
+//!
+//! The sharpest check is "backups first": once a client reports a change done, or
+//! once the other device has received it, every server in the membership already
+//! holds it, so those checks are made at once, without waiting.
+
+use crate::harness::files::{check_tree, contents, holds, put, seeded, write_seeded};
+use crate::harness::raw::{frame_bytes, Raw};
+use crate::harness::*;
+use replibox_proto::{Msg, Seq, Who, PROTOCOL_VERSION};
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// A backup named `name` on 127.0.0.`last`, joining through `via`.
+fn backup(t: &TestDir, name: &str, last: u8, via: &Server, id: Option<u64>, extra: &[&str]) -> Server {
+    let mut mode = vec!["-b".to_string(), via.addr.to_string()];
+    if let Some(id) = id {
+        mode.extend(["--id".to_string(), id.to_string()]);
+    }
+    let extra = extra.iter().map(|s| s.to_string()).collect();
+    Server::start(t, ServerOpts { name: name.into(), ip: ip(last), port: None, data: None, mode, extra })
+}
+
+/// A primary with id 1 on 127.0.0.1.
+fn primary(t: &TestDir, extra: &[&str]) -> Server {
+    let mut opts = ServerOpts::primary("s1");
+    opts.mode.extend(["--id".to_string(), "1".to_string()]);
+    opts.extra = extra.iter().map(|s| s.to_string()).collect();
+    Server::start(t, opts)
+}
+
+/// `--status` of a server, or None while it does not answer.
+fn status(s: &Server) -> Option<serde_json::Value> {
+    let out = Command::new(server_bin()).args(["--status", &s.addr.to_string()]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The member ids a server reports.
+fn members(s: &Server) -> Option<Vec<u64>> {
+    let v = status(s)?;
+    let mut ids: Vec<u64> = v["members"].as_array()?.iter().filter_map(|m| m["id"].as_u64()).collect();
+    ids.sort();
+    Some(ids)
+}
+
+/// Waits until every server reports exactly the members `want`, all at one seq.
+#[track_caller]
+fn wait_members(servers: &[&Server], want: &[u64]) {
+    wait_until(DEADLINE, &format!("every server to report members {want:?} at one seq"), || {
+        let seqs: Option<Vec<u64>> = servers
+            .iter()
+            .map(|s| {
+                let v = status(s)?;
+                (members(s)? == want).then(|| v["seq"].as_u64()).flatten()
+            })
+            .collect();
+        seqs.is_some_and(|s| s.windows(2).all(|w| w[0] == w[1]))
+    });
+}
+
+/// Asserts, without waiting, that every server's `users/alice` holds exactly `want`.
+#[track_caller]
+fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
+    for s in servers {
+        if let Err(e) = check_tree(&s.user_dir("alice"), want) {
+            fail(format!("{when}: {} does not hold the acknowledged state: {e}", s.opts.name));
+        }
+    }
+}
+
+/// Every change a device makes is on all three servers, byte-identical, by the
+/// time the client reports it done (upload/delete commands) or the other device
+/// has received it (sync-dir changes, pushed only after every backup stored them).
+#[test]
+fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
+    let t = TestDir::new("repl_backups_first");
+    let s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let all = [&s1, &s2, &s3];
+    wait_members(&all, &[1, 2, 3]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
+
+    let outside = t.mkdir("outside");
+    let report = seeded(7, 3 * 1024 * 1024 + 17);
+    put(&outside.join("report.pdf"), &report);
+    d1.ok(&format!("upload {}", outside.join("report.pdf").display()));
+    for s in all {
+        assert!(
+            holds(&s.user_dir("alice").join("report.pdf"), &report),
+            "{} lacks an acknowledged upload",
+            s.opts.name
+        );
+    }
+    let mut want = Want::new();
+    want.insert("report.pdf".into(), report.clone());
+
+    // Sync-dir changes: nested, empty, unicode, an edit, a rename and a delete.
+    put(&d1.path("docs/ünï côde.txt"), b"first");
+    put(&d1.path("empty"), b"");
+    write_seeded(&d1.path("media/clip.bin"), 11, 9 * 1024 * 1024);
+    want.insert("docs/ünï côde.txt".into(), b"first".to_vec());
+    want.insert("empty".into(), Vec::new());
+    want.insert("media/clip.bin".into(), seeded(11, 9 * 1024 * 1024));
+    wait_trees("the new files on device 2", &[&d2.sync_dir], &want);
+    assert_on_all(&all, &want, "after creates reached device 2");
+
+    put(&d1.path("docs/ünï côde.txt"), b"second, longer");
+    want.insert("docs/ünï côde.txt".into(), b"second, longer".to_vec());
+    std::fs::rename(d1.path("media/clip.bin"), d1.path("clip moved.bin")).unwrap();
+    let clip = want.remove("media/clip.bin").unwrap();
+    want.insert("clip moved.bin".into(), clip);
+    std::fs::remove_file(d1.path("empty")).unwrap();
+    want.remove("empty");
+    wait_trees("the edit, rename and delete on device 2", &[&d2.sync_dir], &want);
+    assert_on_all(&all, &want, "after edits reached device 2");
+
+    d1.ok("delete report.pdf");
+    want.remove("report.pdf");
+    assert_on_all(&all, &want, "after the delete command reported done");
+}
+
+/// A backup killed with SIGKILL and restarted with `-b` catches up, including the
+/// changes made while it was down; `--status` reports one membership everywhere.
+#[test]
+fn a_killed_backup_restarted_with_b_catches_up() {
+    let t = TestDir::new("repl_backup_restart");
+    let s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let mut s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    for (name, seed) in [("before.bin", 1u64), ("gone.bin", 2)] {
+        put(&outside.join(name), &seeded(seed, 300_000));
+        d1.ok(&format!("upload {}", outside.join(name).display()));
+    }
+
+    s3.kill();
+    wait_members(&[&s1, &s2], &[1, 2]);
+    put(&outside.join("while down.bin"), &seeded(3, 2_000_000));
+    d1.ok(&format!("upload {}", outside.join("while down.bin").display()));
+    d1.ok("delete gone.bin");
+    put(&outside.join("before.bin"), b"changed while s3 was down");
+    d1.ok(&format!("upload {}", outside.join("before.bin").display()));
+
+    s3.restart(&t);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let want = contents(&s1.user_dir("alice"));
+    assert_eq!(want.len(), 2, "the primary should hold before.bin and 'while down.bin'");
+    wait_trees("s3 to hold what the primary holds", &[&s3.user_dir("alice")], &want);
+    assert!(s3.log().contains("fetching"), "the restarted backup should report what it fetched");
+    // Only what it lacked or held at an older version crossed: 2 files, not 3.
+    assert!(s3.log().contains("fetching 2 files"), "s3 fetched more than it lacked:\n{}", s3.log());
+}
+
+/// A fourth server joining a cluster that holds files (through a backup, which
+/// points it at the primary, and without --id) receives them, gets the next id, and
+/// is then kept up to date like the others.
+#[test]
+fn a_fourth_server_joining_through_a_backup_receives_everything() {
+    let t = TestDir::new("repl_fourth_joins");
+    let s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    for i in 0..5u64 {
+        let name = format!("f{i}.bin");
+        put(&outside.join(&name), &seeded(i, 100_000 * (i as usize + 1)));
+        d1.ok(&format!("upload {}", outside.join(&name).display()));
+    }
+
+    let s4 = backup(&t, "s4", 6, &s2, None, &[]);
+    wait_members(&[&s1, &s2, &s3, &s4], &[1, 2, 3, 4]);
+    let want = contents(&s1.user_dir("alice"));
+    wait_trees("s4 to hold the cluster's files", &[&s4.user_dir("alice")], &want);
+    let id = std::fs::read_to_string(s4.data.join("server.json")).unwrap_or_default();
+    assert!(id.contains("\"id\":4"), "s4 should keep its assigned id 4 in its data dir, has {id:?}");
+
+    put(&outside.join("late.bin"), b"after the fourth joined");
+    d1.ok(&format!("upload {}", outside.join("late.bin").display()));
+    assert!(
+        holds(&s4.user_dir("alice").join("late.bin"), b"after the fourth joined"),
+        "s4 missed an acknowledged change"
+    );
+}
+
+/// A backup that stops answering (SIGSTOP) is dropped from the membership after the
+/// ack bound and the primary goes on; resumed, it rejoins and catches up.
+#[test]
+fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
+    let t = TestDir::new("repl_stalled_backup");
+    let bound = ["--ack-timeout-ms", "1000"];
+    let s1 = primary(&t, &bound);
+    let mut s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+
+    s2.proc.signal("STOP");
+    put(&outside.join("while stalled.bin"), &seeded(5, 1_500_000));
+    d1.ok(&format!("upload {}", outside.join("while stalled.bin").display()));
+    assert!(holds(&s3.user_dir("alice").join("while stalled.bin"), &seeded(5, 1_500_000)), "s3 lacks the upload");
+    wait_members(&[&s1, &s3], &[1, 3]);
+    assert!(s1.log().contains("dropping backup id=2"), "the primary should log why it dropped s2");
+
+    s2.proc.signal("CONT");
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let want = contents(&s1.user_dir("alice"));
+    wait_trees("s2 to catch up after it resumed", &[&s2.user_dir("alice")], &want);
+}
+
+/// A client started with a backup's address is sent to the primary; a server
+/// joining with a duplicate id is refused with a clear message and exits.
+#[test]
+fn a_backup_redirects_clients_and_refuses_a_duplicate_id() {
+    let t = TestDir::new("repl_redirect_dup");
+    let s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let d1 = Client::headless(&t, "dev1", "alice", &s2, DEVICE1_IP);
+    assert!(
+        d1.proc.stderr().contains(&format!("at {}", s1.addr)),
+        "the client should say it is logged in at the primary {}:\n{}",
+        s1.addr,
+        d1.proc.stderr()
+    );
+    put(&d1.path("hello.txt"), b"via a backup's address");
+    let mut want = Want::new();
+    want.insert("hello.txt".into(), b"via a backup's address".to_vec());
+    wait_trees("the file on both servers", &[&s1.user_dir("alice"), &s2.user_dir("alice")], &want);
+
+    let port = free_port(ip(3));
+    let mut cmd = Command::new(server_bin());
+    cmd.args(["-b", &s1.addr.to_string(), "--id", "2", "--port", &port.to_string(), "--bind", "127.0.0.3", "--data"])
+        .arg(t.join("dup-data"));
+    let mut dup = Proc::spawn(&t, "dup", cmd, false);
+    let code = dup.wait_exit(DEADLINE);
+    assert!(!code.success(), "a duplicate id must make the joiner exit non-zero");
+    assert!(dup.stderr().contains("already in the cluster"), "no clear message:\n{}", dup.stderr());
+    assert!(!t.join("dup-data/server.json").exists(), "a refused joiner must not keep the id it asked for");
+    wait_members(&[&s1, &s2], &[1, 2]);
+}
+
+/// Peers that do not behave on the server port: a join that turns to garbage, a
+/// frame with a stale epoch, a non-protocol speaker. Each is dropped with a logged
+/// reason and the primary keeps serving.
+#[test]
+fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
+    let t = TestDir::new("repl_bad_peers");
+    let s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    wait_members(&[&s1, &s2], &[1, 2]);
+
+    let mut http = Raw::connect(s1.addr, "an HTTP client");
+    http.send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    http.wait_closed(DEADLINE);
+
+    let mut fake = Raw::connect(s1.addr, "a fake backup");
+    let who = Who::Server { id: Some(replibox_proto::ServerId(9)), ip: Some("127.0.0.9".into()), port: 1, seq: Seq(0) };
+    fake.send(&Msg::Hello { version: PROTOCOL_VERSION, who });
+    // An ack stamped with epoch 0, older than the cluster's: dropped with a reason.
+    fake.send_bytes(&frame_bytes(r#"{"epoch":0,"msg":{"kind":"ack","seq":1}}"#));
+    wait_until(DEADLINE, "the primary to log the stale frame", || s1.log().contains("stale epoch"));
+    fake.send_bytes(b"\x00\x00\x00\x05garbage and more garbage");
+    wait_until(DEADLINE, "the primary to drop the fake backup", || s1.log().contains("dropping backup id=9"));
+
+    // Still serving: a device logs in through the primary and its file reaches s2.
+    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    put(&d1.path("still.txt"), b"still serving");
+    let mut want = Want::new();
+    want.insert("still.txt".into(), b"still serving".to_vec());
+    wait_trees("the file on both servers", &[&s1.user_dir("alice"), &s2.user_dir("alice")], &want);
+    wait_members(&[&s1, &s2], &[1, 2]);
+}
+
+/// A backup that joins while a big upload is under way (so it may miss the upload's
+/// forwarded chunks and must fetch the content) ends byte-identical.
+#[test]
+fn a_backup_joining_during_a_big_upload_ends_identical() {
+    let t = TestDir::new("repl_join_during_upload");
+    let s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
+    let staging = t.mkdir("staging");
+    write_seeded(&staging.join("big.bin"), 21, 96 * 1024 * 1024);
+    std::fs::rename(staging.join("big.bin"), d1.path("big.bin")).unwrap();
+    // Start the third server as soon as the upload is under way.
+    wait_until(DEADLINE, "the upload to start on the primary", || {
+        std::fs::read_dir(s1.tmp_dir()).map(|d| d.count() > 0).unwrap_or(false)
+            || s1.user_dir("alice").join("big.bin").exists()
+    });
+    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let mut want = Want::new();
+    want.insert("big.bin".into(), seeded(21, 96 * 1024 * 1024));
+    wait_trees("big.bin on device 2", &[&d2.sync_dir], &want);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    wait_trees(
+        "big.bin on every server",
+        &[&s1.user_dir("alice"), &s2.user_dir("alice"), &s3.user_dir("alice")],
+        &want,
+    );
+}
+
+/// The answer to an upload waits for every live backup: with one backup stalled
+/// (and a long ack bound, so it is not dropped), the other backup already holds
+/// the file while the client still has no answer; once the stalled one resumes,
+/// the answer comes and that backup holds the file too.
+#[test]
+fn an_upload_is_not_answered_while_a_live_backup_lacks_it() {
+    let t = TestDir::new("repl_answer_waits");
+    let bound = ["--ack-timeout-ms", "60000"];
+    let s1 = primary(&t, &bound);
+    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let mut s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    let bytes = seeded(31, 700_000);
+    put(&outside.join("slow.bin"), &bytes);
+
+    s3.proc.signal("STOP");
+    d1.proc.send_line(&format!("upload {}", outside.join("slow.bin").display()));
+    wait_until(DEADLINE, "s2 to hold slow.bin", || holds(&s2.user_dir("alice").join("slow.bin"), &bytes));
+    assert!(
+        !d1.proc.stdout().contains("uploaded slow.bin"),
+        "the client was answered while backup s3 (live, stalled) did not hold the file"
+    );
+    s3.proc.signal("CONT");
+    wait_until(DEADLINE, "the upload's answer", || d1.proc.stdout().contains("uploaded slow.bin"));
+    assert!(holds(&s3.user_dir("alice").join("slow.bin"), &bytes), "answered before s3 stored the file");
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+}
