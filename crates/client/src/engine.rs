@@ -18,7 +18,7 @@ use replibox_frontend::{FrontError, FrontEvent, Frontend};
 use replibox_proto::{ContentHash, FileMeta, Notice, Op, OpResult, Version};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,19 +93,6 @@ fn io_err(what: &str, path: &Path, e: io::Error) -> String {
 
 fn mtime_ms_of(ns: i128) -> i64 {
     (ns.div_euclid(1_000_000)) as i64
-}
-
-fn hash_file(path: &Path) -> io::Result<ContentHash> {
-    let mut f = File::open(path)?;
-    let mut h = ContentHash::default();
-    let mut buf = vec![0u8; replibox_proto::CHUNK_SIZE];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h);
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 /// Checks a path the server sent before it is joined to the sync dir.
@@ -378,7 +365,7 @@ impl Engine {
         if matching.is_empty() {
             return None;
         }
-        let hash = hash_file(&self.abs(path)).ok()?;
+        let hash = ContentHash::of_file(&self.abs(path)).ok()?;
         matching.into_iter().find(|c| self.index.get(c).is_some_and(|i| i.hash == hash)).cloned()
     }
 
@@ -459,7 +446,7 @@ impl Engine {
         if current.deleted {
             return Ok(false);
         }
-        if let (Ok(hash), Some(l)) = (hash_file(&abs), scan::stat(&self.root, path)) {
+        if let (Ok(hash), Some(l)) = (ContentHash::of_file(&abs), scan::stat(&self.root, path)) {
             if hash == current.hash {
                 self.index.set(path, Synced { version: current.version, size: l.size, mtime_ns: l.mtime_ns, hash });
                 return Ok(false);
@@ -546,7 +533,7 @@ impl Engine {
             return Ok(());
         }
         if locally_changed(scan::stat(&self.root, path).as_ref(), self.index.get(path)) && dest.exists() {
-            let same = hash_file(&dest).map(|h| h == meta.hash).unwrap_or(false);
+            let same = ContentHash::of_file(&dest).map(|h| h == meta.hash).unwrap_or(false);
             if !same && self.set_aside(path).is_none() {
                 // Never replace a local version that could not be kept aside.
                 let _ = fs::remove_file(tmp_path);

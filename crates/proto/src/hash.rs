@@ -51,6 +51,22 @@ impl ContentHash {
         self.0 = h;
     }
 
+    /// The hash of a file's content, read in chunks (memory stays flat whatever
+    /// the file's size).
+    pub fn of_file(path: &std::path::Path) -> std::io::Result<ContentHash> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut h = ContentHash::default();
+        let mut buf = vec![0u8; crate::CHUNK_SIZE];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(h);
+            }
+            h.update(&buf[..n]);
+        }
+    }
+
     /// The hash of a whole buffer.
     pub fn of(bytes: &[u8]) -> Self {
         let mut h = ContentHash::default();

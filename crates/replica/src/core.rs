@@ -134,20 +134,8 @@ pub enum Event {
     },
     /// A server asks to join (primary only).
     Join {
-        /// The id it has, if any.
-        id: Option<ServerId>,
-        /// `IP:PORT` it listens on.
-        addr: String,
-        /// The IP it reached this server on (to learn our own address).
-        local_ip: std::net::IpAddr,
-        /// Link number (tells a stale link's events from the current one's).
-        no: u64,
-        /// Control queue of its link.
-        ctl: Sender<LinkOut>,
-        /// Data queue of its link.
-        data: Sender<LinkOut>,
-        /// The socket, to shut it down when the backup is dropped.
-        stream: TcpStream,
+        /// Who it is and its link's queues.
+        link: NewLink,
         /// Accepted (its id) or refused (why).
         reply: Sender<Result<ServerId, String>>,
     },
@@ -224,6 +212,24 @@ pub enum Event {
     },
     /// Stop the core.
     Shutdown,
+}
+
+/// A joining server and the link it came on.
+pub struct NewLink {
+    /// The id it has, if any.
+    pub id: Option<ServerId>,
+    /// `IP:PORT` it listens on.
+    pub addr: String,
+    /// The IP it reached this server on (to learn our own address).
+    pub local_ip: std::net::IpAddr,
+    /// Link number (tells a stale link's events from the current one's).
+    pub no: u64,
+    /// Control queue of its link.
+    pub ctl: Sender<LinkOut>,
+    /// Data queue of its link.
+    pub data: Sender<LinkOut>,
+    /// The socket, to shut it down when the backup is dropped.
+    pub stream: TcpStream,
 }
 
 /// A request of a logged-in client.
@@ -466,8 +472,8 @@ impl Core {
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::Join { id, addr, local_ip, no, ctl, data, stream, reply } => {
-                let answer = self.join(id, addr, local_ip, no, ctl, data, stream);
+            Event::Join { link, reply } => {
+                let answer = self.join(link);
                 let _ = reply.send(answer);
             }
             Event::Ack { no, id, seq } => self.acked(no, id, seq),
@@ -641,17 +647,8 @@ impl Core {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn join(
-        &mut self,
-        id: Option<ServerId>,
-        addr: String,
-        local_ip: std::net::IpAddr,
-        no: u64,
-        ctl: Sender<LinkOut>,
-        data: Sender<LinkOut>,
-        stream: TcpStream,
-    ) -> Result<ServerId, String> {
+    fn join(&mut self, link: NewLink) -> Result<ServerId, String> {
+        let NewLink { id, addr, local_ip, no, ctl, data, stream } = link;
         if self.role != Role::Primary {
             return Err("this server is not the primary".into());
         }

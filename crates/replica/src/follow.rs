@@ -13,7 +13,7 @@
 //! when this backup joined), and acknowledged after it is applied.
 
 use crate::conn::{Ctx, FrameWriter};
-use crate::core::Event;
+use crate::core::{Event, NewLink};
 use crate::link::{self, LinkOut, DATA_QUEUE};
 use crate::state::{Change, State};
 use crossbeam_channel::{bounded, unbounded, Sender};
@@ -78,7 +78,7 @@ pub fn serve_link(
         return;
     }
     let (tx, rx) = bounded(1);
-    let join = Event::Join {
+    let link = NewLink {
         id,
         addr: addr.clone(),
         local_ip: local.ip(),
@@ -86,8 +86,8 @@ pub fn serve_link(
         ctl: ctl_tx.clone(),
         data: data_tx,
         stream: shut_half,
-        reply: tx,
     };
+    let join = Event::Join { link, reply: tx };
     if ctx.core.send(join).is_err() {
         return;
     }
@@ -372,41 +372,35 @@ impl Follower<'_> {
         self.send(&Msg::CaughtUp { seq: snap_seq })
     }
 
+    /// The forwarded upload `xfer`, its temporary file created at its first frame.
+    fn incoming(&mut self, xfer: &str) -> Result<&mut Incoming, Stop> {
+        if !valid_xfer(xfer) {
+            return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+        }
+        if !self.xfers.contains_key(xfer) {
+            let path = self.cfg.tmp.join(xfer);
+            let file =
+                File::create(&path).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
+            let fresh = Incoming { file, size: 0, hash: ContentHash::default(), complete: false };
+            self.xfers.insert(xfer.to_string(), fresh);
+        }
+        self.xfers.get_mut(xfer).ok_or_else(|| Stop::Retry(format!("transfer {xfer} vanished")))
+    }
+
     fn handle(&mut self, frame: Frame) -> Result<(), Stop> {
         match frame.msg {
             Msg::XferChunk { xfer } => {
-                if !valid_xfer(&xfer) {
-                    return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
-                }
-                if !self.xfers.contains_key(&xfer) {
-                    let path = self.cfg.tmp.join(&xfer);
-                    let file = File::create(&path)
-                        .map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
-                    self.xfers.insert(
-                        xfer.clone(),
-                        Incoming { file, size: 0, hash: ContentHash::default(), complete: false },
-                    );
-                }
-                if let Some(inc) = self.xfers.get_mut(&xfer) {
-                    inc.size += frame.payload.len() as u64;
-                    inc.hash.update(&frame.payload);
-                    inc.file
-                        .write_all(&frame.payload)
-                        .map_err(|e| Stop::Retry(format!("cannot write transfer {xfer}: {e}")))?;
-                }
+                let inc = self.incoming(&xfer)?;
+                inc.size += frame.payload.len() as u64;
+                inc.hash.update(&frame.payload);
+                inc.file
+                    .write_all(&frame.payload)
+                    .map_err(|e| Stop::Retry(format!("cannot write transfer {xfer}: {e}")))?;
             }
             Msg::XferEnd { xfer, size, hash } => {
-                if !valid_xfer(&xfer) {
-                    return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
-                }
-                if size == 0 && !self.xfers.contains_key(&xfer) {
-                    let path = self.cfg.tmp.join(&xfer);
-                    let file = File::create(&path)
-                        .map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
-                    self.xfers.insert(
-                        xfer.clone(),
-                        Incoming { file, size: 0, hash: ContentHash::default(), complete: false },
-                    );
+                // An empty upload has no chunks: its end is all there is.
+                if size == 0 {
+                    self.incoming(&xfer)?;
                 }
                 if let Some(inc) = self.xfers.get_mut(&xfer) {
                     if inc.size == size && inc.hash == hash && inc.file.sync_all().is_ok() {

@@ -17,7 +17,7 @@ use crate::state::{Change, Entry, State};
 use replibox_proto::{ContentHash, FileMeta, ServerId, Version};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -260,14 +260,21 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the state to a snapshot and empties the log.
-    pub fn compact(&mut self, state: &State) -> Result<(), StoreError> {
+    /// Makes `state` the snapshot and empties the log (in that order: a crash in
+    /// between leaves log entries the snapshot already holds, which start-up skips).
+    fn write_snapshot(&mut self, state: &State) -> Result<(), StoreError> {
         let path = self.root.join("meta/snapshot.json");
         let bytes = serde_json::to_vec(state).map_err(io::Error::other).context(|| "encoding snapshot".into())?;
         write_atomically(&path, &bytes)?;
         self.log.set_len(0).context(|| "truncating log".into())?;
         self.log.sync_all().context(|| "syncing log".into())?;
         self.log_entries = 0;
+        Ok(())
+    }
+
+    /// Writes the state to a snapshot and empties the log.
+    pub fn compact(&mut self, state: &State) -> Result<(), StoreError> {
+        self.write_snapshot(state)?;
         log::info!("compacted log into snapshot seq={}", state.seq);
         Ok(())
     }
@@ -397,7 +404,7 @@ impl Store {
                     if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime) {
                         continue;
                     }
-                    let hash = hash_file(&e.path()).context(|| format!("hashing {}", e.path().display()))?;
+                    let hash = ContentHash::of_file(&e.path()).context(|| format!("hashing {}", e.path().display()))?;
                     let version = state.next_version(&user, &rel);
                     log::warn!("adopting file found on disk user={user} path={rel} size={}", md.len());
                     found.push((
@@ -441,12 +448,7 @@ impl Store {
     /// state had the same version and content and the disk copy still matches;
     /// every other file is returned, to be fetched from the primary.
     pub fn install(&mut self, old: &State, new: &State) -> Result<Vec<(String, FileMeta)>, StoreError> {
-        let path = self.root.join("meta/snapshot.json");
-        let bytes = serde_json::to_vec(new).map_err(io::Error::other).context(|| "encoding snapshot".into())?;
-        write_atomically(&path, &bytes)?;
-        self.log.set_len(0).context(|| "truncating log".into())?;
-        self.log.sync_all().context(|| "syncing log".into())?;
-        self.log_entries = 0;
+        self.write_snapshot(new)?;
         let mut needed = Vec::new();
         for (user, files) in &new.files {
             for meta in files.values().filter(|m| !m.deleted) {
@@ -496,20 +498,6 @@ impl Store {
         fs::rename(&tmp, &dest).context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
         self.sync_parent(&dest)
     }
-
-    /// Opens (creating) the temporary file of a transfer another server names.
-    pub fn open_temp(&self, xfer: &str) -> Result<File, StoreError> {
-        if xfer.is_empty() || !xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(StoreError { context: format!("transfer name {xfer:?}"), source: io::Error::other("invalid") });
-        }
-        let path = self.tmp_path(xfer);
-        File::create(&path).context(|| format!("creating {}", path.display()))
-    }
-
-    /// Path of a transfer's temporary file.
-    pub fn temp_path(&self, xfer: &str) -> PathBuf {
-        self.tmp_path(xfer)
-    }
 }
 
 /// Reads the server id recorded in a data dir.
@@ -550,20 +538,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         fsync_dir(parent).context(|| format!("syncing directory {}", parent.display()))?;
     }
     Ok(())
-}
-
-/// The content hash of a file, read in chunks.
-pub fn hash_file(path: &Path) -> io::Result<ContentHash> {
-    let mut f = File::open(path)?;
-    let mut h = ContentHash::default();
-    let mut buf = vec![0u8; replibox_proto::CHUNK_SIZE];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h);
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 /// Metadata for a new version of `path`.
