@@ -204,6 +204,8 @@ pub enum Event {
         meta: FileMeta,
         /// Its temporary file.
         xfer: String,
+        /// Whether it was put in place (false: not the content the state expects).
+        reply: Sender<bool>,
     },
     /// Backup: the follower knows the primary's address.
     PrimaryAt {
@@ -515,16 +517,24 @@ impl Core {
                 self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
                 let _ = reply.send(answer);
             }
-            Event::PlaceFetched { user, meta, xfer } => {
+            Event::PlaceFetched { user, meta, xfer, reply } => {
                 let wanted = self.state.live(&user, &meta.path).cloned();
-                match wanted {
+                let placed = match wanted {
                     Some(w) if w.hash == meta.hash && w.size == meta.size => {
-                        if let Err(e) = self.store.place_temp(&user, &w, &xfer) {
-                            log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
+                        match self.store.place_temp(&user, &w, &xfer) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
+                                false
+                            }
                         }
                     }
-                    _ => self.store.discard_temp(&xfer),
-                }
+                    _ => {
+                        self.store.discard_temp(&xfer);
+                        false
+                    }
+                };
+                let _ = reply.send(placed);
             }
             Event::PrimaryAt { addr } => self.primary_addr = Some(addr),
         }
@@ -784,7 +794,7 @@ impl Core {
             CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply } => {
                 let early = answered(&self.state).or_else(|| self.state.check_upload(&user, &path, base).err());
                 if let Some(answer) = early {
-                    self.store.discard_temp(&xfer);
+                    self.abandon_upload(&xfer);
                     let _ = reply.send(answer);
                     return;
                 }
@@ -793,10 +803,13 @@ impl Core {
                 log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
                 let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
                 let request = Some((device, LastRequest { seq, result: result.clone() }));
-                let push = Some((conn, user, Notice::Put { meta }));
+                let version = meta.version;
+                let push = Some((conn, user.clone(), Notice::Put { meta }));
                 self.propose(change, request, Done::Reply { reply, result, push });
-                // A refused commit leaves the temporary file behind; harmless if not.
-                self.store.discard_temp(&xfer);
+                if self.state.live(&user, &path).is_none_or(|m| m.version != version) {
+                    // The commit was refused: nothing will move the bytes into place.
+                    self.abandon_upload(&xfer);
+                }
             }
             CoreRequest::Delete { path, base, reply } => {
                 if let Some(answer) = answered(&self.state) {
@@ -836,6 +849,15 @@ impl Core {
                     }
                 }
             }
+        }
+    }
+
+    /// Forgets an upload that will not be committed, here and on every backup
+    /// its chunks were forwarded to.
+    fn abandon_upload(&self, xfer: &str) {
+        self.store.discard_temp(xfer);
+        for link in self.links.values() {
+            let _ = link.ctl.send(LinkOut::msg(Msg::XferAbort { xfer: xfer.to_string() }));
         }
     }
 

@@ -365,7 +365,7 @@ impl Follower<'_> {
             let xfer = format!("f{}-{n}", std::process::id());
             if let Some(got) = self.fetch(user, &meta.path, &xfer)? {
                 bytes += got.size;
-                let _ = self.core.send(Event::PlaceFetched { user: user.clone(), meta: got, xfer });
+                let _ = ask(self.core, |reply| Event::PlaceFetched { user: user.clone(), meta: got, xfer, reply });
             }
         }
         log::info!("caught up to seq={snap_seq} (fetched {} files, {bytes} bytes)", needed.len());
@@ -437,8 +437,25 @@ impl Follower<'_> {
                         }
                     }
                 }
+                // A rename whose source this backup never received (its content was
+                // to be fetched, but the primary had already moved it on): fetch the
+                // destination's content, to be placed once the entry is applied.
+                let mut refetched = None;
+                if let Change::Rename { user, from, to } = &entry.change {
+                    let source = self.cfg.tmp.parent().map(|d| d.join("users").join(user).join(&from.path));
+                    if source.is_some_and(|p| !p.exists()) {
+                        let xfer = format!("r{}-{}", std::process::id(), entry.seq);
+                        if let Some(got) = self.fetch(user, &to.path, &xfer)? {
+                            refetched = Some((user.clone(), got, xfer));
+                        }
+                    }
+                }
                 let seq = entry.seq;
-                match ask(self.core, |reply| Event::Apply { entry: *entry, reply }) {
+                let applied = ask(self.core, |reply| Event::Apply { entry: *entry, reply });
+                if let Some((user, meta, xfer)) = refetched {
+                    ask(self.core, |reply| Event::PlaceFetched { user, meta, xfer, reply });
+                }
+                match applied {
                     Some(Ok(applied)) => self.send(&Msg::Ack { seq: applied })?,
                     Some(Err(e)) => return Err(Stop::Retry(format!("cannot apply entry seq={seq}: {e}"))),
                     None => return Err(Stop::Retry("core stopped".into())),
