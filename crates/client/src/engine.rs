@@ -304,6 +304,7 @@ impl Engine {
     fn local_pass(&mut self) -> usize {
         let local = scan::scan(&self.root);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        let deleted: Vec<String> = self.index.entries.keys().filter(|p| !local.contains_key(*p)).cloned().collect();
         let mut changed = Vec::new();
         let mut postpone = false;
         for (path, l) in &local {
@@ -312,12 +313,21 @@ impl Engine {
             }
             let still_writing = self.writing.get(path).is_some_and(|t| t.elapsed() < WRITER_GRACE);
             if still_writing || now - l.mtime_ns < SETTLE.as_nanos() as i128 {
-                postpone = true;
-                continue;
+                // A file moved here keeps the size and mtime it had under its old
+                // name: a fresh mtime then says nothing about a write in progress,
+                // and postponing it while its old name's deletion goes ahead would
+                // turn the move into a delete and a new upload.
+                let moved_here = self.index.get(path).is_none()
+                    && deleted
+                        .iter()
+                        .any(|d| self.index.get(d).is_some_and(|i| i.size == l.size && i.mtime_ns == l.mtime_ns));
+                if still_writing || !moved_here {
+                    postpone = true;
+                    continue;
+                }
             }
             changed.push(path.clone());
         }
-        let deleted: Vec<String> = self.index.entries.keys().filter(|p| !local.contains_key(*p)).cloned().collect();
         let mut uploads = 0;
         let result = (|| -> Result<(), FrontError> {
             let mut deleted_left: BTreeSet<String> = deleted.into_iter().collect();

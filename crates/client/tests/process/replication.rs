@@ -345,3 +345,31 @@ fn an_upload_is_not_answered_while_a_live_backup_lacks_it() {
     assert!(holds(&s3.user_dir("alice").join("slow.bin"), &bytes), "answered before s3 stored the file");
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
 }
+
+/// A backup still catching up (stopped while it fetches a big file) is sent an
+/// upload's entry without its chunks, and the upload is renamed before the backup
+/// resumes: it can no longer fetch the file under its first name, and must fetch it
+/// under the name the rename gives it. It ends byte-identical.
+#[test]
+fn a_backup_catching_up_gets_a_file_renamed_before_it_could_fetch_it() {
+    let t = TestDir::new("repl_rename_before_fetch");
+    let s1 = primary(&t, &[]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    write_seeded(&outside.join("bulk.bin"), 41, 200 * 1024 * 1024);
+    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
+
+    let mut s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
+    s2.proc.signal("STOP");
+    put(&outside.join("x.bin"), &seeded(42, 500_000));
+    d1.ok(&format!("upload {}", outside.join("x.bin").display()));
+    std::fs::rename(d1.path("x.bin"), d1.path("y.bin")).unwrap();
+    wait_until(DEADLINE, "the rename on the primary", || {
+        s1.user_dir("alice").join("y.bin").exists() && !s1.user_dir("alice").join("x.bin").exists()
+    });
+    s2.proc.signal("CONT");
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let want = contents(&s1.user_dir("alice"));
+    wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+}
