@@ -3,7 +3,7 @@
 #   make test          build both binaries, then run every test (unit, codec, process)
 #   make cluster       three servers and two clients in a tmux session named replibox
 #   make cluster-stop  stop that session (cluster-clean also removes ./cluster)
-#   make bench         transfer timings with release binaries on 127.0.0.0/8
+#   make bench         device-to-device timings, then replicated vs lone upload (127.0.0.0/8)
 #   make build         release and debug builds of the whole workspace
 #   make fmt | fmt-check | clippy | clean
 
@@ -50,8 +50,20 @@ cluster-stop:
 cluster-clean:
 	scripts/cluster.sh clean
 
+# Two benchmarks, both on release builds and 127.0.0.0/8 only: scripts/bench.sh
+# (device to device through one server), then examples/bench_replication.rs (one
+# upload to a lone server vs. a primary with two backups; it needs the release
+# replibox-server beside it, hence --bins --examples; it is run from the target dir,
+# because `cargo run -p` of one package would rebuild it with other features).
+# BENCH_MIB and BENCH_ROUNDS are the upload's size and the number of rounds.
+BENCH_MIB ?= 256
+BENCH_ROUNDS ?= 5
+
 bench: tools
+	$(CARGO) build --release --workspace --bins --examples $(LOCKED)
 	scripts/bench.sh
+	target=$$($(CARGO) metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
+	"$$target/release/examples/bench_replication" $(BENCH_MIB) $(BENCH_ROUNDS)
 
 fmt:
 	@scripts/check-tools.sh rustfmt
