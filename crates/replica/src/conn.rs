@@ -162,7 +162,8 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
         }
         Who::Fetch { id } => {
             let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
-            serve_fetch(&mut reader, &writer, &core, id, &peer);
+            let Ok(peer_ip) = reader.get_ref().peer_addr().map(|a| a.ip()) else { return };
+            serve_fetch(&mut reader, &writer, &core, id, &peer, peer_ip);
         }
         Who::Client { user, device, callback_port } => {
             let (tx, rx) = bounded(1);
@@ -228,6 +229,7 @@ fn serve_fetch<R: Read>(
     core: &Sender<Event>,
     id: replibox_proto::ServerId,
     peer: &str,
+    peer_ip: std::net::IpAddr,
 ) {
     loop {
         let frame = match read_frame(reader) {
@@ -256,7 +258,7 @@ fn serve_fetch<R: Read>(
             Err(message) => Err(OpResult::Error { message }),
             Ok(()) => {
                 let (tx, rx) = bounded(1);
-                if core.send(Event::OpenFor { user, path, reply: tx }).is_err() {
+                if core.send(Event::OpenFor { id, peer_ip, user, path, reply: tx }).is_err() {
                     return;
                 }
                 match rx.recv() {

@@ -53,6 +53,7 @@ struct Live {
 struct Link {
     no: u64,
     addr: String,
+    peer_ip: std::net::IpAddr,
     ctl: Sender<LinkOut>,
     data: Sender<LinkOut>,
     stream: TcpStream,
@@ -168,6 +169,10 @@ pub enum Event {
     },
     /// Open a user's file for a backup fetching it.
     OpenFor {
+        /// The backup asking.
+        id: ServerId,
+        /// The IP its fetch connection comes from.
+        peer_ip: std::net::IpAddr,
         /// Owner.
         user: String,
         /// Path.
@@ -224,6 +229,8 @@ pub struct NewLink {
     pub addr: String,
     /// The IP it reached this server on (to learn our own address).
     pub local_ip: std::net::IpAddr,
+    /// The IP its connection comes from (its fetch connections must too).
+    pub peer_ip: std::net::IpAddr,
     /// Link number (tells a stale link's events from the current one's).
     pub no: u64,
     /// Control queue of its link.
@@ -486,8 +493,19 @@ impl Core {
                     self.settle();
                 }
             }
-            Event::OpenFor { user, path, reply } => {
-                let _ = reply.send(self.open(&user, &path));
+            Event::OpenFor { id, peer_ip, user, path, reply } => {
+                // Only a server this primary is replicating to (from the host its
+                // link comes from) may read users' files this way.
+                let answer = match self.links.get(&id) {
+                    Some(link) if link.peer_ip == peer_ip => self.open(&user, &path),
+                    _ => {
+                        log::warn!(
+                            "refused fetch of user={user} path={path}: id={id} from {peer_ip} is not a backup here"
+                        );
+                        Err(refusal("fetching is for this cluster's backups"))
+                    }
+                };
+                let _ = reply.send(answer);
             }
             Event::Joined { id } => {
                 if let Err(e) = crate::store::save_id(self.store.root(), id) {
@@ -556,7 +574,8 @@ impl Core {
             Role::Backup => self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string)),
         };
         json!({
-            "id": self.settings.id.0,
+            // A backup has no id until the primary accepts it.
+            "id": (self.settings.id.0 > 0).then_some(self.settings.id.0),
             "role": match self.role { Role::Primary => "primary", Role::Backup => "backup" },
             "epoch": self.state.epoch.0,
             "primary": primary_addr,
@@ -658,7 +677,7 @@ impl Core {
     }
 
     fn join(&mut self, link: NewLink) -> Result<ServerId, String> {
-        let NewLink { id, addr, local_ip, no, ctl, data, stream } = link;
+        let NewLink { id, addr, local_ip, peer_ip, no, ctl, data, stream } = link;
         if self.role != Role::Primary {
             return Err("this server is not the primary".into());
         }
@@ -698,7 +717,7 @@ impl Core {
         }
         let _ = ctl.send(LinkOut::msg(Msg::SnapshotEnd { seq: self.state.seq }));
         log::info!("backup joining id={id} addr={addr} from seq={}", self.state.seq);
-        self.links.insert(id, Link { no, addr, ctl, data, stream });
+        self.links.insert(id, Link { no, addr, peer_ip, ctl, data, stream });
         Ok(id)
     }
 

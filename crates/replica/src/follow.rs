@@ -18,8 +18,8 @@ use crate::link::{self, LinkOut, DATA_QUEUE};
 use crate::state::{Change, State};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
-    read_frame, write_frame, ContentHash, Epoch, FileMeta, Frame, Msg, OpResult, ProtoError, Seq, ServerId, Who,
-    PROTOCOL_VERSION,
+    read_frame, validate_path, validate_username, write_frame, ContentHash, Epoch, FileMeta, Frame, Msg, OpResult,
+    ProtoError, Seq, ServerId, Who, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -56,8 +56,9 @@ pub fn serve_link(
             return;
         }
         _ => {
-            let reason = "this server is a backup that does not know the primary yet; try again".into();
-            let _ = writer.send(&Msg::Refused { reason }, &[]);
+            // Not a refusal (which would make the joiner give up): close, and the
+            // joiner tries again until this backup knows where the primary is.
+            log::info!("closing join from peer={peer}: this backup does not know the primary yet");
             return;
         }
     }
@@ -82,6 +83,7 @@ pub fn serve_link(
         id,
         addr: addr.clone(),
         local_ip: local.ip(),
+        peer_ip: peer_addr.ip(),
         no,
         ctl: ctl_tx.clone(),
         data: data_tx,
@@ -189,7 +191,11 @@ pub fn follow(cfg: FollowConfig, core: Sender<Event>, epoch: Arc<AtomicU64>) {
     let mut id = cfg.id;
     let mut failures = 0u32;
     loop {
-        match session(&cfg, &core, &epoch, &target, &mut id) {
+        let (stop, joined) = session(&cfg, &core, &epoch, &target, &mut id);
+        if joined {
+            failures = 0;
+        }
+        match stop {
             Stop::Redirect(primary) => {
                 log::info!("following redirect to primary={primary}");
                 target = primary;
@@ -215,23 +221,24 @@ pub fn follow(cfg: FollowConfig, core: Sender<Event>, epoch: Arc<AtomicU64>) {
     }
 }
 
-/// One connection to the primary, from hello to its end.
+/// One connection to the primary, from hello to its end; says how it ended and
+/// whether the primary accepted this server on the way.
 fn session(
     cfg: &FollowConfig,
     core: &Sender<Event>,
     epoch: &AtomicU64,
     target: &str,
     id: &mut Option<ServerId>,
-) -> Stop {
+) -> (Stop, bool) {
     let stream = match connect(target, Duration::from_secs(2)) {
         Ok(s) => s,
-        Err(stop) => return stop,
+        Err(stop) => return (stop, false),
     };
     let seq = ask(core, |reply| Event::Status { reply })
         .and_then(|s| s.get("seq").and_then(|v| v.as_u64()))
         .map(Seq)
         .unwrap_or_default();
-    let Ok(mut out) = stream.try_clone() else { return Stop::Retry("cannot clone socket".into()) };
+    let Ok(mut out) = stream.try_clone() else { return (Stop::Retry("cannot clone socket".into()), false) };
     let _ = stream.set_read_timeout(Some(cfg.failure_timeout));
     let hello = Msg::Hello {
         version: PROTOCOL_VERSION,
@@ -243,14 +250,22 @@ fn session(
         },
     };
     if let Err(e) = write_frame(&mut out, Epoch(epoch.load(Ordering::Relaxed)), &hello, &[]) {
-        return Stop::Retry(e.to_string());
+        return (Stop::Retry(e.to_string()), false);
     }
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
-    let mut follower =
-        Follower { cfg, core, epoch, out, target: target.to_string(), fetcher: None, xfers: HashMap::new() };
+    let mut follower = Follower {
+        cfg,
+        core,
+        epoch,
+        out,
+        target: target.to_string(),
+        fetcher: None,
+        xfers: HashMap::new(),
+        joined: false,
+    };
     let stop = follower.run(&mut reader, id);
     follower.cleanup();
-    stop
+    (stop, follower.joined)
 }
 
 /// A forwarded upload being received.
@@ -269,6 +284,23 @@ struct Follower<'a> {
     target: String,
     fetcher: Option<Fetcher>,
     xfers: HashMap<String, Incoming>,
+    /// The primary accepted us in this session.
+    joined: bool,
+}
+
+/// Checks the names an entry would touch on disk: a backup does not rely on the
+/// primary for its own confinement.
+fn check_names(change: &Change) -> Result<(), String> {
+    let check = |user: &str, paths: &[&str]| -> Result<(), String> {
+        validate_username(user).map_err(|e| e.to_string())?;
+        paths.iter().try_for_each(|p| validate_path(p).map_err(|e| e.to_string()))
+    };
+    match change {
+        Change::Put { user, meta, .. } | Change::Delete { user, meta } => check(user, &[&meta.path]),
+        Change::Rename { user, from, to } => check(user, &[&from.path, &to.path]),
+        Change::Login { session } => check(&session.user, &[]),
+        _ => Ok(()),
+    }
 }
 
 fn valid_xfer(xfer: &str) -> bool {
@@ -339,6 +371,7 @@ impl Follower<'_> {
             )));
         }
         *id = Some(my_id);
+        self.joined = true;
         let _ = self.core.send(Event::Joined { id: my_id });
         let _ = self.core.send(Event::PrimaryAt { addr: self.target.clone() });
         let mut snapshot = Vec::new();
@@ -351,6 +384,12 @@ impl Follower<'_> {
             }
         };
         let state: State = serde_json::from_slice(&snapshot).map_err(|e| Stop::Retry(format!("bad snapshot: {e}")))?;
+        for (user, files) in &state.files {
+            for path in files.keys() {
+                let ok = validate_username(user).and_then(|_| validate_path(path));
+                ok.map_err(|e| Stop::Retry(format!("refusing the primary's snapshot: {e}")))?;
+            }
+        }
         drop(snapshot);
         let needed = ask(self.core, |reply| Event::Install { state: Box::new(state), reply })
             .ok_or_else(|| Stop::Retry("core stopped".into()))?
@@ -416,6 +455,9 @@ impl Follower<'_> {
                 }
             }
             Msg::Apply { entry } => {
+                if let Err(e) = check_names(&entry.change) {
+                    return Err(Stop::Retry(format!("refusing entry seq={} from the primary: {e}", entry.seq)));
+                }
                 if let Change::Put { user, meta, xfer } = &entry.change {
                     let ready = self.xfers.remove(xfer).is_some_and(|inc| inc.complete);
                     if !ready {

@@ -17,8 +17,8 @@ fn ip(last: u8) -> IpAddr {
 }
 
 /// A backup named `name` on 127.0.0.`last`, joining through `via`.
-fn backup(t: &TestDir, name: &str, last: u8, via: &Server, id: Option<u64>, extra: &[&str]) -> Server {
-    let mut mode = vec!["-b".to_string(), via.addr.to_string()];
+fn backup(t: &TestDir, name: &str, last: u8, via: std::net::SocketAddr, id: Option<u64>, extra: &[&str]) -> Server {
+    let mut mode = vec!["-b".to_string(), via.to_string()];
     if let Some(id) = id {
         mode.extend(["--id".to_string(), id.to_string()]);
     }
@@ -83,8 +83,8 @@ fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
 fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
     let t = TestDir::new("repl_backups_first");
     let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
-    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
     let all = [&s1, &s2, &s3];
     wait_members(&all, &[1, 2, 3]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
@@ -135,8 +135,8 @@ fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
 fn a_killed_backup_restarted_with_b_catches_up() {
     let t = TestDir::new("repl_backup_restart");
     let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
-    let mut s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    let mut s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
@@ -170,8 +170,8 @@ fn a_killed_backup_restarted_with_b_catches_up() {
 fn a_fourth_server_joining_through_a_backup_receives_everything() {
     let t = TestDir::new("repl_fourth_joins");
     let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
-    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
@@ -181,7 +181,7 @@ fn a_fourth_server_joining_through_a_backup_receives_everything() {
         d1.ok(&format!("upload {}", outside.join(&name).display()));
     }
 
-    let s4 = backup(&t, "s4", 6, &s2, None, &[]);
+    let s4 = backup(&t, "s4", 6, s2.addr, None, &[]);
     wait_members(&[&s1, &s2, &s3, &s4], &[1, 2, 3, 4]);
     let want = contents(&s1.user_dir("alice"));
     wait_trees("s4 to hold the cluster's files", &[&s4.user_dir("alice")], &want);
@@ -203,8 +203,8 @@ fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
     let t = TestDir::new("repl_stalled_backup");
     let bound = ["--ack-timeout-ms", "1000"];
     let s1 = primary(&t, &bound);
-    let mut s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
-    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
@@ -228,7 +228,7 @@ fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
 fn a_backup_redirects_clients_and_refuses_a_duplicate_id() {
     let t = TestDir::new("repl_redirect_dup");
     let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
     wait_members(&[&s1, &s2], &[1, 2]);
     let d1 = Client::headless(&t, "dev1", "alice", &s2, DEVICE1_IP);
     assert!(
@@ -261,7 +261,7 @@ fn a_backup_redirects_clients_and_refuses_a_duplicate_id() {
 fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
     let t = TestDir::new("repl_bad_peers");
     let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
     wait_members(&[&s1, &s2], &[1, 2]);
 
     let mut http = Raw::connect(s1.addr, "an HTTP client");
@@ -277,11 +277,26 @@ fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
     fake.send_bytes(b"\x00\x00\x00\x05garbage and more garbage");
     wait_until(DEADLINE, "the primary to drop the fake backup", || s1.log().contains("dropping backup id=9"));
 
+    // A fetch connection claiming to be a backup that is not one reads nothing.
+    let d0 = Client::headless(&t, "dev0", "alice", &s1, DEVICE2_IP);
+    put(&d0.path("secret.txt"), b"alice's");
+    wait_until(DEADLINE, "secret.txt on the primary", || s1.user_dir("alice").join("secret.txt").exists());
+    let mut thief = Raw::connect(s1.addr, "a fetch from a non-member");
+    thief.send(&Msg::Hello { version: PROTOCOL_VERSION, who: Who::Fetch { id: replibox_proto::ServerId(77) } });
+    thief.send(&Msg::Fetch { user: "alice".into(), path: "secret.txt".into() });
+    match thief.recv().map(|f| f.msg) {
+        Some(Msg::Reply { result: replibox_proto::OpResult::Error { .. }, .. }) => {}
+        other => fail(format!("a non-member's fetch was answered with {other:?}")),
+    }
+    assert!(s1.log().contains("refused fetch"), "the refused fetch should be logged");
+    drop(d0);
+
     // Still serving: a device logs in through the primary and its file reaches s2.
     let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
     put(&d1.path("still.txt"), b"still serving");
     let mut want = Want::new();
     want.insert("still.txt".into(), b"still serving".to_vec());
+    want.insert("secret.txt".into(), b"alice's".to_vec());
     wait_trees("the file on both servers", &[&s1.user_dir("alice"), &s2.user_dir("alice")], &want);
     wait_members(&[&s1, &s2], &[1, 2]);
 }
@@ -292,7 +307,7 @@ fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
 fn a_backup_joining_during_a_big_upload_ends_identical() {
     let t = TestDir::new("repl_join_during_upload");
     let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
     wait_members(&[&s1, &s2], &[1, 2]);
     let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
@@ -304,7 +319,7 @@ fn a_backup_joining_during_a_big_upload_ends_identical() {
         std::fs::read_dir(s1.tmp_dir()).map(|d| d.count() > 0).unwrap_or(false)
             || s1.user_dir("alice").join("big.bin").exists()
     });
-    let s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
     let mut want = Want::new();
     want.insert("big.bin".into(), seeded(21, 96 * 1024 * 1024));
     wait_trees("big.bin on device 2", &[&d2.sync_dir], &want);
@@ -325,8 +340,8 @@ fn an_upload_is_not_answered_while_a_live_backup_lacks_it() {
     let t = TestDir::new("repl_answer_waits");
     let bound = ["--ack-timeout-ms", "60000"];
     let s1 = primary(&t, &bound);
-    let s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
-    let mut s3 = backup(&t, "s3", 3, &s1, Some(3), &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    let mut s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
@@ -359,7 +374,7 @@ fn a_backup_catching_up_gets_a_file_renamed_before_it_could_fetch_it() {
     write_seeded(&outside.join("bulk.bin"), 41, 200 * 1024 * 1024);
     d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
 
-    let mut s2 = backup(&t, "s2", 2, &s1, Some(2), &[]);
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
     wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
     s2.proc.signal("STOP");
     put(&outside.join("x.bin"), &seeded(42, 500_000));
@@ -372,4 +387,21 @@ fn a_backup_catching_up_gets_a_file_renamed_before_it_could_fetch_it() {
     wait_members(&[&s1, &s2], &[1, 2]);
     let want = contents(&s1.user_dir("alice"));
     wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+}
+
+/// Backups started before their primary: one joins through the other, which does
+/// not know the primary yet; both keep trying (neither gives up) and both join
+/// once the primary starts.
+#[test]
+fn backups_started_before_the_primary_join_when_it_comes() {
+    let t = TestDir::new("repl_backups_first_start");
+    let port = free_port(SERVER_IP);
+    let future = ServerOpts { port: Some(port), ..ServerOpts::primary("s1") };
+    let s2 = backup(&t, "s2", 2, std::net::SocketAddr::new(SERVER_IP, port), Some(2), &[]);
+    let s3 = backup(&t, "s3", 3, s2.addr, Some(3), &[]);
+    wait_until(DEADLINE, "s2 to turn s3's join away", || s2.log().contains("does not know the primary yet"));
+    let mut opts = future;
+    opts.mode.extend(["--id".to_string(), "1".to_string()]);
+    let s1 = Server::start(&t, opts);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
 }
