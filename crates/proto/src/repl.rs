@@ -99,6 +99,12 @@ pub enum Change {
         /// Its id.
         id: ServerId,
     },
+    /// An id was handed to a joining server: it is never handed out again, even
+    /// if that server dies before it has caught up.
+    ReserveId {
+        /// The id.
+        id: ServerId,
+    },
 }
 
 /// A change with its position in the history, and the request it answers.

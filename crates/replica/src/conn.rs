@@ -443,11 +443,10 @@ impl Client {
                 Err(message) => return self.reply(seq, OpResult::Error { message }),
             }
         };
-        let abandon = |backups: &[DataSender], why: End| {
-            let _ = self.core.send(Event::DiscardTemp { xfer: xfer.clone() });
-            for b in backups {
-                let _ = b.tx.try_send(LinkOut::msg(Msg::XferAbort { xfer: xfer.clone() }));
-            }
+        // The core tells every backup (on the control queue, which never drops a
+        // message) that this transfer will not be committed.
+        let abandon = |_: &[DataSender], why: End| {
+            let _ = self.core.send(Event::AbandonUpload { xfer: xfer.clone() });
             why
         };
         if let Err(e) = self.send(&Msg::Proceed { seq }) {

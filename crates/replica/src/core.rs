@@ -118,10 +118,16 @@ pub enum Event {
         /// Its id and handle, or why not.
         reply: Sender<Result<(String, File), String>>,
     },
-    /// Remove an abandoned upload's temporary file.
-    DiscardTemp {
+    /// An upload will not be committed: remove its temporary file here and on
+    /// every backup.
+    AbandonUpload {
         /// Its id.
         xfer: String,
+    },
+    /// The seq of the last entry applied here.
+    LastSeq {
+        /// The answer.
+        reply: Sender<Seq>,
     },
     /// Where is the primary? `None`: here.
     Route {
@@ -211,6 +217,20 @@ pub enum Event {
         xfer: String,
         /// Whether it was put in place (false: not the content the state expects).
         reply: Sender<bool>,
+    },
+    /// Backup: remove the local copy of a file whose content could not be had.
+    DropContent {
+        /// Owner.
+        user: String,
+        /// Path.
+        path: String,
+        /// Done.
+        reply: Sender<()>,
+    },
+    /// Backup: every file of the installed snapshot was fetched or dropped.
+    JoinComplete {
+        /// Done.
+        reply: Sender<()>,
     },
     /// Backup: the follower knows the primary's address.
     PrimaryAt {
@@ -373,6 +393,13 @@ impl Core {
     /// Also forgets every session (nobody is connected to a server that just
     /// started) and adopts files found on disk that the state does not describe.
     pub fn start_as_primary(&mut self) -> Result<(), String> {
+        if self.store.install_unfinished() {
+            return Err(format!(
+                "this data dir stopped while joining a cluster ({}/meta/installing): some files may be missing; \
+                 start it with -b to finish catching up, or delete that file to start from what it holds",
+                self.store.root().display()
+            ));
+        }
         let epoch = self.state.epoch.next();
         let me = Member { id: self.settings.id, addr: self.my_addr() };
         self.commit(Change::NewEpoch { epoch, primary: self.settings.id, members: vec![me] })
@@ -468,7 +495,10 @@ impl Core {
                     "the server cannot store uploads right now".to_string()
                 }));
             }
-            Event::DiscardTemp { xfer } => self.store.discard_temp(&xfer),
+            Event::AbandonUpload { xfer } => self.abandon_upload(&xfer),
+            Event::LastSeq { reply } => {
+                let _ = reply.send(self.state.seq);
+            }
             Event::Route { reply } => {
                 let answer = match self.role {
                     Role::Primary => None,
@@ -555,6 +585,16 @@ impl Core {
                 let _ = reply.send(placed);
             }
             Event::PrimaryAt { addr } => self.primary_addr = Some(addr),
+            Event::DropContent { user, path, reply } => {
+                self.store.drop_content(&user, &path);
+                let _ = reply.send(());
+            }
+            Event::JoinComplete { reply } => {
+                if let Err(e) = self.store.finish_install() {
+                    log::error!("cannot record the end of the join: {e}");
+                }
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -704,6 +744,9 @@ impl Core {
             if self.state.members.get(&me).is_some_and(|m| m.addr != mine) {
                 self.propose(Change::Join { member: Member { id: me, addr: mine } }, None, Done::Nothing);
             }
+        }
+        if id > self.state.max_id {
+            self.propose(Change::ReserveId { id }, None, Done::Nothing);
         }
         // Joined, then the snapshot: the state after seq S. Every entry after S
         // follows on the same queue, in order.

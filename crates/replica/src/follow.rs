@@ -234,10 +234,7 @@ fn session(
         Ok(s) => s,
         Err(stop) => return (stop, false),
     };
-    let seq = ask(core, |reply| Event::Status { reply })
-        .and_then(|s| s.get("seq").and_then(|v| v.as_u64()))
-        .map(Seq)
-        .unwrap_or_default();
+    let seq = ask(core, |reply| Event::LastSeq { reply }).unwrap_or_default();
     let Ok(mut out) = stream.try_clone() else { return (Stop::Retry("cannot clone socket".into()), false) };
     let _ = stream.set_read_timeout(Some(cfg.failure_timeout));
     let hello = Msg::Hello {
@@ -262,6 +259,7 @@ fn session(
         fetcher: None,
         xfers: HashMap::new(),
         joined: false,
+        id: ServerId::default(),
     };
     let stop = follower.run(&mut reader, id);
     follower.cleanup();
@@ -286,6 +284,8 @@ struct Follower<'a> {
     xfers: HashMap<String, Incoming>,
     /// The primary accepted us in this session.
     joined: bool,
+    /// Our id, once the primary accepted us.
+    id: ServerId,
 }
 
 /// Checks the names an entry would touch on disk: a backup does not rely on the
@@ -371,6 +371,7 @@ impl Follower<'_> {
             )));
         }
         *id = Some(my_id);
+        self.id = my_id;
         self.joined = true;
         let _ = self.core.send(Event::Joined { id: my_id });
         let _ = self.core.send(Event::PrimaryAt { addr: self.target.clone() });
@@ -402,13 +403,29 @@ impl Follower<'_> {
         let mut bytes = 0;
         for (n, (user, meta)) in needed.iter().enumerate() {
             let xfer = format!("f{}-{n}", std::process::id());
-            if let Some(got) = self.fetch(user, &meta.path, &xfer)? {
-                bytes += got.size;
-                let _ = ask(self.core, |reply| Event::PlaceFetched { user: user.clone(), meta: got, xfer, reply });
+            let placed = match self.fetch(user, &meta.path, &xfer)? {
+                Some(got) => {
+                    bytes += got.size;
+                    ask(self.core, |reply| Event::PlaceFetched { user: user.clone(), meta: got, xfer, reply })
+                        .unwrap_or(false)
+                }
+                None => false,
+            };
+            if !placed {
+                // The primary has moved this file on since the snapshot (a later
+                // entry says how): never keep an older copy under its name.
+                self.drop_content(user, &meta.path);
             }
         }
+        let _ = ask(self.core, |reply| Event::JoinComplete { reply });
         log::info!("caught up to seq={snap_seq} (fetched {} files, {bytes} bytes)", needed.len());
         self.send(&Msg::CaughtUp { seq: snap_seq })
+    }
+
+    /// Removes this server's copy of a file whose content it could not get.
+    fn drop_content(&self, user: &str, path: &str) {
+        log::info!("dropping local copy of user={user} path={path}: the primary no longer has that version");
+        let _ = ask(self.core, |reply| Event::DropContent { user: user.into(), path: path.into(), reply });
     }
 
     /// The forwarded upload `xfer`, its temporary file created at its first frame.
@@ -467,15 +484,15 @@ impl Follower<'_> {
                         // The chunks never came (the upload began before this backup
                         // was live): fetch the content before applying.
                         let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
-                        if let Some(got) = self.fetch(user, &meta.path, xfer)? {
-                            if got.version < meta.version {
-                                log::warn!(
-                                    "fetched {} at version {} for entry version {}",
-                                    meta.path,
-                                    got.version,
-                                    meta.version
-                                );
-                            }
+                        let exact = self
+                            .fetch(user, &meta.path, xfer)?
+                            .is_some_and(|got| got.hash == meta.hash && got.size == meta.size);
+                        if !exact {
+                            // This version is gone from the primary (a later entry moved
+                            // or replaced it): leave the path empty rather than stale, so
+                            // that a later rename of it fetches the content it names.
+                            let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
+                            self.drop_content(user, &meta.path);
                         }
                     }
                 }
@@ -504,10 +521,7 @@ impl Follower<'_> {
                 }
             }
             Msg::Heartbeat { .. } => {
-                let seq = ask(self.core, |reply| Event::Status { reply })
-                    .and_then(|s| s.get("seq").and_then(|v| v.as_u64()))
-                    .map(Seq)
-                    .unwrap_or_default();
+                let seq = ask(self.core, |reply| Event::LastSeq { reply }).unwrap_or_default();
                 self.send(&Msg::Ack { seq })?;
             }
             other => return Err(Stop::Retry(format!("unexpected {} on the replication link", other.kind()))),
@@ -518,24 +532,27 @@ impl Follower<'_> {
     /// Fetches a user's file into temporary file `xfer`; None when the primary no
     /// longer holds it (a later entry will say what became of it).
     fn fetch(&mut self, user: &str, path: &str, xfer: &str) -> Result<Option<FileMeta>, Stop> {
-        if self.fetcher.is_none() {
-            let id = ask(self.core, |reply| Event::Status { reply })
-                .and_then(|s| s.get("id").and_then(|v| v.as_u64()))
-                .map(ServerId)
-                .unwrap_or_default();
-            self.fetcher =
-                Some(Fetcher::open(&self.target, id, self.epoch.load(Ordering::Relaxed), self.cfg.failure_timeout)?);
-        }
-        let Some(f) = self.fetcher.as_mut() else { return Err(Stop::Retry("no fetch connection".into())) };
         let dest = self.cfg.tmp.join(xfer);
-        match f.fetch(user, path, &dest) {
-            Ok(got) => Ok(got),
-            Err(e) => {
-                self.fetcher = None;
-                let _ = std::fs::remove_file(&dest);
-                Err(e)
+        // A kept fetch connection may have been closed by the primary while idle:
+        // one fresh attempt before giving up on the session.
+        for attempt in 0..2 {
+            if self.fetcher.is_none() {
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                self.fetcher = Some(Fetcher::open(&self.target, self.id, epoch, self.cfg.failure_timeout)?);
+            }
+            let Some(f) = self.fetcher.as_mut() else { return Err(Stop::Retry("no fetch connection".into())) };
+            match f.fetch(user, path, &dest) {
+                Ok(got) => return Ok(got),
+                Err(e) => {
+                    self.fetcher = None;
+                    let _ = std::fs::remove_file(&dest);
+                    if attempt == 1 {
+                        return Err(e);
+                    }
+                }
             }
         }
+        Err(Stop::Retry(format!("cannot fetch {path} of user {user}")))
     }
 
     fn cleanup(&mut self) {

@@ -7,7 +7,8 @@
 //! chunks up. An entry must never overtake the chunks of the upload it commits;
 //! those chunks were queued before the entry was (the upload thread queues its
 //! last chunk, then asks the core to commit), so before writing a control message
-//! the writer drains whatever the data queue holds.
+//! the writer drains what the data queue held at that moment (not more: a busy
+//! upload must not starve heartbeats and entries).
 
 use crossbeam_channel::{select, Receiver, Sender};
 use replibox_proto::{write_frame, Epoch, Msg};
@@ -69,7 +70,11 @@ pub fn writer(stream: TcpStream, ctl: Receiver<LinkOut>, data: Receiver<LinkOut>
                 continue;
             }
             Ok((m, true)) => {
-                while let Ok(d) = data.try_recv() {
+                // Only what the data queue held when the control message arrived:
+                // that includes every chunk queued before it, and an upload that
+                // keeps the queue full cannot starve heartbeats and entries.
+                for _ in 0..data.len() {
+                    let Ok(d) = data.try_recv() else { break };
                     if !write(&d) {
                         break 'outer;
                     }

@@ -132,6 +132,7 @@ impl State {
             Change::Leave { id } => {
                 self.members.remove(id);
             }
+            Change::ReserveId { id } => self.max_id = self.max_id.max(*id),
         }
         if let Some((device, last)) = &entry.request {
             self.requests.insert(device.clone(), last.clone());

@@ -222,6 +222,16 @@ impl Store {
     /// durable but its action failed, so disk and state disagree; the caller must
     /// stop (start-up redoes the action).
     pub fn commit(&mut self, state: &mut State, entry: Entry) -> Result<(), CommitError> {
+        if let Change::Put { xfer, .. } = &entry.change {
+            // The temporary file's name must be durable before the entry is: redo
+            // after a power loss takes a missing temporary file for a finished move.
+            if self.tmp_path(xfer).exists() {
+                let tmp = self.root.join("tmp");
+                fsync_dir(&tmp)
+                    .context(|| format!("syncing directory {}", tmp.display()))
+                    .map_err(CommitError::Unlogged)?;
+            }
+        }
         self.append(state, &entry).map_err(CommitError::Unlogged)?;
         self.act(&entry.change).map_err(CommitError::Logged)?;
         state
@@ -322,7 +332,8 @@ impl Store {
             | Change::ClearSessions
             | Change::NewEpoch { .. }
             | Change::Join { .. }
-            | Change::Leave { .. } => {}
+            | Change::Leave { .. }
+            | Change::ReserveId { .. } => {}
         }
         Ok(())
     }
@@ -447,13 +458,31 @@ impl Store {
     /// snapshot does not hold are removed; files it holds are kept when the old
     /// state had the same version and content and the disk copy still matches;
     /// every other file is returned, to be fetched from the primary.
+    ///
+    /// Until [`Store::finish_install`], `meta/installing` marks the data dir as
+    /// describing files it may not hold yet: a server that stops meanwhile must not
+    /// start as primary, and its next install checks every file by content.
     pub fn install(&mut self, old: &State, new: &State) -> Result<Vec<(String, FileMeta)>, StoreError> {
+        let marker = self.root.join("meta/installing");
+        let interrupted = marker.exists();
+        write_atomically(&marker, b"joining a cluster: files are being fetched\n")?;
+        // The old log first: its entries may belong to another history than the
+        // new snapshot's, and must never be replayed on top of it.
+        self.log.set_len(0).context(|| "truncating log".into())?;
+        self.log.sync_all().context(|| "syncing log".into())?;
         self.write_snapshot(new)?;
         let mut needed = Vec::new();
         for (user, files) in &new.files {
             for meta in files.values().filter(|m| !m.deleted) {
-                let same = old.live(user, &meta.path).is_some_and(|o| o.version == meta.version && o.hash == meta.hash);
-                let on_disk = fs::metadata(self.user_path(user, &meta.path)).is_ok_and(|md| {
+                let disk = self.user_path(user, &meta.path);
+                let same = if interrupted {
+                    // The old state came from an unfinished install: only the
+                    // content itself can be trusted.
+                    ContentHash::of_file(&disk).is_ok_and(|h| h == meta.hash)
+                } else {
+                    old.live(user, &meta.path).is_some_and(|o| o.version == meta.version && o.hash == meta.hash)
+                };
+                let on_disk = fs::metadata(&disk).is_ok_and(|md| {
                     md.is_file() && md.len() == meta.size && md.modified().map(to_ms).ok() == Some(meta.mtime_ms)
                 });
                 if !(same && on_disk) {
@@ -484,6 +513,35 @@ impl Store {
             }
         }
         Ok(needed)
+    }
+
+    /// The installed snapshot's files are all in place (or dropped): the data dir
+    /// describes what it holds again.
+    pub fn finish_install(&self) -> Result<(), StoreError> {
+        let marker = self.root.join("meta/installing");
+        match fs::remove_file(&marker) {
+            Ok(()) => {
+                let meta = self.root.join("meta");
+                fsync_dir(&meta).context(|| format!("syncing directory {}", meta.display()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context(|| format!("removing {}", marker.display())),
+        }
+    }
+
+    /// True when an install was interrupted: the state may describe files this data
+    /// dir does not hold.
+    pub fn install_unfinished(&self) -> bool {
+        self.root.join("meta/installing").exists()
+    }
+
+    /// Removes a user's file without a log entry (a backup's copy whose content it
+    /// could not get: the state keeps describing it until a later entry).
+    pub fn drop_content(&self, user: &str, path: &str) {
+        let p = self.user_path(user, path);
+        if fs::remove_file(&p).is_ok() {
+            self.prune_empty_dirs(user, &p);
+        }
     }
 
     /// Puts a fetched file (in temporary file `xfer`) in place as `meta`, without a

@@ -405,3 +405,129 @@ fn backups_started_before_the_primary_join_when_it_comes() {
     let s1 = Server::start(&t, opts);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
 }
+
+/// Like the test above, but the uploaded file already existed (v1) on the backup
+/// when it joined: the rename's source then exists with stale content. The backup
+/// must not rename v1 into the new name; it ends byte-identical. (Found in review.)
+#[test]
+fn a_backup_catching_up_never_renames_a_stale_copy_into_place() {
+    let t = TestDir::new("repl_rename_stale_source");
+    let s1 = primary(&t, &[]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    put(&outside.join("a.bin"), &seeded(40, 300_000));
+    d1.ok(&format!("upload {}", outside.join("a.bin").display()));
+    write_seeded(&outside.join("bulk.bin"), 41, 200 * 1024 * 1024);
+    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
+
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to hold a.bin and be fetching bulk.bin", || s2.user_dir("alice").join("a.bin").exists());
+    s2.proc.signal("STOP");
+    put(&outside.join("a.bin"), &seeded(42, 500_000));
+    d1.ok(&format!("upload {}", outside.join("a.bin").display()));
+    std::fs::rename(d1.path("a.bin"), d1.path("c.bin")).unwrap();
+    wait_until(DEADLINE, "the rename on the primary", || {
+        s1.user_dir("alice").join("c.bin").exists() && !s1.user_dir("alice").join("a.bin").exists()
+    });
+    s2.proc.signal("CONT");
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let want = contents(&s1.user_dir("alice"));
+    wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+}
+
+/// A backup killed while it installs a snapshot (its state already describes files
+/// it has not fetched) refuses to start as primary, which would serve or adopt
+/// what it lacks; started again with `-b`, it finishes catching up.
+#[test]
+fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
+    let t = TestDir::new("repl_killed_mid_install");
+    let s1 = primary(&t, &[]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    write_seeded(&outside.join("bulk.bin"), 51, 200 * 1024 * 1024);
+    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
+
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
+    s2.kill();
+    assert!(s2.data.join("meta/installing").exists(), "the unfinished install should be marked on disk");
+
+    let port = free_port(ip(2));
+    let mut cmd = Command::new(server_bin());
+    cmd.args(["-p", "--id", "2", "--bind", "127.0.0.2", "--port", &port.to_string(), "--data"]).arg(&s2.data);
+    let mut as_primary = Proc::spawn(&t, "s2-as-primary", cmd, false);
+    let code = as_primary.wait_exit(DEADLINE);
+    assert!(!code.success(), "a data dir killed mid-install must not start as primary");
+    assert!(as_primary.stderr().contains("stopped while joining"), "no clear reason:\n{}", as_primary.stderr());
+
+    s2.restart(&t);
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let want = contents(&s1.user_dir("alice"));
+    wait_trees("s2 to finish catching up", &[&s2.user_dir("alice")], &want);
+    wait_until(DEADLINE, "the install marker to go", || !s2.data.join("meta/installing").exists());
+}
+
+/// A backup that takes the upload's chunks more slowly than the client sends them
+/// (but answers every heartbeat and entry at once) keeps receiving heartbeats while
+/// a big upload fills its link, and is not dropped as silent. (Found in review: the
+/// link's writer used to drain the whole data queue before any control message.)
+#[test]
+fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
+    use replibox_proto::repl::Change;
+    let t = TestDir::new("repl_slow_backup");
+    let s1 = primary(&t, &[]);
+    let addr = s1.addr;
+    let fake = std::thread::spawn(move || {
+        let mut r = Raw::connect(addr, "a slow backup");
+        let who =
+            Who::Server { id: Some(replibox_proto::ServerId(9)), ip: Some("127.0.0.9".into()), port: 1, seq: Seq(0) };
+        r.send(&Msg::Hello { version: PROTOCOL_VERSION, who });
+        let (mut epoch, mut last) = (replibox_proto::Epoch(0), Seq(0));
+        loop {
+            let f = r.recv().expect("the primary closed the link during the join");
+            epoch = f.epoch;
+            if let Msg::SnapshotEnd { seq } = f.msg {
+                last = seq;
+                break;
+            }
+        }
+        r.send_at(epoch, &Msg::CaughtUp { seq: last });
+        let (mut chunks, mut heartbeats_mid_upload) = (0u64, 0u64);
+        loop {
+            let Some(f) = r.recv() else { return (heartbeats_mid_upload, false, None) };
+            match f.msg {
+                Msg::XferChunk { .. } => {
+                    chunks += 1;
+                    // About 20 MB/s: slower than the upload over loopback.
+                    std::thread::sleep(std::time::Duration::from_micros(f.payload.len() as u64 / 20));
+                }
+                Msg::Heartbeat { .. } => {
+                    if chunks > 0 {
+                        heartbeats_mid_upload += 1;
+                    }
+                    r.send_at(epoch, &Msg::Ack { seq: last });
+                }
+                Msg::Apply { entry } => {
+                    last = entry.seq;
+                    r.send_at(epoch, &Msg::Ack { seq: last });
+                    if matches!(entry.change, Change::Put { .. }) {
+                        // Handed back so that the link stays open while the test checks.
+                        return (heartbeats_mid_upload, true, Some(r));
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    wait_members(&[&s1], &[1, 9]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    write_seeded(&outside.join("big.bin"), 61, 64 * 1024 * 1024);
+    d1.ok(&format!("upload {}", outside.join("big.bin").display()));
+    let (heartbeats, stayed, link) = fake.join().unwrap_or_else(|_| fail("the slow backup's thread failed"));
+    assert!(stayed, "the slow backup's link was closed during the upload");
+    assert!(heartbeats > 0, "no heartbeat reached the slow backup while the upload filled its link");
+    assert!(!s1.log().contains("dropping backup id=9"), "the slow backup was dropped:\n{}", s1.log());
+    wait_members(&[&s1], &[1, 9]);
+    drop(link);
+}

@@ -52,6 +52,13 @@ impl Raw {
         self.send_with(msg, &[]);
     }
 
+    /// Writes one well-formed frame stamped with `epoch` (as a server would).
+    pub fn send_at(&mut self, epoch: Epoch, msg: &Msg) {
+        if let Err(e) = write_frame(&mut self.stream, epoch, msg, &[]) {
+            fail(format!("{}: cannot send {}: {e}", self.what, msg.kind()));
+        }
+    }
+
     /// Writes one well-formed frame with a payload.
     pub fn send_with(&mut self, msg: &Msg, payload: &[u8]) {
         if let Err(e) = write_frame(&mut self.stream, Epoch(0), msg, payload) {
