@@ -482,15 +482,12 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
         let who =
             Who::Server { id: Some(replibox_proto::ServerId(9)), ip: Some("127.0.0.9".into()), port: 1, seq: Seq(0) };
         r.send(&Msg::Hello { version: PROTOCOL_VERSION, who });
-        let (mut epoch, mut last) = (replibox_proto::Epoch(0), Seq(0));
-        loop {
+        let (epoch, mut last) = loop {
             let f = r.recv().expect("the primary closed the link during the join");
-            epoch = f.epoch;
             if let Msg::SnapshotEnd { seq } = f.msg {
-                last = seq;
-                break;
+                break (f.epoch, seq);
             }
-        }
+        };
         r.send_at(epoch, &Msg::CaughtUp { seq: last });
         let (mut chunks, mut heartbeats_mid_upload) = (0u64, 0u64);
         loop {
