@@ -13,7 +13,7 @@
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use replibox_proto::{
-    read_frame, write_frame, ContentHash, DeviceId, Epoch, FileMeta, Frame, Msg, Notice, Op, OpResult, ProtoError, Seq,
+    read_frame, write_frame, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, ProtoError, Seq,
     Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::fmt;
@@ -308,7 +308,7 @@ impl Frontend {
             source.seek(SeekFrom::Start(0)).map_err(|e| FrontError::Local(format!("cannot read {path}: {e}")))?;
             let mut buf = vec![0u8; CHUNK_SIZE];
             let mut sent = 0u64;
-            let mut hash = ContentHash::default();
+            let mut hasher = Hasher::new();
             while sent < size {
                 let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
                 let n =
@@ -316,14 +316,14 @@ impl Frontend {
                 if n == 0 {
                     break; // the file shrank: the server sees a short upload and refuses it
                 }
-                hash.update(&buf[..n]);
+                hasher.update(&buf[..n]);
                 if let Err(e) = conn.send(&Msg::Chunk { seq }, &buf[..n]) {
                     return Ok(Attempt::Lost(e));
                 }
                 sent += n as u64;
                 progress(sent);
             }
-            if let Err(e) = conn.send(&Msg::UploadEnd { seq, hash }, &[]) {
+            if let Err(e) = conn.send(&Msg::UploadEnd { seq, hash: hasher.finish() }, &[]) {
                 return Ok(Attempt::Lost(e));
             }
             Ok(match wait_reply(conn, seq)? {
@@ -354,7 +354,7 @@ impl Frontend {
                 Ok(other) => return Ok(Attempt::Done(Err(other))),
             };
             let mut got = 0u64;
-            let mut hash = ContentHash::default();
+            let mut hasher = Hasher::new();
             loop {
                 let frame = match conn.recv() {
                     Ok(f) => f,
@@ -369,12 +369,13 @@ impl Frontend {
                                 meta.size
                             )));
                         }
-                        hash.update(&frame.payload);
+                        hasher.update(&frame.payload);
                         dest.write_all(&frame.payload)
                             .map_err(|e| FrontError::Local(format!("cannot write {path}: {e}")))?;
                         progress(got, meta.size);
                     }
                     Msg::DownloadEnd { seq: s, hash: sent } if s == seq => {
+                        let hash = hasher.finish();
                         if got != meta.size || sent != hash || hash != meta.hash {
                             return Err(FrontError::Protocol(format!(
                                 "download of {path} arrived damaged ({got} of {} bytes)",

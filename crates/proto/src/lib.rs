@@ -21,7 +21,7 @@ pub mod repl;
 
 pub use error::ProtoError;
 pub use frame::{read_frame, write_frame, Frame};
-pub use hash::ContentHash;
+pub use hash::{ContentHash, Hasher};
 pub use ids::{DeviceId, Epoch, Seq, ServerId, Version};
 pub use msg::*;
 pub use names::{validate_path, validate_username, NameError};

@@ -8,7 +8,7 @@ use crate::core::{ConnId, CoreRequest, Event};
 use crate::link::{DataSender, LinkOut};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
-    read_frame, validate_path, validate_username, write_frame, ContentHash, DeviceId, Epoch, Frame, Msg, Op, OpResult,
+    read_frame, validate_path, validate_username, write_frame, DeviceId, Epoch, Frame, Hasher, Msg, Op, OpResult,
     ProtoError, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::io::{Read, Write};
@@ -288,7 +288,7 @@ fn stream_file(
     writer.send(&Msg::Reply { seq, result: OpResult::Data { meta } }, &[])?;
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut sent = 0u64;
-    let mut hash = ContentHash::default();
+    let mut hasher = Hasher::new();
     while sent < size {
         let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
         let n = match file.read(&mut buf[..want]) {
@@ -298,11 +298,11 @@ fn stream_file(
             Ok(n) => n,
             Err(e) => return Err(End::Violation(format!("reading stored file: {e}"))),
         };
-        hash.update(&buf[..n]);
+        hasher.update(&buf[..n]);
         writer.send(&Msg::Chunk { seq }, &buf[..n])?;
         sent += n as u64;
     }
-    writer.send(&Msg::DownloadEnd { seq, hash }, &[])?;
+    writer.send(&Msg::DownloadEnd { seq, hash: hasher.finish() }, &[])?;
     Ok(())
 }
 
@@ -453,7 +453,7 @@ impl Client {
             return Err(abandon(&backups, e));
         }
         let mut got = 0u64;
-        let mut hash = ContentHash::default();
+        let mut hasher = Hasher::new();
         let sent_hash = loop {
             let frame: Frame = match read_frame(reader) {
                 Ok(Some(f)) => f,
@@ -475,7 +475,7 @@ impl Client {
                         let why = End::Violation(format!("upload of {path} exceeds its declared {size} bytes"));
                         return Err(abandon(&backups, why));
                     }
-                    hash.update(&frame.payload);
+                    hasher.update(&frame.payload);
                     if let Err(e) = file.write_all(&frame.payload) {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
                         let why = End::Violation(format!("server cannot store the upload: {e}"));
@@ -502,6 +502,7 @@ impl Client {
                 }
             }
         };
+        let hash = hasher.finish();
         if got != size || sent_hash != hash {
             let _ = abandon(&backups, End::Clean);
             let message =

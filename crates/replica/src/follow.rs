@@ -18,7 +18,7 @@ use crate::link::{self, LinkOut, DATA_QUEUE};
 use crate::state::{Change, State};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
-    read_frame, validate_path, validate_username, write_frame, ContentHash, Epoch, FileMeta, Frame, Msg, OpResult,
+    read_frame, validate_path, validate_username, write_frame, Epoch, FileMeta, Frame, Hasher, Msg, OpResult,
     ProtoError, Seq, ServerId, Who, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
@@ -270,7 +270,7 @@ fn session(
 struct Incoming {
     file: File,
     size: u64,
-    hash: ContentHash,
+    hash: Hasher,
     complete: bool,
 }
 
@@ -437,7 +437,7 @@ impl Follower<'_> {
             let path = self.cfg.tmp.join(xfer);
             let file =
                 File::create(&path).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
-            let fresh = Incoming { file, size: 0, hash: ContentHash::default(), complete: false };
+            let fresh = Incoming { file, size: 0, hash: Hasher::new(), complete: false };
             self.xfers.insert(xfer.to_string(), fresh);
         }
         self.xfers.get_mut(xfer).ok_or_else(|| Stop::Retry(format!("transfer {xfer} vanished")))
@@ -459,7 +459,7 @@ impl Follower<'_> {
                     self.incoming(&xfer)?;
                 }
                 if let Some(inc) = self.xfers.get_mut(&xfer) {
-                    if inc.size == size && inc.hash == hash && inc.file.sync_all().is_ok() {
+                    if inc.size == size && inc.hash.finish() == hash && inc.file.sync_all().is_ok() {
                         inc.complete = true;
                     } else {
                         log::warn!("transfer {xfer} arrived incomplete ({} of {size} bytes); will fetch it", inc.size);
@@ -590,19 +590,19 @@ impl Fetcher {
             other => return Err(Stop::Retry(format!("unexpected {} answering a fetch", other.kind()))),
         };
         let mut file = File::create(dest).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", dest.display())))?;
-        let mut hash = ContentHash::default();
+        let mut hasher = Hasher::new();
         let mut got = 0u64;
         loop {
             let f = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
             match f.msg {
                 Msg::Chunk { .. } => {
                     got += f.payload.len() as u64;
-                    hash.update(&f.payload);
+                    hasher.update(&f.payload);
                     file.write_all(&f.payload)
                         .map_err(|e| Stop::Retry(format!("cannot write {}: {e}", dest.display())))?;
                 }
                 Msg::DownloadEnd { hash: sent, .. } => {
-                    if got != meta.size || sent != hash {
+                    if got != meta.size || sent != hasher.finish() {
                         return Err(Stop::Retry(format!("fetch of {path} arrived damaged")));
                     }
                     file.sync_all().map_err(|e| Stop::Retry(format!("cannot sync {}: {e}", dest.display())))?;
