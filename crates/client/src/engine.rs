@@ -23,7 +23,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Quiet time after the last watcher event before the sync dir is scanned.
-const DEBOUNCE: Duration = Duration::from_millis(50);
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Longest a scan waits after the first event it is for, however many follow (a
+/// file written without pause must not hold back every other change).
+const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 /// A file modified more recently than this is still being written: wait.
 const SETTLE: Duration = Duration::from_millis(200);
 /// A file still open for writing this long after its last event is taken as is.
@@ -78,10 +81,15 @@ pub struct Engine {
     refused: BTreeMap<String, LocalFile>,
     /// Paths with a write in progress (an inotify modify without its close-write yet).
     writing: HashMap<String, Instant>,
+    /// Paths whose writer closed them after their last modification: settled now,
+    /// whatever their mtime says.
+    closed: BTreeSet<String>,
     /// Paths not synced because a folder on their way is a symlink (reported once).
     unconfined: BTreeSet<String>,
     /// When the next local pass is due.
     pass_due: Option<Instant>,
+    /// The first watcher event the next pass is for.
+    dirty_since: Option<Instant>,
     /// Set when notices may have been missed: reconcile with a full listing.
     need_full: bool,
     last_full: Instant,
@@ -130,6 +138,8 @@ impl Engine {
             device_label,
             refused: BTreeMap::new(),
             writing: HashMap::new(),
+            closed: BTreeSet::new(),
+            dirty_since: None,
             unconfined: BTreeSet::new(),
             pass_due: None,
             need_full: false,
@@ -181,15 +191,19 @@ impl Engine {
     fn watched(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Writing(p) => {
+                self.closed.remove(&p);
                 self.writing.insert(p, Instant::now());
             }
             WatchEvent::Closed(p) => {
                 self.writing.remove(&p);
+                self.closed.insert(p);
             }
             WatchEvent::Changed => {}
         }
-        let due = Instant::now() + DEBOUNCE;
-        self.pass_due = Some(self.pass_due.map_or(due, |d| d.max(due)));
+        let now = Instant::now();
+        let first = *self.dirty_since.get_or_insert(now);
+        let due = (now + DEBOUNCE).min(first + DEBOUNCE_MAX);
+        self.pass_due = Some(self.pass_due.map_or(due, |d| d.max(due)).min(first + DEBOUNCE_MAX));
     }
 
     fn command(&mut self, cmd: Command) {
@@ -302,6 +316,7 @@ impl Engine {
 
     /// Looks for local changes and sends them. Returns how many uploads were made.
     fn local_pass(&mut self) -> usize {
+        self.dirty_since = None;
         let local = scan::scan(&self.root);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
         let deleted: Vec<String> = self.index.entries.keys().filter(|p| !local.contains_key(*p)).cloned().collect();
@@ -312,7 +327,10 @@ impl Engine {
                 continue;
             }
             let still_writing = self.writing.get(path).is_some_and(|t| t.elapsed() < WRITER_GRACE);
-            if still_writing || now - l.mtime_ns < SETTLE.as_nanos() as i128 {
+            // Without a close-write seen, a fresh mtime may be a writer that is not
+            // done (or one whose events were lost): let it settle.
+            let unsettled = now - l.mtime_ns < SETTLE.as_nanos() as i128 && !self.closed.contains(path);
+            if still_writing || unsettled {
                 // A file moved here keeps the size and mtime it had under its old
                 // name: a fresh mtime then says nothing about a write in progress,
                 // and postponing it while its old name's deletion goes ahead would
@@ -364,6 +382,9 @@ impl Engine {
         } else if postpone {
             self.pass_due = Some(Instant::now() + SETTLE);
         }
+        // Forget close-writes of files now in sync (or gone); keep those still waiting.
+        let index = &self.index;
+        self.closed.retain(|p| local.get(p).is_some_and(|l| locally_changed(Some(l), index.get(p))));
         uploads
     }
 
