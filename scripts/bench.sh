@@ -185,6 +185,29 @@ transfer() {
     done
 }
 
+# write_in NAME: a writer creates stage/NAME's bytes directly in device 1's sync
+# dir (open, write, close: what an editor saving a small file does) and sets
+# ELAPSED_US to the time until device 2 has the file at its full size. This is the
+# latency a user sees; the settle delay counts, unlike in transfer().
+write_in() {
+    local name=$1 deadline=$((SECONDS + DEADLINE)) t0 size f
+    size=$(stat -c %s "$WORK/stage/$name")
+    f="$WORK/dev2/$name"
+    now
+    t0=$NOW
+    cat "$WORK/stage/$name" >"$WORK/dev1/$name"
+    until [ -f "$f" ] && [ "$(stat -c %s "$f")" = "$size" ]; do
+        alive "$DEV1_PID" || die "device 1's client exited"
+        alive "$DEV2_PID" || die "device 2's client exited"
+        ((SECONDS < deadline)) || die "$name: not on device 2 after $DEADLINE s"
+        sleep 0.002
+    done
+    now
+    ELAPSED_US=$((NOW - t0))
+    cmp -s "$WORK/dev1/$name" "$f" || die "$name arrived on device 2 with different content"
+    rm -f "$WORK/stage/$name"
+}
+
 # remove NAME: deletes it on device 1 and waits until device 2 no longer has it.
 remove() {
     rm -rf "${WORK:?}/dev1/$1"
@@ -200,20 +223,21 @@ stage_big() { # NAME MIB
     head -c "$(($2 * 1024 * 1024))" /dev/urandom >"$WORK/stage/$1"
 }
 
-CASES=("50 x 1 KiB" "64 MiB" "256 MiB")
-BYTES=($((50 * 1024)) $((64 * 1024 * 1024)) $((256 * 1024 * 1024)))
+CASES=("50 x 1 KiB" "64 MiB" "256 MiB" "1 KiB saved")
+BYTES=($((50 * 1024)) $((64 * 1024 * 1024)) $((256 * 1024 * 1024)) 1024)
 declare -A TIMES=()
 
 for ((run = 1; run <= RUNS; run++)); do
-    for c in 0 1 2; do
+    for c in 0 1 2 3; do
         name="r$run-c$c"
         case $c in
         0) stage_small "$name" ;;
         1) stage_big "$name" 64 ;;
         2) stage_big "$name" 256 ;;
+        3) head -c 1024 /dev/urandom >"$WORK/stage/$name" ;;
         esac
         sleep 1
-        transfer "$name"
+        if ((c == 3)); then write_in "$name"; else transfer "$name"; fi
         ms=$(((ELAPSED_US + 500) / 1000))
         TIMES[$c]+="$ms "
         say "$(printf '%-12s run %d/%d: %6d ms' "${CASES[$c]}" "$run" "$RUNS" "$ms")"
@@ -241,13 +265,15 @@ echo "  commit $rev, release build; $(nproc) cores${cpu:+ ($cpu)}; $(uname -sr)"
 echo "  server $SERVER_IP:$PORT, clients $DEV1_IP and $DEV2_IP; files on $(stat -f -c %T "$WORK")"
 echo
 printf '  %-12s  %-26s  %10s  %12s\n' "case" "runs (ms)" "median" "throughput"
-for c in 0 1 2; do
+for c in 0 1 2 3; do
     read -r -a values <<<"${TIMES[$c]}"
     m=$(median "${values[@]}")
     # Files per second for the small files, MiB/s for the big ones; one decimal,
     # in integer arithmetic.
     if ((m == 0)); then
         rate="-"
+    elif ((c == 3)); then
+        rate="(latency)"
     elif ((c == 0)); then
         tenths=$((50 * 10000 / m))
         rate="$((tenths / 10)).$((tenths % 10)) files/s"
