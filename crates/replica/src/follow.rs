@@ -27,7 +27,7 @@ use std::io::{BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn ask<T>(core: &Sender<Event>, make: impl FnOnce(Sender<T>) -> Event) -> Option<T> {
@@ -104,9 +104,10 @@ pub fn serve_link(
     };
     drop(ctl_tx);
     log::info!("replication link up id={id} addr={addr} their_seq={seq}");
-    // A joining backup may fetch files for a long while before it says anything:
-    // no read timeout until it has caught up (then its heartbeat acks pace it).
-    let _ = stream.set_read_timeout(None);
+    // A joining backup may fetch files for a long while before it acks anything,
+    // but it pings every second (KEEPALIVE); once caught up, its heartbeat acks
+    // pace it and the ack bound applies.
+    let _ = stream.set_read_timeout(Some(ctx.ack_timeout.max(JOINING_SILENCE)));
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let why = loop {
         let frame = match read_frame(&mut reader) {
@@ -116,7 +117,8 @@ pub fn serve_link(
             Err(e) => break e.to_string(),
         };
         let ours = ctx.epoch.load(Ordering::Relaxed);
-        if frame.epoch.0 < ours {
+        // A joiner pings with its old epoch until it has installed the snapshot.
+        if frame.epoch.0 < ours && frame.msg != Msg::Ping {
             log::warn!(
                 "dropping {} from backup id={id} with stale epoch={} (ours is {ours})",
                 frame.msg.kind(),
@@ -226,7 +228,7 @@ pub fn follow(cfg: FollowConfig, core: Sender<Event>, epoch: Arc<AtomicU64>) {
 fn session(
     cfg: &FollowConfig,
     core: &Sender<Event>,
-    epoch: &AtomicU64,
+    epoch: &Arc<AtomicU64>,
     target: &str,
     id: &mut Option<ServerId>,
 ) -> (Stop, bool) {
@@ -250,6 +252,8 @@ fn session(
         return (Stop::Retry(e.to_string()), false);
     }
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let out = Arc::new(Mutex::new(out));
+    let keepalive = keepalive(out.clone(), epoch.clone());
     let mut follower = Follower {
         cfg,
         core,
@@ -263,7 +267,37 @@ fn session(
     };
     let stop = follower.run(&mut reader, id);
     follower.cleanup();
+    keepalive.store(true, Ordering::Relaxed);
+    let _ = follower.out.lock().unwrap_or_else(|p| p.into_inner()).shutdown(std::net::Shutdown::Both);
     (stop, follower.joined)
+}
+
+/// How often a backup pings its primary, whatever else it is doing (a long fetch
+/// while joining, say), so that the primary can time out every read on the link.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// How long the primary lets a joining backup's link stay silent.
+const JOINING_SILENCE: Duration = Duration::from_secs(10);
+
+/// Pings on `out` every [`KEEPALIVE`] until the returned flag is set.
+fn keepalive(out: Arc<Mutex<TcpStream>>, epoch: Arc<AtomicU64>) -> Arc<std::sync::atomic::AtomicBool> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let spawned = std::thread::Builder::new().name("follower-keepalive".into()).spawn(move || loop {
+        std::thread::sleep(KEEPALIVE);
+        if flag.load(Ordering::Relaxed) {
+            return;
+        }
+        // The epoch changes when the snapshot is installed: stamp the current one.
+        let now = Epoch(epoch.load(Ordering::Relaxed));
+        let mut s = out.lock().unwrap_or_else(|p| p.into_inner());
+        if write_frame(&mut *s, now, &Msg::Ping, &[]).is_err() {
+            return;
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the keep-alive thread: {e}");
+    }
+    stop
 }
 
 /// A forwarded upload being received.
@@ -278,7 +312,8 @@ struct Follower<'a> {
     cfg: &'a FollowConfig,
     core: &'a Sender<Event>,
     epoch: &'a AtomicU64,
-    out: TcpStream,
+    /// The link's write side, shared with the keep-alive thread.
+    out: Arc<Mutex<TcpStream>>,
     target: String,
     fetcher: Option<Fetcher>,
     xfers: HashMap<String, Incoming>,
@@ -309,7 +344,8 @@ fn valid_xfer(xfer: &str) -> bool {
 
 impl Follower<'_> {
     fn send(&mut self, msg: &Msg) -> Result<(), Stop> {
-        write_frame(&mut self.out, Epoch(self.epoch.load(Ordering::Relaxed)), msg, &[]).map_err(Stop::from)
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *out, Epoch(self.epoch.load(Ordering::Relaxed)), msg, &[]).map_err(Stop::from)
     }
 
     fn next(&self, reader: &mut BufReader<TcpStream>) -> Result<Frame, Stop> {

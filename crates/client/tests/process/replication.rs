@@ -528,3 +528,25 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
     wait_members(&[&s1], &[1, 9]);
     drop(link);
 }
+
+/// Every read from a peer has a timeout, a joining backup's link included: a
+/// joiner that stops (SIGSTOP) in the middle of catching up is dropped by the
+/// primary, and once resumed it joins again and catches up.
+#[test]
+fn a_joiner_that_stops_while_catching_up_is_dropped_then_rejoins() {
+    let t = TestDir::new("repl_stalled_joiner");
+    let s1 = primary(&t, &[]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    write_seeded(&outside.join("bulk.bin"), 71, 200 * 1024 * 1024);
+    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
+
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
+    s2.proc.signal("STOP");
+    wait_until(DEADLINE, "the primary to drop the silent joiner", || s1.log().contains("dropping backup id=2"));
+    s2.proc.signal("CONT");
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let want = contents(&s1.user_dir("alice"));
+    wait_trees("s2 to catch up after it resumed", &[&s2.user_dir("alice")], &want);
+}
