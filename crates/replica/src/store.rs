@@ -293,17 +293,10 @@ impl Store {
     fn act(&self, change: &Change) -> Result<(), StoreError> {
         match change {
             Change::Put { user, meta, xfer } => {
-                let tmp = self.tmp_path(xfer);
-                if !tmp.exists() {
+                if !self.tmp_path(xfer).exists() {
                     return Ok(()); // already moved into place
                 }
-                let dest = self.user_path(user, &meta.path);
-                self.make_parent(user, &dest)?;
-                let f = File::options().write(true).open(&tmp).context(|| format!("opening {}", tmp.display()))?;
-                let _ = f.set_modified(from_ms(meta.mtime_ms));
-                f.sync_all().context(|| format!("syncing {}", tmp.display()))?;
-                fs::rename(&tmp, &dest).context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
-                self.sync_parent(&dest)?;
+                self.place_temp(user, meta, xfer)?;
             }
             Change::Delete { user, meta } => {
                 let path = self.user_path(user, &meta.path);
@@ -544,8 +537,9 @@ impl Store {
         }
     }
 
-    /// Puts a fetched file (in temporary file `xfer`) in place as `meta`, without a
-    /// log entry: the state already describes it; only its content was missing.
+    /// Puts the bytes of temporary file `xfer` in place as `meta` (mtime set, synced,
+    /// renamed, directory synced). Also used without a log entry for a file a backup
+    /// fetched: the state already describes it; only its content was missing.
     pub fn place_temp(&self, user: &str, meta: &FileMeta, xfer: &str) -> Result<(), StoreError> {
         let tmp = self.tmp_path(xfer);
         let dest = self.user_path(user, &meta.path);
