@@ -29,6 +29,8 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 /// A file modified more recently than this is still being written: wait.
 const SETTLE: Duration = Duration::from_millis(200);
+/// A file its writer has closed is settled once its mtime is this old.
+const CLOSE_MARGIN: Duration = Duration::from_millis(10);
 /// A file still open for writing this long after its last event is taken as is.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// A full rescan runs this often even without events, in case any were lost.
@@ -170,6 +172,7 @@ impl Engine {
                 },
                 recv(watch) -> ev => if let Ok(ev) = ev { self.watched(ev) },
                 default(wait) => {
+                    self.dirty_since = None;
                     if self.need_full || self.pass_due.is_none() {
                         if let Err(e) = self.sync_all() {
                             activity(format!("sync postponed: {e}"));
@@ -202,8 +205,10 @@ impl Engine {
         }
         let now = Instant::now();
         let first = *self.dirty_since.get_or_insert(now);
+        // The cap bounds the debounce only: a later pass set on purpose (a back-off
+        // after a failure, a settle wait) stays as it is.
         let due = (now + DEBOUNCE).min(first + DEBOUNCE_MAX);
-        self.pass_due = Some(self.pass_due.map_or(due, |d| d.max(due)).min(first + DEBOUNCE_MAX));
+        self.pass_due = Some(self.pass_due.map_or(due, |d| d.max(due)));
     }
 
     fn command(&mut self, cmd: Command) {
@@ -316,20 +321,29 @@ impl Engine {
 
     /// Looks for local changes and sends them. Returns how many uploads were made.
     fn local_pass(&mut self) -> usize {
-        self.dirty_since = None;
         let local = scan::scan(&self.root);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
         let deleted: Vec<String> = self.index.entries.keys().filter(|p| !local.contains_key(*p)).cloned().collect();
         let mut changed = Vec::new();
         let mut postpone = false;
+        // How soon the earliest postponed file may have settled.
+        let mut recheck: Option<Duration> = None;
         for (path, l) in &local {
             if !locally_changed(Some(l), self.index.get(path)) || self.refused.get(path) == Some(l) {
                 continue;
             }
             let still_writing = self.writing.get(path).is_some_and(|t| t.elapsed() < WRITER_GRACE);
-            // Without a close-write seen, a fresh mtime may be a writer that is not
-            // done (or one whose events were lost): let it settle.
-            let unsettled = now - l.mtime_ns < SETTLE.as_nanos() as i128 && !self.closed.contains(path);
+            // A writer that closed the file settles it, once its mtime is a little
+            // old (a new writer's first event may still be on its way). Without a
+            // close-write seen, a fresh mtime may be a writer that is not done (or
+            // one whose events were lost): let it settle.
+            let age = now - l.mtime_ns;
+            let needed = if self.closed.contains(path) { CLOSE_MARGIN } else { SETTLE };
+            let unsettled = age < needed.as_nanos() as i128;
+            if unsettled {
+                let left = Duration::from_nanos((needed.as_nanos() as i128 - age).max(0) as u64);
+                recheck = Some(recheck.map_or(left, |r: Duration| r.min(left)));
+            }
             if still_writing || unsettled {
                 // A file moved here keeps the size and mtime it had under its old
                 // name: a fresh mtime then says nothing about a write in progress,
@@ -379,8 +393,11 @@ impl Engine {
         if let Err(e) = result {
             activity(format!("sync postponed: {e}"));
             self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+            // A retry waits for the mtime to settle rather than trust old closes.
+            self.closed.clear();
         } else if postpone {
-            self.pass_due = Some(Instant::now() + SETTLE);
+            let wait = recheck.unwrap_or(SETTLE).max(Duration::from_millis(5));
+            self.pass_due = Some(Instant::now() + wait);
         }
         // Forget close-writes of files now in sync (or gone); keep those still waiting.
         let index = &self.index;
@@ -429,6 +446,7 @@ impl Engine {
             OpResult::Error { message } => {
                 activity(format!("the server refused {path}: {message}"));
                 self.refused.insert(path.to_string(), l);
+                self.closed.remove(path);
                 Ok(Some(false))
             }
             other => Err(FrontError::Protocol(format!("upload answered with {other:?}"))),

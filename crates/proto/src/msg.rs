@@ -135,6 +135,12 @@ pub enum OpResult {
         /// What the server holds now (None: nothing, not even a tombstone).
         current: Option<FileMeta>,
     },
+    /// Answer to a backup's fetch: that file is no longer on the server (deleted,
+    /// or moved on to another name) — unlike an error, which says nothing of it.
+    Gone {
+        /// The path asked for.
+        path: String,
+    },
     /// The request was refused; nothing changed.
     Error {
         /// A sentence for the user.

@@ -215,8 +215,9 @@ pub enum Event {
         meta: FileMeta,
         /// Its temporary file.
         xfer: String,
-        /// Whether it was put in place (false: not the content the state expects).
-        reply: Sender<bool>,
+        /// Whether it was put in place (false: not the content the state expects),
+        /// or why it could not be.
+        reply: Sender<Result<bool, String>>,
     },
     /// Backup: remove the local copy of a file whose content could not be had.
     DropContent {
@@ -227,7 +228,13 @@ pub enum Event {
         /// Done.
         reply: Sender<()>,
     },
-    /// Backup: every file of the installed snapshot was fetched or dropped.
+    /// Backup: the state describes a file whose content is not here (marks the data
+    /// dir like an unfinished install, until [`Event::JoinComplete`]).
+    MarkIncomplete {
+        /// Done.
+        reply: Sender<()>,
+    },
+    /// Backup: every file the state describes is here (the install is complete).
     JoinComplete {
         /// Done.
         reply: Sender<()>,
@@ -527,7 +534,10 @@ impl Core {
                 // Only a server this primary is replicating to (from the host its
                 // link comes from) may read users' files this way.
                 let answer = match self.links.get(&id) {
-                    Some(link) if link.peer_ip == peer_ip => self.open(&user, &path),
+                    Some(link) if link.peer_ip == peer_ip => match self.state.live(&user, &path) {
+                        None => Err(OpResult::Gone { path }),
+                        Some(_) => self.open(&user, &path),
+                    },
                     _ => {
                         log::warn!(
                             "refused fetch of user={user} path={path}: id={id} from {peer_ip} is not a backup here"
@@ -569,17 +579,14 @@ impl Core {
                 let wanted = self.state.live(&user, &meta.path).cloned();
                 let placed = match wanted {
                     Some(w) if w.hash == meta.hash && w.size == meta.size => {
-                        match self.store.place_temp(&user, &w, &xfer) {
-                            Ok(()) => true,
-                            Err(e) => {
-                                log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
-                                false
-                            }
-                        }
+                        self.store.place_temp(&user, &w, &xfer).map(|()| true).map_err(|e| {
+                            log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
+                            e.to_string()
+                        })
                     }
                     _ => {
                         self.store.discard_temp(&xfer);
-                        false
+                        Ok(false)
                     }
                 };
                 let _ = reply.send(placed);
@@ -587,6 +594,12 @@ impl Core {
             Event::PrimaryAt { addr } => self.primary_addr = Some(addr),
             Event::DropContent { user, path, reply } => {
                 self.store.drop_content(&user, &path);
+                let _ = reply.send(());
+            }
+            Event::MarkIncomplete { reply } => {
+                if let Err(e) = self.store.mark_incomplete() {
+                    log::error!("cannot mark the data dir incomplete: {e}");
+                }
                 let _ = reply.send(());
             }
             Event::JoinComplete { reply } => {

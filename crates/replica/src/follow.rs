@@ -264,6 +264,11 @@ fn session(
         xfers: HashMap::new(),
         joined: false,
         id: ServerId::default(),
+        missing: Default::default(),
+        complete: Seq(0),
+        acked: Seq(0),
+        keepalive: keepalive.clone(),
+        marked: false,
     };
     let stop = follower.run(&mut reader, id);
     follower.cleanup();
@@ -317,8 +322,19 @@ struct Follower<'a> {
     target: String,
     fetcher: Option<Fetcher>,
     xfers: HashMap<String, Incoming>,
-    /// The primary accepted us in this session.
+    /// This session has caught up (sent `CaughtUp`).
     joined: bool,
+    /// Paths whose content this server lacks for the version its state describes;
+    /// acks are held while any remain.
+    missing: std::collections::BTreeSet<(String, String)>,
+    /// The last entry applied.
+    complete: Seq,
+    /// The last seq acknowledged: every entry up to it is here with its content.
+    acked: Seq,
+    /// A live-phase lack marked the data dir incomplete.
+    marked: bool,
+    /// Stops the keep-alive thread (once caught up, heartbeat acks pace the link).
+    keepalive: Arc<std::sync::atomic::AtomicBool>,
     /// Our id, once the primary accepted us.
     id: ServerId,
 }
@@ -408,7 +424,6 @@ impl Follower<'_> {
         }
         *id = Some(my_id);
         self.id = my_id;
-        self.joined = true;
         let _ = self.core.send(Event::Joined { id: my_id });
         let _ = self.core.send(Event::PrimaryAt { addr: self.target.clone() });
         let mut snapshot = Vec::new();
@@ -436,32 +451,78 @@ impl Follower<'_> {
             self.target,
             needed.len()
         );
-        let mut bytes = 0;
+        let (mut placed, mut bytes) = (0, 0);
         for (n, (user, meta)) in needed.iter().enumerate() {
             let xfer = format!("f{}-{n}", std::process::id());
-            let placed = match self.fetch(user, &meta.path, &xfer)? {
+            let ok = match self.fetch(user, &meta.path, &xfer)? {
                 Some(got) => {
-                    bytes += got.size;
-                    ask(self.core, |reply| Event::PlaceFetched { user: user.clone(), meta: got, xfer, reply })
-                        .unwrap_or(false)
+                    let size = got.size;
+                    let ok = self.place(user.clone(), got, xfer)?;
+                    if ok {
+                        bytes += size;
+                    }
+                    ok
                 }
                 None => false,
             };
-            if !placed {
+            if ok {
+                placed += 1;
+            } else {
                 // The primary has moved this file on since the snapshot (a later
                 // entry says how): never keep an older copy under its name.
-                self.drop_content(user, &meta.path);
+                self.lack(user, &meta.path);
             }
         }
-        let _ = ask(self.core, |reply| Event::JoinComplete { reply });
-        log::info!("caught up to seq={snap_seq} (fetched {} files, {bytes} bytes)", needed.len());
-        self.send(&Msg::CaughtUp { seq: snap_seq })
+        log::info!("fetched {placed} of {} files ({bytes} bytes) for seq={snap_seq}", needed.len());
+        self.complete = snap_seq;
+        self.maybe_caught_up()
     }
 
-    /// Removes this server's copy of a file whose content it could not get.
-    fn drop_content(&self, user: &str, path: &str) {
+    /// Has the core put a fetched file in place; false when it is not the content
+    /// the state expects (the primary has moved on).
+    fn place(&self, user: String, meta: FileMeta, xfer: String) -> Result<bool, Stop> {
+        ask(self.core, |reply| Event::PlaceFetched { user, meta, xfer, reply })
+            .ok_or_else(|| Stop::Retry("core stopped".into()))?
+            .map_err(|e| Stop::Retry(format!("cannot place a fetched file: {e}")))
+    }
+
+    /// This server lacks the content its state describes at `path`: it removes any
+    /// older copy (a stale file must never be renamed into place later), marks the
+    /// data dir incomplete, and holds its acks until an entry resolves the path.
+    fn lack(&mut self, user: &str, path: &str) {
         log::info!("dropping local copy of user={user} path={path}: the primary no longer has that version");
         let _ = ask(self.core, |reply| Event::DropContent { user: user.into(), path: path.into(), reply });
+        if self.joined && !self.marked {
+            // Joining, the install already marked the data dir; live, mark it now.
+            let _ = ask(self.core, |reply| Event::MarkIncomplete { reply });
+            self.marked = true;
+        }
+        self.missing.insert((user.to_string(), path.to_string()));
+    }
+
+    /// Acknowledges (and, the first time, reports caught up) once nothing is
+    /// missing: an ack promises the content of every entry up to it.
+    fn maybe_caught_up(&mut self) -> Result<(), Stop> {
+        if !self.missing.is_empty() {
+            log::info!("holding acks at seq={}: {} files await a later entry", self.acked, self.missing.len());
+            return Ok(());
+        }
+        self.acked = self.complete;
+        if !self.joined {
+            let _ = ask(self.core, |reply| Event::JoinComplete { reply });
+            self.send(&Msg::CaughtUp { seq: self.acked })?;
+            log::info!("caught up to seq={}", self.acked);
+            self.joined = true;
+            // From now on the heartbeat acks pace the link.
+            self.keepalive.store(true, Ordering::Relaxed);
+            Ok(())
+        } else {
+            if self.marked {
+                let _ = ask(self.core, |reply| Event::JoinComplete { reply });
+                self.marked = false;
+            }
+            self.send(&Msg::Ack { seq: self.acked })
+        }
     }
 
     /// The forwarded upload `xfer`, its temporary file created at its first frame.
@@ -511,6 +572,7 @@ impl Follower<'_> {
                 if let Err(e) = check_names(&entry.change) {
                     return Err(Stop::Retry(format!("refusing entry seq={} from the primary: {e}", entry.seq)));
                 }
+                let mut lacking = None;
                 if let Change::Put { user, meta, xfer } = &entry.change {
                     let ready = self.xfers.remove(xfer).is_some_and(|inc| inc.complete);
                     if !ready {
@@ -528,7 +590,7 @@ impl Follower<'_> {
                             // or replaced it): leave the path empty rather than stale, so
                             // that a later rename of it fetches the content it names.
                             let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
-                            self.drop_content(user, &meta.path);
+                            lacking = Some((user.clone(), meta.path.clone()));
                         }
                     }
                 }
@@ -536,9 +598,11 @@ impl Follower<'_> {
                 // to be fetched, but the primary had already moved it on): fetch the
                 // destination's content, to be placed once the entry is applied.
                 let mut refetched = None;
+                let mut source_missing = false;
                 if let Change::Rename { user, from, to } = &entry.change {
                     let source = self.cfg.tmp.parent().map(|d| d.join("users").join(user).join(&from.path));
-                    if source.is_some_and(|p| !p.exists()) {
+                    source_missing = source.is_some_and(|p| !p.exists());
+                    if source_missing {
                         let xfer = format!("r{}-{}", std::process::id(), entry.seq);
                         if let Some(got) = self.fetch(user, &to.path, &xfer)? {
                             refetched = Some((user.clone(), got, xfer));
@@ -546,18 +610,42 @@ impl Follower<'_> {
                     }
                 }
                 let seq = entry.seq;
-                let applied = ask(self.core, |reply| Event::Apply { entry: *entry, reply });
-                if let Some((user, meta, xfer)) = refetched {
-                    ask(self.core, |reply| Event::PlaceFetched { user, meta, xfer, reply });
-                }
-                match applied {
-                    Some(Ok(applied)) => self.send(&Msg::Ack { seq: applied })?,
+                let change = entry.change.clone();
+                match ask(self.core, |reply| Event::Apply { entry: *entry, reply }) {
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(Stop::Retry(format!("cannot apply entry seq={seq}: {e}"))),
                     None => return Err(Stop::Retry("core stopped".into())),
                 }
+                // What this entry settles: a path it puts (with its content), deletes
+                // or renames away is no longer missing.
+                match &change {
+                    Change::Put { user, meta, .. } | Change::Delete { user, meta } => {
+                        self.missing.remove(&(user.clone(), meta.path.clone()));
+                    }
+                    Change::Rename { user, from, .. } => {
+                        self.missing.remove(&(user.clone(), from.path.clone()));
+                    }
+                    _ => {}
+                }
+                if let Some((user, path)) = lacking {
+                    self.lack(&user, &path);
+                }
+                if let Change::Rename { user, to, .. } = &change {
+                    // The destination's content came by fetch (its source was missing
+                    // here): placed, or else lacking too.
+                    let placed = match refetched {
+                        Some((user, meta, xfer)) => self.place(user, meta, xfer)?,
+                        None => !source_missing,
+                    };
+                    if !placed {
+                        self.lack(user, &to.path);
+                    }
+                }
+                self.complete = seq;
+                self.maybe_caught_up()?;
             }
             Msg::Heartbeat { .. } => {
-                let seq = ask(self.core, |reply| Event::LastSeq { reply }).unwrap_or_default();
+                let seq = self.acked;
                 self.send(&Msg::Ack { seq })?;
             }
             other => return Err(Stop::Retry(format!("unexpected {} on the replication link", other.kind()))),
@@ -619,9 +707,14 @@ impl Fetcher {
         let first = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
         let meta = match first.msg {
             Msg::Reply { result: OpResult::Data { meta }, .. } => meta,
-            Msg::Reply { result, .. } => {
-                log::info!("primary has no {path} of user {user} to fetch: {result:?}");
+            Msg::Reply { result: OpResult::Gone { .. }, .. } => {
+                log::info!("primary no longer has {path} of user {user}");
                 return Ok(None);
+            }
+            // Anything else (a refusal, a read error) says nothing about the file:
+            // keep what this server has and try the whole session again.
+            Msg::Reply { result, .. } => {
+                return Err(Stop::Retry(format!("the primary would not send {path} of user {user}: {result:?}")))
             }
             other => return Err(Stop::Retry(format!("unexpected {} answering a fetch", other.kind()))),
         };

@@ -522,6 +522,11 @@ impl Store {
         }
     }
 
+    /// Marks the data dir as describing a file it does not hold yet.
+    pub fn mark_incomplete(&self) -> Result<(), StoreError> {
+        write_atomically(&self.root.join("meta/installing"), b"a file's content is missing\n")
+    }
+
     /// True when an install was interrupted: the state may describe files this data
     /// dir does not hold.
     pub fn install_unfinished(&self) -> bool {
@@ -533,6 +538,8 @@ impl Store {
     pub fn drop_content(&self, user: &str, path: &str) {
         let p = self.user_path(user, path);
         if fs::remove_file(&p).is_ok() {
+            // Durable before anything that relies on it (the marker's removal).
+            let _ = self.sync_parent(&p);
             self.prune_empty_dirs(user, &p);
         }
     }

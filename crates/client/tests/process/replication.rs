@@ -550,3 +550,32 @@ fn a_joiner_that_stops_while_catching_up_is_dropped_then_rejoins() {
     let want = contents(&s1.user_dir("alice"));
     wait_trees("s2 to catch up after it resumed", &[&s2.user_dir("alice")], &want);
 }
+
+/// The primary restarts while a backup fetches the snapshot's files: the restarted
+/// primary refuses the old link's fetches. A refusal says nothing about a file, so
+/// the backup must keep its copies and its unfinished-install mark, not take them
+/// for files the primary moved on from; it joins again and ends identical. (Found
+/// in review.)
+#[test]
+fn a_refused_fetch_is_not_taken_for_a_file_gone() {
+    let t = TestDir::new("repl_refused_fetch");
+    let mut opts = ServerOpts::primary("s1");
+    opts.mode.extend(["--id".to_string(), "1".to_string()]);
+    let data = t.join("s1-data");
+    for i in 0..100u64 {
+        write_seeded(&data.join(format!("users/alice/f{i:03}.bin")), 100 + i, 4 * 1024 * 1024);
+    }
+    opts.data = Some(data);
+    let mut s1 = Server::start(&t, opts);
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 100 files"));
+    s2.proc.signal("STOP");
+    s1.restart(&t);
+    s2.proc.signal("CONT");
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let want = contents(&s1.user_dir("alice"));
+    assert_eq!(want.len(), 100);
+    wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+    assert!(!s2.log().contains("dropping local copy"), "s2 dropped files over a refused fetch:\n{}", s2.log());
+    wait_until(DEADLINE, "the install marker to go", || !s2.data.join("meta/installing").exists());
+}
