@@ -159,6 +159,9 @@ mod tests {
         acks: VecDeque<Seq>,
         up: bool,
         stalled: bool,
+        /// Installed a snapshot and receives entries, but has not caught up: no
+        /// entry waits for it yet.
+        joining: bool,
     }
 
     struct Sim {
@@ -171,6 +174,8 @@ mod tests {
         acks: Acks<Seq>,
         /// Highest seq answered to a client.
         answered: Seq,
+        /// The backups each waiting entry waits for (those live when it was proposed).
+        waited: BTreeMap<Seq, Vec<ServerId>>,
         trace: Vec<String>,
     }
 
@@ -198,6 +203,7 @@ mod tests {
                         acks: VecDeque::new(),
                         up: true,
                         stalled: false,
+                        joining: false,
                     },
                 );
             }
@@ -205,7 +211,17 @@ mod tests {
             for id in backups.keys() {
                 acks.add(*id);
             }
-            Sim { rng: Rng(seed), now: 0, primary, history, backups, acks, answered: Seq(1), trace: Vec::new() }
+            Sim {
+                rng: Rng(seed),
+                now: 0,
+                primary,
+                history,
+                backups,
+                acks,
+                answered: Seq(1),
+                waited: BTreeMap::new(),
+                trace: Vec::new(),
+            }
         }
 
         /// A change a client could ask for now, checked by the same rules the core uses.
@@ -252,11 +268,14 @@ mod tests {
             let entry = Entry { seq: self.primary.seq.next(), change, request: None };
             self.primary.apply(&entry).unwrap();
             self.history.insert(entry.seq, self.primary.clone());
-            for (id, b) in &mut self.backups {
-                if b.up && (self.acks.is_live(*id) || self.primary.members.contains_key(id)) {
+            // Every connected backup gets every entry, joining ones included.
+            for b in self.backups.values_mut() {
+                if b.up {
                     b.inbox.push_back(entry.clone());
                 }
             }
+            let live: Vec<ServerId> = self.backups.keys().copied().filter(|id| self.acks.is_live(*id)).collect();
+            self.waited.insert(entry.seq, live);
             self.acks.propose(entry.seq, self.now, entry.seq);
             self.trace.push(format!("t={} propose seq={}", self.now, entry.seq));
         }
@@ -277,7 +296,7 @@ mod tests {
         fn step(&mut self) {
             let ids: Vec<ServerId> = self.backups.keys().copied().collect();
             let id = ids[self.rng.below(ids.len() as u64) as usize];
-            match self.rng.below(20) {
+            match self.rng.below(21) {
                 0..=5 => {
                     if let Some(c) = self.random_change() {
                         self.propose(c);
@@ -302,13 +321,22 @@ mod tests {
                 // A crash: the primary sees the link close.
                 16 if self.backups[&id].up => self.drop_backup(id, "crashed"),
                 17 => {
-                    // A rejoin: snapshot of the primary's state, then live.
+                    // A rejoin: the primary's snapshot, then entries while it catches
+                    // up; nothing waits for it until it says it has caught up (19).
                     let b = self.backups.get_mut(&id).unwrap();
                     if !b.up {
                         b.state = self.primary.clone();
                         b.up = true;
                         b.stalled = false;
+                        b.joining = true;
                         self.trace.push(format!("t={} rejoin {id} at seq={}", self.now, self.primary.seq));
+                    }
+                }
+                19 => {
+                    let b = self.backups.get_mut(&id).unwrap();
+                    if b.up && b.joining && !b.stalled {
+                        b.joining = false;
+                        self.trace.push(format!("t={} {id} caught up at seq={}", self.now, b.state.seq));
                         self.acks.add(id);
                         self.propose(Change::Join { member: Member { id, addr: format!("b{id}") } });
                     }
@@ -333,11 +361,12 @@ mod tests {
                 }
             }
             for (seq, _) in settled {
-                // Invariant 1, backups first: answered only once every backup
-                // still live holds it.
-                for (bid, b) in &self.backups {
-                    if self.acks.is_live(*bid) {
-                        assert!(b.state.seq >= seq, "seq={seq} answered but live backup {bid} is at {}", b.state.seq);
+                // Invariant 1, backups first: answered only once every backup it
+                // waited for, and still live, holds it.
+                for bid in self.waited.remove(&seq).unwrap_or_default() {
+                    if self.acks.is_live(bid) {
+                        let at = self.backups[&bid].state.seq;
+                        assert!(at >= seq, "seq={seq} answered but live backup {bid} is at {at}");
                     }
                 }
                 assert!(seq > self.answered, "answers out of order: {seq} after {}", self.answered);
@@ -378,14 +407,16 @@ mod tests {
                 }
                 for (seq, _) in self.acks.settle() {
                     self.answered = seq;
+                    self.waited.remove(&seq);
                 }
                 if !moved {
                     break;
                 }
             }
             assert!(self.acks.is_empty(), "entries still waiting after every message was delivered");
+            // Every connected backup, a joining one too, ends equal to the primary.
             for (id, b) in &self.backups {
-                if b.up && self.acks.is_live(*id) {
+                if b.up {
                     assert_eq!(b.state, self.primary, "backup {id} differs from the primary after draining");
                 }
             }
