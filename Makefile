@@ -41,6 +41,7 @@ debug: tools
 # sees at the end how many tests ran.
 test: tools
 	$(CARGO) build --workspace $(LOCKED)
+	@mkdir -p target
 	RUST_BACKTRACE=1 $(CARGO) test --workspace --no-fail-fast $(LOCKED) 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "total: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' target/test-output.log
 
