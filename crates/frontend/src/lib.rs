@@ -11,7 +11,7 @@
 //! notices to the event channel), a keep-alive per connection, and a reconnector
 //! that runs while the server is unreachable.
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use replibox_proto::{
     read_frame, write_frame, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, ProtoError, Seq,
     Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
@@ -525,13 +525,5 @@ fn reconnect(shared: Arc<Shared>) {
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// Used by tests: waits on a receiver with a deadline.
-pub fn recv_until<T>(rx: &Receiver<T>, deadline: Instant) -> Option<T> {
-    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(t) => Some(t),
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
     }
 }

@@ -387,11 +387,6 @@ impl Core {
         self.epoch.clone()
     }
 
-    /// The replicated state (for tests and start-up checks).
-    pub fn state(&self) -> &State {
-        &self.state
-    }
-
     fn my_addr(&self) -> String {
         self.settings.listen.to_string()
     }
