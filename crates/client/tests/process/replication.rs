@@ -10,6 +10,7 @@ use crate::harness::raw::{frame_bytes, Raw};
 use crate::harness::*;
 use replibox_proto::{Msg, Seq, Who, PROTOCOL_VERSION};
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn ip(last: u8) -> IpAddr {
@@ -76,6 +77,51 @@ fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
     }
 }
 
+/// Puts `bytes` in `dir/name` and has device `d` `upload` it: its outcome line
+/// comes once the server stored the file.
+fn upload(d: &mut Client, dir: &Path, name: &str, bytes: &[u8]) {
+    put(&dir.join(name), bytes);
+    d.ok(&format!("upload {}", dir.join(name).display()));
+}
+
+/// Like [`upload`], with `len` seeded bytes written in pieces (for big files).
+fn upload_seeded(d: &mut Client, dir: &Path, name: &str, seed: u64, len: u64) {
+    write_seeded(&dir.join(name), seed, len);
+    d.ok(&format!("upload {}", dir.join(name).display()));
+}
+
+/// Device `d` moves `from` to `to` in its sync dir; waits until the primary has.
+fn rename_on(d: &Client, primary: &Server, from: &str, to: &str) {
+    std::fs::rename(d.path(from), d.path(to)).unwrap();
+    wait_until(DEADLINE, &format!("the rename of {from} to {to} on the primary"), || {
+        primary.user_dir("alice").join(to).exists() && !primary.user_dir("alice").join(from).exists()
+    });
+}
+
+/// Waits until `backup` holds exactly what `primary` holds.
+#[track_caller]
+fn wait_like_primary(primary: &Server, backup: &Server, what: &str) {
+    let want = contents(&primary.user_dir("alice"));
+    wait_trees(what, &[&backup.user_dir("alice")], &want);
+}
+
+/// A primary holding a 200 MiB file of alice's, uploaded by an interactive device,
+/// and the folder that device uploads from.
+fn primary_with_bulk(t: &TestDir, seed: u64) -> (Server, Client, PathBuf) {
+    let s1 = primary(t, &[]);
+    let mut d1 = Client::interactive(t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    upload_seeded(&mut d1, &outside, "bulk.bin", seed, 200 * 1024 * 1024);
+    (s1, d1, outside)
+}
+
+/// Backup s2, joining `s1` and caught while it fetches the snapshot's files.
+fn backup_fetching(t: &TestDir, s1: &Server) -> Server {
+    let s2 = backup(t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("; fetching "));
+    s2
+}
+
 /// Every change a device makes is on all three servers, byte-identical, by the
 /// time the client reports it done (upload/delete commands) or the other device
 /// has received it (sync-dir changes, pushed only after every backup stored them).
@@ -92,8 +138,7 @@ fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
 
     let outside = t.mkdir("outside");
     let report = seeded(7, 3 * 1024 * 1024 + 17);
-    put(&outside.join("report.pdf"), &report);
-    d1.ok(&format!("upload {}", outside.join("report.pdf").display()));
+    upload(&mut d1, &outside, "report.pdf", &report);
     for s in all {
         assert!(
             holds(&s.user_dir("alice").join("report.pdf"), &report),
@@ -141,17 +186,14 @@ fn a_killed_backup_restarted_with_b_catches_up() {
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
     for (name, seed) in [("before.bin", 1u64), ("gone.bin", 2)] {
-        put(&outside.join(name), &seeded(seed, 300_000));
-        d1.ok(&format!("upload {}", outside.join(name).display()));
+        upload(&mut d1, &outside, name, &seeded(seed, 300_000));
     }
 
     s3.kill();
     wait_members(&[&s1, &s2], &[1, 2]);
-    put(&outside.join("while down.bin"), &seeded(3, 2_000_000));
-    d1.ok(&format!("upload {}", outside.join("while down.bin").display()));
+    upload(&mut d1, &outside, "while down.bin", &seeded(3, 2_000_000));
     d1.ok("delete gone.bin");
-    put(&outside.join("before.bin"), b"changed while s3 was down");
-    d1.ok(&format!("upload {}", outside.join("before.bin").display()));
+    upload(&mut d1, &outside, "before.bin", b"changed while s3 was down");
 
     s3.restart(&t);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
@@ -177,19 +219,16 @@ fn a_fourth_server_joining_through_a_backup_receives_everything() {
     let outside = t.mkdir("outside");
     for i in 0..5u64 {
         let name = format!("f{i}.bin");
-        put(&outside.join(&name), &seeded(i, 100_000 * (i as usize + 1)));
-        d1.ok(&format!("upload {}", outside.join(&name).display()));
+        upload(&mut d1, &outside, &name, &seeded(i, 100_000 * (i as usize + 1)));
     }
 
     let s4 = backup(&t, "s4", 6, s2.addr, None, &[]);
     wait_members(&[&s1, &s2, &s3, &s4], &[1, 2, 3, 4]);
-    let want = contents(&s1.user_dir("alice"));
-    wait_trees("s4 to hold the cluster's files", &[&s4.user_dir("alice")], &want);
+    wait_like_primary(&s1, &s4, "s4 to hold the cluster's files");
     let id = std::fs::read_to_string(s4.data.join("server.json")).unwrap_or_default();
     assert!(id.contains("\"id\":4"), "s4 should keep its assigned id 4 in its data dir, has {id:?}");
 
-    put(&outside.join("late.bin"), b"after the fourth joined");
-    d1.ok(&format!("upload {}", outside.join("late.bin").display()));
+    upload(&mut d1, &outside, "late.bin", b"after the fourth joined");
     assert!(
         holds(&s4.user_dir("alice").join("late.bin"), b"after the fourth joined"),
         "s4 missed an acknowledged change"
@@ -210,16 +249,14 @@ fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
     let outside = t.mkdir("outside");
 
     s2.proc.signal("STOP");
-    put(&outside.join("while stalled.bin"), &seeded(5, 1_500_000));
-    d1.ok(&format!("upload {}", outside.join("while stalled.bin").display()));
+    upload(&mut d1, &outside, "while stalled.bin", &seeded(5, 1_500_000));
     assert!(holds(&s3.user_dir("alice").join("while stalled.bin"), &seeded(5, 1_500_000)), "s3 lacks the upload");
     wait_members(&[&s1, &s3], &[1, 3]);
     assert!(s1.log().contains("dropping backup id=2"), "the primary should log why it dropped s2");
 
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
-    let want = contents(&s1.user_dir("alice"));
-    wait_trees("s2 to catch up after it resumed", &[&s2.user_dir("alice")], &want);
+    wait_like_primary(&s1, &s2, "s2 to catch up after it resumed");
 }
 
 /// A client started with a backup's address is sent to the primary; a server
@@ -368,25 +405,14 @@ fn an_upload_is_not_answered_while_a_live_backup_lacks_it() {
 #[test]
 fn a_backup_catching_up_gets_a_file_renamed_before_it_could_fetch_it() {
     let t = TestDir::new("repl_rename_before_fetch");
-    let s1 = primary(&t, &[]);
-    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let outside = t.mkdir("outside");
-    write_seeded(&outside.join("bulk.bin"), 41, 200 * 1024 * 1024);
-    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
-
-    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
+    let (s1, mut d1, outside) = primary_with_bulk(&t, 41);
+    let mut s2 = backup_fetching(&t, &s1);
     s2.proc.signal("STOP");
-    put(&outside.join("x.bin"), &seeded(42, 500_000));
-    d1.ok(&format!("upload {}", outside.join("x.bin").display()));
-    std::fs::rename(d1.path("x.bin"), d1.path("y.bin")).unwrap();
-    wait_until(DEADLINE, "the rename on the primary", || {
-        s1.user_dir("alice").join("y.bin").exists() && !s1.user_dir("alice").join("x.bin").exists()
-    });
+    upload(&mut d1, &outside, "x.bin", &seeded(42, 500_000));
+    rename_on(&d1, &s1, "x.bin", "y.bin");
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2], &[1, 2]);
-    let want = contents(&s1.user_dir("alice"));
-    wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+    wait_like_primary(&s1, &s2, "s2 to hold what the primary holds");
 }
 
 /// Backups started before their primary: one joins through the other, which does
@@ -412,27 +438,17 @@ fn backups_started_before_the_primary_join_when_it_comes() {
 #[test]
 fn a_backup_catching_up_never_renames_a_stale_copy_into_place() {
     let t = TestDir::new("repl_rename_stale_source");
-    let s1 = primary(&t, &[]);
-    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let outside = t.mkdir("outside");
-    put(&outside.join("a.bin"), &seeded(40, 300_000));
-    d1.ok(&format!("upload {}", outside.join("a.bin").display()));
-    write_seeded(&outside.join("bulk.bin"), 41, 200 * 1024 * 1024);
-    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
-
-    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    let (s1, mut d1, outside) = primary_with_bulk(&t, 41);
+    upload(&mut d1, &outside, "a.bin", &seeded(40, 300_000));
+    let mut s2 = backup_fetching(&t, &s1);
+    // The snapshot's files are fetched in name order: a.bin before bulk.bin.
     wait_until(DEADLINE, "s2 to hold a.bin and be fetching bulk.bin", || s2.user_dir("alice").join("a.bin").exists());
     s2.proc.signal("STOP");
-    put(&outside.join("a.bin"), &seeded(42, 500_000));
-    d1.ok(&format!("upload {}", outside.join("a.bin").display()));
-    std::fs::rename(d1.path("a.bin"), d1.path("c.bin")).unwrap();
-    wait_until(DEADLINE, "the rename on the primary", || {
-        s1.user_dir("alice").join("c.bin").exists() && !s1.user_dir("alice").join("a.bin").exists()
-    });
+    upload(&mut d1, &outside, "a.bin", &seeded(42, 500_000));
+    rename_on(&d1, &s1, "a.bin", "c.bin");
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2], &[1, 2]);
-    let want = contents(&s1.user_dir("alice"));
-    wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+    wait_like_primary(&s1, &s2, "s2 to hold what the primary holds");
 }
 
 /// A backup killed while it installs a snapshot (its state already describes files
@@ -441,14 +457,8 @@ fn a_backup_catching_up_never_renames_a_stale_copy_into_place() {
 #[test]
 fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
     let t = TestDir::new("repl_killed_mid_install");
-    let s1 = primary(&t, &[]);
-    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let outside = t.mkdir("outside");
-    write_seeded(&outside.join("bulk.bin"), 51, 200 * 1024 * 1024);
-    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
-
-    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
+    let (s1, _d1, _outside) = primary_with_bulk(&t, 51);
+    let mut s2 = backup_fetching(&t, &s1);
     s2.kill();
     assert!(s2.data.join("meta/installing").exists(), "the unfinished install should be marked on disk");
 
@@ -462,8 +472,7 @@ fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
 
     s2.restart(&t);
     wait_members(&[&s1, &s2], &[1, 2]);
-    let want = contents(&s1.user_dir("alice"));
-    wait_trees("s2 to finish catching up", &[&s2.user_dir("alice")], &want);
+    wait_like_primary(&s1, &s2, "s2 to finish catching up");
     wait_until(DEADLINE, "the install marker to go", || !s2.data.join("meta/installing").exists());
 }
 
@@ -519,8 +528,7 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
     wait_members(&[&s1], &[1, 9]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
-    write_seeded(&outside.join("big.bin"), 61, 64 * 1024 * 1024);
-    d1.ok(&format!("upload {}", outside.join("big.bin").display()));
+    upload_seeded(&mut d1, &outside, "big.bin", 61, 64 * 1024 * 1024);
     let (heartbeats, stayed, link) = fake.join().unwrap_or_else(|_| fail("the slow backup's thread failed"));
     assert!(stayed, "the slow backup's link was closed during the upload");
     assert!(heartbeats > 0, "no heartbeat reached the slow backup while the upload filled its link");
@@ -535,20 +543,13 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
 #[test]
 fn a_joiner_that_stops_while_catching_up_is_dropped_then_rejoins() {
     let t = TestDir::new("repl_stalled_joiner");
-    let s1 = primary(&t, &[]);
-    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let outside = t.mkdir("outside");
-    write_seeded(&outside.join("bulk.bin"), 71, 200 * 1024 * 1024);
-    d1.ok(&format!("upload {}", outside.join("bulk.bin").display()));
-
-    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 1 files"));
+    let (s1, _d1, _outside) = primary_with_bulk(&t, 71);
+    let mut s2 = backup_fetching(&t, &s1);
     s2.proc.signal("STOP");
     wait_until(DEADLINE, "the primary to drop the silent joiner", || s1.log().contains("dropping backup id=2"));
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2], &[1, 2]);
-    let want = contents(&s1.user_dir("alice"));
-    wait_trees("s2 to catch up after it resumed", &[&s2.user_dir("alice")], &want);
+    wait_like_primary(&s1, &s2, "s2 to catch up after it resumed");
 }
 
 /// The primary restarts while a backup fetches the snapshot's files: the restarted
