@@ -147,12 +147,16 @@ wait_for "device 2 to log in" 30 client_up dev2 "$DEV2_PID"
 
 # ---- measuring ---------------------------------------------------------------
 
-# transfer NAME: moves stage/NAME (a file, or a folder of files) into device 1's
-# sync dir and sets ELAPSED_US to the time until device 2 has every file at its full
-# size. Device 2's client places each received file with a rename, so full size
-# means complete; cmp then checks the bytes.
+# transfer NAME [write]: moves stage/NAME (a file, or a folder of files) into device
+# 1's sync dir and sets ELAPSED_US to the time until device 2 has every file at its
+# full size. Device 2's client places each received file with a rename, so full size
+# means complete; cmp then checks the bytes. With `write`, a writer instead creates
+# the file in device 1's sync dir (open, write, close: what an editor saving a small
+# file does), so the client's settle delay counts: the latency a user sees.
 transfer() {
-    local name=$1 f i
+    local name=$1 how=${2:-move} f i pause=0.01
+    # Finer polling for the latency case (one file, so cheap).
+    [ "$how" = write ] && pause=0.002
     local files=() sizes=()
     if [ -d "$WORK/stage/$name" ]; then
         for f in "$WORK/stage/$name"/*; do files+=("$name/${f##*/}"); done
@@ -163,7 +167,11 @@ transfer() {
     local pending=("${!files[@]}") still deadline=$((SECONDS + DEADLINE)) t0
     now
     t0=$NOW
-    mv "$WORK/stage/$name" "$WORK/dev1/$name"
+    if [ "$how" = write ]; then
+        cat "$WORK/stage/$name" >"$WORK/dev1/$name"
+    else
+        mv "$WORK/stage/$name" "$WORK/dev1/$name"
+    fi
     while :; do
         still=()
         for i in "${pending[@]}"; do
@@ -176,36 +184,14 @@ transfer() {
         alive "$DEV1_PID" || die "device 1's client exited"
         alive "$DEV2_PID" || die "device 2's client exited"
         ((SECONDS < deadline)) || die "$name: ${#pending[@]} of ${#files[@]} files not on device 2 after $DEADLINE s"
-        sleep 0.01
+        sleep "$pause"
     done
     now
     ELAPSED_US=$((NOW - t0))
+    rm -rf "${WORK:?}/stage/$name"
     for f in "${files[@]}"; do
         cmp -s "$WORK/dev1/$f" "$WORK/dev2/$f" || die "$f arrived on device 2 with different content"
     done
-}
-
-# write_in NAME: a writer creates stage/NAME's bytes directly in device 1's sync
-# dir (open, write, close: what an editor saving a small file does) and sets
-# ELAPSED_US to the time until device 2 has the file at its full size. This is the
-# latency a user sees; the settle delay counts, unlike in transfer().
-write_in() {
-    local name=$1 deadline=$((SECONDS + DEADLINE)) t0 size f
-    size=$(stat -c %s "$WORK/stage/$name")
-    f="$WORK/dev2/$name"
-    now
-    t0=$NOW
-    cat "$WORK/stage/$name" >"$WORK/dev1/$name"
-    until [ -f "$f" ] && [ "$(stat -c %s "$f")" = "$size" ]; do
-        alive "$DEV1_PID" || die "device 1's client exited"
-        alive "$DEV2_PID" || die "device 2's client exited"
-        ((SECONDS < deadline)) || die "$name: not on device 2 after $DEADLINE s"
-        sleep 0.002
-    done
-    now
-    ELAPSED_US=$((NOW - t0))
-    cmp -s "$WORK/dev1/$name" "$f" || die "$name arrived on device 2 with different content"
-    rm -f "$WORK/stage/$name"
 }
 
 # remove NAME: deletes it on device 1 and waits until device 2 no longer has it.
@@ -237,7 +223,7 @@ for ((run = 1; run <= RUNS; run++)); do
         3) head -c 1024 /dev/urandom >"$WORK/stage/$name" ;;
         esac
         sleep 1
-        if ((c == 3)); then write_in "$name"; else transfer "$name"; fi
+        if ((c == 3)); then transfer "$name" write; else transfer "$name"; fi
         ms=$(((ELAPSED_US + 500) / 1000))
         TIMES[$c]+="$ms "
         say "$(printf '%-12s run %d/%d: %6d ms' "${CASES[$c]}" "$run" "$RUNS" "$ms")"
