@@ -245,7 +245,9 @@ median() { # values...: the middle one (the mean of the two middle ones for an e
 }
 
 rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
+# sed stops by itself after the first match (q); a `| head -n 1` could kill it with
+# SIGPIPE, which pipefail turns into a failed script.
+cpu=$(sed -n '/^model name[[:space:]]*: /{s///p;q}' /proc/cpuinfo 2>/dev/null || true)
 echo "replibox bench: device 1 -> device 2 through one server ($RUNS runs per case)"
 echo "  commit $rev, release build; $(nproc) cores${cpu:+ ($cpu)}; $(uname -sr)"
 echo "  server $SERVER_IP:$PORT, clients $DEV1_IP and $DEV2_IP; files on $(stat -f -c %T "$WORK")"

@@ -188,7 +188,9 @@ start() {
 # its prompt (typed earlier, the line would be echoed twice).
 run_in() {
     local deadline=$((SECONDS + 5))
-    until tmux capture-pane -p -t "$1" | grep -q '[^[:space:]]' || ((SECONDS >= deadline)); do
+    # Captured whole rather than piped into `grep -q`, which may exit before tmux has
+    # written everything and so fail the pipeline (SIGPIPE under pipefail).
+    until [[ $(tmux capture-pane -p -t "$1") =~ [^[:space:]] ]] || ((SECONDS >= deadline)); do
         sleep 0.05
     done
     tmux send-keys -t "$1" -l -- "$2"
