@@ -4,7 +4,7 @@
 //! wait for that line; errors go to stderr.
 
 use crate::engine::Command;
-use crate::progress::{bytes, Progress};
+use crate::progress::{self, bytes};
 use crate::scan;
 use crate::timefmt::datetime;
 use crossbeam_channel::{bounded, Sender};
@@ -174,13 +174,7 @@ impl Shell {
             std::env::current_dir().map_err(|e| format!("cannot find the current directory: {e}"))?.join(&file_name);
         let tmp = dest.with_file_name(format!(".{file_name}.replibox-download"));
         let mut f = File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let mut progress: Option<Progress> = None;
-        let got = self.front.download(name, &mut f, &mut |done, total| {
-            progress.get_or_insert_with(|| Progress::new(format!("downloading {name}"), total)).update(done)
-        });
-        if let Some(p) = progress {
-            p.finish();
-        }
+        let got = progress::download(&self.front, name, &mut f);
         let outcome = match got {
             Ok(Ok(meta)) => {
                 let _ = f.set_modified(crate::from_ms(meta.mtime_ms));

@@ -8,7 +8,7 @@
 //! suppression): the scan finds the file exactly as the index says.
 
 use crate::index::{Index, Synced};
-use crate::progress::Progress;
+use crate::progress::{self, Progress};
 use crate::reconcile::{conflicted_name, decide, locally_changed, Action};
 use crate::scan::{self, LocalFile};
 use crate::timefmt;
@@ -539,13 +539,7 @@ impl Engine {
         }
         let tmp_path = self.tmp.join(format!("dl-{}", std::process::id()));
         let mut tmp = File::create(&tmp_path).map_err(|e| FrontError::Local(io_err("cannot create", &tmp_path, e)))?;
-        let mut progress: Option<Progress> = None;
-        let got = self.front.download(path, &mut tmp, &mut |done, total| {
-            progress.get_or_insert_with(|| Progress::new(format!("downloading {path}"), total)).update(done)
-        });
-        if let Some(p) = progress {
-            p.finish();
-        }
+        let got = progress::download(&self.front, path, &mut tmp);
         let meta = match got {
             Ok(Ok(meta)) => meta,
             Ok(Err(refusal)) => {

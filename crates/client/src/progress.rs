@@ -1,6 +1,9 @@
 //! Progress of long transfers on a terminal: bytes and rate, on one stderr line,
 //! once a transfer has run for a second.
 
+use replibox_frontend::{FrontError, Frontend};
+use replibox_proto::{FileMeta, OpResult};
+use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -62,4 +65,18 @@ impl Progress {
             let _ = writeln!(std::io::stderr());
         }
     }
+}
+
+/// Downloads `path` into `dest` through `front`, showing progress on a terminal.
+/// The size is known only once the server answers, hence the progress line is
+/// created on the first callback.
+pub fn download(front: &Frontend, path: &str, dest: &mut File) -> Result<Result<FileMeta, OpResult>, FrontError> {
+    let mut progress: Option<Progress> = None;
+    let got = front.download(path, dest, &mut |done, total| {
+        progress.get_or_insert_with(|| Progress::new(format!("downloading {path}"), total)).update(done)
+    });
+    if let Some(p) = progress {
+        p.finish();
+    }
+    got
 }
