@@ -13,10 +13,11 @@
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use replibox_proto::{
-    read_frame, write_frame, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, ProtoError, Seq,
-    Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
+    read_frame, write_frame, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Seq, Version, Who,
+    CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::fmt;
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex};
@@ -257,11 +258,19 @@ impl Frontend {
         let seq = *turn;
         loop {
             let conn = self.live()?;
-            match attempt(&conn, seq)? {
-                Attempt::Done(t) => return Ok(t),
-                Attempt::Lost(why) => {
+            match attempt(&conn, seq) {
+                Ok(Attempt::Done(t)) => return Ok(t),
+                Ok(Attempt::Lost(why)) => {
                     log::info!("resending request seq={seq} after losing the connection: {why}");
                     lost(&self.shared, conn.generation, why);
+                }
+                Err(e) => {
+                    // The attempt stopped part-way (a local write failed, the server
+                    // broke the protocol): frames of this request may still be on
+                    // their way, and would be taken for the answers to the next
+                    // requests. Only a new connection is known to be clean.
+                    lost(&self.shared, conn.generation, format!("request seq={seq} failed: {e}"));
+                    return Err(e);
                 }
             }
         }
@@ -335,10 +344,10 @@ impl Frontend {
 
     /// Downloads `path` into `dest` (rewound and truncated on every attempt).
     /// Returns the metadata of the version received, or the server's refusal.
-    pub fn download<F: Write + Seek + SetLen>(
+    pub fn download(
         &self,
         path: &str,
-        dest: &mut F,
+        dest: &mut File,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Result<FileMeta, OpResult>, FrontError> {
         self.with_retry(|conn, seq| {
@@ -392,18 +401,6 @@ impl Frontend {
     }
 }
 
-/// Files whose length can be set; lets a retried download start over.
-pub trait SetLen {
-    /// Truncates or extends to `len` bytes.
-    fn set_len(&mut self, len: u64) -> std::io::Result<()>;
-}
-
-impl SetLen for std::fs::File {
-    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
-        std::fs::File::set_len(self, len)
-    }
-}
-
 /// Waits for the reply to `seq`. `Ok(Err(_))` means the connection died first.
 fn wait_reply(conn: &Conn, seq: Seq) -> Result<Result<OpResult, String>, FrontError> {
     loop {
@@ -413,7 +410,6 @@ fn wait_reply(conn: &Conn, seq: Seq) -> Result<Result<OpResult, String>, FrontEr
         };
         match frame.msg {
             Msg::Reply { seq: s, result } if s == seq => return Ok(Ok(result)),
-            Msg::Reply { seq: s, .. } if s < seq => continue, // a late answer to an abandoned attempt
             other => return Err(FrontError::Protocol(format!("unexpected {} waiting for reply {seq}", other.kind()))),
         }
     }
@@ -462,11 +458,7 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>,
     let why = loop {
         match read_frame(&mut reader) {
             Ok(None) => break "the server closed the connection".to_string(),
-            Err(ProtoError::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-            {
-                break format!("no word from the server for {READ_TIMEOUT:?}")
-            }
+            Err(e) if e.is_timeout() => break format!("no word from the server for {READ_TIMEOUT:?}"),
             Err(e) => break e.to_string(),
             Ok(Some(frame)) => match frame.msg {
                 Msg::Pong => {}
@@ -525,5 +517,83 @@ fn reconnect(shared: Arc<Shared>) {
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server that speaks just enough of the protocol: every download is answered
+    /// with more bytes than it announced (then the rest of the download), every list
+    /// with an empty listing. It accepts any number of connections.
+    fn overlong_download_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { return };
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let welcome = Msg::Welcome { token: "t".into(), devices: 1, last_seq: Seq(0) };
+                    let Ok(Some(_hello)) = read_frame(&mut s) else { return };
+                    write_frame(&mut s, Epoch(0), &welcome, &[]).unwrap();
+                    while let Ok(Some(frame)) = read_frame(&mut s) {
+                        let Msg::Request { seq, op } = frame.msg else { continue };
+                        let result = match op {
+                            Op::Download { path } => {
+                                let meta = FileMeta {
+                                    path,
+                                    version: Version(1),
+                                    size: 1,
+                                    mtime_ms: 0,
+                                    hash: Hasher::new().finish(),
+                                    deleted: false,
+                                    atime_ms: 0,
+                                    ctime_ms: 0,
+                                };
+                                write_frame(&mut s, Epoch(0), &Msg::Reply { seq, result: OpResult::Data { meta } }, &[])
+                                    .unwrap();
+                                for _ in 0..3 {
+                                    write_frame(&mut s, Epoch(0), &Msg::Chunk { seq }, b"four").unwrap();
+                                }
+                                Msg::DownloadEnd { seq, hash: Hasher::new().finish() }
+                            }
+                            _ => Msg::Reply { seq, result: OpResult::Listing { files: Vec::new() } },
+                        };
+                        write_frame(&mut s, Epoch(0), &result, &[]).unwrap();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A request that fails part-way leaves frames of its own on the connection;
+    /// the next request must not take them for its answer.
+    #[test]
+    fn a_request_that_fails_part_way_leaves_nothing_for_the_next_one() {
+        let server = overlong_download_server();
+        let cfg = Config {
+            user: "alice".into(),
+            device: DeviceId("0123456789abcdef".into()),
+            server: server.to_string(),
+            bind: None,
+            callback_port: 0,
+            unavailable_after: Duration::from_secs(30),
+        };
+        let (front, _events, _login) = Frontend::connect(cfg).unwrap();
+        let dir = std::env::temp_dir().join(format!("replibox-frontend-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut dest = File::create(dir.join("dest")).unwrap();
+        let got = front.download("x", &mut dest, &mut |_, _| {});
+        assert!(matches!(got, Err(FrontError::Protocol(ref m)) if m.contains("longer than")), "{got:?}");
+        for i in 0..5 {
+            let listed = front.request(Op::List);
+            assert_eq!(listed, Ok(OpResult::Listing { files: Vec::new() }), "list {i} after the failed download");
+        }
+        front.logout();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
