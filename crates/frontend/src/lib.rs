@@ -403,15 +403,13 @@ impl Frontend {
 
 /// Waits for the reply to `seq`. `Ok(Err(_))` means the connection died first.
 fn wait_reply(conn: &Conn, seq: Seq) -> Result<Result<OpResult, String>, FrontError> {
-    loop {
-        let frame = match conn.recv() {
-            Ok(f) => f,
-            Err(e) => return Ok(Err(e)),
-        };
-        match frame.msg {
-            Msg::Reply { seq: s, result } if s == seq => return Ok(Ok(result)),
-            other => return Err(FrontError::Protocol(format!("unexpected {} waiting for reply {seq}", other.kind()))),
-        }
+    let frame = match conn.recv() {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(e)),
+    };
+    match frame.msg {
+        Msg::Reply { seq: s, result } if s == seq => Ok(Ok(result)),
+        other => Err(FrontError::Protocol(format!("unexpected {} waiting for reply {seq}", other.kind()))),
     }
 }
 
