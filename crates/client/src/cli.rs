@@ -9,6 +9,7 @@ use crate::scan;
 use crate::timefmt::datetime;
 use crossbeam_channel::{bounded, Sender};
 use replibox_frontend::Frontend;
+use replibox_proto::times::FileTimes;
 use replibox_proto::{FileMeta, Op, OpResult};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -122,10 +123,6 @@ fn table(rows: Vec<(String, u64, i64, i64, i64)>) -> String {
     out
 }
 
-fn ms(t: std::io::Result<std::time::SystemTime>) -> i64 {
-    t.ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 impl Shell {
     fn ask(&self, make: impl FnOnce(Sender<Result<String, String>>) -> Command) -> Result<String, String> {
         let (tx, rx) = bounded(1);
@@ -151,13 +148,12 @@ impl Shell {
                 other => Err(format!("unexpected answer: {other:?}")),
             },
             Cmd::ListClient => {
-                use std::os::unix::fs::MetadataExt;
                 let rows = scan::scan(&self.root)
                     .into_keys()
                     .filter_map(|p| {
                         let md = fs::symlink_metadata(self.root.join(&p)).ok()?;
-                        let ctime = md.ctime() * 1000 + md.ctime_nsec() / 1_000_000;
-                        Some((p, md.len(), ms(md.modified()), ms(md.accessed()), ctime))
+                        let t = FileTimes::of(&md);
+                        Some((p, md.len(), t.mtime_ms, t.atime_ms, t.ctime_ms))
                     })
                     .collect();
                 Ok(table(rows))
@@ -177,7 +173,7 @@ impl Shell {
         let got = progress::download(&self.front, name, &mut f);
         let outcome = match got {
             Ok(Ok(meta)) => {
-                let _ = f.set_modified(crate::from_ms(meta.mtime_ms));
+                let _ = f.set_modified(replibox_proto::times::from_ms(meta.mtime_ms));
                 drop(f);
                 fs::rename(&tmp, &dest).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
                 return Ok(format!("downloaded {name} to {} ({})", dest.display(), bytes(meta.size)));

@@ -552,7 +552,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let _ = tmp.set_modified(crate::from_ms(meta.mtime_ms));
+        let _ = tmp.set_modified(replibox_proto::times::from_ms(meta.mtime_ms));
         let _ = tmp.sync_all();
         drop(tmp);
         self.place(path, &tmp_path, &meta)
@@ -747,7 +747,7 @@ impl Engine {
             let tmp_path = self.tmp.join(format!("up-{}", std::process::id()));
             fs::copy(source, &tmp_path).map_err(|e| io_err("cannot copy", source, e))?;
             if let Ok(f) = File::options().write(true).open(&tmp_path) {
-                let _ = f.set_modified(crate::from_ms(meta.mtime_ms));
+                let _ = f.set_modified(replibox_proto::times::from_ms(meta.mtime_ms));
             }
             let dest = self.abs(&name);
             if locally_changed(scan::stat(&self.root, &name).as_ref(), self.index.get(&name))

@@ -17,21 +17,3 @@ pub mod reconcile;
 pub mod scan;
 pub mod timefmt;
 pub mod watcher;
-
-/// The system time of milliseconds since the Unix epoch.
-pub fn from_ms(ms: i64) -> std::time::SystemTime {
-    use std::time::{Duration, UNIX_EPOCH};
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
-}
-
-/// `bytes` random bytes from the kernel, as lowercase hex.
-pub fn random_hex(bytes: usize) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}

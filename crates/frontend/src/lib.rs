@@ -551,8 +551,13 @@ mod tests {
                                     atime_ms: 0,
                                     ctime_ms: 0,
                                 };
-                                write_frame(&mut s, Epoch(0), &Msg::Reply { seq, result: OpResult::Data { meta } }, &[])
-                                    .unwrap();
+                                write_frame(
+                                    &mut s,
+                                    Epoch(0),
+                                    &Msg::Reply { seq, result: OpResult::Data { meta } },
+                                    &[],
+                                )
+                                .unwrap();
                                 for _ in 0..3 {
                                     write_frame(&mut s, Epoch(0), &Msg::Chunk { seq }, b"four").unwrap();
                                 }

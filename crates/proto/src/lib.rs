@@ -9,6 +9,7 @@
 //! - [`repl`]: the replicated history (entries, changes, sessions, members).
 //! - [`names`]: validation of usernames and of paths inside a user's directory.
 //! - [`hash`]: the content hash carried with every file version.
+//! - [`times`]: file times in milliseconds, as [`FileMeta`] carries them.
 //! - [`error`]: the protocol error type.
 
 pub mod error;
@@ -18,11 +19,12 @@ pub mod ids;
 pub mod msg;
 pub mod names;
 pub mod repl;
+pub mod times;
 
 pub use error::ProtoError;
 pub use frame::{read_frame, write_frame, Frame};
 pub use hash::{ContentHash, Hasher};
-pub use ids::{DeviceId, Epoch, Seq, ServerId, Version};
+pub use ids::{random_hex, DeviceId, Epoch, Seq, ServerId, Version};
 pub use msg::*;
 pub use names::{validate_path, validate_username, NameError};
 

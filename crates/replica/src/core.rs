@@ -795,6 +795,14 @@ impl Core {
             )));
             return;
         }
+        let token = match replibox_proto::random_hex(16) {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("refused login user={user} device={device}: no session token: /dev/urandom: {e}");
+                let _ = reply.send(Err("the server cannot make a session token right now".to_string()));
+                return;
+            }
+        };
         // The same device logging in again (a restarted client whose old connection
         // is not yet known to be dead) replaces its old connection.
         let stale: Vec<ConnId> = self.live.iter().filter(|(_, l)| l.device == device).map(|(c, _)| *c).collect();
@@ -802,7 +810,6 @@ impl Core {
             log::info!("replacing old connection conn={c} of device={device}");
             self.live.remove(&c);
         }
-        let token = crate::random_hex(16);
         let session = Session { user: user.clone(), device: device.clone(), ip, callback_port, token: token.clone() };
         self.live.insert(conn, Live { user: user.clone(), device: device.clone(), out });
         let devices = self.state.devices_of(&user, &device) as u32 + 1;

@@ -22,20 +22,3 @@ pub mod server;
 pub mod state;
 pub mod status;
 pub mod store;
-
-/// `bytes` random bytes from the kernel, as lowercase hex.
-pub fn random_hex(bytes: usize) -> String {
-    use std::io::Read;
-    let mut buf = vec![0u8; bytes];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
-    if read.is_err() {
-        // No /dev/urandom: fall back to time and pid, still unique per call.
-        let seed =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-                ^ ((std::process::id() as u128) << 64);
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (seed >> ((i % 16) * 8)) as u8 ^ i as u8;
-        }
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}

@@ -14,13 +14,14 @@
 //! redoes it, and every action is written so that redoing a finished one is a no-op.
 
 use crate::state::{Change, Entry, State};
+use replibox_proto::times::{from_ms, to_ms, FileTimes};
 use replibox_proto::{ContentHash, FileMeta, ServerId, Version};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// After this many log entries the state is written to a snapshot and the log emptied.
 const COMPACT_AFTER: usize = 10_000;
@@ -84,23 +85,6 @@ pub struct Store {
     log: File,
     log_entries: usize,
     next_xfer: AtomicU64,
-}
-
-/// Milliseconds since the Unix epoch of a system time (negative before 1970).
-pub fn to_ms(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_millis() as i64,
-        Err(e) => -(e.duration().as_millis() as i64),
-    }
-}
-
-/// The system time of milliseconds since the Unix epoch.
-pub fn from_ms(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -362,9 +346,11 @@ impl Store {
 
     /// Access and status-change times of a user's file, in ms.
     pub fn times(&self, user: &str, path: &str) -> (i64, i64) {
-        use std::os::unix::fs::MetadataExt;
         match fs::metadata(self.user_path(user, path)) {
-            Ok(m) => (m.atime() * 1000 + m.atime_nsec() / 1_000_000, m.ctime() * 1000 + m.ctime_nsec() / 1_000_000),
+            Ok(m) => {
+                let t = FileTimes::of(&m);
+                (t.atime_ms, t.ctime_ms)
+            }
             Err(_) => (0, 0),
         }
     }
