@@ -79,12 +79,17 @@ impl Index {
     }
 }
 
-/// Writes a small file atomically.
+/// Writes a small file atomically and durably: temporary file, fsync, rename, then
+/// fsync of the folder, without which a crash could bring back the old file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
 }
