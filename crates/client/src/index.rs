@@ -89,7 +89,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     match path.parent() {
-        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        Some(parent) if !parent.as_os_str().is_empty() => std::fs::File::open(parent)?.sync_all(),
+        Some(_) => std::fs::File::open(".")?.sync_all(),
         None => Ok(()),
     }
 }
