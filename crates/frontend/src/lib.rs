@@ -13,8 +13,8 @@
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use replibox_proto::{
-    read_frame, write_frame, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Seq, Version, Who,
-    CHUNK_SIZE, PROTOCOL_VERSION,
+    read_frame, write_frame, Damaged, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Receipt,
+    Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::fmt;
 use std::fs::File;
@@ -362,8 +362,8 @@ impl Frontend {
                 Ok(OpResult::Data { meta }) => meta,
                 Ok(other) => return Ok(Attempt::Done(Err(other))),
             };
-            let mut got = 0u64;
-            let mut hasher = Hasher::new();
+            let mut receipt = Receipt::of_version(meta.size, meta.hash);
+            let damaged = |e: Damaged| FrontError::Protocol(format!("download of {path} arrived damaged: {e}"));
             loop {
                 let frame = match conn.recv() {
                     Ok(f) => f,
@@ -371,26 +371,13 @@ impl Frontend {
                 };
                 match frame.msg {
                     Msg::Chunk { seq: s } if s == seq => {
-                        got += frame.payload.len() as u64;
-                        if got > meta.size {
-                            return Err(FrontError::Protocol(format!(
-                                "download of {path} longer than {} bytes",
-                                meta.size
-                            )));
-                        }
-                        hasher.update(&frame.payload);
+                        receipt.add(&frame.payload).map_err(damaged)?;
                         dest.write_all(&frame.payload)
                             .map_err(|e| FrontError::Local(format!("cannot write {path}: {e}")))?;
-                        progress(got, meta.size);
+                        progress(receipt.got(), meta.size);
                     }
                     Msg::DownloadEnd { seq: s, hash: sent } if s == seq => {
-                        let hash = hasher.finish();
-                        if got != meta.size || sent != hash || hash != meta.hash {
-                            return Err(FrontError::Protocol(format!(
-                                "download of {path} arrived damaged ({got} of {} bytes)",
-                                meta.size
-                            )));
-                        }
+                        receipt.finish(sent).map_err(damaged)?;
                         dest.flush().map_err(|e| FrontError::Local(format!("cannot write {path}: {e}")))?;
                         return Ok(Attempt::Done(Ok(meta)));
                     }

@@ -96,6 +96,11 @@ impl Hasher {
         self.pending_len = rest.len();
     }
 
+    /// How many bytes were fed so far.
+    pub fn bytes_hashed(&self) -> u64 {
+        self.total
+    }
+
     /// The hash of everything fed so far.
     pub fn finish(&self) -> ContentHash {
         let [v1, v2, v3, v4] = self.lanes;

@@ -9,6 +9,7 @@
 //! - [`repl`]: the replicated history (entries, changes, sessions, members).
 //! - [`names`]: validation of usernames and of paths inside a user's directory.
 //! - [`hash`]: the content hash carried with every file version.
+//! - [`receipt`]: the checks every receiver of a chunked transfer makes.
 //! - [`times`]: file times in milliseconds, as [`FileMeta`] carries them.
 //! - [`error`]: the protocol error type.
 
@@ -18,6 +19,7 @@ pub mod hash;
 pub mod ids;
 pub mod msg;
 pub mod names;
+pub mod receipt;
 pub mod repl;
 pub mod times;
 
@@ -27,6 +29,7 @@ pub use hash::{ContentHash, Hasher};
 pub use ids::{random_hex, DeviceId, Epoch, Seq, ServerId, Version};
 pub use msg::*;
 pub use names::{validate_path, validate_username, NameError};
+pub use receipt::{Damaged, Receipt};
 
 /// Version of the protocol; a hello with any other version is refused.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -9,7 +9,7 @@ use crate::link::{DataSender, LinkOut};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, DeviceId, Epoch, Frame, Hasher, Msg, Op, OpResult,
-    ProtoError, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
+    ProtoError, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -452,12 +452,12 @@ impl Client {
         if let Err(e) = self.send(&Msg::Proceed { seq }) {
             return Err(abandon(&backups, e));
         }
-        let mut got = 0u64;
-        let mut hasher = Hasher::new();
+        let mut receipt = Receipt::new(size);
         let sent_hash = loop {
             let frame: Frame = match read_frame(reader) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
+                    let got = receipt.got();
                     let why = End::Violation(format!("closed mid-upload of {path} ({got} of {size} bytes)"));
                     return Err(abandon(&backups, why));
                 }
@@ -470,12 +470,9 @@ impl Client {
                     }
                 }
                 Msg::Chunk { seq: s } if s == seq => {
-                    got += frame.payload.len() as u64;
-                    if got > size {
-                        let why = End::Violation(format!("upload of {path} exceeds its declared {size} bytes"));
-                        return Err(abandon(&backups, why));
+                    if let Err(e) = receipt.add(&frame.payload) {
+                        return Err(abandon(&backups, End::Violation(format!("upload of {path} is {e}"))));
                     }
-                    hasher.update(&frame.payload);
                     if let Err(e) = file.write_all(&frame.payload) {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
                         let why = End::Violation(format!("server cannot store the upload: {e}"));
@@ -502,14 +499,15 @@ impl Client {
                 }
             }
         };
-        let hash = hasher.finish();
-        if got != size || sent_hash != hash {
-            let _ = abandon(&backups, End::Clean);
-            let message =
-                format!("upload of {path} arrived damaged ({got} of {size} bytes, hash {hash} vs {sent_hash})");
-            log::warn!("{message}");
-            return self.reply(seq, OpResult::Error { message });
-        }
+        let hash = match receipt.finish(sent_hash) {
+            Ok(hash) => hash,
+            Err(e) => {
+                let _ = abandon(&backups, End::Clean);
+                let message = format!("upload of {path} arrived damaged: {e}");
+                log::warn!("{message}");
+                return self.reply(seq, OpResult::Error { message });
+            }
+        };
         if let Err(e) = file.sync_all() {
             let _ = abandon(&backups, End::Clean);
             return self.reply(seq, OpResult::Error { message: format!("server cannot sync the upload: {e}") });

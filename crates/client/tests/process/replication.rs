@@ -580,3 +580,30 @@ fn a_refused_fetch_is_not_taken_for_a_file_gone() {
     assert!(!s2.log().contains("dropping local copy"), "s2 dropped files over a refused fetch:\n{}", s2.log());
     wait_until(DEADLINE, "the install marker to go", || !s2.data.join("meta/installing").exists());
 }
+
+/// A primary whose stored copy no longer matches its state (changed on disk behind
+/// its back, same size and mtime) sends those bytes to a backup fetching the file:
+/// the backup refuses them, since they are not the version its state would then
+/// describe, rather than store them as that version.
+#[test]
+fn a_backup_refuses_fetched_bytes_that_are_not_the_version_announced() {
+    use std::os::unix::fs::FileExt;
+    let t = TestDir::new("repl_fetch_damaged");
+    let mut opts = ServerOpts::primary("s1");
+    opts.mode.extend(["--id".to_string(), "1".to_string()]);
+    let data = t.join("s1-data");
+    let stored = data.join("users/alice/f.bin");
+    write_seeded(&stored, 7, 64 * 1024);
+    opts.data = Some(data);
+    let s1 = Server::start(&t, opts);
+    wait_until(DEADLINE, "s1 to adopt f.bin", || s1.log().contains("f.bin"));
+    let mtime = std::fs::metadata(&stored).unwrap().modified().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&stored).unwrap();
+    f.write_all_at(b"not the bytes the state describes", 1000).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_until(DEADLINE, "s2 to refuse the damaged fetch", || s2.log().contains("f.bin of user alice arrived damaged"));
+    let on_s2 = std::fs::read(s2.user_dir("alice").join("f.bin")).ok();
+    assert!(on_s2.is_none_or(|b| b != std::fs::read(&stored).unwrap()), "s2 stored bytes that are not the version");
+}
