@@ -16,6 +16,7 @@ use crate::conn::{Ctx, FrameWriter};
 use crate::core::{Event, NewLink};
 use crate::link::{self, LinkOut, DATA_QUEUE};
 use crate::state::{Change, State};
+use crate::store::{tmp_file, user_file};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, Epoch, FileMeta, Frame, Hasher, Msg, OpResult,
@@ -157,8 +158,8 @@ pub struct FollowConfig {
     pub id: Option<ServerId>,
     /// Silence from the primary longer than this means the link is lost.
     pub failure_timeout: Duration,
-    /// The data dir's temporary-file folder.
-    pub tmp: PathBuf,
+    /// The data dir, where fetched and forwarded content waits in `tmp/`.
+    pub data: PathBuf,
 }
 
 enum Stop {
@@ -531,7 +532,7 @@ impl Follower<'_> {
             return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
         }
         if !self.xfers.contains_key(xfer) {
-            let path = self.cfg.tmp.join(xfer);
+            let path = tmp_file(&self.cfg.data, &xfer);
             let file =
                 File::create(&path).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
             let fresh = Incoming { file, size: 0, hash: Hasher::new(), complete: false };
@@ -565,7 +566,7 @@ impl Follower<'_> {
             }
             Msg::XferAbort { xfer } => {
                 if self.xfers.remove(&xfer).is_some() {
-                    let _ = std::fs::remove_file(self.cfg.tmp.join(&xfer));
+                    let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
                 }
             }
             Msg::Apply { entry } => {
@@ -581,7 +582,7 @@ impl Follower<'_> {
                         }
                         // The chunks never came (the upload began before this backup
                         // was live): fetch the content before applying.
-                        let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
+                        let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
                         let exact = self
                             .fetch(user, &meta.path, xfer)?
                             .is_some_and(|got| got.hash == meta.hash && got.size == meta.size);
@@ -589,7 +590,7 @@ impl Follower<'_> {
                             // This version is gone from the primary (a later entry moved
                             // or replaced it): leave the path empty rather than stale, so
                             // that a later rename of it fetches the content it names.
-                            let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
+                            let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
                             lacking = Some((user.clone(), meta.path.clone()));
                         }
                     }
@@ -600,8 +601,7 @@ impl Follower<'_> {
                 let mut refetched = None;
                 let mut source_missing = false;
                 if let Change::Rename { user, from, to } = &entry.change {
-                    let source = self.cfg.tmp.parent().map(|d| d.join("users").join(user).join(&from.path));
-                    source_missing = source.is_some_and(|p| !p.exists());
+                    source_missing = !user_file(&self.cfg.data, user, &from.path).exists();
                     if source_missing {
                         let xfer = format!("r{}-{}", std::process::id(), entry.seq);
                         if let Some(got) = self.fetch(user, &to.path, &xfer)? {
@@ -656,7 +656,7 @@ impl Follower<'_> {
     /// Fetches a user's file into temporary file `xfer`; None when the primary no
     /// longer holds it (a later entry will say what became of it).
     fn fetch(&mut self, user: &str, path: &str, xfer: &str) -> Result<Option<FileMeta>, Stop> {
-        let dest = self.cfg.tmp.join(xfer);
+        let dest = tmp_file(&self.cfg.data, &xfer);
         // A kept fetch connection may have been closed by the primary while idle:
         // one fresh attempt before giving up on the session.
         for attempt in 0..2 {
@@ -681,7 +681,7 @@ impl Follower<'_> {
 
     fn cleanup(&mut self) {
         for (xfer, _) in self.xfers.drain() {
-            let _ = std::fs::remove_file(self.cfg.tmp.join(xfer));
+            let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
         }
     }
 }

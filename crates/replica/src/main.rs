@@ -123,7 +123,7 @@ fn run(args: Args) -> Result<(), String> {
             port: listen.port(),
             id,
             failure_timeout: Duration::from_millis(args.failure_timeout_ms),
-            tmp: data.join("tmp"),
+            data: data.clone(),
         };
         let (events, epoch) = (running.events.clone(), running.epoch.clone());
         std::thread::Builder::new()

@@ -47,6 +47,16 @@ impl std::error::Error for StoreError {
     }
 }
 
+/// Where a data dir keeps a user's file: `DATA/users/USER/PATH`.
+pub fn user_file(data: &Path, user: &str, path: &str) -> PathBuf {
+    data.join("users").join(user).join(path)
+}
+
+/// Where a data dir keeps an incoming transfer until it is placed: `DATA/tmp/XFER`.
+pub fn tmp_file(data: &Path, xfer: &str) -> PathBuf {
+    data.join("tmp").join(xfer)
+}
+
 /// Why a commit failed, and whether the entry reached the log.
 #[derive(Debug)]
 pub enum CommitError {
@@ -163,11 +173,11 @@ impl Store {
 
     /// Where a user's file lives.
     pub fn user_path(&self, user: &str, path: &str) -> PathBuf {
-        self.root.join("users").join(user).join(path)
+        user_file(&self.root, user, path)
     }
 
     fn tmp_path(&self, xfer: &str) -> PathBuf {
-        self.root.join("tmp").join(xfer)
+        tmp_file(&self.root, xfer)
     }
 
     fn clear_tmp(&self) -> Result<(), StoreError> {
