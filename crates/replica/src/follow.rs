@@ -532,7 +532,7 @@ impl Follower<'_> {
             return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
         }
         if !self.xfers.contains_key(xfer) {
-            let path = tmp_file(&self.cfg.data, &xfer);
+            let path = tmp_file(&self.cfg.data, xfer);
             let file =
                 File::create(&path).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
             let fresh = Incoming { file, size: 0, hash: Hasher::new(), complete: false };
@@ -582,7 +582,7 @@ impl Follower<'_> {
                         }
                         // The chunks never came (the upload began before this backup
                         // was live): fetch the content before applying.
-                        let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
+                        let _ = std::fs::remove_file(tmp_file(&self.cfg.data, xfer));
                         let exact = self
                             .fetch(user, &meta.path, xfer)?
                             .is_some_and(|got| got.hash == meta.hash && got.size == meta.size);
@@ -590,7 +590,7 @@ impl Follower<'_> {
                             // This version is gone from the primary (a later entry moved
                             // or replaced it): leave the path empty rather than stale, so
                             // that a later rename of it fetches the content it names.
-                            let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
+                            let _ = std::fs::remove_file(tmp_file(&self.cfg.data, xfer));
                             lacking = Some((user.clone(), meta.path.clone()));
                         }
                     }
@@ -656,7 +656,7 @@ impl Follower<'_> {
     /// Fetches a user's file into temporary file `xfer`; None when the primary no
     /// longer holds it (a later entry will say what became of it).
     fn fetch(&mut self, user: &str, path: &str, xfer: &str) -> Result<Option<FileMeta>, Stop> {
-        let dest = tmp_file(&self.cfg.data, &xfer);
+        let dest = tmp_file(&self.cfg.data, xfer);
         // A kept fetch connection may have been closed by the primary while idle:
         // one fresh attempt before giving up on the session.
         for attempt in 0..2 {
