@@ -15,7 +15,7 @@
 use crate::link::{DataSender, LinkOut};
 use crate::replicate::Acks;
 use crate::state::{Change, Entry, LastRequest, Member, Session, State, MAX_DEVICES};
-use crate::store::{new_meta, CommitError, Store};
+use crate::store::{new_meta, CommitError, Store, StoreError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use replibox_proto::{ContentHash, DeviceId, FileMeta, Msg, Notice, OpResult, Seq, ServerId, Version};
 use serde_json::json;
@@ -559,14 +559,7 @@ impl Core {
             }
             Event::Apply { entry, reply } => {
                 let seq = entry.seq;
-                let answer = match self.store.commit(&mut self.state, entry) {
-                    Ok(()) => Ok(seq),
-                    Err(CommitError::Unlogged(e)) => Err(e.to_string()),
-                    Err(e @ CommitError::Logged(_)) => {
-                        log::error!("stopping: {e}");
-                        std::process::exit(3);
-                    }
-                };
+                let answer = self.store_entry(entry).map(|()| seq).map_err(|e| e.to_string());
                 self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
                 let _ = reply.send(answer);
             }
@@ -643,12 +636,22 @@ impl Core {
 
     fn commit_for(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>) -> Result<Entry, OpResult> {
         let entry = Entry { seq: self.state.seq.next(), change, request };
-        match self.store.commit(&mut self.state, entry.clone()) {
+        match self.store_entry(entry.clone()) {
             Ok(()) => Ok(entry),
-            Err(CommitError::Unlogged(e)) => {
+            Err(e) => {
                 log::error!("cannot commit: {e}");
                 Err(refusal("the server cannot store changes right now"))
             }
+        }
+    }
+
+    /// Logs and applies `entry`. An entry that is logged but could not be carried
+    /// out leaves the store behind its own log: the process stops, and the redo at
+    /// start-up finishes it. Only an entry that never reached the log comes back.
+    fn store_entry(&mut self, entry: Entry) -> Result<(), StoreError> {
+        match self.store.commit(&mut self.state, entry) {
+            Ok(()) => Ok(()),
+            Err(CommitError::Unlogged(e)) => Err(e),
             Err(e @ CommitError::Logged(_)) => {
                 log::error!("stopping: {e}");
                 std::process::exit(3);
@@ -657,11 +660,15 @@ impl Core {
     }
 
     /// Commits an entry here, sends it to every backup, and runs `done` once every
-    /// live backup has acknowledged it.
-    fn propose(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>, done: Done) {
+    /// live backup has acknowledged it. False when the commit failed (`done` has
+    /// then been failed already).
+    fn propose(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>, done: Done) -> bool {
         let entry = match self.commit_for(change, request) {
             Ok(e) => e,
-            Err(r) => return done.fail(r),
+            Err(r) => {
+                done.fail(r);
+                return false;
+            }
         };
         // Joining backups get every entry too, but are not waited for yet.
         for link in self.links.values() {
@@ -669,6 +676,7 @@ impl Core {
         }
         self.acks.propose(entry.seq, self.now_ms(), done);
         self.settle();
+        true
     }
 
     fn now_ms(&self) -> u64 {
@@ -880,11 +888,9 @@ impl Core {
                 log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
                 let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
                 let request = Some((device, LastRequest { seq, result: result.clone() }));
-                let version = meta.version;
                 let push = Some((conn, user.clone(), Notice::Put { meta }));
-                self.propose(change, request, Done::Reply { reply, result, push });
-                if self.state.live(&user, &path).is_none_or(|m| m.version != version) {
-                    // The commit was refused: nothing will move the bytes into place.
+                if !self.propose(change, request, Done::Reply { reply, result, push }) {
+                    // Nothing will move the bytes into place.
                     self.abandon_upload(&xfer);
                 }
             }
