@@ -4,9 +4,9 @@
 //! side behind a mutex, so a download streamed by the reader and a push written by
 //! the connection's writer thread interleave only at frame boundaries.
 
-use crate::core::{ConnId, CoreRequest, Event};
+use crate::core::{ask, ConnId, CoreRequest, Event, Route};
 use crate::link::{DataSender, LinkOut};
-use crossbeam_channel::{bounded, unbounded, Sender};
+use crossbeam_channel::{unbounded, Sender};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, DeviceId, Epoch, Frame, Hasher, Msg, Op, OpResult,
     ProtoError, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
@@ -148,11 +148,8 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
     }
     match who {
         Who::Status => {
-            let (tx, rx) = bounded(1);
-            if core.send(Event::Status { reply: tx }).is_ok() {
-                if let Ok(status) = rx.recv() {
-                    let _ = writer.send(&Msg::Status { status }, &[]);
-                }
+            if let Some(status) = ask(&core, |reply| Event::Status { reply }) {
+                let _ = writer.send(&Msg::Status { status }, &[]);
             }
         }
         Who::Server { id, ip, port, seq } => {
@@ -166,18 +163,15 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
             serve_fetch(&mut reader, &writer, &core, id, &peer, peer_ip);
         }
         Who::Client { user, device, callback_port } => {
-            let (tx, rx) = bounded(1);
-            if core.send(Event::Route { reply: tx }).is_err() {
-                return;
-            }
-            match rx.recv() {
-                Ok(None) => {}
-                Ok(Some(Some(primary))) => {
+            match ask(&core, |reply| Event::Route { reply }) {
+                None => return,
+                Some(Route::Here) => {}
+                Some(Route::At(primary)) => {
                     log::info!("redirecting client user={user} peer={peer} to primary={primary}");
                     let _ = writer.send(&Msg::Redirect { primary }, &[]);
                     return;
                 }
-                _ => {
+                Some(Route::Unknown) => {
                     let reason = "this server is a backup and does not know the primary yet; try again".to_string();
                     let _ = writer.send(&Msg::Refused { reason }, &[]);
                     return;
@@ -256,16 +250,10 @@ fn serve_fetch<R: Read>(
             .and_then(|_| validate_path(&path).map_err(|e| e.to_string()));
         let answer = match valid {
             Err(message) => Err(OpResult::Error { message }),
-            Ok(()) => {
-                let (tx, rx) = bounded(1);
-                if core.send(Event::OpenFor { id, peer_ip, user, path, reply: tx }).is_err() {
-                    return;
-                }
-                match rx.recv() {
-                    Ok(a) => a,
-                    Err(_) => return,
-                }
-            }
+            Ok(()) => match ask(core, |reply| Event::OpenFor { id, peer_ip, user, path, reply }) {
+                Some(a) => a,
+                None => return,
+            },
         };
         let sent = match answer {
             Err(result) => writer.send(&Msg::Reply { seq: Seq(0), result }, &[]).is_ok(),
@@ -312,33 +300,27 @@ impl Client {
     }
 
     fn ask<T>(&self, seq: Seq, make: impl FnOnce(Sender<T>) -> CoreRequest) -> Result<T, End> {
-        let (tx, rx) = bounded(1);
-        self.core.send(Event::Request { conn: self.conn, seq, req: make(tx) }).map_err(|_| End::CoreGone)?;
-        rx.recv().map_err(|_| End::CoreGone)
+        ask(&self.core, |reply| Event::Request { conn: self.conn, seq, req: make(reply) }).ok_or(End::CoreGone)
     }
 
     fn run<R: Read>(&self, reader: &mut R, ip: String, callback_port: u16) -> End {
         let (out_tx, out_rx) = unbounded::<Msg>();
-        let (tx, rx) = bounded(1);
-        let login = Event::Login {
+        let login = |reply| Event::Login {
             conn: self.conn,
             user: self.user.clone(),
             device: self.device.clone(),
             ip,
             callback_port,
             out: out_tx,
-            reply: tx,
+            reply,
         };
-        if self.core.send(login).is_err() {
-            return End::CoreGone;
-        }
-        match rx.recv() {
-            Err(_) => return End::CoreGone,
-            Ok(Err(reason)) => {
+        match ask(&self.core, login) {
+            None => return End::CoreGone,
+            Some(Err(reason)) => {
                 let _ = self.send(&Msg::Refused { reason: reason.clone() });
                 return End::Refused(reason);
             }
-            Ok(Ok((token, devices, last_seq))) => {
+            Some(Ok((token, devices, last_seq))) => {
                 if let Err(e) = self.send(&Msg::Welcome { token, devices, last_seq }) {
                     return e;
                 }
@@ -436,9 +418,7 @@ impl Client {
         mut backups: Vec<DataSender>,
     ) -> Result<(), End> {
         let (xfer, mut file) = {
-            let (tx, rx) = bounded(1);
-            self.core.send(Event::NewTemp { reply: tx }).map_err(|_| End::CoreGone)?;
-            match rx.recv().map_err(|_| End::CoreGone)? {
+            match ask(&self.core, |reply| Event::NewTemp { reply }).ok_or(End::CoreGone)? {
                 Ok(t) => t,
                 Err(message) => return self.reply(seq, OpResult::Error { message }),
             }

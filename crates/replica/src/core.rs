@@ -129,10 +129,10 @@ pub enum Event {
         /// The answer.
         reply: Sender<Seq>,
     },
-    /// Where is the primary? `None`: here.
+    /// Where is the primary?
     Route {
-        /// The answer: None when this server is the primary, else its address if known.
-        reply: Sender<Option<Option<String>>>,
+        /// The answer.
+        reply: Sender<Route>,
     },
     /// A status query.
     Status {
@@ -339,6 +339,25 @@ pub enum Role {
     Backup,
 }
 
+/// Where the primary is, as a server answers a client or a joining server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This server is the primary.
+    Here,
+    /// This server is a backup of the primary at that address.
+    At(String),
+    /// This server is a backup that does not know its primary yet.
+    Unknown,
+}
+
+/// Sends the event `make` builds around a reply channel, and waits for the answer.
+/// None when the core has stopped.
+pub fn ask<T>(core: &Sender<Event>, make: impl FnOnce(Sender<T>) -> Event) -> Option<T> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    core.send(make(tx)).ok()?;
+    rx.recv().ok()
+}
+
 /// The core's state.
 pub struct Core {
     settings: Settings,
@@ -503,10 +522,8 @@ impl Core {
             }
             Event::Route { reply } => {
                 let answer = match self.role {
-                    Role::Primary => None,
-                    Role::Backup => {
-                        Some(self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string)))
-                    }
+                    Role::Primary => Route::Here,
+                    Role::Backup => self.known_primary().map_or(Route::Unknown, Route::At),
                 };
                 let _ = reply.send(answer);
             }
@@ -612,7 +629,7 @@ impl Core {
             .collect();
         let primary_addr = match self.role {
             Role::Primary => Some(self.state.primary_addr().map(str::to_string).unwrap_or_else(|| self.my_addr())),
-            Role::Backup => self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string)),
+            Role::Backup => self.known_primary(),
         };
         json!({
             // A backup has no id until the primary accepts it.
@@ -624,6 +641,12 @@ impl Core {
             "seq": self.state.seq.0,
             "sessions": self.state.sessions.len(),
         })
+    }
+
+    /// Backup: the primary's address, as the follower last reached it or else as
+    /// the replicated membership names it.
+    fn known_primary(&self) -> Option<String> {
+        self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string))
     }
 
     /// Commits an entry locally. An entry that did not reach the log changed

@@ -13,7 +13,7 @@
 //! when this backup joined), and acknowledged after it is applied.
 
 use crate::conn::{Ctx, FrameWriter};
-use crate::core::{Event, NewLink};
+use crate::core::{ask, Event, NewLink, Route};
 use crate::link::{self, LinkOut, DATA_QUEUE};
 use crate::state::{Change, State};
 use crate::store::{tmp_file, user_file};
@@ -31,12 +31,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn ask<T>(core: &Sender<Event>, make: impl FnOnce(Sender<T>) -> Event) -> Option<T> {
-    let (tx, rx) = bounded(1);
-    core.send(make(tx)).ok()?;
-    rx.recv().ok()
-}
-
 /// Primary side: serves a server that said hello as a joining backup.
 #[allow(clippy::too_many_arguments)]
 pub fn serve_link(
@@ -50,13 +44,13 @@ pub fn serve_link(
     peer: String,
 ) {
     match ask(&ctx.core, |reply| Event::Route { reply }) {
-        Some(None) => {}
-        Some(Some(Some(primary))) => {
+        Some(Route::Here) => {}
+        Some(Route::At(primary)) => {
             log::info!("redirecting joining server peer={peer} to primary={primary}");
             let _ = writer.send(&Msg::Redirect { primary }, &[]);
             return;
         }
-        _ => {
+        Some(Route::Unknown) | None => {
             // Not a refusal (which would make the joiner give up): close, and the
             // joiner tries again until this backup knows where the primary is.
             log::info!("closing join from peer={peer}: this backup does not know the primary yet");
@@ -79,7 +73,6 @@ pub fn serve_link(
     if spawned.is_err() {
         return;
     }
-    let (tx, rx) = bounded(1);
     let link = NewLink {
         id,
         addr: addr.clone(),
@@ -90,18 +83,14 @@ pub fn serve_link(
         data: data_tx,
         stream: shut_half,
     };
-    let join = Event::Join { link, reply: tx };
-    if ctx.core.send(join).is_err() {
-        return;
-    }
-    let id = match rx.recv() {
-        Ok(Ok(id)) => id,
-        Ok(Err(reason)) => {
+    let id = match ask(&ctx.core, |reply| Event::Join { link, reply }) {
+        Some(Ok(id)) => id,
+        Some(Err(reason)) => {
             log::warn!("refused joining server peer={peer} addr={addr}: {reason}");
             let _ = ctl_tx.send(LinkOut::msg(Msg::Refused { reason }));
             return;
         }
-        Err(_) => return,
+        None => return,
     };
     drop(ctl_tx);
     log::info!("replication link up id={id} addr={addr} their_seq={seq}");
