@@ -425,12 +425,12 @@ impl Client {
         };
         // The core tells every backup (on the control queue, which never drops a
         // message) that this transfer will not be committed.
-        let abandon = |_: &[DataSender], why: End| {
+        let abandon = |why: End| {
             let _ = self.core.send(Event::AbandonUpload { xfer: xfer.clone() });
             why
         };
         if let Err(e) = self.send(&Msg::Proceed { seq }) {
-            return Err(abandon(&backups, e));
+            return Err(abandon(e));
         }
         let mut receipt = Receipt::new(size);
         let sent_hash = loop {
@@ -439,24 +439,24 @@ impl Client {
                 Ok(None) => {
                     let got = receipt.got();
                     let why = End::Violation(format!("closed mid-upload of {path} ({got} of {size} bytes)"));
-                    return Err(abandon(&backups, why));
+                    return Err(abandon(why));
                 }
-                Err(e) => return Err(abandon(&backups, End::Proto(e))),
+                Err(e) => return Err(abandon(End::Proto(e))),
             };
             match frame.msg {
                 Msg::Ping => {
                     if let Err(e) = self.send(&Msg::Pong) {
-                        return Err(abandon(&backups, e));
+                        return Err(abandon(e));
                     }
                 }
                 Msg::Chunk { seq: s } if s == seq => {
                     if let Err(e) = receipt.add(&frame.payload) {
-                        return Err(abandon(&backups, End::Violation(format!("upload of {path} is {e}"))));
+                        return Err(abandon(End::Violation(format!("upload of {path} is {e}"))));
                     }
                     if let Err(e) = file.write_all(&frame.payload) {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
                         let why = End::Violation(format!("server cannot store the upload: {e}"));
-                        return Err(abandon(&backups, why));
+                        return Err(abandon(why));
                     }
                     let chunk = Arc::new(frame.payload);
                     backups.retain(|b| {
@@ -475,21 +475,21 @@ impl Client {
                 Msg::UploadEnd { seq: s, hash } if s == seq => break hash,
                 other => {
                     let why = End::Violation(format!("unexpected {} during upload of {path}", other.kind()));
-                    return Err(abandon(&backups, why));
+                    return Err(abandon(why));
                 }
             }
         };
         let hash = match receipt.finish(sent_hash) {
             Ok(hash) => hash,
             Err(e) => {
-                let _ = abandon(&backups, End::Clean);
+                let _ = abandon(End::Clean);
                 let message = format!("upload of {path} arrived damaged: {e}");
                 log::warn!("{message}");
                 return self.reply(seq, OpResult::Error { message });
             }
         };
         if let Err(e) = file.sync_all() {
-            let _ = abandon(&backups, End::Clean);
+            let _ = abandon(End::Clean);
             return self.reply(seq, OpResult::Error { message: format!("server cannot sync the upload: {e}") });
         }
         drop(file);

@@ -103,7 +103,10 @@ pub fn serve_link(
         let frame = match read_frame(&mut reader) {
             Ok(Some(f)) => f,
             Ok(None) => break "closed by the backup".to_string(),
-            Err(e) if e.is_timeout() => break format!("silent for {:?}", ctx.ack_timeout),
+            Err(e) if e.is_timeout() => {
+                let silence = reader.get_ref().read_timeout().ok().flatten().unwrap_or(ctx.ack_timeout);
+                break format!("silent for {silence:?}");
+            }
             Err(e) => break e.to_string(),
         };
         let ours = ctx.epoch.load(Ordering::Relaxed);
@@ -296,9 +299,9 @@ fn keepalive(out: Arc<Mutex<TcpStream>>, epoch: Arc<AtomicU64>) -> Arc<std::sync
 }
 
 /// A forwarded upload being received.
+/// A forwarded upload arriving on the link; its size is known only at its end.
 struct Incoming {
     file: File,
-    size: u64,
     hash: Hasher,
     complete: bool,
 }
@@ -517,14 +520,14 @@ impl Follower<'_> {
 
     /// The forwarded upload `xfer`, its temporary file created at its first frame.
     fn incoming(&mut self, xfer: &str) -> Result<&mut Incoming, Stop> {
-        if !valid_xfer(xfer) {
-            return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
-        }
         if !self.xfers.contains_key(xfer) {
+            if !valid_xfer(xfer) {
+                return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+            }
             let path = tmp_file(&self.cfg.data, xfer);
             let file =
                 File::create(&path).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
-            let fresh = Incoming { file, size: 0, hash: Hasher::new(), complete: false };
+            let fresh = Incoming { file, hash: Hasher::new(), complete: false };
             self.xfers.insert(xfer.to_string(), fresh);
         }
         self.xfers.get_mut(xfer).ok_or_else(|| Stop::Retry(format!("transfer {xfer} vanished")))
@@ -534,23 +537,19 @@ impl Follower<'_> {
         match frame.msg {
             Msg::XferChunk { xfer } => {
                 let inc = self.incoming(&xfer)?;
-                inc.size += frame.payload.len() as u64;
                 inc.hash.update(&frame.payload);
                 inc.file
                     .write_all(&frame.payload)
                     .map_err(|e| Stop::Retry(format!("cannot write transfer {xfer}: {e}")))?;
             }
             Msg::XferEnd { xfer, size, hash } => {
-                // An empty upload has no chunks: its end is all there is.
-                if size == 0 {
-                    self.incoming(&xfer)?;
-                }
-                if let Some(inc) = self.xfers.get_mut(&xfer) {
-                    if inc.size == size && inc.hash.finish() == hash && inc.file.sync_all().is_ok() {
-                        inc.complete = true;
-                    } else {
-                        log::warn!("transfer {xfer} arrived incomplete ({} of {size} bytes); will fetch it", inc.size);
-                    }
+                // Created here for an empty upload, which has no chunks.
+                let inc = self.incoming(&xfer)?;
+                let got = inc.hash.bytes_hashed();
+                if got == size && inc.hash.finish() == hash && inc.file.sync_all().is_ok() {
+                    inc.complete = true;
+                } else {
+                    log::warn!("transfer {xfer} arrived incomplete ({got} of {size} bytes); will fetch it");
                 }
             }
             Msg::XferAbort { xfer } => {
