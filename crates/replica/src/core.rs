@@ -401,7 +401,12 @@ impl Core {
         }
     }
 
-    /// The epoch shared with connection threads (frames carry it).
+    /// How long a backup may take to acknowledge (`--ack-timeout-ms`).
+    pub fn ack_timeout(&self) -> Duration {
+        self.settings.ack_timeout
+    }
+
+    /// The epoch shared with the connection threads, which stamp it on every frame.
     pub fn epoch_handle(&self) -> Arc<AtomicU64> {
         self.epoch.clone()
     }

@@ -115,7 +115,7 @@ fn run(args: Args) -> Result<(), String> {
     if role == Role::Primary {
         core.start_as_primary().map_err(|e| format!("cannot start as primary on {}: {e}", data.display()))?;
     }
-    let running = server::start(listener, core, ack_timeout).map_err(|e| format!("cannot start threads: {e}"))?;
+    let running = server::start(listener, core).map_err(|e| format!("cannot start threads: {e}"))?;
     if let Some(join) = &args.backup {
         let cfg = FollowConfig {
             join: join.clone(),

@@ -7,7 +7,6 @@ use std::net::TcpListener;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 /// A running server: its core thread and its accept thread.
 pub struct Running {
@@ -21,9 +20,10 @@ pub struct Running {
 
 /// Starts the core and the accept loop on an already-bound listener (tests bind
 /// port 0 and pass the listener in).
-pub fn start(listener: TcpListener, core: Core, ack_timeout: Duration) -> std::io::Result<Running> {
+pub fn start(listener: TcpListener, core: Core) -> std::io::Result<Running> {
     let (events, rx) = unbounded();
     let epoch = core.epoch_handle();
+    let ack_timeout = core.ack_timeout();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || core.run(rx))?;
     let ctx = Ctx { core: events.clone(), epoch: epoch.clone(), ack_timeout, links: Arc::new(AtomicU64::new(0)) };
     std::thread::Builder::new().name("accept".into()).spawn(move || {
