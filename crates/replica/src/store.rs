@@ -47,6 +47,41 @@ impl std::error::Error for StoreError {
     }
 }
 
+/// Walks `users/` depth first without following symlinks (a link to a folder
+/// elsewhere is an entry, never entered), calling `visit(user, rel, entry, type)`
+/// for everything but folders in each valid user's folder; anything else directly
+/// in `users/` is logged and skipped.
+fn walk_users(
+    users: &Path,
+    mut visit: impl FnMut(&str, String, &fs::DirEntry, fs::FileType) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for user_dir in fs::read_dir(users).context(|| format!("listing {}", users.display()))? {
+        let user_dir = user_dir.context(|| format!("listing {}", users.display()))?;
+        let user = user_dir.file_name().to_string_lossy().into_owned();
+        let is_dir = user_dir.file_type().is_ok_and(|t| t.is_dir());
+        if replibox_proto::validate_username(&user).is_err() || !is_dir {
+            log::warn!("ignoring stray entry in users/: {}", user_dir.path().display());
+            continue;
+        }
+        let root = user_dir.path();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))? {
+                let e = e.context(|| format!("listing {}", dir.display()))?;
+                let ft = e.file_type().context(|| format!("inspecting {}", e.path().display()))?;
+                if ft.is_dir() {
+                    stack.push(e.path());
+                    continue;
+                }
+                let path = e.path();
+                let Ok(rel) = path.strip_prefix(&root) else { continue };
+                visit(&user, rel.to_string_lossy().into_owned(), &e, ft)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where a data dir keeps a user's file: `DATA/users/USER/PATH`.
 pub fn user_file(data: &Path, user: &str, path: &str) -> PathBuf {
     data.join("users").join(user).join(path)
@@ -371,58 +406,37 @@ impl Store {
     /// make every device delete its copy.
     pub fn check_against(&self, state: &State) -> Result<Vec<(String, FileMeta)>, StoreError> {
         let mut found = Vec::new();
-        let users = self.root.join("users");
-        for user_dir in fs::read_dir(&users).context(|| format!("listing {}", users.display()))? {
-            let user_dir = user_dir.context(|| format!("listing {}", users.display()))?;
-            let user = user_dir.file_name().to_string_lossy().into_owned();
-            if replibox_proto::validate_username(&user).is_err() || !user_dir.path().is_dir() {
-                log::warn!("ignoring stray entry in users/: {}", user_dir.path().display());
-                continue;
+        walk_users(&self.root.join("users"), |user, rel, e, ft| {
+            if !ft.is_file() {
+                log::warn!("ignoring non-regular file {}", e.path().display());
+                return Ok(());
             }
-            let mut stack = vec![user_dir.path()];
-            while let Some(dir) = stack.pop() {
-                for e in fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))? {
-                    let e = e.context(|| format!("listing {}", dir.display()))?;
-                    let ft = e.file_type().context(|| format!("inspecting {}", e.path().display()))?;
-                    if ft.is_dir() {
-                        stack.push(e.path());
-                        continue;
-                    }
-                    if !ft.is_file() {
-                        log::warn!("ignoring non-regular file {}", e.path().display());
-                        continue;
-                    }
-                    let rel = e.path().strip_prefix(user_dir.path()).map(|p| p.to_string_lossy().into_owned());
-                    let Ok(rel) = rel else { continue };
-                    if replibox_proto::validate_path(&rel).is_err() {
-                        log::warn!("ignoring file with an invalid name {}", e.path().display());
-                        continue;
-                    }
-                    let md = e.metadata().context(|| format!("inspecting {}", e.path().display()))?;
-                    let mtime = md.modified().map(to_ms).unwrap_or(0);
-                    let known = state.live(&user, &rel);
-                    if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime) {
-                        continue;
-                    }
-                    let hash = ContentHash::of_file(&e.path()).context(|| format!("hashing {}", e.path().display()))?;
-                    let version = state.next_version(&user, &rel);
-                    log::warn!("adopting file found on disk user={user} path={rel} size={}", md.len());
-                    found.push((
-                        user.clone(),
-                        FileMeta {
-                            path: rel,
-                            version,
-                            size: md.len(),
-                            mtime_ms: mtime,
-                            hash,
-                            deleted: false,
-                            atime_ms: 0,
-                            ctime_ms: 0,
-                        },
-                    ));
-                }
+            if replibox_proto::validate_path(&rel).is_err() {
+                log::warn!("ignoring file with an invalid name {}", e.path().display());
+                return Ok(());
             }
-        }
+            let md = e.metadata().context(|| format!("inspecting {}", e.path().display()))?;
+            let mtime = md.modified().map(to_ms).unwrap_or(0);
+            let known = state.live(user, &rel);
+            if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime) {
+                return Ok(());
+            }
+            let hash = ContentHash::of_file(&e.path()).context(|| format!("hashing {}", e.path().display()))?;
+            let version = state.next_version(user, &rel);
+            log::warn!("adopting file found on disk user={user} path={rel} size={}", md.len());
+            let meta = FileMeta {
+                path: rel,
+                version,
+                size: md.len(),
+                mtime_ms: mtime,
+                hash,
+                deleted: false,
+                atime_ms: 0,
+                ctime_ms: 0,
+            };
+            found.push((user.to_string(), meta));
+            Ok(())
+        })?;
         for (user, files) in &state.files {
             for meta in files.values().filter(|m| !m.deleted) {
                 if !self.user_path(user, &meta.path).is_file() {
@@ -481,26 +495,15 @@ impl Store {
         }
         // Remove what the primary does not hold (deleted meanwhile, or never
         // acknowledged here).
-        let users = self.root.join("users");
-        let mut stack = vec![users.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
-            for e in entries.flatten() {
+        walk_users(&self.root.join("users"), |user, rel, e, _| {
+            if new.live(user, &rel).is_none() {
                 let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                    continue;
-                }
-                let Ok(rel) = p.strip_prefix(&users) else { continue };
-                let rel = rel.to_string_lossy();
-                let (user, file) = rel.split_once('/').unwrap_or((&rel, ""));
-                if new.live(user, file).is_none() {
-                    log::info!("removing file the primary does not hold: {}", p.display());
-                    let _ = fs::remove_file(&p);
-                    self.prune_empty_dirs(user, &p);
-                }
+                log::info!("removing file the primary does not hold: {}", p.display());
+                let _ = fs::remove_file(&p);
+                self.prune_empty_dirs(user, &p);
             }
-        }
+            Ok(())
+        })?;
         Ok(needed)
     }
 
@@ -709,5 +712,23 @@ mod tests {
         }
         assert_eq!(state.live("u", "d/new.txt").unwrap().hash, ContentHash::of(b"by hand"));
         assert!(store.check_against(&state).unwrap().is_empty());
+    }
+
+    /// Installing a snapshot removes the files the primary does not hold, but a
+    /// symlink in `users/` is removed as a link: the folder it points to, which may
+    /// be anywhere, is never entered.
+    #[test]
+    fn an_install_never_follows_a_symlink_out_of_the_data_dir() {
+        let dir = TempDir::new("install-symlink");
+        let outside = TempDir::new("install-symlink-outside");
+        fs::write(outside.0.join("precious"), b"not the store's").unwrap();
+        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        put(&mut store, &mut state, "kept", b"held by the primary");
+        std::os::unix::fs::symlink(&outside.0, dir.0.join("users/u/link")).unwrap();
+        let old = state.clone();
+        store.install(&old, &state).unwrap();
+        assert!(outside.0.join("precious").exists(), "the install deleted a file outside the data dir");
+        assert!(fs::symlink_metadata(dir.0.join("users/u/link")).is_err(), "the stray link itself should go");
+        assert!(store.user_path("u", "kept").exists());
     }
 }
