@@ -19,8 +19,8 @@ use crate::state::{Change, State};
 use crate::store::{tmp_file, user_file};
 use crossbeam_channel::{bounded, unbounded, Sender};
 use replibox_proto::{
-    read_frame, validate_path, validate_username, write_frame, Epoch, FileMeta, Frame, Hasher, Msg, OpResult,
-    ProtoError, Seq, ServerId, Who, PROTOCOL_VERSION,
+    read_frame, validate_path, validate_username, write_frame, Damaged, Epoch, FileMeta, Frame, Hasher, Msg, OpResult,
+    ProtoError, Receipt, Seq, ServerId, Who, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -707,21 +707,18 @@ impl Fetcher {
             other => return Err(Stop::Retry(format!("unexpected {} answering a fetch", other.kind()))),
         };
         let mut file = File::create(dest).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", dest.display())))?;
-        let mut hasher = Hasher::new();
-        let mut got = 0u64;
+        let mut receipt = Receipt::of_version(meta.size, meta.hash);
+        let damaged = |e: Damaged| Stop::Retry(format!("fetch of {path} of user {user} arrived damaged: {e}"));
         loop {
             let f = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
             match f.msg {
                 Msg::Chunk { .. } => {
-                    got += f.payload.len() as u64;
-                    hasher.update(&f.payload);
+                    receipt.add(&f.payload).map_err(damaged)?;
                     file.write_all(&f.payload)
                         .map_err(|e| Stop::Retry(format!("cannot write {}: {e}", dest.display())))?;
                 }
                 Msg::DownloadEnd { hash: sent, .. } => {
-                    if got != meta.size || sent != hasher.finish() {
-                        return Err(Stop::Retry(format!("fetch of {path} arrived damaged")));
-                    }
+                    receipt.finish(sent).map_err(damaged)?;
                     file.sync_all().map_err(|e| Stop::Retry(format!("cannot sync {}: {e}", dest.display())))?;
                     return Ok(Some(meta));
                 }
