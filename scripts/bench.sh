@@ -5,14 +5,20 @@
 # Release binaries; one server on 127.0.0.1 and two headless clients of one user on
 # 127.0.0.4 and 127.0.0.5, all on this machine and on loopback only. Cases:
 #   - 50 files of 1 KiB, moved in as one folder;
-#   - one file of 64 MiB;
-#   - one file of 256 MiB.
-# Each run stages fresh random content on the same file system, waits a second (so
-# the client's settle delay for a file still being written does not count), then
-# times from the rename into device 1's sync dir until device 2 holds every file at
-# its full size. The copies are then compared with cmp: a mismatch fails the bench.
-# Before the next run the files are deleted on device 1 and the bench waits for the
-# delete to reach device 2. It prints every run, then the median of each case.
+#   - one file of 64 MiB, moved in;
+#   - one file of 256 MiB, moved in;
+#   - one file of 1 KiB, saved: written in place in device 1's sync dir (open,
+#     write, close, as an editor saves a small file).
+# Each run stages fresh random content on the same file system and waits a second.
+# A moved-in case is then timed from the rename into device 1's sync dir (its
+# content is a second old by then, so the client's settle delay for a file still
+# being written does not count). The saved case is timed from the start of the
+# write, so the client's debounce and settle delay count: the latency a user sees.
+# Either way the clock stops when device 2 holds every file at its full size. The
+# copies are then compared with cmp: a mismatch fails the bench. Before the next
+# case the files are deleted on device 1 and the bench waits for the delete to
+# reach device 2. It prints every run, then the median of each case (and, for the
+# moved-in cases, the throughput).
 #
 # Settings (environment):
 #   RUNS            runs per case (default 3)
