@@ -350,9 +350,7 @@ impl Engine {
                 // and postponing it while its old name's deletion goes ahead would
                 // turn the move into a delete and a new upload.
                 let moved_here = self.index.get(path).is_none()
-                    && deleted
-                        .iter()
-                        .any(|d| self.index.get(d).is_some_and(|i| i.size == l.size && i.mtime_ns == l.mtime_ns));
+                    && deleted.iter().any(|d| self.index.get(d).is_some_and(|i| i.matches(l)));
                 if still_writing || !moved_here {
                     postpone = true;
                     continue;
@@ -406,10 +404,8 @@ impl Engine {
     }
 
     fn moved_from(&self, path: &str, l: &LocalFile, candidates: &BTreeSet<String>) -> Option<String> {
-        let matching: Vec<&String> = candidates
-            .iter()
-            .filter(|c| self.index.get(c).is_some_and(|i| i.size == l.size && i.mtime_ns == l.mtime_ns))
-            .collect();
+        let matching: Vec<&String> =
+            candidates.iter().filter(|c| self.index.get(c).is_some_and(|i| i.matches(l))).collect();
         if matching.is_empty() {
             return None;
         }
@@ -434,8 +430,7 @@ impl Engine {
         match result? {
             OpResult::Done { meta } => {
                 self.refused.remove(path);
-                self.index
-                    .set(path, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+                self.index.set(path, Synced::of(meta.version, meta.hash, &l));
                 activity(format!("uploaded {path} ({})", crate::progress::bytes(l.size)));
                 Ok(Some(true))
             }
@@ -479,8 +474,7 @@ impl Engine {
         match self.front.request(Op::Rename { from: from.to_string(), to: to.to_string(), base })? {
             OpResult::Done { meta } => {
                 self.index.remove(from);
-                self.index
-                    .set(to, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+                self.index.set(to, Synced::of(meta.version, meta.hash, &l));
                 activity(format!("renamed {from} to {to} on the server"));
                 Ok(true)
             }
@@ -497,7 +491,7 @@ impl Engine {
         }
         if let (Ok(hash), Some(l)) = (ContentHash::of_file(&abs), scan::stat(&self.root, path)) {
             if hash == current.hash {
-                self.index.set(path, Synced { version: current.version, size: l.size, mtime_ns: l.mtime_ns, hash });
+                self.index.set(path, Synced::of(current.version, hash, &l));
                 return Ok(false);
             }
         }
@@ -597,7 +591,7 @@ impl Engine {
             return Ok(());
         }
         if let Some(l) = scan::stat(&self.root, path) {
-            self.index.set(path, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+            self.index.set(path, Synced::of(meta.version, meta.hash, &l));
         }
         activity(format!("received {path} ({})", crate::progress::bytes(meta.size)));
         Ok(())
@@ -664,11 +658,16 @@ impl Engine {
     fn remote_delete(&mut self, meta: &FileMeta) {
         let path = meta.path.as_str();
         let Some(i) = self.index.get(path).cloned() else { return };
-        if i.version >= meta.version {
-            return;
+        if i.version < meta.version {
+            self.drop_local(path, &i);
         }
+    }
+
+    /// The server no longer holds `path` (deleted or renamed away), last in sync
+    /// here as `i`: removes this device's copy, unless it was edited since.
+    fn drop_local(&mut self, path: &str, i: &Synced) {
         let l = scan::stat(&self.root, path);
-        if locally_changed(l.as_ref(), Some(&i)) {
+        if locally_changed(l.as_ref(), Some(i)) {
             // Edited here: the edit survives and goes back up as a new file.
             self.index.remove(path);
             self.pass_due = Some(Instant::now());
@@ -691,21 +690,14 @@ impl Engine {
                 let old = self.index.remove(from);
                 self.prune(&self.abs(from));
                 if let (Some(l), Some(old)) = (scan::stat(&self.root, &meta.path), old) {
-                    self.index.set(
-                        &meta.path,
-                        Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: old.hash },
-                    );
+                    self.index.set(&meta.path, Synced::of(meta.version, old.hash, &l));
                 }
                 activity(format!("renamed {from} to {} (renamed on another device)", meta.path));
                 return Ok(());
             }
         }
-        let gone =
-            FileMeta { path: from.to_string(), version: Version(meta.version.0.max(1)), deleted: true, ..meta.clone() };
-        if let Some(i) = self.index.get(from) {
-            // Any version newer than the one seen here marks the old path as gone.
-            let gone = FileMeta { version: i.version.next(), ..gone };
-            self.remote_delete(&gone);
+        if let Some(i) = self.index.get(from).cloned() {
+            self.drop_local(from, &i);
         }
         self.remote_put(meta)
     }
@@ -763,8 +755,7 @@ impl Engine {
             fs::rename(&tmp_path, &dest).map_err(|e| io_err("cannot write", &dest, e))?;
         }
         if let Some(l) = scan::stat(&self.root, &name) {
-            self.index
-                .set(&name, Synced { version: meta.version, size: l.size, mtime_ns: l.mtime_ns, hash: meta.hash });
+            self.index.set(&name, Synced::of(meta.version, meta.hash, &l));
         }
         Ok(format!("uploaded {name} ({} bytes)", meta.size))
     }

@@ -3,6 +3,7 @@
 //! mtime differs from its entry was changed locally; a path with an entry and no
 //! file was deleted locally; a file with no entry is new.
 
+use crate::scan::LocalFile;
 use replibox_proto::{ContentHash, Version};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,6 +21,18 @@ pub struct Synced {
     pub mtime_ns: i128,
     /// Content hash.
     pub hash: ContentHash,
+}
+
+impl Synced {
+    /// The local file `l` is in sync with server `version`, whose content is `hash`.
+    pub fn of(version: Version, hash: ContentHash, l: &LocalFile) -> Synced {
+        Synced { version, size: l.size, mtime_ns: l.mtime_ns, hash }
+    }
+
+    /// True when `l` is still the file this entry recorded (same size and mtime).
+    pub fn matches(&self, l: &LocalFile) -> bool {
+        self.size == l.size && self.mtime_ns == l.mtime_ns
+    }
 }
 
 /// The index, kept in `.replibox/index.json`.

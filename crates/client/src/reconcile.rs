@@ -39,7 +39,7 @@ pub enum Action {
 /// True when the local file differs from what was last in sync.
 pub fn locally_changed(local: Option<&LocalFile>, index: Option<&Synced>) -> bool {
     match (local, index) {
-        (Some(l), Some(i)) => l.size != i.size || l.mtime_ns != i.mtime_ns,
+        (Some(l), Some(i)) => !i.matches(l),
         (None, None) => false,
         _ => true,
     }
