@@ -11,7 +11,7 @@ use crossbeam_channel::{bounded, Sender};
 use replibox_frontend::Frontend;
 use replibox_proto::times::FileTimes;
 use replibox_proto::{FileMeta, Op, OpResult};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 /// A parsed command line.
@@ -169,21 +169,18 @@ impl Shell {
         let dest =
             std::env::current_dir().map_err(|e| format!("cannot find the current directory: {e}"))?.join(&file_name);
         let tmp = dest.with_file_name(format!(".{file_name}.replibox-download"));
-        let mut f = File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let got = progress::download(&self.front, name, &mut f);
-        let outcome = match got {
-            Ok(Ok(meta)) => {
-                let _ = f.set_modified(replibox_proto::times::from_ms(meta.mtime_ms));
-                drop(f);
-                fs::rename(&tmp, &dest).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
-                return Ok(format!("downloaded {name} to {} ({})", dest.display(), bytes(meta.size)));
-            }
+        match progress::download_to(&self.front, name, &tmp) {
+            Ok(Ok(meta)) => match fs::rename(&tmp, &dest) {
+                Ok(()) => Ok(format!("downloaded {name} to {} ({})", dest.display(), bytes(meta.size))),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    Err(format!("cannot write {}: {e}", dest.display()))
+                }
+            },
             Ok(Err(OpResult::Error { message })) => Err(message),
             Ok(Err(other)) => Err(format!("unexpected answer: {other:?}")),
             Err(e) => Err(e.to_string()),
-        };
-        let _ = fs::remove_file(&tmp);
-        outcome
+        }
     }
 }
 

@@ -532,24 +532,13 @@ impl Engine {
             return Ok(());
         }
         let tmp_path = self.tmp.join(format!("dl-{}", std::process::id()));
-        let mut tmp = File::create(&tmp_path).map_err(|e| FrontError::Local(io_err("cannot create", &tmp_path, e)))?;
-        let got = progress::download(&self.front, path, &mut tmp);
-        let meta = match got {
-            Ok(Ok(meta)) => meta,
-            Ok(Err(refusal)) => {
-                let _ = fs::remove_file(&tmp_path);
+        match progress::download_to(&self.front, path, &tmp_path)? {
+            Ok(meta) => self.place(path, &tmp_path, &meta),
+            Err(refusal) => {
                 log::info!("not fetching {path}: {refusal:?}");
-                return Ok(());
+                Ok(())
             }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp_path);
-                return Err(e);
-            }
-        };
-        let _ = tmp.set_modified(replibox_proto::times::from_ms(meta.mtime_ms));
-        let _ = tmp.sync_all();
-        drop(tmp);
-        self.place(path, &tmp_path, &meta)
+        }
     }
 
     /// Says (once per path) that `path` is not touched because a folder on its way

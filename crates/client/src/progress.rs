@@ -2,9 +2,11 @@
 //! once a transfer has run for a second.
 
 use replibox_frontend::{FrontError, Frontend};
+use replibox_proto::times::from_ms;
 use replibox_proto::{FileMeta, OpResult};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Reports one transfer's progress.
@@ -67,16 +69,31 @@ impl Progress {
     }
 }
 
-/// Downloads `path` into `dest` through `front`, showing progress on a terminal.
-/// The size is known only once the server answers, hence the progress line is
-/// created on the first callback.
-pub fn download(front: &Frontend, path: &str, dest: &mut File) -> Result<Result<FileMeta, OpResult>, FrontError> {
+/// Downloads `path` through `front` into a new file at `tmp`, showing progress on
+/// a terminal. Once it returns the server's metadata, the file is complete, synced
+/// and carries the server's mtime; in every other case it is removed.
+pub fn download_to(front: &Frontend, path: &str, tmp: &Path) -> Result<Result<FileMeta, OpResult>, FrontError> {
+    let mut file = File::create(tmp).map_err(|e| FrontError::Local(format!("cannot create {}: {e}", tmp.display())))?;
+    // The size is known only once the server answers: the line starts at the
+    // first callback.
     let mut progress: Option<Progress> = None;
-    let got = front.download(path, dest, &mut |done, total| {
+    let got = front.download(path, &mut file, &mut |done, total| {
         progress.get_or_insert_with(|| Progress::new(format!("downloading {path}"), total)).update(done)
     });
     if let Some(p) = progress {
         p.finish();
+    }
+    let got = match got {
+        Ok(Ok(meta)) => {
+            let _ = file.set_modified(from_ms(meta.mtime_ms));
+            file.sync_all()
+                .map(|()| Ok(meta))
+                .map_err(|e| FrontError::Local(format!("cannot write {}: {e}", tmp.display())))
+        }
+        other => other,
+    };
+    if !matches!(got, Ok(Ok(_))) {
+        let _ = std::fs::remove_file(tmp);
     }
     got
 }
