@@ -164,7 +164,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 Ok(Some(c)) => c,
                 Ok(None) => continue,
                 Err(e) => {
-                    eprintln!("{e}");
+                    eprintln!("error: {e}");
                     failed = true;
                     continue;
                 }

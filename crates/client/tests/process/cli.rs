@@ -2,7 +2,6 @@
 
 use crate::harness::files::{holds, put, seeded};
 use crate::harness::*;
-use crate::restart::listed;
 use std::fs;
 
 /// `upload` of a file from outside the sync dir prints its outcome once the server
@@ -62,6 +61,7 @@ fn cli_commands_work_and_errors_leave_the_session_running() {
         format!("upload {}", outside.display()),
         "frobnicate".to_string(),
         "upload".to_string(),
+        "list_client extra".to_string(),
     ] {
         let e = d1.err(&line);
         assert!(!e.trim().is_empty(), "{line}: empty error message");
@@ -123,9 +123,7 @@ fn command_line_contract() {
     let mut opts = ClientOpts::new("default-dir", "alice", &server, DEVICE1_IP).interactive();
     opts.cwd = Some(cwd.clone());
     let mut c = Client::spawn_without_sync_dir(&t, opts);
-    wait_until(DEADLINE, "the default sync dir's outcome line", || {
-        c.proc.stdout().lines().any(|l| l.contains("in sync with the server"))
-    });
+    c.wait_logged_in();
     assert!(cwd.join("sync_dir_alice/.replibox").is_dir(), "the sync dir should default to ./sync_dir_alice");
     put(&cwd.join("sync_dir_alice/hello.txt"), b"hello");
     wait_until(DEADLINE, "a file in the default sync dir to reach the server", || {

@@ -115,5 +115,4 @@ fn a_client_killed_mid_upload_leaves_no_partial_file_and_frees_its_slot() {
     let d3 = Client::headless(&t, "dev3", "alice", &server, DEVICE3_IP);
     wait_trees("the new devices to hold only what was stored", &[&d2.sync_dir, &d3.sync_dir, &users], &want);
     assert_eq!(server.status()["sessions"], 2, "the dead device's session should be gone");
-    assert!(d1.proc.try_status().is_some());
 }

@@ -35,18 +35,9 @@ fn primary(t: &TestDir, extra: &[&str]) -> Server {
     Server::start(t, opts)
 }
 
-/// `--status` of a server, or None while it does not answer.
-fn status(s: &Server) -> Option<serde_json::Value> {
-    let out = Command::new(server_bin()).args(["--status", &s.addr.to_string()]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
 /// The member ids a server reports.
 fn members(s: &Server) -> Option<Vec<u64>> {
-    let v = status(s)?;
+    let v = s.try_status()?;
     let mut ids: Vec<u64> = v["members"].as_array()?.iter().filter_map(|m| m["id"].as_u64()).collect();
     ids.sort();
     Some(ids)
@@ -59,7 +50,7 @@ fn wait_members(servers: &[&Server], want: &[u64]) {
         let seqs: Option<Vec<u64>> = servers
             .iter()
             .map(|s| {
-                let v = status(s)?;
+                let v = s.try_status()?;
                 (members(s)? == want).then(|| v["seq"].as_u64()).flatten()
             })
             .collect();
@@ -120,6 +111,15 @@ fn backup_fetching(t: &TestDir, s1: &Server) -> Server {
     let s2 = backup(t, "s2", 2, s1.addr, Some(2), &[]);
     wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("; fetching "));
     s2
+}
+
+/// Stops backup `s` (SIGSTOP) and checks that it was still catching up: a test of
+/// what happens mid-catch-up proves nothing if the catch-up had already ended.
+#[track_caller]
+fn stop_while_catching_up(s: &mut Server) {
+    s.proc.signal("STOP");
+    let log = s.log();
+    assert!(!log.contains("caught up to seq"), "{} had caught up before it was stopped:\n{log}", s.opts.name);
 }
 
 /// Every change a device makes is on all three servers, byte-identical, by the
@@ -407,7 +407,7 @@ fn a_backup_catching_up_gets_a_file_renamed_before_it_could_fetch_it() {
     let t = TestDir::new("repl_rename_before_fetch");
     let (s1, mut d1, outside) = primary_with_bulk(&t, 41);
     let mut s2 = backup_fetching(&t, &s1);
-    s2.proc.signal("STOP");
+    stop_while_catching_up(&mut s2);
     upload(&mut d1, &outside, "x.bin", &seeded(42, 500_000));
     rename_on(&d1, &s1, "x.bin", "y.bin");
     s2.proc.signal("CONT");
@@ -443,7 +443,7 @@ fn a_backup_catching_up_never_renames_a_stale_copy_into_place() {
     let mut s2 = backup_fetching(&t, &s1);
     // The snapshot's files are fetched in name order: a.bin before bulk.bin.
     wait_until(DEADLINE, "s2 to hold a.bin and be fetching bulk.bin", || s2.user_dir("alice").join("a.bin").exists());
-    s2.proc.signal("STOP");
+    stop_while_catching_up(&mut s2);
     upload(&mut d1, &outside, "a.bin", &seeded(42, 500_000));
     rename_on(&d1, &s1, "a.bin", "c.bin");
     s2.proc.signal("CONT");
@@ -545,7 +545,7 @@ fn a_joiner_that_stops_while_catching_up_is_dropped_then_rejoins() {
     let t = TestDir::new("repl_stalled_joiner");
     let (s1, _d1, _outside) = primary_with_bulk(&t, 71);
     let mut s2 = backup_fetching(&t, &s1);
-    s2.proc.signal("STOP");
+    stop_while_catching_up(&mut s2);
     wait_until(DEADLINE, "the primary to drop the silent joiner", || s1.log().contains("dropping backup id=2"));
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2], &[1, 2]);
@@ -570,7 +570,7 @@ fn a_refused_fetch_is_not_taken_for_a_file_gone() {
     let mut s1 = Server::start(&t, opts);
     let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
     wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("fetching 100 files"));
-    s2.proc.signal("STOP");
+    stop_while_catching_up(&mut s2);
     s1.restart(&t);
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2], &[1, 2]);

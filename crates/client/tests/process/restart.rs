@@ -2,35 +2,7 @@
 
 use crate::harness::files::{check_tree, put, seeded};
 use crate::harness::*;
-use std::collections::BTreeMap;
 use std::fs;
-
-/// Rows of a `list_server`/`list_client` table: name -> size.
-pub fn listed(table: &str) -> BTreeMap<String, u64> {
-    let mut rows = BTreeMap::new();
-    let lines: Vec<&str> = table.lines().collect();
-    assert!(lines.len() >= 2 && lines[0].starts_with("NAME"), "not a listing: {table}");
-    for line in &lines[1..lines.len() - 1] {
-        // NAME (padded)  SIZE  MTIME-DATE MTIME-TIME  ATIME...  CTIME...
-        let mut rest = line.trim_end();
-        let mut tail = Vec::new();
-        for _ in 0..7 {
-            let i = rest.rfind(' ').unwrap_or_else(|| panic!("short listing row {line:?}"));
-            tail.push(&rest[i + 1..]);
-            rest = rest[..i].trim_end();
-        }
-        let size = tail[6].parse().unwrap_or_else(|_| panic!("no size in listing row {line:?}"));
-        rows.insert(rest.to_string(), size);
-    }
-    let count = lines[lines.len() - 1];
-    assert!(count.starts_with(&format!("{} file", rows.len())), "the count line {count:?} does not match {rows:?}");
-    rows
-}
-
-/// Sizes of the files in `want`.
-pub fn sizes(want: &Want) -> BTreeMap<String, u64> {
-    want.iter().map(|(p, b)| (p.clone(), b.len() as u64)).collect()
-}
 
 /// The server is SIGKILLed and started again on the same data dir and port: it
 /// still has every file (on disk and in `list_server`), a deleted file stays

@@ -206,6 +206,33 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Op
 /// Expected content of a tree: relative path -> bytes.
 pub type Want = std::collections::BTreeMap<String, Vec<u8>>;
 
+/// Rows of a `list_server`/`list_client` table: name -> size.
+pub fn listed(table: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut rows = std::collections::BTreeMap::new();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines.len() >= 2 && lines[0].starts_with("NAME"), "not a listing: {table}");
+    for line in &lines[1..lines.len() - 1] {
+        // NAME (padded)  SIZE  MTIME-DATE MTIME-TIME  ATIME...  CTIME...
+        let mut rest = line.trim_end();
+        let mut tail = Vec::new();
+        for _ in 0..7 {
+            let i = rest.rfind(' ').unwrap_or_else(|| panic!("short listing row {line:?}"));
+            tail.push(&rest[i + 1..]);
+            rest = rest[..i].trim_end();
+        }
+        let size = tail[6].parse().unwrap_or_else(|_| panic!("no size in listing row {line:?}"));
+        rows.insert(rest.to_string(), size);
+    }
+    let count = lines[lines.len() - 1];
+    assert!(count.starts_with(&format!("{} file", rows.len())), "the count line {count:?} does not match {rows:?}");
+    rows
+}
+
+/// Sizes of the files in `want`.
+pub fn sizes(want: &Want) -> std::collections::BTreeMap<String, u64> {
+    want.iter().map(|(p, b)| (p.clone(), b.len() as u64)).collect()
+}
+
 /// Waits until every root holds exactly `want` (paths, bytes, and no folder the
 /// files do not need; see [`files::check_tree`]); on timeout the panic shows the
 /// last difference found.
@@ -566,16 +593,24 @@ impl Server {
 
     /// `replibox-server --status` of this server, parsed.
     pub fn status(&self) -> serde_json::Value {
+        self.query_status().unwrap_or_else(|e| fail(e))
+    }
+
+    /// `--status` of this server, or None while it does not answer (or not in JSON).
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        self.query_status().ok()
+    }
+
+    fn query_status(&self) -> Result<serde_json::Value, String> {
         let out = Command::new(server_bin())
             .args(["--status", &self.addr.to_string()])
             .output()
-            .unwrap_or_else(|e| panic!("cannot run replibox-server --status: {e}"));
+            .map_err(|e| format!("cannot run replibox-server --status: {e}"))?;
         if !out.status.success() {
-            fail(format!("--status failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!("--status failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            fail(format!("--status printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-        })
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("--status printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 }
 
@@ -834,7 +869,7 @@ fn is_count_line(l: &str) -> bool {
 /// Lines the client prints on stderr for a failed command (not background
 /// activity, not log records).
 fn is_command_error(l: &str) -> bool {
-    l.starts_with("error: ") || l.starts_with("usage: ") || l.starts_with("unknown command")
+    l.starts_with("error: ")
 }
 
 fn is_zombie(pid: u32) -> bool {
