@@ -35,6 +35,16 @@ fn primary(t: &TestDir, extra: &[&str]) -> Server {
     Server::start(t, opts)
 }
 
+/// The reference set-up: primary s1 (with `primary_extra` options) and backups s2
+/// and s3 on 127.0.0.1-3, once all three report the same membership.
+fn three_servers(t: &TestDir, primary_extra: &[&str]) -> (Server, Server, Server) {
+    let s1 = primary(t, primary_extra);
+    let s2 = backup(t, "s2", 2, s1.addr, Some(2), &[]);
+    let s3 = backup(t, "s3", 3, s1.addr, Some(3), &[]);
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    (s1, s2, s3)
+}
+
 /// The member ids a server reports.
 fn members(s: &Server) -> Option<Vec<u64>> {
     let v = s.try_status()?;
@@ -128,11 +138,8 @@ fn stop_while_catching_up(s: &mut Server) {
 #[test]
 fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
     let t = TestDir::new("repl_backups_first");
-    let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
+    let (s1, s2, s3) = three_servers(&t, &[]);
     let all = [&s1, &s2, &s3];
-    wait_members(&all, &[1, 2, 3]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
 
@@ -179,10 +186,7 @@ fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
 #[test]
 fn a_killed_backup_restarted_with_b_catches_up() {
     let t = TestDir::new("repl_backup_restart");
-    let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    let mut s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
-    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let (s1, s2, mut s3) = three_servers(&t, &[]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
     for (name, seed) in [("before.bin", 1u64), ("gone.bin", 2)] {
@@ -211,10 +215,7 @@ fn a_killed_backup_restarted_with_b_catches_up() {
 #[test]
 fn a_fourth_server_joining_through_a_backup_receives_everything() {
     let t = TestDir::new("repl_fourth_joins");
-    let s1 = primary(&t, &[]);
-    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
-    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let (s1, s2, s3) = three_servers(&t, &[]);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
     for i in 0..5u64 {
@@ -241,10 +242,7 @@ fn a_fourth_server_joining_through_a_backup_receives_everything() {
 fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
     let t = TestDir::new("repl_stalled_backup");
     let bound = ["--ack-timeout-ms", "1000"];
-    let s1 = primary(&t, &bound);
-    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
-    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let (s1, mut s2, s3) = three_servers(&t, &bound);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
 
@@ -376,10 +374,7 @@ fn a_backup_joining_during_a_big_upload_ends_identical() {
 fn an_upload_is_not_answered_while_a_live_backup_lacks_it() {
     let t = TestDir::new("repl_answer_waits");
     let bound = ["--ack-timeout-ms", "60000"];
-    let s1 = primary(&t, &bound);
-    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
-    let mut s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
-    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+    let (s1, s2, mut s3) = three_servers(&t, &bound);
     let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
     let outside = t.mkdir("outside");
     let bytes = seeded(31, 700_000);
