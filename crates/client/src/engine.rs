@@ -166,7 +166,11 @@ impl Engine {
                     Ok(FrontEvent::Reconnected) => {
                         activity("connection to the server is back; catching up".into());
                         self.need_full = true;
-                        self.pass_due = Some(Instant::now());
+                        // Now, unless a failed pass set a back-off: a request that
+                        // failed part-way drops the connection, and its retry must
+                        // not come back at once to fail again.
+                        let now = Instant::now();
+                        self.pass_due = Some(self.pass_due.map_or(now, |due| due.max(now)));
                     }
                     Err(_) => {}
                 },

@@ -127,7 +127,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
     match shell.run(Cmd::GetSyncDir) {
         Ok(out) => println!("{out}"),
         Err(e) => {
-            eprintln!("get_sync_dir: {e}");
+            eprintln!("error: get_sync_dir: {e}");
             failed = true;
         }
     }

@@ -298,7 +298,6 @@ fn keepalive(out: Arc<Mutex<TcpStream>>, epoch: Arc<AtomicU64>) -> Arc<std::sync
     stop
 }
 
-/// A forwarded upload being received.
 /// A forwarded upload arriving on the link; its size is known only at its end.
 struct Incoming {
     file: File,

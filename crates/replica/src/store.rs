@@ -49,10 +49,12 @@ impl std::error::Error for StoreError {
 
 /// Walks `users/` depth first without following symlinks (a link to a folder
 /// elsewhere is an entry, never entered), calling `visit(user, rel, entry, type)`
-/// for everything but folders in each valid user's folder; anything else directly
-/// in `users/` is logged and skipped.
+/// for everything but folders in each valid user's folder, and `stray(entry)` for
+/// anything else directly in `users/` (a file, a link, a folder whose name is not
+/// a valid username).
 fn walk_users(
     users: &Path,
+    mut stray: impl FnMut(&fs::DirEntry),
     mut visit: impl FnMut(&str, String, &fs::DirEntry, fs::FileType) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     for user_dir in fs::read_dir(users).context(|| format!("listing {}", users.display()))? {
@@ -60,7 +62,7 @@ fn walk_users(
         let user = user_dir.file_name().to_string_lossy().into_owned();
         let is_dir = user_dir.file_type().is_ok_and(|t| t.is_dir());
         if replibox_proto::validate_username(&user).is_err() || !is_dir {
-            log::warn!("ignoring stray entry in users/: {}", user_dir.path().display());
+            stray(&user_dir);
             continue;
         }
         let root = user_dir.path();
@@ -406,7 +408,8 @@ impl Store {
     /// make every device delete its copy.
     pub fn check_against(&self, state: &State) -> Result<Vec<(String, FileMeta)>, StoreError> {
         let mut found = Vec::new();
-        walk_users(&self.root.join("users"), |user, rel, e, ft| {
+        let stray = |e: &fs::DirEntry| log::warn!("ignoring stray entry in users/: {}", e.path().display());
+        walk_users(&self.root.join("users"), stray, |user, rel, e, ft| {
             if !ft.is_file() {
                 log::warn!("ignoring non-regular file {}", e.path().display());
                 return Ok(());
@@ -495,7 +498,13 @@ impl Store {
         }
         // Remove what the primary does not hold (deleted meanwhile, or never
         // acknowledged here).
-        walk_users(&self.root.join("users"), |user, rel, e, _| {
+        let stray = |e: &fs::DirEntry| {
+            let p = e.path();
+            log::info!("removing stray entry the primary does not hold: {}", p.display());
+            // remove_dir_all removes a symlink itself, never what it points to.
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        };
+        walk_users(&self.root.join("users"), stray, |user, rel, e, _| {
             if new.live(user, &rel).is_none() {
                 let p = e.path();
                 log::info!("removing file the primary does not hold: {}", p.display());
@@ -714,21 +723,27 @@ mod tests {
         assert!(store.check_against(&state).unwrap().is_empty());
     }
 
-    /// Installing a snapshot removes the files the primary does not hold, but a
-    /// symlink in `users/` is removed as a link: the folder it points to, which may
-    /// be anywhere, is never entered.
+    /// Installing a snapshot removes what the primary does not hold, stray entries
+    /// of `users/` included, but a symlink is removed as a link: the folder it
+    /// points to, which may be anywhere, is never entered.
     #[test]
-    fn an_install_never_follows_a_symlink_out_of_the_data_dir() {
+    fn an_install_removes_what_the_primary_does_not_hold_but_never_follows_a_symlink() {
         let dir = TempDir::new("install-symlink");
         let outside = TempDir::new("install-symlink-outside");
         fs::write(outside.0.join("precious"), b"not the store's").unwrap();
         let (mut store, mut state) = Store::open(&dir.0).unwrap();
         put(&mut store, &mut state, "kept", b"held by the primary");
         std::os::unix::fs::symlink(&outside.0, dir.0.join("users/u/link")).unwrap();
+        std::os::unix::fs::symlink(&outside.0, dir.0.join("users/toplink")).unwrap();
+        fs::write(dir.0.join("users/stray.txt"), b"in users/ itself").unwrap();
+        fs::create_dir_all(dir.0.join("users/Not A User/d")).unwrap();
+        fs::write(dir.0.join("users/Not A User/d/f"), b"under an invalid username").unwrap();
         let old = state.clone();
         store.install(&old, &state).unwrap();
         assert!(outside.0.join("precious").exists(), "the install deleted a file outside the data dir");
-        assert!(fs::symlink_metadata(dir.0.join("users/u/link")).is_err(), "the stray link itself should go");
+        for gone in ["users/u/link", "users/toplink", "users/stray.txt", "users/Not A User"] {
+            assert!(fs::symlink_metadata(dir.0.join(gone)).is_err(), "{gone} is not held by the primary and should go");
+        }
         assert!(store.user_path("u", "kept").exists());
     }
 }
