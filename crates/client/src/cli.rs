@@ -10,7 +10,7 @@ use crate::timefmt::datetime;
 use crossbeam_channel::{bounded, Sender};
 use replibox_frontend::Frontend;
 use replibox_proto::times::FileTimes;
-use replibox_proto::{FileMeta, Op, OpResult};
+use replibox_proto::{FileMeta, OpResult};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -137,16 +137,15 @@ impl Shell {
             Cmd::Delete(name) => self.ask(|reply| Command::Delete { name, reply }),
             Cmd::GetSyncDir => self.ask(|reply| Command::SyncAll { reply }),
             Cmd::Download(name) => self.download(&name),
-            Cmd::ListServer => match self.front.request(Op::List).map_err(|e| e.to_string())? {
-                OpResult::Listing { files } => Ok(table(
-                    files
-                        .into_iter()
-                        .filter(|m: &FileMeta| !m.deleted)
-                        .map(|m| (m.path, m.size, m.mtime_ms, m.atime_ms, m.ctime_ms))
-                        .collect(),
-                )),
-                other => Err(format!("unexpected answer: {other:?}")),
-            },
+            Cmd::ListServer => Ok(table(
+                self.front
+                    .list_all()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .filter(|m: &FileMeta| !m.deleted)
+                    .map(|m| (m.path, m.size, m.mtime_ms, m.atime_ms, m.ctime_ms))
+                    .collect(),
+            )),
             Cmd::ListClient => {
                 let rows = scan::scan(&self.root)
                     .into_keys()

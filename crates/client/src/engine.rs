@@ -248,10 +248,7 @@ impl Engine {
 
     /// Reconciles every path with a full listing from the server.
     fn sync_all(&mut self) -> Result<Tally, FrontError> {
-        let files = match self.front.request(Op::List)? {
-            OpResult::Listing { files } => files,
-            other => return Err(FrontError::Protocol(format!("list answered with {other:?}"))),
-        };
+        let files = self.front.list_all()?;
         self.need_full = false;
         self.last_full = Instant::now();
         // Paths from the server are checked like any input from a peer: one that

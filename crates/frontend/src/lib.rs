@@ -289,6 +289,32 @@ impl Frontend {
         })
     }
 
+    /// Every file and tombstone of the user, in path order, asked for page by page
+    /// (a user may hold more files than one frame can list).
+    pub fn list_all(&self) -> Result<Vec<FileMeta>, FrontError> {
+        let mut files: Vec<FileMeta> = Vec::new();
+        loop {
+            let after = files.last().map(|m| m.path.clone());
+            match self.request(Op::List { after: after.clone() })? {
+                OpResult::Listing { files: page, more } => {
+                    // Each page must move past the last one, or a faulty server
+                    // could keep the client asking for ever.
+                    if page.first().is_some_and(|m| after.as_ref().is_some_and(|a| &m.path <= a)) {
+                        return Err(FrontError::Protocol("a listing page went backwards".into()));
+                    }
+                    if more && page.is_empty() {
+                        return Err(FrontError::Protocol("an empty listing page said more follow".into()));
+                    }
+                    files.extend(page);
+                    if !more {
+                        return Ok(files);
+                    }
+                }
+                other => return Err(FrontError::Protocol(format!("list answered with {}", result_kind(&other)))),
+            }
+        }
+    }
+
     /// Uploads `size` bytes of `source` (read from its start) to `path`.
     /// `progress` is called with the bytes sent so far.
     pub fn upload<F: Read + Seek>(
@@ -385,6 +411,18 @@ impl Frontend {
                 }
             }
         })
+    }
+}
+
+/// A short name of a result, for errors.
+fn result_kind(r: &OpResult) -> &'static str {
+    match r {
+        OpResult::Done { .. } => "done",
+        OpResult::Listing { .. } => "listing",
+        OpResult::Data { .. } => "data",
+        OpResult::Conflict { .. } => "conflict",
+        OpResult::Gone { .. } => "gone",
+        OpResult::Error { .. } => "error",
     }
 }
 
@@ -550,7 +588,7 @@ mod tests {
                                 }
                                 Msg::DownloadEnd { seq, hash: Hasher::new().finish() }
                             }
-                            _ => Msg::Reply { seq, result: OpResult::Listing { files: Vec::new() } },
+                            _ => Msg::Reply { seq, result: OpResult::Listing { files: Vec::new(), more: false } },
                         };
                         write_frame(&mut s, Epoch(0), &result, &[]).unwrap();
                     }
@@ -580,8 +618,8 @@ mod tests {
         let got = front.download("x", &mut dest, &mut |_, _| {});
         assert!(matches!(got, Err(FrontError::Protocol(ref m)) if m.contains("longer than")), "{got:?}");
         for i in 0..5 {
-            let listed = front.request(Op::List);
-            assert_eq!(listed, Ok(OpResult::Listing { files: Vec::new() }), "list {i} after the failed download");
+            let listed = front.list_all();
+            assert_eq!(listed, Ok(Vec::new()), "list {i} after the failed download");
         }
         front.logout();
         let _ = std::fs::remove_dir_all(&dir);

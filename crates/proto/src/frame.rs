@@ -163,7 +163,7 @@ mod tests {
             (Msg::Chunk { seq: Seq(7) }, b"hello".to_vec()),
             (Msg::UploadEnd { seq: Seq(7), hash: ContentHash::of(b"hello") }, vec![]),
             (Msg::Reply { seq: Seq(7), result: OpResult::Done { meta: meta.clone() } }, vec![]),
-            (Msg::Reply { seq: Seq(8), result: OpResult::Listing { files: vec![meta.clone()] } }, vec![]),
+            (Msg::Reply { seq: Seq(8), result: OpResult::Listing { files: vec![meta.clone()], more: true } }, vec![]),
             (Msg::Reply { seq: Seq(9), result: OpResult::Conflict { current: None } }, vec![]),
             (Msg::Notice { notice: Notice::Rename { from: "x".into(), meta } }, vec![]),
             (Msg::Ping, vec![]),

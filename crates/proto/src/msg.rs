@@ -72,8 +72,15 @@ pub struct FileMeta {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// Every file and tombstone of the user.
-    List,
+    /// One page of the user's files and tombstones, in path order: those after
+    /// `after` (from the first when None). A user may hold far more files than one
+    /// frame header can carry, so a listing comes in pages (see
+    /// [`OpResult::Listing`]`::more`).
+    List {
+        /// The last path of the previous page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+    },
     /// Store a file; after [`Msg::Proceed`], the client sends its bytes as
     /// [`Msg::Chunk`] frames and ends with [`Msg::UploadEnd`].
     Upload {
@@ -120,10 +127,13 @@ pub enum OpResult {
         /// New metadata (a tombstone after a delete; the new path after a rename).
         meta: FileMeta,
     },
-    /// The user's files and tombstones.
+    /// One page of the user's files and tombstones.
     Listing {
         /// Sorted by path.
         files: Vec<FileMeta>,
+        /// More follow: ask again with `after` set to the last path of this page.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// A download starts: chunks follow.
     Data {

@@ -361,7 +361,7 @@ impl Client {
 
     fn request<R: Read>(&self, reader: &mut R, seq: Seq, op: Op) -> Result<(), End> {
         let paths: Vec<&str> = match &op {
-            Op::List => vec![],
+            Op::List { .. } => vec![],
             Op::Upload { path, .. } | Op::Download { path } | Op::Delete { path, .. } => vec![path],
             Op::Rename { from, to, .. } => vec![from, to],
         };
@@ -374,8 +374,8 @@ impl Client {
             }
         }
         match op {
-            Op::List => {
-                let result = self.ask(seq, |reply| CoreRequest::List { reply })?;
+            Op::List { after } => {
+                let result = self.ask(seq, |reply| CoreRequest::List { after, reply })?;
                 self.reply(seq, result)
             }
             Op::Delete { path, base } => {

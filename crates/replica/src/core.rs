@@ -270,8 +270,10 @@ pub struct NewLink {
 
 /// A request of a logged-in client.
 pub enum CoreRequest {
-    /// Every file of the user.
+    /// One page of the user's files.
     List {
+        /// The last path of the previous page.
+        after: Option<String>,
         /// The answer.
         reply: Sender<OpResult>,
     },
@@ -881,13 +883,12 @@ impl Core {
         let (user, device) = (live.user.clone(), live.device.clone());
         let answered = |state: &State| state.already_answered(&device, seq);
         match req {
-            CoreRequest::List { reply } => {
-                let mut files: Vec<FileMeta> =
-                    self.state.files.get(&user).map(|f| f.values().cloned().collect()).unwrap_or_default();
+            CoreRequest::List { after, reply } => {
+                let (mut files, more) = self.state.listing_page(&user, after.as_deref());
                 for m in files.iter_mut().filter(|m| !m.deleted) {
                     (m.atime_ms, m.ctime_ms) = self.store.times(&user, &m.path);
                 }
-                let _ = reply.send(OpResult::Listing { files });
+                let _ = reply.send(OpResult::Listing { files, more });
             }
             CoreRequest::Open { path, reply } => {
                 let _ = reply.send(self.open(&user, &path));

@@ -14,6 +14,19 @@ use std::collections::BTreeMap;
 /// Most devices one user may have connected at once.
 pub const MAX_DEVICES: usize = 2;
 
+/// Most bytes of file metadata one listing page may carry, well under the frame
+/// header limit (`proto::MAX_HEADER`, 64 KiB) that the page travels in.
+pub const LISTING_PAGE_BYTES: usize = 40 * 1024;
+/// Most entries one listing page carries, so that the `stat` of each live file on
+/// a page (for its times) never holds the core up for long.
+pub const LISTING_PAGE_FILES: usize = 500;
+
+/// An upper bound of the bytes `meta` takes in a JSON header: every path byte may
+/// be escaped as `\u00XX` (6 bytes), and the other fields take well under 256.
+fn encoded_bound(meta: &FileMeta) -> usize {
+    6 * meta.path.len() + 256
+}
+
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -81,6 +94,28 @@ impl State {
     /// Devices of `user` that hold a session, other than `except`.
     pub fn devices_of(&self, user: &str, except: &DeviceId) -> usize {
         self.sessions.values().filter(|s| s.user == user && &s.device != except).count()
+    }
+
+    /// One page of `user`'s files and tombstones in path order, starting after
+    /// `after`, and whether more follow. A page always holds at least one entry when
+    /// any is left (the longest path fits in a page), so paging always progresses.
+    pub fn listing_page(&self, user: &str, after: Option<&str>) -> (Vec<FileMeta>, bool) {
+        use std::ops::Bound;
+        let Some(files) = self.files.get(user) else { return (Vec::new(), false) };
+        let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        let mut rest = files.range::<String, _>((start, Bound::Unbounded)).map(|(_, m)| m).peekable();
+        let (mut page, mut bytes) = (Vec::new(), 0);
+        while let Some(meta) = rest.peek() {
+            let size = encoded_bound(meta);
+            if !page.is_empty() && (bytes + size > LISTING_PAGE_BYTES || page.len() >= LISTING_PAGE_FILES) {
+                break;
+            }
+            bytes += size;
+            page.push((*meta).clone());
+            rest.next();
+        }
+        let more = rest.peek().is_some();
+        (page, more)
     }
 
     /// The stored answer to a resent request, or an error for one older than the last.
@@ -309,6 +344,41 @@ mod tests {
         s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
             .unwrap();
         assert!(s.check_upload("u", "d", None).is_ok());
+    }
+
+    /// The 400-file wall (issue 7): a listing is paged so that every page fits in
+    /// a frame header, however many files and however long their names, and the
+    /// pages together are the whole listing, each entry once, in order.
+    #[test]
+    fn listing_pages_fit_a_frame_and_cover_every_file_once() {
+        let mut s = State::default();
+        let long = "d/".to_string() + &"\u{1}".repeat(250) + "/" + &"é".repeat(120);
+        let mut paths: Vec<String> = (0..3000).map(|i| format!("f{i:05}.txt")).collect();
+        paths.extend((0..40).map(|i| format!("{long}{i}")));
+        for p in &paths {
+            s.apply(&put(&s, p)).unwrap();
+        }
+        let t = s.check_delete("u", "f00007.txt", None).unwrap();
+        s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
+            .unwrap();
+        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let (page, more) = s.listing_page("u", after.as_deref());
+            pages += 1;
+            assert!(!page.is_empty(), "page {pages} is empty");
+            let header = serde_json::to_vec(&replibox_proto::OpResult::Listing { files: page.clone(), more }).unwrap();
+            assert!(header.len() < replibox_proto::MAX_HEADER - 1024, "page {pages} is {} bytes", header.len());
+            after = page.last().map(|m| m.path.clone());
+            seen.extend(page.into_iter().map(|m| m.path));
+            if !more {
+                break;
+            }
+        }
+        let mut want = paths.clone();
+        want.sort();
+        assert_eq!(seen, want, "the pages, in order, are every path once (tombstones included)");
+        assert!(pages > 3, "3040 files should take several pages, took {pages}");
+        assert_eq!(s.listing_page("nobody", None), (Vec::new(), false));
     }
 
     #[test]

@@ -193,7 +193,10 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
         Some(Msg::Reply { result: OpResult::Error { .. }, .. }) => {}
         other => fail(format!("an upload with a wrong hash should be refused, got {other:?}")),
     }
-    assert!(matches!(r.request(Op::List), OpResult::Listing { .. }), "the session should go on after a refusal");
+    assert!(
+        matches!(r.request(Op::List { after: None }), OpResult::Listing { .. }),
+        "the session should go on after a refusal"
+    );
     drop(r);
 
     silent.wait_closed(DEADLINE);
@@ -279,8 +282,8 @@ fn paths_leaving_the_users_directory_are_refused_and_other_users_files_untouched
         error("a rename from it", r.request(Op::Rename { from: path.into(), to: "stolen".into(), base: None }));
         error("an upload", raw_upload(&mut r, path, b"overwrite"));
     }
-    match r.request(Op::List) {
-        OpResult::Listing { files } => {
+    match r.request(Op::List { after: None }) {
+        OpResult::Listing { files, .. } => {
             let names: Vec<_> = files.iter().map(|m| m.path.as_str()).collect();
             assert_eq!(names, ["mine.txt"], "alice's listing");
         }

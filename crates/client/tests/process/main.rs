@@ -32,4 +32,5 @@ mod memory;
 mod offline;
 mod replication;
 mod restart;
+mod scale;
 mod sync;
