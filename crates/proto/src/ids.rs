@@ -12,9 +12,10 @@ macro_rules! counter {
         pub struct $name(pub u64);
 
         impl $name {
-            /// The value after this one.
+            /// The value after this one. Saturates rather than wrapping: a counter
+            /// that came from a peer must not overflow into a panic or into 0.
             pub fn next(self) -> Self {
-                $name(self.0 + 1)
+                $name(self.0.saturating_add(1))
             }
         }
 
@@ -27,16 +28,38 @@ macro_rules! counter {
 }
 
 counter!(
-    /// A server's identity in the cluster: a unique positive integer.
+    /// A server's identity in the cluster: a unique positive integer, at most
+    /// [`ServerId::MAX`].
     ServerId
 );
+
+impl ServerId {
+    /// The highest id a server may have: ids come from the network (a joiner's
+    /// hello) and the next free one is computed from them, so they are bounded far
+    /// below `u64::MAX`.
+    pub const MAX: u64 = 1_000_000;
+
+    /// Checks that an id is in `1..=MAX`.
+    pub fn validate(self) -> Result<ServerId, String> {
+        if (1..=Self::MAX).contains(&self.0) {
+            Ok(self)
+        } else {
+            Err(format!("server id {} is outside 1..={}", self.0, Self::MAX))
+        }
+    }
+}
 counter!(
     /// The primary's term. A new primary takes epoch+1; lower epochs are refused.
     Epoch
 );
 counter!(
-    /// A per-device request sequence number, or the count of applied changes.
+    /// A per-device request number: each device numbers its requests 1, 2, 3, ...
     Seq
+);
+counter!(
+    /// A position in the replicated history: entry N is the Nth change applied.
+    /// Not a request number ([`Seq`]): the two used to share one type.
+    LogPos
 );
 counter!(
     /// A file's version on the server; every put, delete or rename bumps it.

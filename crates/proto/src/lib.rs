@@ -12,7 +12,10 @@
 //! - [`receipt`]: the checks every receiver of a chunked transfer makes.
 //! - [`times`]: file times in milliseconds, as [`FileMeta`] carries them.
 //! - [`error`]: the protocol error type.
+//! - [`auth`]: the cluster key, server-to-server and user authentication, the
+//!   failed-login throttle and the callback proof (issue 8).
 
+pub mod auth;
 pub mod error;
 pub mod frame;
 pub mod hash;
@@ -23,10 +26,11 @@ pub mod receipt;
 pub mod repl;
 pub mod times;
 
+pub use auth::{AuthError, AuthMsg, ClusterKey, KeyError, Purpose, StoredCredentials};
 pub use error::ProtoError;
 pub use frame::{read_frame, write_frame, Frame};
 pub use hash::{ContentHash, Hasher};
-pub use ids::{random_hex, DeviceId, Epoch, Seq, ServerId, Version};
+pub use ids::{random_hex, DeviceId, Epoch, LogPos, Seq, ServerId, Version};
 pub use msg::*;
 pub use names::{validate_path, validate_username, NameError};
 pub use receipt::{Damaged, Receipt};

@@ -4,7 +4,7 @@
 //! frame of every connection is a [`Msg::Hello`] saying which of them is speaking.
 
 use crate::hash::ContentHash;
-use crate::ids::{DeviceId, Seq, ServerId, Version};
+use crate::ids::{DeviceId, Epoch, LogPos, Seq, ServerId, Version};
 use crate::repl::Entry;
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +23,8 @@ pub enum Who {
     },
     /// A one-shot status query (`replibox-server --status`).
     Status,
-    /// A server joining the cluster (or rejoining after a restart). The connection
-    /// becomes its replication link.
+    /// A server joining the cluster (or rejoining after a restart or a failover).
+    /// The connection becomes its replication link.
     Server {
         /// Its id, if it has one (from `--id` or its data dir).
         id: Option<ServerId>,
@@ -33,8 +33,31 @@ pub enum Who {
         ip: Option<String>,
         /// The port it listens on.
         port: u16,
-        /// The last entry it applied.
-        seq: Seq,
+        /// The position of the last entry it applied.
+        pos: LogPos,
+        /// The epoch of that entry: with `pos`, it tells the primary whether the
+        /// joiner's history is a prefix of its own.
+        last_epoch: Epoch,
+        /// The joiner counts itself a caught-up member that may stand (a member
+        /// rejoining after a failover); a server that restarted, was paused or was
+        /// fenced says false, and joins as a newcomer.
+        #[serde(default)]
+        member: bool,
+    },
+    /// Another server, for one election message and its answer.
+    Peer {
+        /// The sender's id.
+        id: ServerId,
+    },
+    /// A new primary calling a client back on its callback port after a failover.
+    /// The client challenges it to prove that it holds the session's token.
+    Primary {
+        /// The new primary's id.
+        id: ServerId,
+        /// Where it serves clients (`IP:PORT`).
+        addr: String,
+        /// The device whose session it resumes.
+        device: DeviceId,
     },
     /// A backup fetching file contents it lacks (a connection of its own, so that
     /// a long transfer never delays the replication link).
@@ -158,6 +181,55 @@ pub enum OpResult {
     },
 }
 
+/// Where a server stands in a Bully election: the most up-to-date server ranks
+/// highest (the epoch of its last entry, then its log position), and among equals
+/// the highest id. Compared field by field, in that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Rank {
+    /// The epoch of its last entry.
+    pub epoch: Epoch,
+    /// The position of its last entry.
+    pub pos: LogPos,
+    /// Its id.
+    pub id: ServerId,
+}
+
+/// The answer to an [`Msg::Election`] or a [`Msg::Coordinator`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Answer {
+    /// I rank higher than you and may stand: I take the election over.
+    Ok,
+    /// I rank lower (or may not stand): I promise not to become primary of that
+    /// epoch, nor to follow anyone else in it.
+    Promise {
+        /// I am a caught-up member of the membership I hold.
+        member: bool,
+    },
+    /// I am the primary, alive, serving there (the frame's epoch is mine).
+    Primary {
+        /// Where I serve.
+        addr: String,
+    },
+    /// I still hear my primary, alive, at that address.
+    Following {
+        /// Its address.
+        addr: String,
+    },
+    /// Your epoch is behind mine (the frame's epoch): you are out of date.
+    Stale,
+    /// I already promised that epoch to another candidate.
+    Promised {
+        /// That candidate.
+        to: ServerId,
+    },
+    /// I follow you as the primary of that epoch.
+    Accepted,
+    /// (To a fence) I know you dropped me: I will not stand in an election until
+    /// I have joined again and caught up.
+    Fenced,
+}
+
 /// A change pushed to a user's other device.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "change", rename_all = "snake_case")]
@@ -260,19 +332,29 @@ pub enum Msg {
         /// The server's status.
         status: serde_json::Value,
     },
-    /// The primary accepted a joining server; the snapshot follows.
+    /// The primary accepted a joining server. A snapshot follows when
+    /// `snapshot` is true; otherwise the joiner's history is a prefix of the
+    /// primary's, and the entries after it follow.
     Joined {
         /// The joiner's id (assigned now if it had none).
         id: ServerId,
         /// The primary's id.
         primary: ServerId,
+        /// Whether a snapshot follows.
+        #[serde(default)]
+        snapshot: bool,
+        /// The joiner is a member whose acks the primary waits for from now on
+        /// (a member coming back with a prefix of the history, after a failover
+        /// say); otherwise it sends `caught_up` once it holds everything.
+        #[serde(default)]
+        member: bool,
     },
     /// Part of the primary's state as JSON, in the payload.
     SnapshotChunk,
-    /// The snapshot is complete; it is the state after entry `seq`.
+    /// The snapshot is complete; it is the state after entry `pos`.
     SnapshotEnd {
-        /// Seq of the last entry the snapshot includes.
-        seq: Seq,
+        /// Position of the last entry the snapshot includes.
+        pos: LogPos,
     },
     /// Bytes of an upload in flight, forwarded to a backup as they arrive (payload).
     XferChunk {
@@ -298,21 +380,67 @@ pub enum Msg {
         /// The entry (boxed: it is by far the largest message).
         entry: Box<Entry>,
     },
-    /// The primary is alive and has applied up to `seq`.
+    /// The primary is alive and has applied up to `pos`.
     Heartbeat {
-        /// The primary's last seq.
-        seq: Seq,
+        /// The primary's last position.
+        pos: LogPos,
+        /// Every entry up to here is stored on every live backup (acknowledged).
+        #[serde(default)]
+        committed: LogPos,
     },
-    /// A backup has applied (durably, content included) every entry up to `seq`.
+    /// A backup has applied (durably, content included) every entry up to `pos`.
     Ack {
-        /// Its last seq.
-        seq: Seq,
+        /// Its last position with content.
+        pos: LogPos,
     },
-    /// A joining backup has caught up to `seq` and holds every file's content.
+    /// A joining backup has caught up to `pos` and holds every file's content.
     CaughtUp {
-        /// Its last seq.
-        seq: Seq,
+        /// Its last position.
+        pos: LogPos,
     },
+    /// The primary stops waiting for this backup (it fell silent or behind). Sent
+    /// on a [`Who::Peer`] connection, answered with [`Answer::Fenced`] (or
+    /// [`Answer::Stale`] by a server that knows a later epoch): until then, or
+    /// until the backup's port refuses connections, the primary completes nothing
+    /// without it, so that a backup that could still win an election never lacks
+    /// an acknowledged change.
+    Fence {
+        /// Why, for the backup's log.
+        reason: String,
+        /// The primary's last position when it began to fence: only a `join` of
+        /// the backup after it makes the backup a member again (one before it may
+        /// reach the backup after the fence).
+        pos: LogPos,
+    },
+    /// A server suspects the primary and stands for `target`, the epoch it would
+    /// start. Sent on a [`Who::Peer`] connection; answered with [`Msg::Answer`].
+    Election {
+        /// The epoch the candidate would start.
+        target: Epoch,
+        /// The candidate's rank.
+        rank: Rank,
+    },
+    /// The winner of an election announces itself as primary of `epoch`.
+    Coordinator {
+        /// The new epoch.
+        epoch: Epoch,
+        /// The new primary.
+        id: ServerId,
+        /// Where it serves (`IP:PORT`).
+        addr: String,
+    },
+    /// The answer to an election message.
+    Answer {
+        /// What the server says.
+        answer: Answer,
+    },
+    /// A step of an authentication handshake (see [`crate::auth`]): a new
+    /// primary's proof to a client it calls back, and (issue 8) the cluster key
+    /// and user logins.
+    Auth(crate::auth::AuthMsg),
+    /// The client accepts the new primary that called it back; the connection
+    /// becomes its session (answered with [`Msg::Welcome`]).
+    Resume,
     /// On a fetch connection: send the current content of a user's file
     /// (answered like a download, with seq 0).
     Fetch {
@@ -356,6 +484,12 @@ impl Msg {
             Msg::Ack { .. } => "ack",
             Msg::CaughtUp { .. } => "caught_up",
             Msg::Fetch { .. } => "fetch",
+            Msg::Fence { .. } => "fence",
+            Msg::Election { .. } => "election",
+            Msg::Coordinator { .. } => "coordinator",
+            Msg::Answer { .. } => "answer",
+            Msg::Auth(_) => "auth",
+            Msg::Resume => "resume",
             Msg::Ping => "ping",
             Msg::Pong => "pong",
             Msg::Bye => "bye",

@@ -1,7 +1,7 @@
 //! The replicated history: entries, the changes they carry, and the records the
 //! replicated state is made of. These travel between servers, so they live here.
 
-use crate::ids::{DeviceId, Epoch, Seq, ServerId};
+use crate::ids::{DeviceId, Epoch, LogPos, Seq, ServerId};
 use crate::msg::{FileMeta, OpResult};
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +111,14 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Position: entries apply in strictly increasing order with no gap.
-    pub seq: Seq,
+    #[serde(alias = "seq")]
+    pub pos: LogPos,
+    /// The epoch of the primary that made it. Two entries at the same position and
+    /// epoch are the same entry (one primary per epoch), so a server whose last
+    /// entry has the position and epoch of one in the primary's log holds a prefix
+    /// of that log, and can catch up from there instead of taking a snapshot.
+    #[serde(default)]
+    pub epoch: Epoch,
     /// What changes.
     pub change: Change,
     /// The device request this entry answers, recorded for at-most-once.

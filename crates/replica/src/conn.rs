@@ -4,7 +4,7 @@
 //! side behind a mutex, so a download streamed by the reader and a push written by
 //! the connection's writer thread interleave only at frame boundaries.
 
-use crate::core::{ask, ConnId, CoreRequest, Event, Route};
+use crate::core::{ask, ConnId, CoreRequest, Event, Route, Welcome};
 use crate::link::{DataSender, LinkOut};
 use crossbeam_channel::{unbounded, Sender};
 use replibox_proto::{
@@ -72,13 +72,24 @@ pub struct Ctx {
     pub epoch: Arc<AtomicU64>,
     /// How long an upload waits for a backup's queue before leaving it out.
     pub ack_timeout: Duration,
+    /// How often a link's writer pings an idle backup.
+    pub heartbeat: Duration,
     /// Numbers replication links.
     pub links: Arc<AtomicU64>,
+    /// Numbers connections (the accept loop's and the callbacks').
+    pub conns: Arc<AtomicU64>,
+    /// The server listens on every address (it learns its own from links).
+    pub bound_to_any: bool,
+    /// The port it listens on.
+    pub port: u16,
 }
 
 /// Why a client connection ended.
 #[derive(Debug)]
-enum End {
+pub enum End {
+    /// The client said bye: its session ends.
+    Bye,
+    /// The stream ended between frames.
     Clean,
     Proto(ProtoError),
     Violation(String),
@@ -89,6 +100,7 @@ enum End {
 impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            End::Bye => f.write_str("the client logged out"),
             End::Clean => f.write_str("closed by peer"),
             End::Proto(e) => write!(f, "{e}"),
             End::Violation(s) => write!(f, "protocol violation: {s}"),
@@ -132,6 +144,7 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
         }
     };
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    let hello_epoch = hello.epoch;
     let (version, who) = match hello.msg {
         Msg::Hello { version, who } => (version, who),
         other => {
@@ -152,15 +165,39 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
                 let _ = writer.send(&Msg::Status { status }, &[]);
             }
         }
-        Who::Server { id, ip, port, seq } => {
+        Who::Server { id, ip, port, pos, last_epoch, member } => {
+            match ask(&core, |reply| Event::Route { reply }) {
+                Some(Route::Here) => {}
+                Some(Route::At(primary)) => {
+                    log::info!("redirecting joining server peer={peer} to primary={primary}");
+                    let _ = writer.send(&Msg::Redirect { primary }, &[]);
+                    return;
+                }
+                Some(Route::Unknown) | None => {
+                    // Not a refusal (which would make the joiner give up): close, and
+                    // the joiner tries again until this server knows the primary.
+                    log::info!("closing join from peer={peer}: this backup does not know the primary yet");
+                    return;
+                }
+            }
+            drop(writer);
             let stream = reader.into_inner();
-            crate::follow::serve_link(stream, writer, ctx, id, ip, port, seq, peer);
+            let hello = crate::link::Hello { id, ip, port, pos, last_epoch, member };
+            crate::link::serve_link(stream, ctx, hello_epoch, hello, peer);
             return;
+        }
+        Who::Peer { id } => {
+            let _ = reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT));
+            crate::peer::serve(&mut reader, &writer, &core, id, &peer);
         }
         Who::Fetch { id } => {
             let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
             let Ok(peer_ip) = reader.get_ref().peer_addr().map(|a| a.ip()) else { return };
             serve_fetch(&mut reader, &writer, &core, id, &peer, peer_ip);
+        }
+        Who::Primary { .. } => {
+            let reason = "a server calls clients back; it is not called back".to_string();
+            let _ = writer.send(&Msg::Refused { reason }, &[]);
         }
         Who::Client { user, device, callback_port } => {
             match ask(&core, |reply| Event::Route { reply }) {
@@ -172,7 +209,8 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
                     return;
                 }
                 Some(Route::Unknown) => {
-                    let reason = "this server is a backup and does not know the primary yet; try again".to_string();
+                    let reason =
+                        "this server knows no primary right now (an election may be under way); try again".to_string();
                     let _ = writer.send(&Msg::Refused { reason }, &[]);
                     return;
                 }
@@ -194,25 +232,53 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
                 ack_timeout: ctx.ack_timeout,
             };
             let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
-            let end = client.run(&mut reader, ip, callback_port);
-            match &end {
-                End::Clean => log::info!("connection closed conn={conn} peer={}", client.peer),
-                other => log::warn!("connection closed conn={conn} peer={}: {other}", client.peer),
-            }
-            let _ = core.send(Event::Disconnect { conn });
+            let stream = reader.get_ref().try_clone().ok();
+            let (out_tx, out_rx) = unbounded::<Msg>();
+            let login = |reply| Event::Login {
+                conn,
+                user: client.user.clone(),
+                device: client.device.clone(),
+                ip,
+                callback_port,
+                out: out_tx,
+                stream,
+                reply,
+            };
+            let end = match ask(&core, login) {
+                None => End::CoreGone,
+                Some(Err(reason)) => {
+                    let _ = client.send(&Msg::Refused { reason: reason.clone() });
+                    End::Refused(reason)
+                }
+                Some(Ok(Welcome { token, devices, last_seq })) => {
+                    match client.send(&Msg::Welcome { token, devices, last_seq }) {
+                        Err(e) => e,
+                        Ok(()) => client.serve(&mut reader, out_rx),
+                    }
+                }
+            };
+            client.ended(&end);
         }
     }
     let _ = reader.get_ref().shutdown(Shutdown::Both);
 }
 
-struct Client {
-    conn: ConnId,
-    user: String,
-    device: DeviceId,
-    core: Sender<Event>,
-    writer: FrameWriter,
-    peer: String,
-    ack_timeout: Duration,
+/// A logged-in client's connection (or a called-back one, once resumed).
+pub struct Client {
+    /// The connection.
+    pub conn: ConnId,
+    /// Its user.
+    pub user: String,
+    /// Its device.
+    pub device: DeviceId,
+    /// The core.
+    pub core: Sender<Event>,
+    /// The connection's write side.
+    pub writer: FrameWriter,
+    /// Its peer address, for logs.
+    pub peer: String,
+    /// How long an upload waits for a backup's queue.
+    pub ack_timeout: Duration,
 }
 
 /// Serves a backup's fetches: each names a user's file, answered like a download
@@ -295,7 +361,8 @@ fn stream_file(
 }
 
 impl Client {
-    fn send(&self, msg: &Msg) -> Result<(), End> {
+    /// Writes one frame.
+    pub fn send(&self, msg: &Msg) -> Result<(), End> {
         self.writer.send(msg, &[]).map_err(End::Proto)
     }
 
@@ -303,31 +370,21 @@ impl Client {
         ask(&self.core, |reply| Event::Request { conn: self.conn, seq, req: make(reply) }).ok_or(End::CoreGone)
     }
 
-    fn run<R: Read>(&self, reader: &mut R, ip: String, callback_port: u16) -> End {
-        let (out_tx, out_rx) = unbounded::<Msg>();
-        let login = |reply| Event::Login {
-            conn: self.conn,
-            user: self.user.clone(),
-            device: self.device.clone(),
-            ip,
-            callback_port,
-            out: out_tx,
-            reply,
-        };
-        match ask(&self.core, login) {
-            None => return End::CoreGone,
-            Some(Err(reason)) => {
-                let _ = self.send(&Msg::Refused { reason: reason.clone() });
-                return End::Refused(reason);
-            }
-            Some(Ok((token, devices, last_seq))) => {
-                if let Err(e) = self.send(&Msg::Welcome { token, devices, last_seq }) {
-                    return e;
-                }
-            }
+    /// Logs the end of the session and tells the core (a clean `bye` ends the
+    /// session; anything else leaves it to its lease).
+    pub fn ended(&self, end: &End) {
+        match end {
+            End::Clean => log::info!("connection closed conn={} peer={}", self.conn, self.peer),
+            other => log::warn!("connection closed conn={} peer={}: {other}", self.conn, self.peer),
         }
-        // Pushes from the core go out through their own thread: the core never waits
-        // on this socket.
+        if !matches!(end, End::Refused(_)) {
+            let _ = self.core.send(Event::Disconnect { conn: self.conn, clean: matches!(end, End::Bye) });
+        }
+    }
+
+    /// Serves a logged-in session: pushes from the core go out through their own
+    /// thread (the core never waits on this socket); requests are read here.
+    pub fn serve<R: Read>(&self, reader: &mut R, out_rx: crossbeam_channel::Receiver<Msg>) -> End {
         let w = self.writer.clone();
         let name = format!("conn-{}-push", self.conn);
         let _ = std::thread::Builder::new().name(name).spawn(move || {
@@ -345,7 +402,7 @@ impl Client {
             };
             let result = match frame.msg {
                 Msg::Ping => self.send(&Msg::Pong),
-                Msg::Bye => return End::Clean,
+                Msg::Bye => return End::Bye,
                 Msg::Request { seq, op } => self.request(reader, seq, op),
                 other => Err(End::Violation(format!("unexpected {} outside a request", other.kind()))),
             };

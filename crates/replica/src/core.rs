@@ -1,27 +1,28 @@
-//! The core thread: the one owner of the state and the store.
+//! The core thread: the driver of this server's [`Node`].
 //!
-//! Connection threads send it [`Event`]s and wait on a reply channel; it never
-//! blocks on a socket (pushes to devices and frames to backups go through queues
-//! that other threads drain), and it commits one entry at a time, which is what the
-//! store's recovery relies on.
-//!
-//! As primary it runs the replication rule "backups first": every entry is
-//! committed locally, sent to every backup, and only when every live backup has
-//! acknowledged it (in order: acks are cumulative) is the client answered and the
-//! change pushed to the user's other device. A backup that does not acknowledge
-//! within the bound is dropped from the membership, and that drop is itself an
-//! entry. As backup it applies the entries its follower thread receives.
+//! It owns the node, the store, the client connections, the backups' links, the
+//! follower session and the tickets of pending requests. Connection threads send
+//! it [`Event`]s (and wait on a reply channel when they need an answer); it turns
+//! each into node inputs and carries the node's outputs out, in order: a persist
+//! is written (log, fsync, file action) and reported back before the next output
+//! runs, so every send, ack and answer that depends on an entry follows it. It
+//! never blocks on a socket: frames go through queues that other threads drain.
 
+use crate::follow::{self, FollowerHandle, JoinHello};
 use crate::link::{DataSender, LinkOut};
-use crate::replicate::Acks;
-use crate::state::{Change, Entry, LastRequest, Member, Session, State, MAX_DEVICES};
-use crate::store::{new_meta, CommitError, Store, StoreError};
+use crate::node::{Config as NodeConfig, JoinRequest, LinkNo, Node, Output, Phase, Ticket};
+use crate::peer;
+use crate::state::{Change, Entry, LastRequest, Session, State, MAX_DEVICES};
+use crate::store::{self, new_meta, CommitError, Store};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use replibox_proto::{ContentHash, DeviceId, FileMeta, Msg, Notice, OpResult, Seq, ServerId, Version};
+use replibox_proto::{
+    Answer, ContentHash, DeviceId, Epoch, FileMeta, LogPos, Msg, Notice, OpResult, Seq, ServerId, Version,
+};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,17 +30,60 @@ use std::time::{Duration, Instant};
 /// Identifies one connection to the server.
 pub type ConnId = u64;
 
+/// How long a client's session outlives its connection: a new primary calls the
+/// client back at the session's address, so a connection that broke just before
+/// the primary died must not have erased the row (the lease). A clean `bye` ends
+/// the session at once.
+pub const SESSION_LEASE: Duration = Duration::from_secs(60);
+
 /// Settings the core runs with.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// This server's id.
+    /// This server's id (0 for a backup the primary has not given one yet).
     pub id: ServerId,
     /// The address this server listens on (its IP may be unspecified).
     pub listen: SocketAddr,
     /// How often the primary sends a heartbeat to each backup.
     pub heartbeat: Duration,
-    /// How long the primary waits for a backup's acknowledgement before dropping it.
+    /// How long the primary waits for a backup's acknowledgement before fencing it.
     pub ack_timeout: Duration,
+    /// How long a backup hears nothing from its primary before suspecting it.
+    pub failure_timeout: Duration,
+    /// How long a candidate waits for the answers to its election messages.
+    pub election_timeout: Duration,
+    /// The address given with `-b`.
+    pub seed: Option<String>,
+    /// The data dir.
+    pub data: PathBuf,
+}
+
+impl Settings {
+    /// The address other servers and clients reach this one at (its listen
+    /// address; an unspecified IP is replaced once a backup's link tells which).
+    pub fn advertised(&self) -> String {
+        self.listen.to_string()
+    }
+}
+
+/// Why the core stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fatal {
+    /// The cluster refused this server for good (a duplicate id).
+    Refused(String),
+    /// An entry reached the log but its file action failed: the disk and the
+    /// state disagree, and the next start-up redoes it.
+    Disk(String),
+}
+
+/// What the core answers a client's login or resumed session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// The session's secret.
+    pub token: String,
+    /// Devices of this user connected now, this one included.
+    pub devices: u32,
+    /// The device's last answered request.
+    pub last_seq: Seq,
 }
 
 /// A logged-in connection as the core sees it.
@@ -47,13 +91,15 @@ struct Live {
     user: String,
     device: DeviceId,
     out: Sender<Msg>,
+    /// Shut down when this server steps down, so that the client looks for the
+    /// new primary.
+    stream: Option<TcpStream>,
 }
 
-/// A backup's link, as the primary holds it.
-struct Link {
-    no: u64,
-    addr: String,
-    peer_ip: std::net::IpAddr,
+/// A backup's link, as the driver holds it.
+struct LinkHandle {
+    id: Option<ServerId>,
+    peer_ip: IpAddr,
     ctl: Sender<LinkOut>,
     data: Sender<LinkOut>,
     stream: TcpStream,
@@ -61,26 +107,11 @@ struct Link {
 
 /// What to do once an entry is stored on every backup.
 enum Done {
-    Nothing,
     Reply { reply: Sender<OpResult>, result: OpResult, push: Option<(ConnId, String, Notice)> },
-    Login { reply: Sender<Result<(String, u32, Seq), String>>, answer: (String, u32, Seq) },
+    Login { reply: Sender<Result<Welcome, String>>, answer: Welcome },
 }
 
-impl Done {
-    fn fail(self, refusal: OpResult) {
-        match self {
-            Done::Nothing => {}
-            Done::Reply { reply, .. } => {
-                let _ = reply.send(refusal);
-            }
-            Done::Login { reply, .. } => {
-                let _ = reply.send(Err("the server cannot store sessions right now".into()));
-            }
-        }
-    }
-}
-
-/// What a connection, a link or the follower asks of the core.
+/// What a connection, a link, the follower or a peer asks of the core.
 pub enum Event {
     /// A client says hello.
     Login {
@@ -96,13 +127,38 @@ pub enum Event {
         callback_port: u16,
         /// Where the core sends pushes for this connection.
         out: Sender<Msg>,
-        /// The answer: (token, devices connected, last seq answered) or a refusal.
-        reply: Sender<Result<(String, u32, Seq), String>>,
+        /// The socket, to shut it down if this server steps down.
+        stream: Option<TcpStream>,
+        /// The answer, or a refusal.
+        reply: Sender<Result<Welcome, String>>,
+    },
+    /// A client accepted this (new) primary's call: the connection becomes its
+    /// session, which the replicated session table already holds.
+    Resumed {
+        /// The connection.
+        conn: ConnId,
+        /// The device.
+        device: DeviceId,
+        /// Where the core sends pushes for this connection.
+        out: Sender<Msg>,
+        /// The socket.
+        stream: Option<TcpStream>,
+        /// The answer, or a refusal.
+        reply: Sender<Result<(String, Welcome), String>>,
+    },
+    /// A client could not be called back within the bound.
+    CallbackFailed {
+        /// The device.
+        device: DeviceId,
+        /// Why.
+        why: String,
     },
     /// A client connection ended.
     Disconnect {
         /// The connection.
         conn: ConnId,
+        /// It said bye: its session ends now (otherwise it lasts its lease).
+        clean: bool,
     },
     /// A request of a logged-in client.
     Request {
@@ -124,11 +180,6 @@ pub enum Event {
         /// Its id.
         xfer: String,
     },
-    /// The seq of the last entry applied here.
-    LastSeq {
-        /// The answer.
-        reply: Sender<Seq>,
-    },
     /// Where is the primary?
     Route {
         /// The answer.
@@ -139,37 +190,24 @@ pub enum Event {
         /// The answer.
         reply: Sender<serde_json::Value>,
     },
-    /// A server asks to join (primary only).
-    Join {
-        /// Who it is and its link's queues.
-        link: NewLink,
-        /// Accepted (its id) or refused (why).
-        reply: Sender<Result<ServerId, String>>,
+    /// A server asks to join (its link's hello).
+    LinkUp {
+        /// Who it is, and its link's queues.
+        link: Box<NewLink>,
     },
-    /// A backup acknowledged entries up to `seq`.
-    Ack {
+    /// A message from a backup on its link.
+    LinkMsg {
         /// Link number.
-        no: u64,
-        /// The backup.
-        id: ServerId,
-        /// Its last seq.
-        seq: Seq,
-    },
-    /// A joining backup caught up.
-    CaughtUp {
-        /// Link number.
-        no: u64,
-        /// The backup.
-        id: ServerId,
-        /// Its last seq.
-        seq: Seq,
+        no: LinkNo,
+        /// The frame's epoch.
+        epoch: Epoch,
+        /// The message.
+        msg: Msg,
     },
     /// A backup's link ended.
     LinkDown {
         /// Link number.
-        no: u64,
-        /// The backup.
-        id: ServerId,
+        no: LinkNo,
         /// Why.
         why: String,
     },
@@ -178,7 +216,7 @@ pub enum Event {
         /// The backup asking.
         id: ServerId,
         /// The IP its fetch connection comes from.
-        peer_ip: std::net::IpAddr,
+        peer_ip: IpAddr,
         /// Owner.
         user: String,
         /// Path.
@@ -186,28 +224,73 @@ pub enum Event {
         /// Metadata and handle, or why not.
         reply: Sender<Result<(FileMeta, File), OpResult>>,
     },
-    /// Backup: the primary accepted us under this id.
+    /// Something from the follower session `session` (older sessions' events
+    /// are dropped).
+    Follower {
+        /// The session.
+        session: u64,
+        /// What.
+        event: FollowerEvent,
+    },
+    /// An election, coordinator or fence message from another server.
+    Peer {
+        /// The sender.
+        from: ServerId,
+        /// The frame's epoch.
+        epoch: Epoch,
+        /// The message.
+        msg: Msg,
+        /// Our answer and our epoch.
+        reply: Sender<(Epoch, Answer)>,
+    },
+    /// The answer to one of our messages to another server.
+    PeerAnswer {
+        /// The server asked.
+        to: ServerId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// What it said.
+        answer: Answer,
+    },
+    /// Another server could not be asked.
+    PeerUnreachable {
+        /// The server.
+        to: ServerId,
+        /// Its port refused (its process is down).
+        down: bool,
+    },
+    /// Stop the core.
+    Shutdown,
+}
+
+/// What the follower session reports.
+pub enum FollowerEvent {
+    /// The primary at `addr` accepted this server.
     Joined {
+        /// The frame's epoch.
+        epoch: Epoch,
         /// Our id.
         id: ServerId,
+        /// The primary's id.
+        primary: ServerId,
+        /// Where the follower reached it (after redirects).
+        addr: String,
+        /// A snapshot follows.
+        snapshot: bool,
+        /// The primary counts this server as a member already.
+        member: bool,
     },
-    /// Backup: replace the state with the primary's snapshot; answers the files
-    /// whose content must be fetched.
-    Install {
-        /// The primary's state.
+    /// The primary's snapshot: install it, and answer the files to fetch.
+    Snapshot {
+        /// The frame's epoch.
+        epoch: Epoch,
+        /// The state.
         state: Box<State>,
         /// Files to fetch, or why the snapshot could not be installed.
-        reply: Sender<Result<Vec<(String, FileMeta)>, String>>,
+        reply: Sender<FetchList>,
     },
-    /// Backup: apply the next entry (its content, if any, is in place in tmp/).
-    Apply {
-        /// The entry.
-        entry: Entry,
-        /// Our seq after it, or why not.
-        reply: Sender<Result<Seq, String>>,
-    },
-    /// Backup: a fetched file sits in temporary file `xfer`; put it in place if it
-    /// is the content the state expects.
+    /// A fetched file sits in temporary file `xfer`: put it in place if it is the
+    /// content the state expects.
     PlaceFetched {
         /// Owner.
         user: String,
@@ -215,56 +298,55 @@ pub enum Event {
         meta: FileMeta,
         /// Its temporary file.
         xfer: String,
-        /// Whether it was put in place (false: not the content the state expects),
-        /// or why it could not be.
+        /// Placed (false: not the content the state expects), or why not.
         reply: Sender<Result<bool, String>>,
     },
-    /// Backup: remove the local copy of a file whose content could not be had.
-    DropContent {
-        /// Owner.
-        user: String,
-        /// Path.
-        path: String,
-        /// Done.
-        reply: Sender<()>,
+    /// The snapshot's files are fetched, but for these.
+    Installed {
+        /// Files the primary no longer had at the snapshot's version.
+        lacks: Vec<(String, String)>,
     },
-    /// Backup: the state describes a file whose content is not here (marks the data
-    /// dir like an unfinished install, until [`Event::JoinComplete`]).
-    MarkIncomplete {
-        /// Done.
-        reply: Sender<()>,
+    /// The next entry, its content ready in `tmp/` as far as it could be.
+    Apply {
+        /// The frame's epoch.
+        epoch: Epoch,
+        /// The entry.
+        entry: Box<Entry>,
+        /// A rename whose source is missing here: the destination's content,
+        /// fetched into this temporary file, to place once the entry is applied.
+        refetch: Option<(String, FileMeta, String)>,
+        /// A put whose content could not be had.
+        lacking: Option<(String, String)>,
+        /// Applied, or why not (the follower then ends its session).
+        reply: Sender<Result<(), String>>,
     },
-    /// Backup: every file the state describes is here (the install is complete).
-    JoinComplete {
-        /// Done.
-        reply: Sender<()>,
+    /// A heartbeat, a ping or a refusal.
+    Msg {
+        /// The frame's epoch.
+        epoch: Epoch,
+        /// The message.
+        msg: Msg,
     },
-    /// Backup: the follower knows the primary's address.
-    PrimaryAt {
-        /// `IP:PORT`.
-        addr: String,
+    /// The session ended.
+    Down {
+        /// Why.
+        why: String,
     },
-    /// Stop the core.
-    Shutdown,
 }
 
 /// A joining server and the link it came on.
 pub struct NewLink {
-    /// The id it has, if any.
-    pub id: Option<ServerId>,
-    /// `IP:PORT` it listens on.
-    pub addr: String,
-    /// The IP it reached this server on (to learn our own address).
-    pub local_ip: std::net::IpAddr,
+    /// Link number.
+    pub no: LinkNo,
+    /// Its hello, as the node reads it.
+    pub request: JoinRequest,
     /// The IP its connection comes from (its fetch connections must too).
-    pub peer_ip: std::net::IpAddr,
-    /// Link number (tells a stale link's events from the current one's).
-    pub no: u64,
+    pub peer_ip: IpAddr,
     /// Control queue of its link.
     pub ctl: Sender<LinkOut>,
     /// Data queue of its link.
     pub data: Sender<LinkOut>,
-    /// The socket, to shut it down when the backup is dropped.
+    /// The socket, to shut it down when the link closes.
     pub stream: TcpStream,
 }
 
@@ -332,12 +414,12 @@ pub enum CoreRequest {
     },
 }
 
-/// Primary or backup.
+/// How this server starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Serves clients and replicates to backups.
+pub enum Start {
+    /// `-p`: primary of a new epoch.
     Primary,
-    /// Follows the primary.
+    /// `-b`: a backup joining through the seed address.
     Backup,
 }
 
@@ -348,58 +430,107 @@ pub enum Route {
     Here,
     /// This server is a backup of the primary at that address.
     At(String),
-    /// This server is a backup that does not know its primary yet.
+    /// This server knows no live primary now (joining, or electing one).
     Unknown,
 }
 
 /// Sends the event `make` builds around a reply channel, and waits for the answer.
-/// None when the core has stopped.
+/// None when the core has stopped, or dropped the request (it stepped down).
 pub fn ask<T>(core: &Sender<Event>, make: impl FnOnce(Sender<T>) -> Event) -> Option<T> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     core.send(make(tx)).ok()?;
     rx.recv().ok()
 }
 
+/// The files a backup must fetch after installing a snapshot, or why it could not
+/// install it.
+pub type FetchList = Result<Vec<(String, FileMeta)>, String>;
+
+/// A backup's entry being applied: what to do with its content once persisted.
+struct Applying {
+    pos: LogPos,
+    refetch: Option<(String, FileMeta, String)>,
+    lacking: Option<(String, String)>,
+}
+
 /// The core's state.
 pub struct Core {
     settings: Settings,
-    role: Role,
-    state: State,
+    node: Node,
     store: Store,
-    live: BTreeMap<ConnId, Live>,
-    links: BTreeMap<ServerId, Link>,
-    /// Entries waiting for the backups; a link is live here once it caught up.
-    acks: Acks<Done>,
-    /// Origin of the milliseconds `acks` counts in.
     started: Instant,
+    live: BTreeMap<ConnId, Live>,
+    /// Sessions whose connection ended uncleanly, and when their lease runs out.
+    leases: BTreeMap<DeviceId, Instant>,
+    links: BTreeMap<LinkNo, LinkHandle>,
+    tickets: BTreeMap<Ticket, Done>,
+    next_ticket: u64,
+    follower: Option<FollowerHandle>,
+    next_session: u64,
     /// The epoch frames are stamped with, shared with the connection threads.
     epoch: Arc<AtomicU64>,
-    /// Backup: the primary's address as the follower last reached it.
-    primary_addr: Option<String>,
-    next_heartbeat: Instant,
+    /// The core's own queue, for the threads it starts.
+    events: Option<Sender<Event>>,
+    /// What connection threads need (for callbacks that become sessions).
+    ctx: Option<crate::conn::Ctx>,
+    applying: Option<Applying>,
+    /// The state a snapshot replaces, and the result of installing it.
+    installing: Option<(State, Option<FetchList>)>,
+    /// Tickets aborted because their entry did not reach the log: answered with
+    /// this error instead of a dropped connection.
+    persist_error: Option<String>,
+    fatal: Option<Fatal>,
+    stopping: Option<Instant>,
 }
 
 fn refusal(message: impl Into<String>) -> OpResult {
     OpResult::Error { message: message.into() }
 }
 
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
 impl Core {
-    /// A core over a recovered store.
-    pub fn new(store: Store, state: State, settings: Settings, role: Role) -> Core {
+    /// A core over a recovered store (its state and the entries after its snapshot).
+    pub fn new(store: Store, state: State, recent: Vec<Entry>, settings: Settings) -> Core {
+        let failure = ms(settings.failure_timeout);
+        let cfg = NodeConfig {
+            id: settings.id,
+            addr: settings.advertised(),
+            heartbeat_ms: ms(settings.heartbeat),
+            ack_timeout_ms: ms(settings.ack_timeout),
+            failure_timeout_ms: failure,
+            election_timeout_ms: ms(settings.election_timeout),
+            fence_timeout_ms: (3 * failure).max(ms(settings.ack_timeout)),
+            seed: settings.seed.clone(),
+        };
         let epoch = Arc::new(AtomicU64::new(state.epoch.0));
-        let ack_ms = settings.ack_timeout.as_millis() as u64;
+        let mut node = Node::new(cfg, state, recent, 0);
+        if store.install_unfinished() {
+            // This data dir may lack files its state describes: join with a snapshot.
+            node.want_snapshot();
+        }
         Core {
             settings,
-            role,
-            state,
+            node,
             store,
-            live: BTreeMap::new(),
-            acks: Acks::new(ack_ms),
             started: Instant::now(),
+            live: BTreeMap::new(),
+            leases: BTreeMap::new(),
             links: BTreeMap::new(),
+            tickets: BTreeMap::new(),
+            next_ticket: 1,
+            follower: None,
+            next_session: 0,
             epoch,
-            primary_addr: None,
-            next_heartbeat: Instant::now(),
+            events: None,
+            ctx: None,
+            applying: None,
+            installing: None,
+            persist_error: None,
+            fatal: None,
+            stopping: None,
         }
     }
 
@@ -413,14 +544,8 @@ impl Core {
         self.epoch.clone()
     }
 
-    fn my_addr(&self) -> String {
-        self.settings.listen.to_string()
-    }
-
-    /// Starts a new epoch as primary of a cluster of one: backups (re)join it.
-    /// Also forgets every session (nobody is connected to a server that just
-    /// started) and adopts files found on disk that the state does not describe.
-    pub fn start_as_primary(&mut self) -> Result<(), String> {
+    /// The data dir is ready to serve as primary: no unfinished install.
+    pub fn check_primary(&self) -> Result<(), String> {
         if self.store.install_unfinished() {
             return Err(format!(
                 "this data dir stopped while joining a cluster ({}/meta/installing): some files may be missing; \
@@ -428,205 +553,546 @@ impl Core {
                 self.store.root().display()
             ));
         }
-        let epoch = self.state.epoch.next();
-        let me = Member { id: self.settings.id, addr: self.my_addr() };
-        self.commit(Change::NewEpoch { epoch, primary: self.settings.id, members: vec![me] })
-            .map_err(|e| format!("cannot start epoch {epoch}: {e:?}"))?;
-        if !self.state.sessions.is_empty() {
-            self.commit(Change::ClearSessions).map_err(|e| format!("cannot clear sessions: {e:?}"))?;
-        }
-        for (user, meta) in self.store.check_against(&self.state).map_err(|e| e.to_string())? {
-            self.store.adopt(&mut self.state, user, meta).map_err(|e| e.to_string())?;
-        }
-        self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
-        log::info!("became primary id={} epoch={} seq={}", self.settings.id, self.state.epoch, self.state.seq);
         Ok(())
     }
 
-    /// Runs until [`Event::Shutdown`] or until every sender is gone.
-    pub fn run(mut self, events: Receiver<Event>) {
-        // On shutdown, new work is turned away (its connections close and clients
-        // resend after the restart) while the entries already under way finish
-        // replicating, for at most the ack bound.
-        let mut stopping: Option<Instant> = None;
+    fn now_ms(&self) -> u64 {
+        ms(self.started.elapsed())
+    }
+
+    /// Runs until [`Event::Shutdown`] or until every sender is gone. `events` is
+    /// the sending side of `rx`, for the threads the core starts.
+    pub fn run(
+        mut self,
+        start: Start,
+        events: Sender<Event>,
+        rx: Receiver<Event>,
+        ctx: crate::conn::Ctx,
+    ) -> Result<(), Fatal> {
+        self.events = Some(events);
+        self.ctx = Some(ctx);
+        let now = self.now_ms();
+        let out = match start {
+            Start::Primary => self.node.start_primary(now),
+            Start::Backup => self.node.start_backup(now),
+        };
+        self.execute(out);
+        if start == Start::Primary {
+            self.adopt_files();
+        }
         loop {
-            if let Some(deadline) = stopping {
-                if self.acks.is_empty() || Instant::now() >= deadline {
+            if let Some(f) = self.fatal.take() {
+                self.stop_threads();
+                return Err(f);
+            }
+            if let Some(deadline) = self.stopping {
+                if self.tickets.is_empty() || Instant::now() >= deadline {
                     break;
                 }
             }
-            let wait = self.next_timer().saturating_duration_since(Instant::now());
-            match events.recv_timeout(wait) {
+            let wait = self.next_wake().saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
                 Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Event::Shutdown) => {
-                    log::info!("shutting down: {} entries still replicating", self.acks.len());
-                    stopping.get_or_insert(Instant::now() + self.settings.ack_timeout);
+                    log::info!("shutting down: {} requests still replicating", self.tickets.len());
+                    self.stopping.get_or_insert(Instant::now() + self.settings.ack_timeout);
                 }
-                Ok(Event::Login { .. } | Event::Request { .. } | Event::Join { .. }) if stopping.is_some() => {}
-                Ok(event) => self.handle(event),
+                Ok(event) if self.stopping.is_some() && Self::new_work(&event) => {}
+                Ok(event) => {
+                    self.handle(event);
+                    // What queued up meanwhile (pings from the primary, acks) comes
+                    // before the timers, or a busy core would take its own delay
+                    // for silence.
+                    for _ in 0..1000 {
+                        match rx.try_recv() {
+                            Ok(Event::Shutdown) => {
+                                self.stopping.get_or_insert(Instant::now() + self.settings.ack_timeout);
+                            }
+                            Ok(event) if self.stopping.is_none() || !Self::new_work(&event) => self.handle(event),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.timers();
         }
-        log::info!("core stopped seq={}", self.state.seq);
+        self.stop_threads();
+        log::info!("core stopped pos={}", self.node.state().pos);
+        Ok(())
     }
 
-    fn next_timer(&self) -> Instant {
-        let mut t = Instant::now() + Duration::from_secs(1);
-        if self.role == Role::Primary {
-            t = t.min(self.next_heartbeat);
-            if let Some(ms) = self.acks.next_deadline() {
-                t = t.min(self.started + Duration::from_millis(ms));
-            }
+    /// Work a stopping server turns away (its connections close; clients resend).
+    fn new_work(event: &Event) -> bool {
+        matches!(event, Event::Login { .. } | Event::Request { .. } | Event::LinkUp { .. } | Event::Resumed { .. })
+    }
+
+    fn stop_threads(&mut self) {
+        if let Some(f) = self.follower.take() {
+            f.stop();
+        }
+        for (_, l) in std::mem::take(&mut self.links) {
+            let _ = l.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now_ms = self.now_ms();
+        let due = self.node.next_tick(now_ms).saturating_sub(now_ms).min(50);
+        let mut t = Instant::now() + Duration::from_millis(due);
+        if let Some(l) = self.leases.values().min() {
+            t = t.min(*l);
         }
         t
     }
 
     fn timers(&mut self) {
-        if self.role != Role::Primary {
-            return;
-        }
-        let now = Instant::now();
-        if now >= self.next_heartbeat {
-            self.next_heartbeat = now + self.settings.heartbeat;
-            let seq = self.state.seq;
-            for link in self.links.values() {
-                let _ = link.ctl.send(LinkOut::msg(Msg::Heartbeat { seq }));
+        let now = self.now_ms();
+        let out = self.node.tick(now);
+        self.execute(out);
+        // Sessions whose lease ran out without their device coming back.
+        let expired: Vec<DeviceId> =
+            self.leases.iter().filter(|(_, t)| **t <= Instant::now()).map(|(d, _)| d.clone()).collect();
+        for device in expired {
+            self.leases.remove(&device);
+            if self.node.is_primary() && !self.live.values().any(|l| l.device == device) {
+                self.end_session(&device, "its lease ran out");
             }
         }
-        // Dropping the backups that hold up the oldest entry may reveal the next one
-        // overdue too: repeat until none is.
-        loop {
-            self.settle();
-            let late = self.acks.overdue(self.now_ms());
-            if late.is_empty() {
-                break;
+        self.epoch.store(self.node.epoch().0, Ordering::Relaxed);
+    }
+
+    fn end_session(&mut self, device: &DeviceId, why: &str) {
+        if self.node.state().sessions.contains_key(device) {
+            log::info!("ending session device={device}: {why}");
+            self.propose(Change::Logout { device: device.clone() }, None, None);
+        }
+    }
+
+    /// Files put into `users/` by hand while the server was down become entries.
+    fn adopt_files(&mut self) {
+        let found = match self.store.check_against(self.node.state()) {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!("cannot compare users/ with the state: {e}");
+                return;
             }
-            let ms = self.settings.ack_timeout.as_millis();
-            for id in late {
-                self.drop_backup(id, &format!("no acknowledgement within {ms} ms"));
+        };
+        for (user, meta) in found {
+            self.propose(Store::adoption(user, meta), None, None);
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Carrying out the node's outputs
+
+    fn execute(&mut self, out: Vec<Output>) {
+        let mut queue: VecDeque<Output> = out.into();
+        while let Some(o) = queue.pop_front() {
+            match o {
+                Output::Persist(entry) => queue.extend(self.persist(entry)),
+                Output::Install(state) => {
+                    let result = match &self.installing {
+                        Some((old, _)) => self.store.install(old, &state).map_err(|e| e.to_string()),
+                        None => Err("no snapshot was being installed".to_string()),
+                    };
+                    if let Some((_, slot)) = &mut self.installing {
+                        *slot = Some(result);
+                    }
+                }
+                Output::ToLink { link, msg } => {
+                    if let Msg::Joined { id, .. } = &msg {
+                        if let Some(h) = self.links.get_mut(&link) {
+                            h.id = Some(*id);
+                        }
+                    }
+                    if let Some(h) = self.links.get(&link) {
+                        let _ = h.ctl.send(LinkOut::msg(msg));
+                    }
+                }
+                Output::SnapshotTo { link, state } => self.send_snapshot(link, &state),
+                Output::CloseLink { link } => {
+                    // Dropping the queues lets the writer send what they hold, then
+                    // shut the socket.
+                    self.links.remove(&link);
+                }
+                Output::ToPrimary(msg) => {
+                    if let Some(f) = &self.follower {
+                        f.send(msg);
+                    }
+                }
+                Output::Follow { addr } => self.start_follower(addr),
+                Output::Unfollow => {
+                    if let Some(f) = self.follower.take() {
+                        f.stop();
+                    }
+                }
+                Output::ToPeer { to, addr, msg } => {
+                    if let Some(events) = &self.events {
+                        let timeout = match msg {
+                            Msg::Fence { .. } => self.settings.failure_timeout,
+                            _ => self.settings.election_timeout,
+                        };
+                        peer::send(events.clone(), self.node.id(), to, addr, self.epoch.clone(), msg, timeout);
+                    }
+                }
+                Output::Complete(t) => self.complete(t),
+                Output::Abort(t) => self.abort(t),
+                Output::BecamePrimary { epoch } => self.became_primary(epoch),
+                Output::SteppedDown { epoch } => self.stepped_down(epoch),
+                Output::SaveId(id) => {
+                    if let Err(e) = store::save_id(self.store.root(), id) {
+                        log::error!("cannot record server id={id}: {e}");
+                    }
+                    self.settings.id = id;
+                }
+                Output::Incomplete(true) => {
+                    if let Err(e) = self.store.mark_incomplete() {
+                        log::error!("cannot mark the data dir incomplete: {e}");
+                    }
+                }
+                Output::Incomplete(false) => {
+                    if let Err(e) = self.store.finish_install() {
+                        log::error!("cannot record that every file is here: {e}");
+                    }
+                }
+                Output::Fatal(reason) => self.fatal = Some(Fatal::Refused(reason)),
+                Output::Log(level, line) => log::log!(level, "{line}"),
+            }
+            self.epoch.store(self.node.epoch().0, Ordering::Relaxed);
+        }
+        let now = self.now_ms();
+        self.node.busy_until(now);
+    }
+
+    /// Writes an entry (log, fsync, file action) and reports to the node. An entry
+    /// that did not reach the log changed nothing: its request is refused. One
+    /// that reached the log but whose action failed leaves disk and state
+    /// disagreeing: the core stops (the next start-up redoes the action).
+    fn persist(&mut self, entry: Entry) -> Vec<Output> {
+        let now = self.now_ms();
+        let pos = entry.pos;
+        match self.store.persist(self.node.state(), &entry) {
+            Ok(()) => {}
+            Err(CommitError::Unlogged(e)) => {
+                log::error!("cannot store entry pos={pos}: {e}");
+                self.persist_error = Some(if e.source.raw_os_error() == Some(28) {
+                    "the server is out of space".to_string()
+                } else {
+                    "the server cannot store changes right now".to_string()
+                });
+                let out = self.node.persist_failed(now, pos, &e.to_string());
+                return out;
+            }
+            Err(e @ CommitError::Logged(_)) => {
+                log::error!("stopping: {e}");
+                self.fatal = Some(Fatal::Disk(e.to_string()));
+                return Vec::new();
+            }
+        }
+        let mut lacks = Vec::new();
+        if let Some(a) = self.applying.take() {
+            if a.pos == pos {
+                lacks.extend(a.lacking);
+                if let Some((user, meta, xfer)) = a.refetch {
+                    let path = meta.path.clone();
+                    match self.place_fetched(&user, &meta, &xfer) {
+                        Ok(true) => {}
+                        _ => lacks.push((user, path)),
+                    }
+                }
+                for (user, path) in &lacks {
+                    log::info!(
+                        "dropping local copy of user={user} path={path}: the primary no longer has that version"
+                    );
+                    self.store.drop_content(user, path);
+                }
+            } else {
+                self.applying = Some(a);
+            }
+        }
+        let out = self.node.persisted(now, pos, lacks);
+        self.store.maybe_compact(self.node.state());
+        out
+    }
+
+    fn place_fetched(&self, user: &str, meta: &FileMeta, xfer: &str) -> Result<bool, String> {
+        match self.node.state().live(user, &meta.path) {
+            Some(w) if w.hash == meta.hash && w.size == meta.size => {
+                self.store.place_temp(user, w, xfer).map(|()| true).map_err(|e| {
+                    log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
+                    e.to_string()
+                })
+            }
+            _ => {
+                self.store.discard_temp(xfer);
+                Ok(false)
             }
         }
     }
 
+    fn send_snapshot(&mut self, link: LinkNo, state: &State) {
+        let Some(h) = self.links.get(&link) else { return };
+        let bytes = match serde_json::to_vec(state) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("cannot encode the snapshot: {e}");
+                self.links.remove(&link);
+                return;
+            }
+        };
+        for chunk in bytes.chunks(replibox_proto::MAX_PAYLOAD) {
+            let _ = h.ctl.send(LinkOut { msg: Msg::SnapshotChunk, payload: Some(Arc::new(chunk.to_vec())) });
+        }
+        let _ = h.ctl.send(LinkOut::msg(Msg::SnapshotEnd { pos: state.pos }));
+    }
+
+    fn complete(&mut self, t: Ticket) {
+        match self.tickets.remove(&t) {
+            Some(Done::Login { reply, answer }) => {
+                let _ = reply.send(Ok(answer));
+            }
+            Some(Done::Reply { reply, result, push }) => {
+                let _ = reply.send(result);
+                if let Some((conn, user, notice)) = push {
+                    self.push(conn, &user, notice);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn abort(&mut self, t: Ticket) {
+        let Some(done) = self.tickets.remove(&t) else { return };
+        match (&self.persist_error, done) {
+            (Some(e), Done::Reply { reply, .. }) => {
+                let _ = reply.send(refusal(e.clone()));
+            }
+            (Some(e), Done::Login { reply, .. }) => {
+                let _ = reply.send(Err(format!("{e}: cannot store the session")));
+            }
+            // Stepped down: dropping the reply channel closes the client's
+            // connection, and it resends to the new primary.
+            (None, _) => {}
+        }
+    }
+
+    fn became_primary(&mut self, epoch: Epoch) {
+        log::info!("serving as primary id={} epoch={epoch} addr={}", self.node.id(), self.node.addr());
+        let (Some(events), Some(ctx)) = (self.events.clone(), self.ctx.clone()) else { return };
+        let sessions: Vec<Session> = self.node.state().sessions.values().cloned().collect();
+        for s in sessions {
+            // Each session lasts its lease unless its device answers the call.
+            self.leases.insert(s.device.clone(), Instant::now() + SESSION_LEASE);
+            log::info!("calling back device={} user={} at {}:{}", s.device, s.user, s.ip, s.callback_port);
+            peer::call_back(events.clone(), ctx.clone(), self.node.id(), self.node.addr().to_string(), epoch, s);
+        }
+    }
+
+    fn stepped_down(&mut self, epoch: Epoch) {
+        log::warn!("stepped down: epoch={epoch} has another primary; dropping {} client connections", self.live.len());
+        for (_, l) in std::mem::take(&mut self.live) {
+            if let Some(s) = l.stream {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        self.links.clear();
+        self.leases.clear();
+    }
+
+    fn start_follower(&mut self, addr: String) {
+        if let Some(f) = self.follower.take() {
+            f.stop();
+        }
+        let Some(events) = self.events.clone() else { return };
+        self.next_session += 1;
+        let (pos, last_epoch) = self.node.join_point();
+        let hello = JoinHello {
+            id: (self.node.id().0 > 0).then_some(self.node.id()),
+            ip: Some(self.settings.listen.ip()).filter(|i| !i.is_unspecified()),
+            port: self.settings.listen.port(),
+            pos,
+            last_epoch,
+            member: self.node.join_as_member(),
+        };
+        let cfg = follow::FollowConfig {
+            target: addr,
+            failure_timeout: self.settings.failure_timeout,
+            data: self.settings.data.clone(),
+        };
+        self.follower = follow::start(self.next_session, cfg, hello, events, self.epoch.clone());
+    }
+
+    // -----------------------------------------------------------------------
+    // Events
+
     fn handle(&mut self, event: Event) {
+        let now = self.now_ms();
         match event {
             Event::Shutdown => {}
-            Event::Login { conn, user, device, ip, callback_port, out, reply } => {
-                self.login(conn, user, device, ip, callback_port, out, reply)
+            Event::Login { conn, user, device, ip, callback_port, out, stream, reply } => {
+                self.login(conn, user, device, ip, callback_port, out, stream, reply)
             }
-            Event::Disconnect { conn } => self.disconnect(conn),
+            Event::Resumed { conn, device, out, stream, reply } => {
+                let answer = self.resumed(conn, device, out, stream);
+                let _ = reply.send(answer);
+            }
+            Event::CallbackFailed { device, why } => {
+                log::warn!("could not call back device={device}: {why}");
+                if !self.live.values().any(|l| l.device == device) && self.node.is_primary() {
+                    self.leases.remove(&device);
+                    self.end_session(&device, "it could not be called back");
+                }
+            }
+            Event::Disconnect { conn, clean } => self.disconnect(conn, clean),
             Event::Request { conn, seq, req } => self.request(conn, seq, req),
             Event::NewTemp { reply } => {
                 let _ = reply.send(self.store.create_temp().map_err(|e| {
                     log::error!("cannot create temporary file: {e}");
-                    "the server cannot store uploads right now".to_string()
+                    if e.source.raw_os_error() == Some(28) {
+                        "the server is out of space".to_string()
+                    } else {
+                        "the server cannot store uploads right now".to_string()
+                    }
                 }));
             }
             Event::AbandonUpload { xfer } => self.abandon_upload(&xfer),
-            Event::LastSeq { reply } => {
-                let _ = reply.send(self.state.seq);
-            }
             Event::Route { reply } => {
-                let answer = match self.role {
-                    Role::Primary => Route::Here,
-                    Role::Backup => self.known_primary().map_or(Route::Unknown, Route::At),
+                let answer = if self.node.is_primary() {
+                    Route::Here
+                } else {
+                    self.node.primary_addr().map_or(Route::Unknown, Route::At)
                 };
                 let _ = reply.send(answer);
             }
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::Join { link, reply } => {
-                let answer = self.join(link);
-                let _ = reply.send(answer);
+            Event::LinkUp { link } => {
+                let NewLink { no, request, peer_ip, ctl, data, stream } = *link;
+                self.links.insert(no, LinkHandle { id: None, peer_ip, ctl, data, stream });
+                let out = self.node.link_join(now, no, request);
+                self.execute(out);
             }
-            Event::Ack { no, id, seq } => self.acked(no, id, seq),
-            Event::CaughtUp { no, id, seq } => self.caught_up(no, id, seq),
-            Event::LinkDown { no, id, why } => {
-                if self.links.get(&id).is_some_and(|l| l.no == no) {
-                    self.drop_backup(id, &why);
-                    self.settle();
-                }
+            Event::LinkMsg { no, epoch, msg } => {
+                let out = self.node.link_msg(now, no, epoch, msg);
+                self.execute(out);
+            }
+            Event::LinkDown { no, why } => {
+                let out = self.node.link_down(now, no, &why);
+                self.links.remove(&no);
+                self.execute(out);
             }
             Event::OpenFor { id, peer_ip, user, path, reply } => {
                 // Only a server this primary is replicating to (from the host its
                 // link comes from) may read users' files this way.
-                let answer = match self.links.get(&id) {
-                    Some(link) if link.peer_ip == peer_ip => match self.state.live(&user, &path) {
+                let allowed =
+                    self.node.is_primary() && self.links.values().any(|l| l.id == Some(id) && l.peer_ip == peer_ip);
+                let answer = if allowed {
+                    match self.node.state().live(&user, &path) {
                         None => Err(OpResult::Gone { path }),
                         Some(_) => self.open(&user, &path),
-                    },
-                    _ => {
-                        log::warn!(
-                            "refused fetch of user={user} path={path}: id={id} from {peer_ip} is not a backup here"
-                        );
-                        Err(refusal("fetching is for this cluster's backups"))
                     }
+                } else {
+                    log::warn!("refused fetch of user={user} path={path}: id={id} from {peer_ip} is not a backup here");
+                    Err(refusal("fetching is for this cluster's backups"))
                 };
                 let _ = reply.send(answer);
             }
-            Event::Joined { id } => {
-                if let Err(e) = crate::store::save_id(self.store.root(), id) {
-                    log::error!("cannot record server id={id}: {e}");
-                }
-                self.settings.id = id;
-            }
-            Event::Install { state, reply } => {
-                let answer = self.store.install(&self.state, &state).map_err(|e| e.to_string());
-                if answer.is_ok() {
-                    self.state = *state;
-                    self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
-                    log::info!("installed snapshot seq={} epoch={}", self.state.seq, self.state.epoch);
-                }
-                let _ = reply.send(answer);
-            }
-            Event::Apply { entry, reply } => {
-                let seq = entry.seq;
-                let answer = self.store_entry(entry).map(|()| seq).map_err(|e| e.to_string());
-                self.epoch.store(self.state.epoch.0, Ordering::Relaxed);
-                let _ = reply.send(answer);
-            }
-            Event::PlaceFetched { user, meta, xfer, reply } => {
-                let wanted = self.state.live(&user, &meta.path).cloned();
-                let placed = match wanted {
-                    Some(w) if w.hash == meta.hash && w.size == meta.size => {
-                        self.store.place_temp(&user, &w, &xfer).map(|()| true).map_err(|e| {
-                            log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
-                            e.to_string()
-                        })
-                    }
-                    _ => {
-                        self.store.discard_temp(&xfer);
-                        Ok(false)
+            Event::Follower { session, event } => self.follower_event(now, session, event),
+            Event::Peer { from, epoch, msg, reply } => {
+                let (answer, out) = match msg {
+                    Msg::Election { target, rank } => self.node.election(now, from, epoch, target, rank),
+                    Msg::Coordinator { epoch: e, id, addr } => self.node.coordinator(now, id, e, addr),
+                    Msg::Fence { reason, pos } => self.node.fence(now, from, epoch, &reason, pos),
+                    other => {
+                        log::warn!("unexpected {} from server id={from}", other.kind());
+                        (Answer::Stale, Vec::new())
                     }
                 };
-                let _ = reply.send(placed);
+                self.execute(out);
+                let _ = reply.send((self.node.epoch(), answer));
             }
-            Event::PrimaryAt { addr } => self.primary_addr = Some(addr),
-            Event::DropContent { user, path, reply } => {
-                self.store.drop_content(&user, &path);
-                let _ = reply.send(());
+            Event::PeerAnswer { to, epoch, answer } => {
+                let out = self.node.peer_answer(now, to, epoch, answer);
+                self.execute(out);
             }
-            Event::MarkIncomplete { reply } => {
-                if let Err(e) = self.store.mark_incomplete() {
-                    log::error!("cannot mark the data dir incomplete: {e}");
+            Event::PeerUnreachable { to, down } => {
+                let out = self.node.peer_unreachable(now, to, down);
+                self.execute(out);
+            }
+        }
+    }
+
+    fn follower_event(&mut self, now: u64, session: u64, event: FollowerEvent) {
+        let current = self.follower.as_ref().is_some_and(|f| f.session == session);
+        if !current {
+            // An old session's last words: answer whoever waits, and ignore them.
+            match event {
+                FollowerEvent::Snapshot { reply, .. } => {
+                    let _ = reply.send(Err("this session was stopped".into()));
                 }
-                let _ = reply.send(());
-            }
-            Event::JoinComplete { reply } => {
-                if let Err(e) = self.store.finish_install() {
-                    log::error!("cannot record the end of the join: {e}");
+                FollowerEvent::PlaceFetched { reply, .. } => {
+                    let _ = reply.send(Err("this session was stopped".into()));
                 }
-                let _ = reply.send(());
+                FollowerEvent::Apply { reply, .. } => {
+                    let _ = reply.send(Err("this session was stopped".into()));
+                }
+                _ => {}
+            }
+            return;
+        }
+        match event {
+            FollowerEvent::Joined { epoch, id, primary, addr, snapshot, member } => {
+                let out = self.node.joined(now, epoch, id, primary, addr, snapshot, member);
+                self.execute(out);
+            }
+            FollowerEvent::Snapshot { epoch, state, reply } => {
+                self.installing = Some((self.node.state().clone(), None));
+                let out = self.node.snapshot(now, epoch, *state);
+                self.execute(out);
+                let result = match self.installing.take() {
+                    Some((_, Some(r))) => r,
+                    _ => Err("the snapshot was not installed".to_string()),
+                };
+                let _ = reply.send(result);
+            }
+            FollowerEvent::PlaceFetched { user, meta, xfer, reply } => {
+                let _ = reply.send(self.place_fetched(&user, &meta, &xfer));
+            }
+            FollowerEvent::Installed { lacks } => {
+                for (user, path) in &lacks {
+                    self.store.drop_content(user, path);
+                }
+                let out = self.node.installed(now, lacks);
+                self.execute(out);
+            }
+            FollowerEvent::Apply { epoch, entry, refetch, lacking, reply } => {
+                let pos = entry.pos;
+                self.applying = Some(Applying { pos, refetch, lacking });
+                let out = self.node.apply(now, epoch, *entry);
+                self.execute(out);
+                self.applying = None;
+                let ok = self.node.state().pos >= pos;
+                let _ = reply.send(if ok { Ok(()) } else { Err(format!("entry pos={pos} was not applied")) });
+            }
+            FollowerEvent::Msg { epoch, msg } => {
+                let out = self.node.from_primary(now, epoch, msg);
+                self.execute(out);
+            }
+            FollowerEvent::Down { why } => {
+                self.follower = None;
+                let out = self.node.follower_down(now, &why);
+                self.execute(out);
             }
         }
     }
 
     fn status(&self) -> serde_json::Value {
-        let primary = self.state.primary;
-        let members: Vec<_> = self
-            .state
+        let state = self.node.state();
+        let primary = state.primary;
+        let members: Vec<_> = state
             .members
             .values()
             .map(|m| {
@@ -634,180 +1100,42 @@ impl Core {
                 json!({"id": m.id.0, "addr": m.addr, "role": role})
             })
             .collect();
-        let primary_addr = match self.role {
-            Role::Primary => Some(self.state.primary_addr().map(str::to_string).unwrap_or_else(|| self.my_addr())),
-            Role::Backup => self.known_primary(),
+        let phase = match self.node.phase() {
+            None => "serving",
+            Some(Phase::Live) => "following",
+            Some(Phase::Joining) => "joining",
+            Some(Phase::Installing) => "catching up",
+            Some(Phase::Detached) if self.node.eligible() => "electing",
+            Some(Phase::Detached) => "no primary",
         };
         json!({
             // A backup has no id until the primary accepts it.
-            "id": (self.settings.id.0 > 0).then_some(self.settings.id.0),
-            "role": match self.role { Role::Primary => "primary", Role::Backup => "backup" },
-            "epoch": self.state.epoch.0,
-            "primary": primary_addr,
+            "id": (self.node.id().0 > 0).then_some(self.node.id().0),
+            "role": if self.node.is_primary() { "primary" } else { "backup" },
+            "epoch": self.node.epoch().0,
+            "primary": self.node.primary_addr(),
             "members": members,
-            "seq": self.state.seq.0,
-            "sessions": self.state.sessions.len(),
+            "seq": state.pos.0,
+            "sessions": state.sessions.len(),
+            "phase": phase,
+            "note": self.node.election_note(),
         })
     }
 
-    /// Backup: the primary's address, as the follower last reached it or else as
-    /// the replicated membership names it.
-    fn known_primary(&self) -> Option<String> {
-        self.primary_addr.clone().or_else(|| self.state.primary_addr().map(str::to_string))
-    }
+    // -----------------------------------------------------------------------
+    // Clients
 
-    /// Commits an entry locally. An entry that did not reach the log changed
-    /// nothing and is refused; one that reached the log but whose action failed
-    /// leaves the disk and the state disagreeing, so the server stops rather than
-    /// serve a lie (start-up redoes the action).
-    fn commit(&mut self, change: Change) -> Result<Entry, OpResult> {
-        self.commit_for(change, None)
-    }
-
-    fn commit_for(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>) -> Result<Entry, OpResult> {
-        let entry = Entry { seq: self.state.seq.next(), change, request };
-        match self.store_entry(entry.clone()) {
-            Ok(()) => Ok(entry),
-            Err(e) => {
-                log::error!("cannot commit: {e}");
-                Err(refusal("the server cannot store changes right now"))
-            }
+    fn propose(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>, done: Option<Done>) {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        if let Some(d) = done {
+            self.tickets.insert(ticket, d);
         }
-    }
-
-    /// Logs and applies `entry`. An entry that is logged but could not be carried
-    /// out leaves the store behind its own log: the process stops, and the redo at
-    /// start-up finishes it. Only an entry that never reached the log comes back.
-    fn store_entry(&mut self, entry: Entry) -> Result<(), StoreError> {
-        match self.store.commit(&mut self.state, entry) {
-            Ok(()) => Ok(()),
-            Err(CommitError::Unlogged(e)) => Err(e),
-            Err(e @ CommitError::Logged(_)) => {
-                log::error!("stopping: {e}");
-                std::process::exit(3);
-            }
-        }
-    }
-
-    /// Commits an entry here, sends it to every backup, and runs `done` once every
-    /// live backup has acknowledged it. False when the commit failed (`done` has
-    /// then been failed already).
-    fn propose(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>, done: Done) -> bool {
-        let entry = match self.commit_for(change, request) {
-            Ok(e) => e,
-            Err(r) => {
-                done.fail(r);
-                return false;
-            }
-        };
-        // Joining backups get every entry too, but are not waited for yet.
-        for link in self.links.values() {
-            let _ = link.ctl.send(LinkOut::msg(Msg::Apply { entry: Box::new(entry.clone()) }));
-        }
-        self.acks.propose(entry.seq, self.now_ms(), done);
-        self.settle();
-        true
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    /// Runs the `done` of every entry at the front that no backup is waited for.
-    fn settle(&mut self) {
-        for (_, done) in self.acks.settle() {
-            match done {
-                Done::Nothing => {}
-                Done::Login { reply, answer } => {
-                    let _ = reply.send(Ok(answer));
-                }
-                Done::Reply { reply, result, push } => {
-                    let _ = reply.send(result);
-                    if let Some((conn, user, notice)) = push {
-                        self.push(conn, &user, notice);
-                    }
-                }
-            }
-        }
-    }
-
-    fn acked(&mut self, no: u64, id: ServerId, seq: Seq) {
-        if self.links.get(&id).is_none_or(|l| l.no != no) {
-            return;
-        }
-        self.acks.ack(id, seq);
-        self.settle();
-    }
-
-    fn caught_up(&mut self, no: u64, id: ServerId, seq: Seq) {
-        let Some(link) = self.links.get(&id).filter(|l| l.no == no) else { return };
-        if self.acks.is_live(id) {
-            return;
-        }
-        self.acks.add(id);
-        let member = Member { id, addr: link.addr.clone() };
-        log::info!("backup caught up id={id} addr={} seq={seq}; adding it to the membership", member.addr);
-        self.propose(Change::Join { member }, None, Done::Nothing);
-    }
-
-    /// Removes a backup from the links and the membership.
-    fn drop_backup(&mut self, id: ServerId, why: &str) {
-        if let Some(link) = self.links.remove(&id) {
-            log::warn!("dropping backup id={id} addr={}: {why}", link.addr);
-            let _ = link.stream.shutdown(std::net::Shutdown::Both);
-        }
-        self.acks.remove(id);
-        if self.state.members.contains_key(&id) {
-            self.propose(Change::Leave { id }, None, Done::Nothing);
-        }
-    }
-
-    fn join(&mut self, link: NewLink) -> Result<ServerId, String> {
-        let NewLink { id, addr, local_ip, peer_ip, no, ctl, data, stream } = link;
-        if self.role != Role::Primary {
-            return Err("this server is not the primary".into());
-        }
-        let me = self.settings.id;
-        let highest = self.links.keys().copied().chain([me, self.state.max_id]).max().unwrap_or(me);
-        let id = id.unwrap_or(highest.next());
-        if id == me || id.0 == 0 {
-            return Err(format!("server id {id} is taken by the primary; give the new server another --id"));
-        }
-        let known =
-            self.links.get(&id).map(|l| l.addr.clone()).or_else(|| self.state.members.get(&id).map(|m| m.addr.clone()));
-        if let Some(other) = known {
-            if other != addr && self.links.contains_key(&id) {
-                return Err(format!(
-                    "server id {id} is already in the cluster at {other}; give the new server another --id"
-                ));
-            }
-            // The same server back again (restarted): it rejoins from scratch.
-            self.drop_backup(id, "it is joining again");
-        }
-        // A primary bound to 0.0.0.0 learns the address backups reach it on.
-        if self.settings.listen.ip().is_unspecified() {
-            let mine = SocketAddr::new(local_ip, self.settings.listen.port()).to_string();
-            if self.state.members.get(&me).is_some_and(|m| m.addr != mine) {
-                self.propose(Change::Join { member: Member { id: me, addr: mine } }, None, Done::Nothing);
-            }
-        }
-        if id > self.state.max_id {
-            self.propose(Change::ReserveId { id }, None, Done::Nothing);
-        }
-        // Joined, then the snapshot: the state after seq S. Every entry after S
-        // follows on the same queue, in order.
-        let _ = ctl.send(LinkOut::msg(Msg::Joined { id, primary: me }));
-        let snapshot = match serde_json::to_vec(&self.state) {
-            Ok(s) => s,
-            Err(e) => return Err(format!("cannot encode the snapshot: {e}")),
-        };
-        for chunk in snapshot.chunks(replibox_proto::MAX_PAYLOAD) {
-            let _ = ctl.send(LinkOut { msg: Msg::SnapshotChunk, payload: Some(Arc::new(chunk.to_vec())) });
-        }
-        let _ = ctl.send(LinkOut::msg(Msg::SnapshotEnd { seq: self.state.seq }));
-        log::info!("backup joining id={id} addr={addr} from seq={}", self.state.seq);
-        self.links.insert(id, Link { no, addr, peer_ip, ctl, data, stream });
-        Ok(id)
+        let now = self.now_ms();
+        let out = self.node.propose(now, change, request, ticket);
+        self.persist_error = None;
+        self.execute(out);
+        self.persist_error = None;
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -819,19 +1147,38 @@ impl Core {
         ip: String,
         callback_port: u16,
         out: Sender<Msg>,
-        reply: Sender<Result<(String, u32, Seq), String>>,
+        stream: Option<TcpStream>,
+        reply: Sender<Result<Welcome, String>>,
     ) {
-        if self.role != Role::Primary {
-            let _ = reply.send(Err("this server is a backup".into()));
+        if !self.node.is_primary() {
+            let _ = reply.send(Err("this server is not the primary".into()));
             return;
         }
-        let others = self.state.devices_of(&user, &device);
-        if others >= MAX_DEVICES {
+        // Only devices connected now count; a session that outlives its
+        // connection (its lease, kept for a new primary's call) gives way.
+        let mut connected: Vec<&DeviceId> =
+            self.live.values().filter(|l| l.user == user && l.device != device).map(|l| &l.device).collect();
+        connected.dedup();
+        if connected.len() >= MAX_DEVICES {
+            let others = connected.len();
             log::warn!("refused login user={user} device={device}: {others} devices already connected");
             let _ = reply.send(Err(format!(
                 "user {user} already has {MAX_DEVICES} devices connected; log out of one of them first"
             )));
             return;
+        }
+        let leased: Vec<DeviceId> = self
+            .node
+            .state()
+            .sessions
+            .values()
+            .filter(|s| s.user == user && s.device != device && !self.live.values().any(|l| l.device == s.device))
+            .map(|s| s.device.clone())
+            .collect();
+        let excess = (self.node.state().devices_of(&user, &device) + 1).saturating_sub(MAX_DEVICES);
+        for old in leased.into_iter().take(excess) {
+            self.leases.remove(&old);
+            self.end_session(&old, "another device of its user logs in while it is away");
         }
         let token = match replibox_proto::random_hex(16) {
             Ok(t) => t,
@@ -848,25 +1195,65 @@ impl Core {
             log::info!("replacing old connection conn={c} of device={device}");
             self.live.remove(&c);
         }
+        self.leases.remove(&device);
         let session = Session { user: user.clone(), device: device.clone(), ip, callback_port, token: token.clone() };
-        self.live.insert(conn, Live { user: user.clone(), device: device.clone(), out });
-        let devices = self.state.devices_of(&user, &device) as u32 + 1;
-        let last = self.state.requests.get(&device).map(|l| l.seq).unwrap_or_default();
+        self.live.insert(conn, Live { user: user.clone(), device: device.clone(), out, stream });
+        let devices = self.node.state().devices_of(&user, &device) as u32 + 1;
+        let last_seq = self.node.state().requests.get(&device).map(|l| l.seq).unwrap_or_default();
         log::info!("logged in user={user} device={device} conn={conn} devices={devices}");
-        self.propose(Change::Login { session }, None, Done::Login { reply, answer: (token, devices, last) });
+        let answer = Welcome { token, devices, last_seq };
+        self.propose(Change::Login { session }, None, Some(Done::Login { reply, answer }));
     }
 
-    fn disconnect(&mut self, conn: ConnId) {
-        let Some(live) = self.live.remove(&conn) else { return };
-        let still_connected = self.live.values().any(|l| l.device == live.device);
-        if !still_connected && self.state.sessions.contains_key(&live.device) {
-            self.propose(Change::Logout { device: live.device.clone() }, None, Done::Nothing);
+    fn resumed(
+        &mut self,
+        conn: ConnId,
+        device: DeviceId,
+        out: Sender<Msg>,
+        stream: Option<TcpStream>,
+    ) -> Result<(String, Welcome), String> {
+        if !self.node.is_primary() {
+            return Err("this server is not the primary any more".into());
         }
-        log::info!("logged out user={} device={} conn={conn}", live.user, live.device);
+        let Some(session) = self.node.state().sessions.get(&device).cloned() else {
+            return Err("this device's session has ended; log in again".into());
+        };
+        let stale: Vec<ConnId> = self.live.iter().filter(|(_, l)| l.device == device).map(|(c, _)| *c).collect();
+        for c in stale {
+            self.live.remove(&c);
+        }
+        self.leases.remove(&device);
+        self.live.insert(conn, Live { user: session.user.clone(), device: device.clone(), out, stream });
+        let devices = self.node.state().devices_of(&session.user, &device) as u32 + 1;
+        let last_seq = self.node.state().requests.get(&device).map(|l| l.seq).unwrap_or_default();
+        log::info!("called back user={} device={device} conn={conn}: session resumed", session.user);
+        Ok((session.user, Welcome { token: session.token, devices, last_seq }))
+    }
+
+    fn disconnect(&mut self, conn: ConnId, clean: bool) {
+        let Some(live) = self.live.remove(&conn) else { return };
+        if self.live.values().any(|l| l.device == live.device) {
+            return;
+        }
+        if clean {
+            log::info!("logged out user={} device={} conn={conn}", live.user, live.device);
+            self.leases.remove(&live.device);
+            if self.node.is_primary() {
+                self.end_session(&live.device, "it logged out");
+            }
+        } else {
+            log::info!(
+                "connection lost user={} device={} conn={conn}; its session lasts {}s",
+                live.user,
+                live.device,
+                SESSION_LEASE.as_secs()
+            );
+            self.leases.insert(live.device, Instant::now() + SESSION_LEASE);
+        }
     }
 
     fn open(&self, user: &str, path: &str) -> Result<(FileMeta, File), OpResult> {
-        match self.state.live(user, path) {
+        match self.node.state().live(user, path) {
             None => Err(refusal(format!("no such file on the server: {path}"))),
             Some(meta) => self.store.open_file(user, path).map(|f| (meta.clone(), f)).map_err(|e| {
                 log::error!("cannot open stored file user={user}: {e}");
@@ -881,10 +1268,11 @@ impl Core {
             return;
         };
         let (user, device) = (live.user.clone(), live.device.clone());
-        let answered = |state: &State| state.already_answered(&device, seq);
+        let state = self.node.state();
+        let answered = state.already_answered(&device, seq);
         match req {
             CoreRequest::List { after, reply } => {
-                let (mut files, more) = self.state.listing_page(&user, after.as_deref());
+                let (mut files, more) = state.listing_page(&user, after.as_deref());
                 for m in files.iter_mut().filter(|m| !m.deleted) {
                     (m.atime_ms, m.ctime_ms) = self.store.times(&user, &m.path);
                 }
@@ -894,41 +1282,45 @@ impl Core {
                 let _ = reply.send(self.open(&user, &path));
             }
             CoreRequest::BeginUpload { path, base, reply } => {
-                let answer = match answered(&self.state).or_else(|| self.state.check_upload(&user, &path, base).err()) {
+                let answer = match answered.or_else(|| state.check_upload(&user, &path, base).err()) {
                     Some(r) => Err(r),
-                    None => Ok(self
-                        .links
-                        .iter()
-                        .filter(|(id, _)| self.acks.is_live(**id))
-                        .map(|(id, l)| DataSender { id: *id, tx: l.data.clone() })
-                        .collect()),
+                    None => {
+                        let live: Vec<ServerId> = self.node.live_backups();
+                        Ok(self
+                            .links
+                            .values()
+                            .filter_map(|l| l.id.filter(|id| live.contains(id)).map(|id| (id, l)))
+                            .map(|(id, l)| DataSender { id, tx: l.data.clone() })
+                            .collect())
+                    }
                 };
                 let _ = reply.send(answer);
             }
             CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply } => {
-                let early = answered(&self.state).or_else(|| self.state.check_upload(&user, &path, base).err());
-                if let Some(answer) = early {
+                if let Some(answer) = answered.or_else(|| state.check_upload(&user, &path, base).err()) {
                     self.abandon_upload(&xfer);
                     let _ = reply.send(answer);
                     return;
                 }
-                let meta = new_meta(&path, self.state.next_version(&user, &path), size, mtime_ms, hash);
+                let meta = new_meta(&path, state.next_version(&user, &path), size, mtime_ms, hash);
                 let result = OpResult::Done { meta: meta.clone() };
                 log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
                 let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
                 let request = Some((device, LastRequest { seq, result: result.clone() }));
-                let push = Some((conn, user.clone(), Notice::Put { meta }));
-                if !self.propose(change, request, Done::Reply { reply, result, push }) {
-                    // Nothing will move the bytes into place.
+                let push = Some((conn, user, Notice::Put { meta }));
+                let before = self.node.state().pos;
+                self.propose(change, request, Some(Done::Reply { reply, result, push }));
+                if self.node.state().pos == before {
+                    // Not stored: nothing will move the bytes into place.
                     self.abandon_upload(&xfer);
                 }
             }
             CoreRequest::Delete { path, base, reply } => {
-                if let Some(answer) = answered(&self.state) {
+                if let Some(answer) = answered {
                     let _ = reply.send(answer);
                     return;
                 }
-                match self.state.check_delete(&user, &path, base) {
+                match state.check_delete(&user, &path, base) {
                     Err(answer) => {
                         let _ = reply.send(answer);
                     }
@@ -938,16 +1330,16 @@ impl Core {
                         let change = Change::Delete { user: user.clone(), meta: meta.clone() };
                         let request = Some((device, LastRequest { seq, result: result.clone() }));
                         let push = Some((conn, user, Notice::Delete { meta }));
-                        self.propose(change, request, Done::Reply { reply, result, push });
+                        self.propose(change, request, Some(Done::Reply { reply, result, push }));
                     }
                 }
             }
             CoreRequest::Rename { from, to, base, reply } => {
-                if let Some(answer) = answered(&self.state) {
+                if let Some(answer) = answered {
                     let _ = reply.send(answer);
                     return;
                 }
-                match self.state.check_rename(&user, &from, &to, base) {
+                match state.check_rename(&user, &from, &to, base) {
                     Err(answer) => {
                         let _ = reply.send(answer);
                     }
@@ -957,7 +1349,7 @@ impl Core {
                         let change = Change::Rename { user: user.clone(), from: gone, to: moved.clone() };
                         let request = Some((device, LastRequest { seq, result: result.clone() }));
                         let push = Some((conn, user, Notice::Rename { from, meta: moved }));
-                        self.propose(change, request, Done::Reply { reply, result, push });
+                        self.propose(change, request, Some(Done::Reply { reply, result, push }));
                     }
                 }
             }

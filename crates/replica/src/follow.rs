@@ -1,339 +1,149 @@
-//! Both ends of a replication link.
+//! The backup's side of a replication link: plain transport, which the core
+//! starts (to follow a primary at an address) and stops.
 //!
-//! Primary side ([`serve_link`]): a joining server's connection is handed to the
-//! core (which queues the snapshot and every later entry on the link) and then
-//! read for the backup's acknowledgements.
-//!
-//! Backup side ([`follow`]): the follower thread joins through the address given
-//! with `-b` (following a redirect to the primary), installs the snapshot, fetches
-//! the files it lacks or holds at an older version, says it has caught up, then
-//! applies the live stream in order: forwarded upload chunks go to temporary files
-//! as they arrive; an entry is applied once its content is durable (fetched from
-//! the primary when the chunks did not come, e.g. for an upload already under way
-//! when this backup joined), and acknowledged after it is applied.
+//! A follower session connects, says hello as a server, follows a redirect to the
+//! primary, and then reports to the core everything the primary sends, with the
+//! frame's epoch: the core's [`crate::node::Node`] decides what it means (a stale
+//! epoch ends the session, acks are the node's outputs). What stays here is the
+//! content: forwarded upload chunks go to temporary files as they arrive; the
+//! snapshot's files and the content of entries whose chunks did not come (an
+//! upload already under way when this backup joined) are fetched from the
+//! primary on a connection of their own, so that a long fetch never delays the
+//! link; every user and path is checked before it touches the disk.
 
-use crate::conn::{Ctx, FrameWriter};
-use crate::core::{ask, Event, NewLink, Route};
-use crate::link::{self, LinkOut, DATA_QUEUE};
+use crate::core::{ask, Event, FollowerEvent};
 use crate::state::{Change, State};
 use crate::store::{tmp_file, user_file};
-use crossbeam_channel::{bounded, unbounded, Sender};
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use replibox_proto::{
-    read_frame, validate_path, validate_username, write_frame, Damaged, Epoch, FileMeta, Frame, Hasher, Msg, OpResult,
-    ProtoError, Receipt, Seq, ServerId, Who, PROTOCOL_VERSION,
+    read_frame, validate_path, validate_username, write_frame, Damaged, Epoch, FileMeta, Frame, Hasher, LogPos, Msg,
+    OpResult, ProtoError, Receipt, ServerId, Who, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Primary side: serves a server that said hello as a joining backup.
-#[allow(clippy::too_many_arguments)]
-pub fn serve_link(
-    stream: TcpStream,
-    writer: FrameWriter,
-    ctx: Ctx,
-    id: Option<ServerId>,
-    ip: Option<String>,
-    port: u16,
-    seq: Seq,
-    peer: String,
-) {
-    match ask(&ctx.core, |reply| Event::Route { reply }) {
-        Some(Route::Here) => {}
-        Some(Route::At(primary)) => {
-            log::info!("redirecting joining server peer={peer} to primary={primary}");
-            let _ = writer.send(&Msg::Redirect { primary }, &[]);
-            return;
-        }
-        Some(Route::Unknown) | None => {
-            // Not a refusal (which would make the joiner give up): close, and the
-            // joiner tries again until this backup knows where the primary is.
-            log::info!("closing join from peer={peer}: this backup does not know the primary yet");
-            return;
-        }
-    }
-    drop(writer);
-    let no = ctx.links.fetch_add(1, Ordering::Relaxed) + 1;
-    let (Ok(peer_addr), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return };
-    let ip = ip.and_then(|s| s.parse::<IpAddr>().ok()).filter(|i| !i.is_unspecified()).unwrap_or(peer_addr.ip());
-    let addr = SocketAddr::new(ip, port).to_string();
-    let (ctl_tx, ctl_rx) = unbounded();
-    let (data_tx, data_rx) = bounded(DATA_QUEUE);
-    let (Ok(write_half), Ok(shut_half)) = (stream.try_clone(), stream.try_clone()) else { return };
-    let epoch = ctx.epoch.clone();
-    let label = addr.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("link-{no}-writer"))
-        .spawn(move || link::writer(write_half, ctl_rx, data_rx, epoch, label));
-    if spawned.is_err() {
-        return;
-    }
-    let link = NewLink {
-        id,
-        addr: addr.clone(),
-        local_ip: local.ip(),
-        peer_ip: peer_addr.ip(),
-        no,
-        ctl: ctl_tx.clone(),
-        data: data_tx,
-        stream: shut_half,
-    };
-    let id = match ask(&ctx.core, |reply| Event::Join { link, reply }) {
-        Some(Ok(id)) => id,
-        Some(Err(reason)) => {
-            log::warn!("refused joining server peer={peer} addr={addr}: {reason}");
-            let _ = ctl_tx.send(LinkOut::msg(Msg::Refused { reason }));
-            return;
-        }
-        None => return,
-    };
-    drop(ctl_tx);
-    log::info!("replication link up id={id} addr={addr} their_seq={seq}");
-    // A joining backup may fetch files for a long while before it acks anything,
-    // but it pings every second (KEEPALIVE); once caught up, its heartbeat acks
-    // pace it and the ack bound applies.
-    let _ = stream.set_read_timeout(Some(ctx.ack_timeout.max(JOINING_SILENCE)));
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let why = loop {
-        let frame = match read_frame(&mut reader) {
-            Ok(Some(f)) => f,
-            Ok(None) => break "closed by the backup".to_string(),
-            Err(e) if e.is_timeout() => {
-                let silence = reader.get_ref().read_timeout().ok().flatten().unwrap_or(ctx.ack_timeout);
-                break format!("silent for {silence:?}");
-            }
-            Err(e) => break e.to_string(),
-        };
-        let ours = ctx.epoch.load(Ordering::Relaxed);
-        // A joiner pings with its old epoch until it has installed the snapshot.
-        if frame.epoch.0 < ours && frame.msg != Msg::Ping {
-            log::warn!(
-                "dropping {} from backup id={id} with stale epoch={} (ours is {ours})",
-                frame.msg.kind(),
-                frame.epoch
-            );
-            continue;
-        }
-        let event = match frame.msg {
-            Msg::Ack { seq } => Event::Ack { no, id, seq },
-            Msg::CaughtUp { seq } => {
-                // From now on a silent backup is a stalled one: its acks of the
-                // heartbeats stop.
-                let _ = reader.get_ref().set_read_timeout(Some(ctx.ack_timeout.max(Duration::from_millis(200))));
-                Event::CaughtUp { no, id, seq }
-            }
-            Msg::Ping => continue,
-            other => break format!("unexpected {} from the backup", other.kind()),
-        };
-        if ctx.core.send(event).is_err() {
-            return;
-        }
-    };
-    let _ = ctx.core.send(Event::LinkDown { no, id, why });
-}
+/// How often a backup pings its primary when it has nothing else to say (a long
+/// fetch while joining, say), so that the primary can time out every read.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// How long connecting to a primary may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Redirects followed per session.
+const MAX_REDIRECTS: u32 = 4;
 
-/// How a backup follows its primary.
+/// Where a follower session goes.
 #[derive(Clone, Debug)]
 pub struct FollowConfig {
-    /// `HOST:PORT` given with `-b`.
-    pub join: String,
-    /// The IP this server listens on, when bound to one.
-    pub ip: Option<IpAddr>,
-    /// The port this server listens on.
-    pub port: u16,
-    /// The id from `--id` or the data dir.
-    pub id: Option<ServerId>,
-    /// Silence from the primary longer than this means the link is lost.
+    /// `HOST:PORT` of the primary, or of a server that redirects to it.
+    pub target: String,
+    /// Silence from the primary longer than this ends the session.
     pub failure_timeout: Duration,
     /// The data dir, where fetched and forwarded content waits in `tmp/`.
     pub data: PathBuf,
 }
 
-enum Stop {
-    /// Go to that server instead.
-    Redirect(String),
-    /// Refused for good (a duplicate id): the server must stop.
-    Fatal(String),
-    /// Lost or failed: try again.
-    Retry(String),
+/// What a follower's hello says.
+#[derive(Clone, Debug)]
+pub struct JoinHello {
+    /// Our id, if we have one.
+    pub id: Option<ServerId>,
+    /// The IP we listen on, when bound to one.
+    pub ip: Option<IpAddr>,
+    /// The port we listen on.
+    pub port: u16,
+    /// The position of our last entry.
+    pub pos: LogPos,
+    /// Its epoch.
+    pub last_epoch: Epoch,
+    /// We count ourselves a member that may stand.
+    pub member: bool,
 }
 
-impl From<ProtoError> for Stop {
-    fn from(e: ProtoError) -> Self {
-        Stop::Retry(e.to_string())
+/// The core's handle on a running follower session.
+pub struct FollowerHandle {
+    /// The session's number (events of older sessions are dropped).
+    pub session: u64,
+    out: Sender<Msg>,
+    stop: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+}
+
+impl FollowerHandle {
+    /// Queues a message for the primary.
+    pub fn send(&self, msg: Msg) {
+        let _ = self.out.send(msg);
+    }
+
+    /// Ends the session: its socket is shut, its thread ends quietly.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = self.stream.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
-fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, Stop> {
+/// Starts a follower session; None when its thread cannot start (the core is
+/// told the session is down).
+pub fn start(
+    session: u64,
+    cfg: FollowConfig,
+    hello: JoinHello,
+    core: Sender<Event>,
+    epoch: Arc<AtomicU64>,
+) -> Option<FollowerHandle> {
+    let (out_tx, out_rx) = unbounded();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = Arc::new(Mutex::new(None));
+    let (s2, st2, core2) = (stop.clone(), stream.clone(), core.clone());
+    let spawned = std::thread::Builder::new().name(format!("follower-{session}")).spawn(move || {
+        let mut f = Follower {
+            session,
+            cfg,
+            core: core2,
+            epoch,
+            stop: s2,
+            stream: st2,
+            xfers: HashMap::new(),
+            fetcher: None,
+            id: hello.id.unwrap_or_default(),
+            target: String::new(),
+        };
+        let why = f.run(hello, out_rx);
+        f.cleanup();
+        if !f.stop.load(Ordering::SeqCst) {
+            let _ = f.core.send(Event::Follower { session, event: FollowerEvent::Down { why } });
+        }
+    });
+    match spawned {
+        Ok(_) => Some(FollowerHandle { session, out: out_tx, stop, stream }),
+        Err(e) => {
+            let why = format!("cannot start a follower thread: {e}");
+            let _ = core.send(Event::Follower { session, event: FollowerEvent::Down { why } });
+            None
+        }
+    }
+}
+
+fn connect(addr: &str) -> Result<TcpStream, String> {
     let sock = addr
         .to_socket_addrs()
-        .map_err(|e| Stop::Retry(format!("cannot resolve {addr}: {e}")))?
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
         .next()
-        .ok_or_else(|| Stop::Retry(format!("cannot resolve {addr}")))?;
-    let s = TcpStream::connect_timeout(&sock, timeout).map_err(|e| Stop::Retry(format!("cannot reach {addr}: {e}")))?;
+        .ok_or_else(|| format!("cannot resolve {addr}"))?;
+    let s = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let _ = s.set_nodelay(true);
     Ok(s)
 }
 
-/// Backup side: follows the primary for as long as the process runs.
-pub fn follow(cfg: FollowConfig, core: Sender<Event>, epoch: Arc<AtomicU64>) {
-    let mut target = cfg.join.clone();
-    let mut id = cfg.id;
-    let mut failures = 0u32;
-    loop {
-        let (stop, joined) = session(&cfg, &core, &epoch, &target, &mut id);
-        if joined {
-            failures = 0;
-        }
-        match stop {
-            Stop::Redirect(primary) => {
-                log::info!("following redirect to primary={primary}");
-                target = primary;
-            }
-            Stop::Fatal(reason) => {
-                log::error!("cannot join the cluster: {reason}");
-                eprintln!("replibox-server: cannot join the cluster through {target}: {reason}");
-                std::process::exit(1);
-            }
-            Stop::Retry(why) => {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(20) {
-                    log::warn!("not following a primary (via {target}): {why}; retrying");
-                }
-                // After a few failures at a primary learnt from a redirect, go back
-                // to the address given on the command line.
-                if failures.is_multiple_of(5) {
-                    target = cfg.join.clone();
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
-/// One connection to the primary, from hello to its end; says how it ended and
-/// whether the primary accepted this server on the way.
-fn session(
-    cfg: &FollowConfig,
-    core: &Sender<Event>,
-    epoch: &Arc<AtomicU64>,
-    target: &str,
-    id: &mut Option<ServerId>,
-) -> (Stop, bool) {
-    let stream = match connect(target, Duration::from_secs(2)) {
-        Ok(s) => s,
-        Err(stop) => return (stop, false),
-    };
-    let seq = ask(core, |reply| Event::LastSeq { reply }).unwrap_or_default();
-    let Ok(mut out) = stream.try_clone() else { return (Stop::Retry("cannot clone socket".into()), false) };
-    let _ = stream.set_read_timeout(Some(cfg.failure_timeout));
-    let hello = Msg::Hello {
-        version: PROTOCOL_VERSION,
-        who: Who::Server {
-            id: *id,
-            ip: cfg.ip.filter(|i| !i.is_unspecified()).map(|i| i.to_string()),
-            port: cfg.port,
-            seq,
-        },
-    };
-    if let Err(e) = write_frame(&mut out, Epoch(epoch.load(Ordering::Relaxed)), &hello, &[]) {
-        return (Stop::Retry(e.to_string()), false);
-    }
-    let mut reader = BufReader::with_capacity(256 * 1024, stream);
-    let out = Arc::new(Mutex::new(out));
-    let keepalive = keepalive(out.clone(), epoch.clone());
-    let mut follower = Follower {
-        cfg,
-        core,
-        epoch,
-        out,
-        target: target.to_string(),
-        fetcher: None,
-        xfers: HashMap::new(),
-        joined: false,
-        id: ServerId::default(),
-        missing: Default::default(),
-        complete: Seq(0),
-        acked: Seq(0),
-        keepalive: keepalive.clone(),
-        marked: false,
-    };
-    let stop = follower.run(&mut reader, id);
-    follower.cleanup();
-    keepalive.store(true, Ordering::Relaxed);
-    let _ = follower.out.lock().unwrap_or_else(|p| p.into_inner()).shutdown(std::net::Shutdown::Both);
-    (stop, follower.joined)
-}
-
-/// How often a backup pings its primary, whatever else it is doing (a long fetch
-/// while joining, say), so that the primary can time out every read on the link.
-const KEEPALIVE: Duration = Duration::from_secs(1);
-/// How long the primary lets a joining backup's link stay silent.
-const JOINING_SILENCE: Duration = Duration::from_secs(10);
-
-/// Pings on `out` every [`KEEPALIVE`] until the returned flag is set.
-fn keepalive(out: Arc<Mutex<TcpStream>>, epoch: Arc<AtomicU64>) -> Arc<std::sync::atomic::AtomicBool> {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let spawned = std::thread::Builder::new().name("follower-keepalive".into()).spawn(move || loop {
-        std::thread::sleep(KEEPALIVE);
-        if flag.load(Ordering::Relaxed) {
-            return;
-        }
-        // The epoch changes when the snapshot is installed: stamp the current one.
-        let now = Epoch(epoch.load(Ordering::Relaxed));
-        let mut s = out.lock().unwrap_or_else(|p| p.into_inner());
-        if write_frame(&mut *s, now, &Msg::Ping, &[]).is_err() {
-            return;
-        }
-    });
-    if let Err(e) = spawned {
-        log::warn!("cannot start the keep-alive thread: {e}");
-    }
-    stop
-}
-
-/// A forwarded upload arriving on the link; its size is known only at its end.
-struct Incoming {
-    file: File,
-    hash: Hasher,
-    complete: bool,
-}
-
-struct Follower<'a> {
-    cfg: &'a FollowConfig,
-    core: &'a Sender<Event>,
-    epoch: &'a AtomicU64,
-    /// The link's write side, shared with the keep-alive thread.
-    out: Arc<Mutex<TcpStream>>,
-    target: String,
-    fetcher: Option<Fetcher>,
-    xfers: HashMap<String, Incoming>,
-    /// This session has caught up (sent `CaughtUp`).
-    joined: bool,
-    /// Paths whose content this server lacks for the version its state describes;
-    /// acks are held while any remain.
-    missing: std::collections::BTreeSet<(String, String)>,
-    /// The last entry applied.
-    complete: Seq,
-    /// The last seq acknowledged: every entry up to it is here with its content.
-    acked: Seq,
-    /// A live-phase lack marked the data dir incomplete.
-    marked: bool,
-    /// Stops the keep-alive thread (once caught up, heartbeat acks pace the link).
-    keepalive: Arc<std::sync::atomic::AtomicBool>,
-    /// Our id, once the primary accepted us.
-    id: ServerId,
-}
-
 /// Checks the names an entry would touch on disk: a backup does not rely on the
 /// primary for its own confinement.
-fn check_names(change: &Change) -> Result<(), String> {
+pub fn check_names(change: &Change) -> Result<(), String> {
     let check = |user: &str, paths: &[&str]| -> Result<(), String> {
         validate_username(user).map_err(|e| e.to_string())?;
         paths.iter().try_for_each(|p| validate_path(p).map_err(|e| e.to_string()))
@@ -346,112 +156,168 @@ fn check_names(change: &Change) -> Result<(), String> {
     }
 }
 
+/// A transfer name as the primary's store makes them: it becomes a file name.
 fn valid_xfer(xfer: &str) -> bool {
     !xfer.is_empty() && xfer.len() <= 128 && xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-impl Follower<'_> {
-    fn send(&mut self, msg: &Msg) -> Result<(), Stop> {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *out, Epoch(self.epoch.load(Ordering::Relaxed)), msg, &[]).map_err(Stop::from)
+/// A forwarded upload arriving on the link; its size is known only at its end.
+struct Incoming {
+    file: File,
+    hash: Hasher,
+    complete: bool,
+}
+
+struct Follower {
+    session: u64,
+    cfg: FollowConfig,
+    core: Sender<Event>,
+    epoch: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    xfers: HashMap<String, Incoming>,
+    fetcher: Option<Fetcher>,
+    id: ServerId,
+    /// The primary's address, after redirects.
+    target: String,
+}
+
+impl Follower {
+    fn report(&self, event: FollowerEvent) -> Result<(), String> {
+        self.core.send(Event::Follower { session: self.session, event }).map_err(|_| "the core stopped".to_string())
     }
 
-    fn next(&self, reader: &mut BufReader<TcpStream>) -> Result<Frame, Stop> {
-        loop {
-            match read_frame(reader) {
-                Ok(Some(f)) => {
-                    let mine = self.epoch.load(Ordering::Relaxed);
-                    if f.epoch.0 < mine {
-                        log::warn!(
-                            "dropping {} from {} with stale epoch={} (ours is {mine})",
-                            f.msg.kind(),
-                            self.target,
-                            f.epoch
-                        );
-                        continue;
-                    }
-                    return Ok(f);
-                }
-                Ok(None) => return Err(Stop::Retry("the primary closed the link".into())),
-                Err(e) if e.is_timeout() => {
-                    return Err(Stop::Retry(format!("no word from the primary for {:?}", self.cfg.failure_timeout)))
-                }
-                Err(e) => return Err(e.into()),
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> FollowerEvent) -> Result<T, String> {
+        ask(&self.core, |reply| Event::Follower { session: self.session, event: make(reply) })
+            .ok_or_else(|| "the core stopped".to_string())
+    }
+
+    /// Connects (following redirects), then serves the session until it ends;
+    /// says why it ended.
+    fn run(&mut self, hello: JoinHello, out_rx: Receiver<Msg>) -> String {
+        match self.session(hello, out_rx) {
+            Ok(()) => "stopped".into(),
+            Err(why) => why,
+        }
+    }
+
+    fn session(&mut self, hello: JoinHello, out_rx: Receiver<Msg>) -> Result<(), String> {
+        let mut target = self.cfg.target.clone();
+        let mut hops = 0;
+        let (stream, first) = loop {
+            let stream = connect(&target)?;
+            *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
             }
-        }
-    }
-
-    fn run(&mut self, reader: &mut BufReader<TcpStream>, id: &mut Option<ServerId>) -> Stop {
-        match self.join(reader, id) {
-            Ok(()) => {}
-            Err(stop) => return stop,
-        }
-        loop {
-            let frame = match self.next(reader) {
-                Ok(f) => f,
-                Err(stop) => return stop,
+            let _ = stream.set_read_timeout(Some(self.cfg.failure_timeout));
+            let who = Who::Server {
+                id: hello.id,
+                ip: hello.ip.map(|i| i.to_string()),
+                port: hello.port,
+                pos: hello.pos,
+                last_epoch: hello.last_epoch,
+                member: hello.member,
             };
-            if let Err(stop) = self.handle(frame) {
-                return stop;
+            let mut w = &stream;
+            write_frame(
+                &mut w,
+                Epoch(self.epoch.load(Ordering::Relaxed)),
+                &Msg::Hello { version: PROTOCOL_VERSION, who },
+                &[],
+            )
+            .map_err(|e| format!("cannot say hello to {target}: {e}"))?;
+            let mut r = &stream;
+            let first = match read_frame(&mut r) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(format!("{target} closed the connection (it may know no primary yet)")),
+                Err(e) => return Err(format!("no answer from {target}: {e}")),
+            };
+            if let Msg::Redirect { primary } = &first.msg {
+                hops += 1;
+                if hops > MAX_REDIRECTS {
+                    return Err("too many redirects".into());
+                }
+                log::info!("following redirect from {target} to primary={primary}");
+                target = primary.clone();
+                continue;
             }
+            break (stream, first);
+        };
+        self.target = target.clone();
+        let snapshot = match first.msg {
+            Msg::Joined { id, primary, snapshot, member } => {
+                self.id = id;
+                let event =
+                    FollowerEvent::Joined { epoch: first.epoch, id, primary, addr: target.clone(), snapshot, member };
+                self.report(event)?;
+                snapshot
+            }
+            Msg::Refused { reason } => {
+                self.report(FollowerEvent::Msg { epoch: first.epoch, msg: Msg::Refused { reason: reason.clone() } })?;
+                return Err(format!("{target} refused this server: {reason}"));
+            }
+            other => return Err(format!("unexpected {} answering our hello", other.kind())),
+        };
+        let writer = stream.try_clone().map_err(|e| format!("cannot clone the link's socket: {e}"))?;
+        spawn_writer(self.session, writer, out_rx, self.epoch.clone());
+        let mut reader = BufReader::with_capacity(256 * 1024, stream);
+        if snapshot {
+            self.install(&mut reader)?;
+        }
+        loop {
+            let frame = self.next(&mut reader)?;
+            self.handle(frame)?;
         }
     }
 
-    /// Hello's answer, the snapshot, and the files this server lacks.
-    fn join(&mut self, reader: &mut BufReader<TcpStream>, id: &mut Option<ServerId>) -> Result<(), Stop> {
-        let first = self.next(reader)?;
-        let primary_epoch = first.epoch;
-        let (my_id, primary) = match first.msg {
-            Msg::Redirect { primary } => return Err(Stop::Redirect(primary)),
-            Msg::Refused { reason } => return Err(Stop::Fatal(reason)),
-            Msg::Joined { id, primary } => (id, primary),
-            other => return Err(Stop::Retry(format!("unexpected {} answering our hello", other.kind()))),
-        };
-        let mine = self.epoch.load(Ordering::Relaxed);
-        if primary_epoch.0 < mine {
-            return Err(Stop::Retry(format!(
-                "the server at {} is primary of epoch {primary_epoch}, older than ours ({mine}); not following it",
-                self.target
-            )));
+    fn next(&self, reader: &mut BufReader<TcpStream>) -> Result<Frame, String> {
+        match read_frame(reader) {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err(format!("the primary at {} closed the link", self.target)),
+            Err(e) if e.is_timeout() => {
+                Err(format!("no word from the primary at {} for {:?}", self.target, self.cfg.failure_timeout))
+            }
+            Err(e) => Err(format!("the link to {} failed: {e}", self.target)),
         }
-        *id = Some(my_id);
-        self.id = my_id;
-        let _ = self.core.send(Event::Joined { id: my_id });
-        let _ = self.core.send(Event::PrimaryAt { addr: self.target.clone() });
-        let mut snapshot = Vec::new();
-        let snap_seq = loop {
+    }
+
+    /// The snapshot, its install by the core, and the files this server lacks.
+    fn install(&mut self, reader: &mut BufReader<TcpStream>) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        let (epoch, pos) = loop {
             let f = self.next(reader)?;
             match f.msg {
-                Msg::SnapshotChunk => snapshot.extend_from_slice(&f.payload),
-                Msg::SnapshotEnd { seq } => break seq,
-                other => return Err(Stop::Retry(format!("unexpected {} inside the snapshot", other.kind()))),
+                Msg::SnapshotChunk => bytes.extend_from_slice(&f.payload),
+                Msg::SnapshotEnd { pos } => break (f.epoch, pos),
+                Msg::Ping | Msg::Heartbeat { .. } => {}
+                other => return Err(format!("unexpected {} inside the snapshot", other.kind())),
             }
         };
-        let state: State = serde_json::from_slice(&snapshot).map_err(|e| Stop::Retry(format!("bad snapshot: {e}")))?;
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| format!("bad snapshot: {e}"))?;
+        drop(bytes);
         for (user, files) in &state.files {
             for path in files.keys() {
                 let ok = validate_username(user).and_then(|_| validate_path(path));
-                ok.map_err(|e| Stop::Retry(format!("refusing the primary's snapshot: {e}")))?;
+                ok.map_err(|e| format!("refusing the primary's snapshot: {e}"))?;
             }
         }
-        drop(snapshot);
-        let needed = ask(self.core, |reply| Event::Install { state: Box::new(state), reply })
-            .ok_or_else(|| Stop::Retry("core stopped".into()))?
-            .map_err(|e| Stop::Retry(format!("cannot install the snapshot: {e}")))?;
-        log::info!(
-            "joined primary id={primary} at {} as id={my_id}; snapshot seq={snap_seq}; fetching {} files",
-            self.target,
-            needed.len()
-        );
-        let (mut placed, mut bytes) = (0, 0);
+        let needed = self
+            .ask(|reply| FollowerEvent::Snapshot { epoch, state: Box::new(state), reply })?
+            .map_err(|e| format!("cannot install the snapshot: {e}"))?;
+        log::info!("installed the snapshot of {} at pos={pos}; fetching {} files", self.target, needed.len());
+        let (mut placed, mut size) = (0, 0);
+        let mut lacks = Vec::new();
         for (n, (user, meta)) in needed.iter().enumerate() {
-            let xfer = format!("f{}-{n}", std::process::id());
+            let xfer = format!("f{}-{}-{n}", std::process::id(), self.session);
             let ok = match self.fetch(user, &meta.path, &xfer)? {
                 Some(got) => {
-                    let size = got.size;
-                    let ok = self.place(user.clone(), got, xfer)?;
+                    let bytes = got.size;
+                    let ok = self
+                        .ask(|reply| FollowerEvent::PlaceFetched { user: user.clone(), meta: got, xfer, reply })?
+                        .map_err(|e| format!("cannot place a fetched file: {e}"))?;
                     if ok {
-                        bytes += size;
+                        size += bytes;
                     }
                     ok
                 }
@@ -460,86 +326,35 @@ impl Follower<'_> {
             if ok {
                 placed += 1;
             } else {
-                // The primary has moved this file on since the snapshot (a later
-                // entry says how): never keep an older copy under its name.
-                self.lack(user, &meta.path);
+                // The primary moved this file on since the snapshot (a later entry
+                // says how): never keep an older copy under its name.
+                lacks.push((user.clone(), meta.path.clone()));
             }
         }
-        log::info!("fetched {placed} of {} files ({bytes} bytes) for seq={snap_seq}", needed.len());
-        self.complete = snap_seq;
-        self.maybe_caught_up()
-    }
-
-    /// Has the core put a fetched file in place; false when it is not the content
-    /// the state expects (the primary has moved on).
-    fn place(&self, user: String, meta: FileMeta, xfer: String) -> Result<bool, Stop> {
-        ask(self.core, |reply| Event::PlaceFetched { user, meta, xfer, reply })
-            .ok_or_else(|| Stop::Retry("core stopped".into()))?
-            .map_err(|e| Stop::Retry(format!("cannot place a fetched file: {e}")))
-    }
-
-    /// This server lacks the content its state describes at `path`: it removes any
-    /// older copy (a stale file must never be renamed into place later), marks the
-    /// data dir incomplete, and holds its acks until an entry resolves the path.
-    fn lack(&mut self, user: &str, path: &str) {
-        log::info!("dropping local copy of user={user} path={path}: the primary no longer has that version");
-        let _ = ask(self.core, |reply| Event::DropContent { user: user.into(), path: path.into(), reply });
-        if self.joined && !self.marked {
-            // Joining, the install already marked the data dir; live, mark it now.
-            let _ = ask(self.core, |reply| Event::MarkIncomplete { reply });
-            self.marked = true;
-        }
-        self.missing.insert((user.to_string(), path.to_string()));
-    }
-
-    /// Acknowledges (and, the first time, reports caught up) once nothing is
-    /// missing: an ack promises the content of every entry up to it.
-    fn maybe_caught_up(&mut self) -> Result<(), Stop> {
-        if !self.missing.is_empty() {
-            log::info!("holding acks at seq={}: {} files await a later entry", self.acked, self.missing.len());
-            return Ok(());
-        }
-        self.acked = self.complete;
-        if !self.joined {
-            let _ = ask(self.core, |reply| Event::JoinComplete { reply });
-            self.send(&Msg::CaughtUp { seq: self.acked })?;
-            log::info!("caught up to seq={}", self.acked);
-            self.joined = true;
-            // From now on the heartbeat acks pace the link.
-            self.keepalive.store(true, Ordering::Relaxed);
-            Ok(())
-        } else {
-            if self.marked {
-                let _ = ask(self.core, |reply| Event::JoinComplete { reply });
-                self.marked = false;
-            }
-            self.send(&Msg::Ack { seq: self.acked })
-        }
+        log::info!("fetched {placed} of {} files ({size} bytes) for pos={pos}", needed.len());
+        self.report(FollowerEvent::Installed { lacks })
     }
 
     /// The forwarded upload `xfer`, its temporary file created at its first frame.
-    fn incoming(&mut self, xfer: &str) -> Result<&mut Incoming, Stop> {
+    fn incoming(&mut self, xfer: &str) -> Result<&mut Incoming, String> {
         if !self.xfers.contains_key(xfer) {
             if !valid_xfer(xfer) {
-                return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+                return Err(format!("invalid transfer name {xfer:?}"));
             }
             let path = tmp_file(&self.cfg.data, xfer);
-            let file =
-                File::create(&path).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", path.display())))?;
-            let fresh = Incoming { file, hash: Hasher::new(), complete: false };
-            self.xfers.insert(xfer.to_string(), fresh);
+            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            self.xfers.insert(xfer.to_string(), Incoming { file, hash: Hasher::new(), complete: false });
         }
-        self.xfers.get_mut(xfer).ok_or_else(|| Stop::Retry(format!("transfer {xfer} vanished")))
+        self.xfers.get_mut(xfer).ok_or_else(|| format!("transfer {xfer} vanished"))
     }
 
-    fn handle(&mut self, frame: Frame) -> Result<(), Stop> {
+    fn handle(&mut self, frame: Frame) -> Result<(), String> {
+        let epoch = frame.epoch;
         match frame.msg {
             Msg::XferChunk { xfer } => {
                 let inc = self.incoming(&xfer)?;
                 inc.hash.update(&frame.payload);
-                inc.file
-                    .write_all(&frame.payload)
-                    .map_err(|e| Stop::Retry(format!("cannot write transfer {xfer}: {e}")))?;
+                inc.file.write_all(&frame.payload).map_err(|e| format!("cannot write transfer {xfer}: {e}"))?;
             }
             Msg::XferEnd { xfer, size, hash } => {
                 // Created here for an empty upload, which has no chunks.
@@ -557,15 +372,14 @@ impl Follower<'_> {
                 }
             }
             Msg::Apply { entry } => {
-                if let Err(e) = check_names(&entry.change) {
-                    return Err(Stop::Retry(format!("refusing entry seq={} from the primary: {e}", entry.seq)));
-                }
+                check_names(&entry.change)
+                    .map_err(|e| format!("refusing entry pos={} from the primary: {e}", entry.pos))?;
                 let mut lacking = None;
                 if let Change::Put { user, meta, xfer } = &entry.change {
                     let ready = self.xfers.remove(xfer).is_some_and(|inc| inc.complete);
                     if !ready {
                         if !valid_xfer(xfer) {
-                            return Err(Stop::Retry(format!("invalid transfer name {xfer:?}")));
+                            return Err(format!("invalid transfer name {xfer:?}"));
                         }
                         // The chunks never came (the upload began before this backup
                         // was live): fetch the content before applying.
@@ -575,74 +389,37 @@ impl Follower<'_> {
                             .is_some_and(|got| got.hash == meta.hash && got.size == meta.size);
                         if !exact {
                             // This version is gone from the primary (a later entry moved
-                            // or replaced it): leave the path empty rather than stale, so
-                            // that a later rename of it fetches the content it names.
+                            // or replaced it): leave the path empty rather than stale.
                             let _ = std::fs::remove_file(tmp_file(&self.cfg.data, xfer));
                             lacking = Some((user.clone(), meta.path.clone()));
                         }
                     }
                 }
-                // A rename whose source this backup never received (its content was
-                // to be fetched, but the primary had already moved it on): fetch the
+                // A rename whose source this backup never received: fetch the
                 // destination's content, to be placed once the entry is applied.
-                let mut refetched = None;
-                let mut source_missing = false;
+                let mut refetch = None;
                 if let Change::Rename { user, from, to } = &entry.change {
-                    source_missing = !user_file(&self.cfg.data, user, &from.path).exists();
-                    if source_missing {
-                        let xfer = format!("r{}-{}", std::process::id(), entry.seq);
-                        if let Some(got) = self.fetch(user, &to.path, &xfer)? {
-                            refetched = Some((user.clone(), got, xfer));
+                    if !user_file(&self.cfg.data, user, &from.path).exists() {
+                        let xfer = format!("r{}-{}-{}", std::process::id(), self.session, entry.pos);
+                        match self.fetch(user, &to.path, &xfer)? {
+                            Some(got) => refetch = Some((user.clone(), got, xfer)),
+                            None => lacking = Some((user.clone(), to.path.clone())),
                         }
                     }
                 }
-                let seq = entry.seq;
-                let change = entry.change.clone();
-                match ask(self.core, |reply| Event::Apply { entry: *entry, reply }) {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(Stop::Retry(format!("cannot apply entry seq={seq}: {e}"))),
-                    None => return Err(Stop::Retry("core stopped".into())),
-                }
-                // What this entry settles: a path it puts (with its content), deletes
-                // or renames away is no longer missing.
-                match &change {
-                    Change::Put { user, meta, .. } | Change::Delete { user, meta } => {
-                        self.missing.remove(&(user.clone(), meta.path.clone()));
-                    }
-                    Change::Rename { user, from, .. } => {
-                        self.missing.remove(&(user.clone(), from.path.clone()));
-                    }
-                    _ => {}
-                }
-                if let Some((user, path)) = lacking {
-                    self.lack(&user, &path);
-                }
-                if let Change::Rename { user, to, .. } = &change {
-                    // The destination's content came by fetch (its source was missing
-                    // here): placed, or else lacking too.
-                    let placed = match refetched {
-                        Some((user, meta, xfer)) => self.place(user, meta, xfer)?,
-                        None => !source_missing,
-                    };
-                    if !placed {
-                        self.lack(user, &to.path);
-                    }
-                }
-                self.complete = seq;
-                self.maybe_caught_up()?;
+                self.ask(|reply| FollowerEvent::Apply { epoch, entry, refetch, lacking, reply })??;
             }
-            Msg::Heartbeat { .. } => {
-                let seq = self.acked;
-                self.send(&Msg::Ack { seq })?;
+            msg @ (Msg::Heartbeat { .. } | Msg::Ping | Msg::Refused { .. }) => {
+                self.report(FollowerEvent::Msg { epoch, msg })?;
             }
-            other => return Err(Stop::Retry(format!("unexpected {} on the replication link", other.kind()))),
+            other => return Err(format!("unexpected {} on the replication link", other.kind())),
         }
         Ok(())
     }
 
     /// Fetches a user's file into temporary file `xfer`; None when the primary no
     /// longer holds it (a later entry will say what became of it).
-    fn fetch(&mut self, user: &str, path: &str, xfer: &str) -> Result<Option<FileMeta>, Stop> {
+    fn fetch(&mut self, user: &str, path: &str, xfer: &str) -> Result<Option<FileMeta>, String> {
         let dest = tmp_file(&self.cfg.data, xfer);
         // A kept fetch connection may have been closed by the primary while idle:
         // one fresh attempt before giving up on the session.
@@ -651,7 +428,7 @@ impl Follower<'_> {
                 let epoch = self.epoch.load(Ordering::Relaxed);
                 self.fetcher = Some(Fetcher::open(&self.target, self.id, epoch, self.cfg.failure_timeout)?);
             }
-            let Some(f) = self.fetcher.as_mut() else { return Err(Stop::Retry("no fetch connection".into())) };
+            let Some(f) = self.fetcher.as_mut() else { return Err("no fetch connection".into()) };
             match f.fetch(user, path, &dest) {
                 Ok(got) => return Ok(got),
                 Err(e) => {
@@ -663,13 +440,38 @@ impl Follower<'_> {
                 }
             }
         }
-        Err(Stop::Retry(format!("cannot fetch {path} of user {user}")))
+        Err(format!("cannot fetch {path} of user {user}"))
     }
 
     fn cleanup(&mut self) {
         for (xfer, _) in self.xfers.drain() {
             let _ = std::fs::remove_file(tmp_file(&self.cfg.data, &xfer));
         }
+        if let Some(s) = self.stream.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Writes what the core sends the primary (acks, caught-up) and a ping when there
+/// has been nothing to say for a while, stamped with the current epoch; ends when
+/// the session's handle is dropped or a write fails.
+fn spawn_writer(session: u64, stream: TcpStream, out: Receiver<Msg>, epoch: Arc<AtomicU64>) {
+    let spawned = std::thread::Builder::new().name(format!("follower-{session}-writer")).spawn(move || {
+        let mut w = std::io::BufWriter::with_capacity(16 * 1024, &stream);
+        loop {
+            let msg = select! {
+                recv(out) -> m => match m { Ok(m) => m, Err(_) => break },
+                default(KEEPALIVE) => Msg::Ping,
+            };
+            if write_frame(&mut w, Epoch(epoch.load(Ordering::Relaxed)), &msg, &[]).is_err() {
+                break;
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the follower's writer thread: {e}");
     }
 }
 
@@ -681,17 +483,20 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    fn open(target: &str, id: ServerId, epoch: u64, timeout: Duration) -> Result<Fetcher, Stop> {
-        let stream = connect(target, Duration::from_secs(2))?;
+    fn open(target: &str, id: ServerId, epoch: u64, timeout: Duration) -> Result<Fetcher, String> {
+        let stream = connect(target)?;
         let _ = stream.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
-        let mut out = stream.try_clone().map_err(|e| Stop::Retry(e.to_string()))?;
-        write_frame(&mut out, Epoch(epoch), &Msg::Hello { version: PROTOCOL_VERSION, who: Who::Fetch { id } }, &[])?;
+        let mut out = stream.try_clone().map_err(|e| e.to_string())?;
+        write_frame(&mut out, Epoch(epoch), &Msg::Hello { version: PROTOCOL_VERSION, who: Who::Fetch { id } }, &[])
+            .map_err(|e| format!("cannot open a fetch connection to {target}: {e}"))?;
         Ok(Fetcher { stream: BufReader::with_capacity(256 * 1024, stream), out, epoch })
     }
 
-    fn fetch(&mut self, user: &str, path: &str, dest: &std::path::Path) -> Result<Option<FileMeta>, Stop> {
-        write_frame(&mut self.out, Epoch(self.epoch), &Msg::Fetch { user: user.into(), path: path.into() }, &[])?;
-        let first = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
+    fn fetch(&mut self, user: &str, path: &str, dest: &std::path::Path) -> Result<Option<FileMeta>, String> {
+        let broken = |e: ProtoError| format!("fetch of {path} of user {user} failed: {e}");
+        write_frame(&mut self.out, Epoch(self.epoch), &Msg::Fetch { user: user.into(), path: path.into() }, &[])
+            .map_err(broken)?;
+        let first = read_frame(&mut self.stream).map_err(broken)?.ok_or("fetch connection closed")?;
         let meta = match first.msg {
             Msg::Reply { result: OpResult::Data { meta }, .. } => meta,
             Msg::Reply { result: OpResult::Gone { .. }, .. } => {
@@ -699,29 +504,28 @@ impl Fetcher {
                 return Ok(None);
             }
             // Anything else (a refusal, a read error) says nothing about the file:
-            // keep what this server has and try the whole session again.
+            // keep what this server has and start the session again.
             Msg::Reply { result, .. } => {
-                return Err(Stop::Retry(format!("the primary would not send {path} of user {user}: {result:?}")))
+                return Err(format!("the primary would not send {path} of user {user}: {result:?}"))
             }
-            other => return Err(Stop::Retry(format!("unexpected {} answering a fetch", other.kind()))),
+            other => return Err(format!("unexpected {} answering a fetch", other.kind())),
         };
-        let mut file = File::create(dest).map_err(|e| Stop::Retry(format!("cannot create {}: {e}", dest.display())))?;
+        let mut file = File::create(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
         let mut receipt = Receipt::of_version(meta.size, meta.hash);
-        let damaged = |e: Damaged| Stop::Retry(format!("fetch of {path} of user {user} arrived damaged: {e}"));
+        let damaged = |e: Damaged| format!("fetch of {path} of user {user} arrived damaged: {e}");
         loop {
-            let f = read_frame(&mut self.stream)?.ok_or_else(|| Stop::Retry("fetch connection closed".into()))?;
+            let f = read_frame(&mut self.stream).map_err(broken)?.ok_or("fetch connection closed")?;
             match f.msg {
                 Msg::Chunk { .. } => {
                     receipt.add(&f.payload).map_err(damaged)?;
-                    file.write_all(&f.payload)
-                        .map_err(|e| Stop::Retry(format!("cannot write {}: {e}", dest.display())))?;
+                    file.write_all(&f.payload).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
                 }
                 Msg::DownloadEnd { hash: sent, .. } => {
                     receipt.finish(sent).map_err(damaged)?;
-                    file.sync_all().map_err(|e| Stop::Retry(format!("cannot sync {}: {e}", dest.display())))?;
+                    file.sync_all().map_err(|e| format!("cannot sync {}: {e}", dest.display()))?;
                     return Ok(Some(meta));
                 }
-                other => return Err(Stop::Retry(format!("unexpected {} during a fetch", other.kind()))),
+                other => return Err(format!("unexpected {} during a fetch", other.kind())),
             }
         }
     }

@@ -2,13 +2,19 @@
 //!
 //! # Layout
 //! - [`state`]: the replicated state and the pure rules that change it.
+//! - [`node`]: the replication protocol as a pure state machine: roles, epochs,
+//!   entries, acks, membership, fences, and the Bully election inside.
+//! - [`replicate`]: the "backups first" rule, `Acks`, that the node's primary uses.
+//! - `sim` (tests): the seeded simulation of nodes over a fake network.
 //! - [`store`]: the data dir: users' files, write-ahead log, snapshot, temporaries,
 //!   and recovery at start-up.
-//! - [`core`]: the core thread, sole owner of the state and the store.
-//! - [`link`]: the primary's queues and writer thread for one backup.
-//! - [`follow`]: both ends of a replication link: the primary's reader, the
-//!   backup's follower (join, snapshot, fetch, live stream, acks).
-//! - [`replicate`]: the "backups first" rule as a pure state machine.
+//! - [`core`]: the core thread, the node's driver: it owns the node and the store
+//!   and carries out the node's outputs.
+//! - [`link`]: the primary's side of a replication link (writer, reader).
+//! - [`follow`]: the backup's side: the follower session the core starts and stops
+//!   (join, snapshot, fetches, the live stream's content).
+//! - [`peer`]: election, coordinator and fence messages between servers; a new
+//!   primary calling its clients back.
 //! - [`conn`]: one thread per connection: handshake, requests, transfers.
 //! - [`server`]: the listener and the threads' start-up.
 //! - [`status`]: the `--status` query.
@@ -17,8 +23,12 @@ pub mod conn;
 pub mod core;
 pub mod follow;
 pub mod link;
+pub mod node;
+pub mod peer;
 pub mod replicate;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod state;
 pub mod status;
 pub mod store;

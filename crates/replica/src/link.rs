@@ -10,12 +10,16 @@
 //! the writer drains what the data queue held at that moment (not more: a busy
 //! upload must not starve heartbeats and entries).
 
-use crossbeam_channel::{select, Receiver, Sender};
-use replibox_proto::{write_frame, Epoch, Msg};
-use std::io::BufWriter;
-use std::net::{Shutdown, TcpStream};
+use crate::conn::Ctx;
+use crate::core::{Event, NewLink};
+use crate::node::{JoinRequest, LinkNo};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use replibox_proto::{read_frame, write_frame, Epoch, LogPos, Msg, ServerId};
+use std::io::{BufReader, BufWriter};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Chunks a link may hold before an upload thread feeding it waits.
 pub const DATA_QUEUE: usize = 16;
@@ -37,8 +41,18 @@ impl LinkOut {
 }
 
 /// Writes a link's frames until its queues close or the socket fails; then shuts
-/// the socket down so that the link's reader sees the end too.
-pub fn writer(stream: TcpStream, ctl: Receiver<LinkOut>, data: Receiver<LinkOut>, epoch: Arc<AtomicU64>, peer: String) {
+/// the socket down so that the link's reader sees the end too. When the link has
+/// been idle for `keepalive` it writes a ping of its own: the backup hears that
+/// the primary's process is alive even while its core is busy with the disk (the
+/// core's heartbeats, which carry what backups act on, may then come late).
+pub fn writer(
+    stream: TcpStream,
+    ctl: Receiver<LinkOut>,
+    data: Receiver<LinkOut>,
+    epoch: Arc<AtomicU64>,
+    peer: String,
+    keepalive: Duration,
+) {
     let shut = stream.try_clone();
     let mut w = BufWriter::with_capacity(64 * 1024, stream);
     let mut write = |out: &LinkOut| -> bool {
@@ -55,13 +69,18 @@ pub fn writer(stream: TcpStream, ctl: Receiver<LinkOut>, data: Receiver<LinkOut>
     // closing (the core letting go of the link) ends the writer.
     let mut data_open = true;
     'outer: loop {
+        let ping = || Ok((LinkOut::msg(Msg::Ping), true));
         let next = if data_open {
             select! {
                 recv(ctl) -> m => m.map(|m| (m, true)).map_err(|_| true),
                 recv(data) -> d => d.map(|d| (d, false)).map_err(|_| false),
+                default(keepalive) => ping(),
             }
         } else {
-            ctl.recv().map(|m| (m, true)).map_err(|_| true)
+            select! {
+                recv(ctl) -> m => m.map(|m| (m, true)).map_err(|_| true),
+                default(keepalive) => ping(),
+            }
         };
         let ok = match next {
             Err(true) => break,
@@ -99,4 +118,76 @@ pub struct DataSender {
     pub id: replibox_proto::ServerId,
     /// Its data queue.
     pub tx: Sender<LinkOut>,
+}
+
+/// How long the primary lets a joining backup's link stay silent (it pings every
+/// second, even while it fetches files).
+const JOINING_SILENCE: Duration = Duration::from_secs(10);
+
+/// Primary side: serves a server that said hello as a joining backup. The core
+/// decides (through its node) what to answer; this thread then reads the
+/// backup's acks until the link ends.
+pub fn serve_link(stream: TcpStream, ctx: Ctx, hello_epoch: Epoch, request: Hello, peer: String) {
+    let Hello { id, ip, port, pos, last_epoch, member } = request;
+    let no: LinkNo = ctx.links.fetch_add(1, Ordering::Relaxed) + 1;
+    let (Ok(peer_addr), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return };
+    let ip = ip.and_then(|s| s.parse::<IpAddr>().ok()).filter(|i| !i.is_unspecified()).unwrap_or(peer_addr.ip());
+    let addr = SocketAddr::new(ip, port).to_string();
+    let (ctl_tx, ctl_rx) = unbounded();
+    let (data_tx, data_rx) = bounded(DATA_QUEUE);
+    let (Ok(write_half), Ok(shut_half)) = (stream.try_clone(), stream.try_clone()) else { return };
+    let (epoch, label, keepalive) = (ctx.epoch.clone(), addr.clone(), ctx.heartbeat);
+    let spawned = std::thread::Builder::new()
+        .name(format!("link-{no}-writer"))
+        .spawn(move || writer(write_half, ctl_rx, data_rx, epoch, label, keepalive));
+    if spawned.is_err() {
+        return;
+    }
+    // A primary bound to every address learns its own from the link.
+    let local_addr = ctx.bound_to_any.then(|| SocketAddr::new(local.ip(), ctx.port).to_string());
+    let request = JoinRequest { id, addr: addr.clone(), pos, last_epoch, epoch: hello_epoch, local_addr, member };
+    let link = NewLink { no, request, peer_ip: peer_addr.ip(), ctl: ctl_tx, data: data_tx, stream: shut_half };
+    if ctx.core.send(Event::LinkUp { link: Box::new(link) }).is_err() {
+        return;
+    }
+    log::info!("replication link up no={no} addr={addr} their_pos={pos} their_epoch={last_epoch} peer={peer}");
+    // A joining backup may fetch files for a long while before it acks anything,
+    // but it pings every second; once caught up, its heartbeat acks pace it too.
+    let _ = stream.set_read_timeout(Some(ctx.ack_timeout.max(JOINING_SILENCE)));
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let why = loop {
+        let frame = match read_frame(&mut reader) {
+            Ok(Some(f)) => f,
+            Ok(None) => break "closed by the backup".to_string(),
+            Err(e) if e.is_timeout() => {
+                let silence = reader.get_ref().read_timeout().ok().flatten().unwrap_or(ctx.ack_timeout);
+                break format!("silent for {silence:?}");
+            }
+            Err(e) => break e.to_string(),
+        };
+        match frame.msg {
+            Msg::Ack { .. } | Msg::CaughtUp { .. } | Msg::Ping => {}
+            other => break format!("unexpected {} from the backup", other.kind()),
+        }
+        if ctx.core.send(Event::LinkMsg { no, epoch: frame.epoch, msg: frame.msg }).is_err() {
+            return;
+        }
+    };
+    let _ = ctx.core.send(Event::LinkDown { no, why });
+}
+
+/// What a joining server's hello says.
+pub struct Hello {
+    /// Its id, if it has one.
+    pub id: Option<ServerId>,
+    /// The IP it listens on, if it said.
+    pub ip: Option<String>,
+    /// The port it listens on.
+    pub port: u16,
+    /// The position of its last entry.
+    pub pos: LogPos,
+    /// That entry's epoch.
+    pub last_epoch: Epoch,
+    /// It counts itself a member that may stand.
+    pub member: bool,
 }

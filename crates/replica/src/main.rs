@@ -2,8 +2,7 @@
 
 use clap::{ArgGroup, Parser};
 use replibox_proto::ServerId;
-use replibox_replica::core::{Core, Event, Role, Settings};
-use replibox_replica::follow::{self, FollowConfig};
+use replibox_replica::core::{Core, Event, Fatal, Settings, Start};
 use replibox_replica::store::{self, Store};
 use replibox_replica::{server, status};
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -49,10 +48,23 @@ struct Args {
     /// drops that backup from the membership, in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 2000)]
     ack_timeout_ms: u64,
-    /// How long a backup hears nothing from the primary before it considers the
-    /// link lost, in milliseconds.
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    /// How long a backup hears nothing from the primary before it suspects it and
+    /// starts an election, in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 400)]
     failure_timeout_ms: u64,
+    /// How long a candidate waits for the other servers' answers in an election
+    /// (a primary whose host vanished is waited for this long), in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 150)]
+    election_timeout_ms: u64,
+}
+
+/// How the process ends: 0 after a clean stop, 1 when it could not start or was
+/// refused by the cluster, 3 when an entry reached the log but its file action
+/// failed (the next start redoes it), 70 when a thread panicked.
+enum Exit {
+    Start(String),
+    Disk(String),
+    Panic,
 }
 
 fn main() -> ExitCode {
@@ -60,86 +72,124 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Exit::Start(e)) => {
             eprintln!("replibox-server: {e}");
             ExitCode::FAILURE
+        }
+        Err(Exit::Disk(e)) => {
+            eprintln!("replibox-server: stopped: {e}; the next start redoes the change");
+            ExitCode::from(3)
+        }
+        Err(Exit::Panic) => {
+            eprintln!("replibox-server: the core thread panicked (see above); stopping");
+            ExitCode::from(70)
         }
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// The port of a `HOST:PORT` given with `-b`, refusing what cannot work.
+fn check_join_address(join: &str, listen: SocketAddr) -> Result<(), String> {
+    let (host, port) = join
+        .rsplit_once(':')
+        .ok_or_else(|| format!("-b {join}: give the server as HOST:PORT (the port is missing)"))?;
+    let port: u16 = port.parse().map_err(|_| format!("-b {join}: {port:?} is not a port"))?;
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> =
+        (host, port).to_socket_addrs().map_err(|e| format!("-b {join}: cannot resolve {host}: {e}"))?.collect();
+    let is_me = addrs.iter().any(|a| {
+        a.port() == listen.port() && (a.ip() == listen.ip() || (listen.ip().is_unspecified() && a.ip().is_loopback()))
+    });
+    if is_me {
+        return Err(format!("-b {join} is this server itself; give the address of another server of the cluster"));
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<(), Exit> {
     if let Some(addr) = &args.status {
-        let status = status::query(addr, Duration::from_secs(5))?;
+        let status = status::query(addr, Duration::from_secs(5)).map_err(Exit::Start)?;
         println!("{status}");
         return Ok(());
     }
-    if args.id == Some(0) {
-        return Err("--id must be a positive integer".into());
+    let fail = |e: String| Exit::Start(e);
+    if let Some(id) = args.id {
+        ServerId(id).validate().map_err(|e| fail(format!("--id: {e}")))?;
     }
     if args.heartbeat_ms == 0
         || args.ack_timeout_ms <= args.heartbeat_ms
         || args.failure_timeout_ms <= args.heartbeat_ms
     {
-        return Err("--heartbeat-ms must be positive and below --ack-timeout-ms and --failure-timeout-ms".into());
+        return Err(fail("--heartbeat-ms must be positive and below --ack-timeout-ms and --failure-timeout-ms".into()));
+    }
+    if args.election_timeout_ms == 0 || args.election_timeout_ms >= args.failure_timeout_ms {
+        return Err(fail("--election-timeout-ms must be positive and below --failure-timeout-ms".into()));
+    }
+    let listen = SocketAddr::new(args.bind, args.port);
+    if let Some(join) = &args.backup {
+        check_join_address(join, listen).map_err(fail)?;
     }
     let data = &args.data;
-    let stored = store::load_id(data).map_err(|e| e.to_string())?;
+    let stored = store::load_id(data).map_err(|e| fail(e.to_string()))?;
     let id = match (args.id.map(ServerId), stored) {
         (Some(given), Some(kept)) if given != kept => {
-            return Err(format!(
+            return Err(fail(format!(
                 "data dir {} belongs to server id {kept}; start with --id {kept} or use another data dir",
                 data.display()
-            ))
+            )))
         }
         (Some(given), _) => Some(given),
         (None, kept) => kept,
     };
-    let (store, state) = Store::open(data).map_err(|e| format!("cannot open data dir {}: {e}", data.display()))?;
-    let listen = SocketAddr::new(args.bind, args.port);
-    let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let listen = listener.local_addr().map_err(|e| e.to_string())?;
-    let ack_timeout = Duration::from_millis(args.ack_timeout_ms);
-    let role = if args.primary { Role::Primary } else { Role::Backup };
-    let my_id = match role {
-        Role::Primary => id.unwrap_or(ServerId(1)),
+    // Bind before touching the data dir: a port in use must not leave one behind.
+    let listener = TcpListener::bind(listen).map_err(|e| fail(format!("cannot listen on {listen}: {e}")))?;
+    let listen = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+    let (store, state, recent) =
+        Store::open(data).map_err(|e| fail(format!("cannot open data dir {}: {e}", data.display())))?;
+    let start = if args.primary { Start::Primary } else { Start::Backup };
+    let my_id = match start {
+        Start::Primary => id.unwrap_or(ServerId(1)),
         // A backup without an id gets one from the primary when it joins.
-        Role::Backup => id.unwrap_or_default(),
+        Start::Backup => id.unwrap_or_default(),
     };
     // A backup records its id once the primary has accepted it (a refused one
     // must not leave an id behind in its data dir).
-    if role == Role::Primary {
-        store::save_id(data, my_id).map_err(|e| e.to_string())?;
+    if start == Start::Primary {
+        store::save_id(data, my_id).map_err(|e| fail(e.to_string()))?;
     }
-    let settings = Settings { id: my_id, listen, heartbeat: Duration::from_millis(args.heartbeat_ms), ack_timeout };
-    let mut core = Core::new(store, state, settings, role);
-    if role == Role::Primary {
-        core.start_as_primary().map_err(|e| format!("cannot start as primary on {}: {e}", data.display()))?;
+    let settings = Settings {
+        id: my_id,
+        listen,
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        failure_timeout: Duration::from_millis(args.failure_timeout_ms),
+        election_timeout: Duration::from_millis(args.election_timeout_ms),
+        seed: args.backup.clone(),
+        data: data.clone(),
+    };
+    let core = Core::new(store, state, recent, settings);
+    if start == Start::Primary {
+        core.check_primary().map_err(|e| fail(format!("cannot start as primary: {e}")))?;
     }
-    let running = server::start(listener, core).map_err(|e| format!("cannot start threads: {e}"))?;
-    if let Some(join) = &args.backup {
-        let cfg = FollowConfig {
-            join: join.clone(),
-            ip: Some(args.bind).filter(|i| !i.is_unspecified()),
-            port: listen.port(),
-            id,
-            failure_timeout: Duration::from_millis(args.failure_timeout_ms),
-            data: data.clone(),
-        };
-        let (events, epoch) = (running.events.clone(), running.epoch.clone());
-        std::thread::Builder::new()
-            .name("follower".into())
-            .spawn(move || follow::follow(cfg, events, epoch))
-            .map_err(|e| format!("cannot start the follower: {e}"))?;
-        log::info!("serving as backup addr={listen} data={} joining={join}", data.display());
-    } else {
-        log::info!("serving as primary id={my_id} addr={listen} data={}", data.display());
+    let running = server::start(listener, core, start, Duration::from_millis(args.heartbeat_ms))
+        .map_err(|e| fail(format!("cannot start threads: {e}")))?;
+    match &args.backup {
+        Some(join) => log::info!("serving as backup addr={listen} data={} joining={join}", data.display()),
+        None => log::info!("serving as primary id={my_id} addr={listen} data={}", data.display()),
     }
     let events = running.events.clone();
     ctrlc::set_handler(move || {
         let _ = events.send(Event::Shutdown);
     })
-    .map_err(|e| format!("cannot install signal handler: {e}"))?;
-    let _ = running.core.join();
+    .map_err(|e| fail(format!("cannot install signal handler: {e}")))?;
+    let ended = running.core.join();
     log::info!("stopped");
-    Ok(())
+    match ended {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(Fatal::Refused(reason))) => {
+            let via = args.backup.as_deref().unwrap_or("the cluster");
+            Err(fail(format!("cannot join the cluster through {via}: {reason}")))
+        }
+        Ok(Err(Fatal::Disk(e))) => Err(Exit::Disk(e)),
+        Err(_) => Err(Exit::Panic),
+    }
 }

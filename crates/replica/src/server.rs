@@ -1,10 +1,11 @@
-//! The listener: accepts connections and hands each to its own thread.
+//! The listener: accepts connections and hands each to its own thread; starts
+//! the core.
 
 use crate::conn::{self, Ctx};
-use crate::core::{Core, Event};
+use crate::core::{Core, Event, Fatal, Start};
 use crossbeam_channel::{unbounded, Sender};
 use std::net::TcpListener;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -12,27 +13,37 @@ use std::thread::JoinHandle;
 pub struct Running {
     /// Feeds the core.
     pub events: Sender<Event>,
-    /// The core thread; it ends after [`Event::Shutdown`].
-    pub core: JoinHandle<()>,
-    /// The epoch frames carry (shared with the follower of a backup).
-    pub epoch: Arc<AtomicU64>,
+    /// The core thread; it ends after [`Event::Shutdown`], or early with why.
+    pub core: JoinHandle<Result<(), Fatal>>,
 }
 
-/// Starts the core and the accept loop on an already-bound listener (tests bind
-/// port 0 and pass the listener in).
-pub fn start(listener: TcpListener, core: Core) -> std::io::Result<Running> {
+/// Starts the core (as `start` says) and the accept loop on an already-bound
+/// listener (tests bind port 0 and pass the listener in).
+pub fn start(
+    listener: TcpListener,
+    core: Core,
+    start: Start,
+    heartbeat: std::time::Duration,
+) -> std::io::Result<Running> {
     let (events, rx) = unbounded();
-    let epoch = core.epoch_handle();
-    let ack_timeout = core.ack_timeout();
-    let core = std::thread::Builder::new().name("core".into()).spawn(move || core.run(rx))?;
-    let ctx = Ctx { core: events.clone(), epoch: epoch.clone(), ack_timeout, links: Arc::new(AtomicU64::new(0)) };
+    let local = listener.local_addr()?;
+    let ctx = Ctx {
+        core: events.clone(),
+        epoch: core.epoch_handle(),
+        ack_timeout: core.ack_timeout(),
+        heartbeat,
+        links: Arc::new(AtomicU64::new(0)),
+        conns: Arc::new(AtomicU64::new(0)),
+        bound_to_any: local.ip().is_unspecified(),
+        port: local.port(),
+    };
+    let (tx, core_ctx) = (events.clone(), ctx.clone());
+    let core = std::thread::Builder::new().name("core".into()).spawn(move || core.run(start, tx, rx, core_ctx))?;
     std::thread::Builder::new().name("accept".into()).spawn(move || {
-        let mut next: u64 = 0;
         for stream in listener.incoming() {
             match stream {
                 Ok(stream) => {
-                    next += 1;
-                    let conn = next;
+                    let conn = ctx.conns.fetch_add(1, Ordering::Relaxed) + 1;
                     let ctx = ctx.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("conn-{conn}"))
@@ -41,9 +52,13 @@ pub fn start(listener: TcpListener, core: Core) -> std::io::Result<Running> {
                         log::error!("cannot start a connection thread: {e}");
                     }
                 }
-                Err(e) => log::warn!("accept failed: {e}"),
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    // Out of file descriptors, say: do not spin.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
             }
         }
     })?;
-    Ok(Running { events, core, epoch })
+    Ok(Running { events, core })
 }

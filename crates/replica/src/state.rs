@@ -7,7 +7,7 @@
 //! never change it. Nothing here touches a disk, a socket or a clock.
 
 pub use replibox_proto::repl::{Change, Entry, LastRequest, Member, Session};
-use replibox_proto::{ContentHash, DeviceId, Epoch, FileMeta, OpResult, Seq, ServerId, Version};
+use replibox_proto::{ContentHash, DeviceId, Epoch, FileMeta, LogPos, OpResult, Seq, ServerId, Version};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -30,8 +30,9 @@ fn encoded_bound(meta: &FileMeta) -> usize {
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// Seq of the last entry applied.
-    pub seq: Seq,
+    /// Position of the last entry applied.
+    #[serde(alias = "seq")]
+    pub pos: LogPos,
     /// Every user's files and tombstones: user -> path -> metadata.
     pub files: BTreeMap<String, BTreeMap<String, FileMeta>>,
     /// Sessions by device.
@@ -56,15 +57,15 @@ pub struct State {
 /// Why an entry cannot be applied: the history has a gap or goes back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutOfOrder {
-    /// The seq the state expected next.
-    pub expected: Seq,
-    /// The seq it was given.
-    pub got: Seq,
+    /// The position the state expected next.
+    pub expected: LogPos,
+    /// The position it was given.
+    pub got: LogPos,
 }
 
 impl std::fmt::Display for OutOfOrder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "entry seq={} out of order, expected seq={}", self.got, self.expected)
+        write!(f, "entry pos={} out of order, expected pos={}", self.got, self.expected)
     }
 }
 
@@ -86,9 +87,15 @@ impl State {
         self.files.get(user).and_then(|f| f.get(path))
     }
 
-    /// The version the next change of `path` takes.
+    /// The version the next change of `path` takes: above the path's current
+    /// version, and in the current epoch's own range (`epoch << 32` and up). A
+    /// primary that died may have given a version that no server kept (a device
+    /// may even have read it before the backups had it); a version of a later
+    /// epoch can never be that one, so a device never takes other bytes for the
+    /// version it holds.
     pub fn next_version(&self, user: &str, path: &str) -> Version {
-        self.get(user, path).map(|m| m.version.next()).unwrap_or(Version(1))
+        let current = self.get(user, path).map_or(0, |m| m.version.0);
+        Version(current.max(self.epoch.0.saturating_mul(1 << 32)).saturating_add(1))
     }
 
     /// Devices of `user` that hold a session, other than `except`.
@@ -134,10 +141,10 @@ impl State {
 
     /// Applies the next entry of the history.
     pub fn apply(&mut self, entry: &Entry) -> Result<(), OutOfOrder> {
-        if entry.seq != self.seq.next() {
-            return Err(OutOfOrder { expected: self.seq.next(), got: entry.seq });
+        if entry.pos != self.pos.next() {
+            return Err(OutOfOrder { expected: self.pos.next(), got: entry.pos });
         }
-        self.seq = entry.seq;
+        self.pos = entry.pos;
         match &entry.change {
             Change::Put { user, meta, .. } | Change::Delete { user, meta } => {
                 self.files.entry(user.clone()).or_default().insert(meta.path.clone(), meta.clone());
@@ -214,7 +221,7 @@ impl State {
         if base.is_some_and(|b| b != current.version) {
             return Err(OpResult::Conflict { current: Some(current.clone()) });
         }
-        Ok(tombstone(current))
+        Ok(tombstone(current, self.next_version(user, path)))
     }
 
     /// The (tombstone, new metadata) pair a rename would produce.
@@ -239,15 +246,15 @@ impl State {
         }
         self.check_name_free(user, to)?;
         let moved = FileMeta { path: to.to_string(), version: self.next_version(user, to), ..current.clone() };
-        Ok((tombstone(current), moved))
+        Ok((tombstone(current, self.next_version(user, from)), moved))
     }
 }
 
-/// The tombstone that replaces a live file.
-pub fn tombstone(current: &FileMeta) -> FileMeta {
+/// The tombstone, at `version`, that replaces a live file.
+pub fn tombstone(current: &FileMeta, version: Version) -> FileMeta {
     FileMeta {
         path: current.path.clone(),
-        version: current.version.next(),
+        version,
         size: 0,
         mtime_ms: current.mtime_ms,
         hash: ContentHash::default(),
@@ -276,7 +283,8 @@ mod tests {
 
     fn put(state: &State, path: &str) -> Entry {
         Entry {
-            seq: state.seq.next(),
+            pos: state.pos.next(),
+            epoch: state.epoch,
             change: Change::Put {
                 user: "u".into(),
                 meta: meta(path, state.next_version("u", path).0),
@@ -291,11 +299,11 @@ mod tests {
         let mut s = State::default();
         let e = put(&s, "a");
         s.apply(&e).unwrap();
-        assert_eq!(s.apply(&e), Err(OutOfOrder { expected: Seq(2), got: Seq(1) }));
+        assert_eq!(s.apply(&e), Err(OutOfOrder { expected: LogPos(2), got: LogPos(1) }));
         let mut gap = put(&s, "b");
-        gap.seq = Seq(5);
+        gap.pos = LogPos(5);
         assert!(s.apply(&gap).is_err());
-        assert_eq!(s.seq, Seq(1));
+        assert_eq!(s.pos, LogPos(1));
     }
 
     #[test]
@@ -309,8 +317,13 @@ mod tests {
         let t = s.check_delete("u", "a", Some(Version(1))).unwrap();
         assert_eq!(t.version, Version(2));
         assert!(t.deleted);
-        s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
-            .unwrap();
+        s.apply(&Entry {
+            pos: s.pos.next(),
+            epoch: s.epoch,
+            change: Change::Delete { user: "u".into(), meta: t },
+            request: None,
+        })
+        .unwrap();
         // Recreating over a tombstone is not a conflict, and the version keeps growing.
         assert!(s.check_upload("u", "a", None).is_ok());
         assert_eq!(s.next_version("u", "a"), Version(3));
@@ -341,8 +354,13 @@ mod tests {
         assert!(s.check_upload("u", "d.txt", None).is_ok());
         // Once d/x is deleted, d may become a file.
         let t = s.check_delete("u", "d/x", None).unwrap();
-        s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
-            .unwrap();
+        s.apply(&Entry {
+            pos: s.pos.next(),
+            epoch: s.epoch,
+            change: Change::Delete { user: "u".into(), meta: t },
+            request: None,
+        })
+        .unwrap();
         assert!(s.check_upload("u", "d", None).is_ok());
     }
 
@@ -359,8 +377,13 @@ mod tests {
             s.apply(&put(&s, p)).unwrap();
         }
         let t = s.check_delete("u", "f00007.txt", None).unwrap();
-        s.apply(&Entry { seq: s.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None })
-            .unwrap();
+        s.apply(&Entry {
+            pos: s.pos.next(),
+            epoch: s.epoch,
+            change: Change::Delete { user: "u".into(), meta: t },
+            request: None,
+        })
+        .unwrap();
         let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
         loop {
             let (page, more) = s.listing_page("u", after.as_deref());

@@ -2,7 +2,7 @@
 //!
 //! Layout under the data dir:
 //! - `users/<user>/<path>`: each user's current files, exactly as uploaded;
-//! - `meta/snapshot.json`: the [`State`] at some seq (written atomically);
+//! - `meta/snapshot.json`: the [`State`] at some position (written atomically);
 //! - `meta/log.jsonl`: one [`Entry`] per line after the snapshot, fsynced before its
 //!   file-system action runs (write-ahead);
 //! - `tmp/`: uploads in flight, named by transfer id.
@@ -138,12 +138,44 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and its missing ancestors, and fsyncs each new folder's parent,
+/// so that a power loss cannot lose a folder that a logged entry's file lives in
+/// (`create_dir_all` alone leaves the new folders' names in the page cache).
+pub fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.as_os_str().is_empty() && !d.exists() {
+        missing.push(d.to_path_buf());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    for new in missing.iter().rev() {
+        match fs::create_dir(new) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        let parent = new.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) a data dir, recovers the state, and finishes or discards
-    /// whatever a crash interrupted.
-    pub fn open(root: &Path) -> Result<(Store, State), StoreError> {
+    /// whatever a crash interrupted. Also returns the entries the log holds after
+    /// the snapshot (the recent history, for backups that catch up from it).
+    ///
+    /// Only a torn *last* line of the log is dropped (the entry whose append a
+    /// crash cut short, which was never acknowledged). A line that does not parse
+    /// with entries after it is damage, not a crash: the store refuses to open
+    /// rather than silently drop what follows.
+    pub fn open(root: &Path) -> Result<(Store, State, Vec<Entry>), StoreError> {
         for dir in ["users", "meta", "tmp"] {
-            fs::create_dir_all(root.join(dir)).context(|| format!("creating {}", root.join(dir).display()))?;
+            let d = root.join(dir);
+            create_dirs_durably(&d).context(|| format!("creating {}", d.display()))?;
         }
         let snapshot_path = root.join("meta/snapshot.json");
         let mut state = match fs::read(&snapshot_path) {
@@ -154,39 +186,56 @@ impl Store {
             Err(e) => return Err(e).context(|| format!("reading {}", snapshot_path.display())),
         };
         let log_path = root.join("meta/log.jsonl");
-        let mut last: Option<Entry> = None;
+        let mut recent: Vec<Entry> = Vec::new();
         let mut log_entries = 0;
         let mut good_len: u64 = 0;
         if let Ok(f) = File::open(&log_path) {
             let mut reader = BufReader::new(f);
             let mut line = String::new();
+            let mut line_no = 0u64;
+            // A line that did not parse: an error unless nothing follows it.
+            let mut bad: Option<(u64, String)> = None;
             loop {
                 line.clear();
                 let n = reader.read_line(&mut line).context(|| format!("reading {}", log_path.display()))?;
-                if n == 0 || !line.ends_with('\n') {
+                if n == 0 {
+                    break;
+                }
+                line_no += 1;
+                if let Some((at, why)) = bad.take() {
+                    return Err(StoreError {
+                        context: format!("reading {}", log_path.display()),
+                        source: io::Error::other(format!(
+                            "line {at} is damaged ({why}) and entries follow it; refusing to start rather than \
+                             drop them. Move the data dir aside, or start it with -b so that a primary refills it"
+                        )),
+                    });
+                }
+                if !line.ends_with('\n') {
                     // A torn last line: its entry was never acknowledged; drop it.
-                    if n > 0 {
-                        log::warn!("dropping torn log tail bytes={n} file={}", log_path.display());
-                    }
+                    log::warn!("dropping torn log tail bytes={n} file={}", log_path.display());
                     break;
                 }
                 let entry: Entry = match serde_json::from_str(&line) {
                     Ok(e) => e,
                     Err(e) => {
-                        log::warn!("dropping unreadable log tail error={e} file={}", log_path.display());
-                        break;
+                        bad = Some((line_no, e.to_string()));
+                        continue;
                     }
                 };
                 good_len += n as u64;
                 log_entries += 1;
-                if entry.seq <= state.seq {
+                if entry.pos <= state.pos {
                     continue; // already in the snapshot (crash between snapshot and truncate)
                 }
                 state
                     .apply(&entry)
                     .map_err(io::Error::other)
                     .context(|| format!("replaying {}", log_path.display()))?;
-                last = Some(entry);
+                recent.push(entry);
+            }
+            if let Some((at, why)) = bad {
+                log::warn!("dropping unreadable last log line={at} error={why} file={}", log_path.display());
             }
         }
         let log = OpenOptions::new()
@@ -196,11 +245,11 @@ impl Store {
             .context(|| format!("opening {}", log_path.display()))?;
         log.set_len(good_len).context(|| format!("trimming {}", log_path.display()))?;
         let store = Store { root: root.to_path_buf(), log, log_entries, next_xfer: AtomicU64::new(0) };
-        if let Some(entry) = last {
+        if let Some(entry) = recent.last() {
             store.act(&entry.change)?;
         }
         store.clear_tmp()?;
-        Ok((store, state))
+        Ok((store, state, recent))
     }
 
     /// The data dir.
@@ -246,13 +295,14 @@ impl Store {
         let _ = fs::remove_file(self.tmp_path(xfer));
     }
 
-    /// Makes an entry durable, performs its file-system action, and applies it.
+    /// Makes an entry durable and performs its file-system action; the caller
+    /// then applies it to the state (`state` is the state before it).
     ///
     /// `Err(Unlogged)`: the entry did not reach the log and nothing changed; the
     /// request can be refused and the server goes on. `Err(Logged)`: the entry is
     /// durable but its action failed, so disk and state disagree; the caller must
     /// stop (start-up redoes the action).
-    pub fn commit(&mut self, state: &mut State, entry: Entry) -> Result<(), CommitError> {
+    pub fn persist(&mut self, state: &State, entry: &Entry) -> Result<(), CommitError> {
         if let Change::Put { xfer, .. } = &entry.change {
             // The temporary file's name must be durable before the entry is: redo
             // after a power loss takes a missing temporary file for a finished move.
@@ -263,29 +313,39 @@ impl Store {
                     .map_err(CommitError::Unlogged)?;
             }
         }
-        self.append(state, &entry).map_err(CommitError::Unlogged)?;
-        self.act(&entry.change).map_err(CommitError::Logged)?;
+        self.append(state, entry).map_err(CommitError::Unlogged)?;
+        self.act(&entry.change).map_err(CommitError::Logged)
+    }
+
+    /// Writes the state to a snapshot and empties the log once the log holds
+    /// enough entries. A failed compaction leaves the log whole: not fatal.
+    pub fn maybe_compact(&mut self, state: &State) {
+        if self.log_entries >= COMPACT_AFTER {
+            if let Err(e) = self.compact(state) {
+                log::error!("cannot compact the log: {e}");
+            }
+        }
+    }
+
+    /// [`Store::persist`], then applies the entry to `state` (tests and tools).
+    pub fn commit(&mut self, state: &mut State, entry: Entry) -> Result<(), CommitError> {
+        self.persist(state, &entry)?;
         state
             .apply(&entry)
             .map_err(io::Error::other)
             .context(|| "applying entry".into())
             .map_err(CommitError::Logged)?;
-        if self.log_entries >= COMPACT_AFTER {
-            // A failed compaction leaves the log whole: not fatal.
-            if let Err(e) = self.compact(state) {
-                log::error!("cannot compact the log: {e}");
-            }
-        }
+        self.maybe_compact(state);
         Ok(())
     }
 
     /// Appends an entry to the log and fsyncs it; on failure the log is cut back
     /// to where it was, so no torn line is left before later entries.
     fn append(&mut self, state: &State, entry: &Entry) -> Result<(), StoreError> {
-        if entry.seq != state.seq.next() {
+        if entry.pos != state.pos.next() {
             return Err(StoreError {
-                context: format!("committing entry seq={}", entry.seq),
-                source: io::Error::other(format!("state is at seq={}", state.seq)),
+                context: format!("committing entry pos={}", entry.pos),
+                source: io::Error::other(format!("state is at pos={}", state.pos)),
             });
         }
         let mut line = serde_json::to_vec(entry).map_err(io::Error::other).context(|| "encoding entry".into())?;
@@ -316,7 +376,7 @@ impl Store {
     /// Writes the state to a snapshot and empties the log.
     pub fn compact(&mut self, state: &State) -> Result<(), StoreError> {
         self.write_snapshot(state)?;
-        log::info!("compacted log into snapshot seq={}", state.seq);
+        log::info!("compacted log into snapshot pos={}", state.pos);
         Ok(())
     }
 
@@ -364,7 +424,7 @@ impl Store {
 
     fn make_parent(&self, user: &str, dest: &Path) -> Result<(), StoreError> {
         let parent = dest.parent().unwrap_or(&self.root);
-        fs::create_dir_all(parent).context(|| format!("creating {} for user {user}", parent.display()))
+        create_dirs_durably(parent).context(|| format!("creating {} for user {user}", parent.display()))
     }
 
     fn sync_parent(&self, path: &Path) -> Result<(), StoreError> {
@@ -450,12 +510,11 @@ impl Store {
         Ok(found)
     }
 
-    /// Records a file that is already in place (found by [`Store::check_against`]).
-    pub fn adopt(&mut self, state: &mut State, user: String, meta: FileMeta) -> Result<(), CommitError> {
-        // Put with an xfer that does not exist: the action finds nothing to move.
-        let entry =
-            Entry { seq: state.seq.next(), change: Change::Put { user, meta, xfer: "adopted".into() }, request: None };
-        self.commit(state, entry)
+    /// The change that records a file already in place (found by
+    /// [`Store::check_against`]): a put whose temporary file does not exist, so its
+    /// action finds nothing to move.
+    pub fn adoption(user: String, meta: FileMeta) -> Change {
+        Change::Put { user, meta, xfer: "adopted".into() }
     }
 }
 
@@ -616,7 +675,7 @@ pub fn new_meta(path: &str, version: Version, size: u64, mtime_ms: i64, hash: Co
 mod tests {
     use super::*;
     use crate::state::tombstone;
-    use replibox_proto::Seq;
+    use replibox_proto::{Epoch, LogPos};
 
     struct TempDir(PathBuf);
     impl TempDir {
@@ -637,24 +696,32 @@ mod tests {
         let (xfer, mut f) = store.create_temp().unwrap();
         f.write_all(bytes).unwrap();
         let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));
-        let entry =
-            Entry { seq: state.seq.next(), change: Change::Put { user: "u".into(), meta, xfer }, request: None };
+        let entry = Entry {
+            pos: state.pos.next(),
+            epoch: state.epoch,
+            change: Change::Put { user: "u".into(), meta, xfer },
+            request: None,
+        };
         store.commit(state, entry).unwrap();
     }
 
     #[test]
     fn commit_then_reopen_gives_same_state_and_files() {
         let dir = TempDir::new("reopen");
-        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "a/b.txt", b"hello");
         put(&mut store, &mut state, "a/b.txt", b"hello again");
         put(&mut store, &mut state, "c", b"");
-        let t = tombstone(state.live("u", "c").unwrap());
-        let entry =
-            Entry { seq: state.seq.next(), change: Change::Delete { user: "u".into(), meta: t }, request: None };
+        let t = tombstone(state.live("u", "c").unwrap(), state.next_version("u", "c"));
+        let entry = Entry {
+            pos: state.pos.next(),
+            epoch: state.epoch,
+            change: Change::Delete { user: "u".into(), meta: t },
+            request: None,
+        };
         store.commit(&mut state, entry).unwrap();
         drop(store);
-        let (store2, state2) = Store::open(&dir.0).unwrap();
+        let (store2, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state2, state);
         assert_eq!(fs::read(store2.user_path("u", "a/b.txt")).unwrap(), b"hello again");
         assert!(!store2.user_path("u", "c").exists());
@@ -664,31 +731,36 @@ mod tests {
     #[test]
     fn crash_after_log_before_rename_is_redone_at_start() {
         let dir = TempDir::new("redo");
-        let (mut store, _) = Store::open(&dir.0).unwrap();
+        let (mut store, _, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         let (xfer, mut f) = store.create_temp().unwrap();
         f.write_all(b"data").unwrap();
         let meta = new_meta("x", Version(1), 4, 5, ContentHash::of(b"data"));
-        let entry = Entry { seq: Seq(1), change: Change::Put { user: "u".into(), meta, xfer }, request: None };
+        let entry = Entry {
+            pos: LogPos(1),
+            epoch: Epoch(0),
+            change: Change::Put { user: "u".into(), meta, xfer },
+            request: None,
+        };
         // Simulate the crash: the entry reaches the log, the rename never happens.
         let mut line = serde_json::to_vec(&entry).unwrap();
         line.push(b'\n');
         store.log.write_all(&line).unwrap();
         drop(store);
-        let (store, state) = Store::open(&dir.0).unwrap();
-        assert_eq!(state.seq, Seq(1));
+        let (store, state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state.pos, LogPos(1));
         assert_eq!(fs::read(store.user_path("u", "x")).unwrap(), b"data");
     }
 
     #[test]
     fn torn_log_tail_and_abandoned_temporaries_are_dropped() {
         let dir = TempDir::new("torn");
-        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "keep", b"1");
         let (_xfer, mut f) = store.create_temp().unwrap();
         f.write_all(b"half an upload").unwrap();
-        store.log.write_all(b"{\"seq\":2,\"chan").unwrap();
+        store.log.write_all(b"{\"pos\":2,\"chan").unwrap();
         drop(store);
-        let (store, state2) = Store::open(&dir.0).unwrap();
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state2, state);
         assert_eq!(fs::read_dir(dir.0.join("tmp")).unwrap().count(), 0);
         assert!(store.user_path("u", "keep").exists());
@@ -696,28 +768,63 @@ mod tests {
         assert_eq!(users.len(), 1, "no partial file visible");
     }
 
+    /// Only a torn last line may be dropped: a damaged line with entries after it
+    /// is refused, loudly, instead of cutting off everything after it.
+    #[test]
+    fn a_damaged_line_inside_the_log_is_refused_not_cut_off() {
+        let dir = TempDir::new("damaged");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "a", b"1");
+        put(&mut store, &mut state, "b", b"2");
+        drop(store);
+        let log = dir.0.join("meta/log.jsonl");
+        let text = fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        fs::write(&log, format!("{{not an entry}}\n{}\n", lines[1])).unwrap();
+        let err = Store::open(&dir.0).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("line 1 is damaged"), "{err}");
+        // The same damage on the last line is a torn tail: dropped, the rest kept.
+        fs::write(&log, format!("{}\n{{not an entry}}\n", lines[0])).unwrap();
+        let (_, state2, recent) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2.pos, LogPos(1));
+        assert_eq!(recent.len(), 1, "the entries after the snapshot come back as the recent history");
+    }
+
+    /// New folders are made durable in their parents (a folder created for a file
+    /// must survive a power loss as surely as the file's entry).
+    #[test]
+    fn new_folders_are_created_all_the_way_down() {
+        let dir = TempDir::new("dirs");
+        let deep = dir.0.join("a/b/c");
+        create_dirs_durably(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dirs_durably(&deep).unwrap();
+    }
+
     #[test]
     fn compaction_keeps_state() {
         let dir = TempDir::new("compact");
-        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "a", b"1");
         store.compact(&state).unwrap();
         put(&mut store, &mut state, "b", b"2");
         drop(store);
-        let (_s, state2) = Store::open(&dir.0).unwrap();
+        let (_s, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state2, state);
     }
 
     #[test]
     fn files_dropped_in_by_hand_are_adopted() {
         let dir = TempDir::new("adopt");
-        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         fs::create_dir_all(dir.0.join("users/u/d")).unwrap();
         fs::write(dir.0.join("users/u/d/new.txt"), b"by hand").unwrap();
         let found = store.check_against(&state).unwrap();
         assert_eq!(found.len(), 1);
         for (user, meta) in found {
-            store.adopt(&mut state, user, meta).unwrap();
+            let entry =
+                Entry { pos: state.pos.next(), epoch: state.epoch, change: Store::adoption(user, meta), request: None };
+            store.commit(&mut state, entry).unwrap();
         }
         assert_eq!(state.live("u", "d/new.txt").unwrap().hash, ContentHash::of(b"by hand"));
         assert!(store.check_against(&state).unwrap().is_empty());
@@ -731,7 +838,7 @@ mod tests {
         let dir = TempDir::new("install-symlink");
         let outside = TempDir::new("install-symlink-outside");
         fs::write(outside.0.join("precious"), b"not the store's").unwrap();
-        let (mut store, mut state) = Store::open(&dir.0).unwrap();
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "kept", b"held by the primary");
         std::os::unix::fs::symlink(&outside.0, dir.0.join("users/u/link")).unwrap();
         std::os::unix::fs::symlink(&outside.0, dir.0.join("users/toplink")).unwrap();

@@ -3,7 +3,7 @@
 use crate::harness::files::{check_tree, put, seeded, tree};
 use crate::harness::raw::{frame_bytes, hello, refusal, Raw};
 use crate::harness::*;
-use replibox_proto::{write_frame, ContentHash, Epoch, Msg, Op, OpResult, Seq, Version};
+use replibox_proto::{write_frame, ContentHash, Epoch, Msg, Op, OpResult, Seq};
 use std::net::SocketAddr;
 
 fn encode(msg: &Msg, payload: &[u8]) -> Vec<u8> {
@@ -169,14 +169,14 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     let seq = r.next_seq();
     r.send(&Msg::Request { seq, op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: None } });
     // keep.txt exists at version 1: uploading without a base is a conflict. Use the base.
-    match r.recv().map(|f| f.msg) {
-        Some(Msg::Reply { result: OpResult::Conflict { .. }, .. }) => {}
+    let base = match r.recv().map(|f| f.msg) {
+        Some(Msg::Reply { result: OpResult::Conflict { current: Some(current) }, .. }) => current.version,
         other => fail(format!("an upload over keep.txt without a base should conflict, got {other:?}")),
-    }
+    };
     let seq = r.next_seq();
     r.send(&Msg::Request {
         seq,
-        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: Some(Version(1)) },
+        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: Some(base) },
     });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload over keep.txt not accepted");
     r.send_with(&Msg::Chunk { seq }, &[9u8; 500]);

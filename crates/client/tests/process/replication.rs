@@ -8,7 +8,7 @@
 use crate::harness::files::{check_tree, contents, holds, put, seeded, write_seeded};
 use crate::harness::raw::{frame_bytes, Raw};
 use crate::harness::*;
-use replibox_proto::{Msg, Seq, Who, PROTOCOL_VERSION};
+use replibox_proto::{Msg, Who, PROTOCOL_VERSION};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -129,7 +129,7 @@ fn backup_fetching(t: &TestDir, s1: &Server) -> Server {
 fn stop_while_catching_up(s: &mut Server) {
     s.proc.signal("STOP");
     let log = s.log();
-    assert!(!log.contains("caught up to seq"), "{} had caught up before it was stopped:\n{log}", s.opts.name);
+    assert!(!log.contains("caught up to pos"), "{} had caught up before it was stopped:\n{log}", s.opts.name);
 }
 
 /// Every change a device makes is on all three servers, byte-identical, by the
@@ -304,10 +304,18 @@ fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
     http.wait_closed(DEADLINE);
 
     let mut fake = Raw::connect(s1.addr, "a fake backup");
-    let who = Who::Server { id: Some(replibox_proto::ServerId(9)), ip: Some("127.0.0.9".into()), port: 1, seq: Seq(0) };
+    let who = Who::Server {
+        id: Some(replibox_proto::ServerId(9)),
+        ip: Some("127.0.0.9".into()),
+        port: 1,
+        // A history no primary holds: it gets a snapshot.
+        pos: replibox_proto::LogPos(0),
+        last_epoch: replibox_proto::Epoch(u64::MAX),
+        member: false,
+    };
     fake.send(&Msg::Hello { version: PROTOCOL_VERSION, who });
     // An ack stamped with epoch 0, older than the cluster's: dropped with a reason.
-    fake.send_bytes(&frame_bytes(r#"{"epoch":0,"msg":{"kind":"ack","seq":1}}"#));
+    fake.send_bytes(&frame_bytes(r#"{"epoch":0,"msg":{"kind":"ack","pos":1}}"#));
     wait_until(DEADLINE, "the primary to log the stale frame", || s1.log().contains("stale epoch"));
     fake.send_bytes(b"\x00\x00\x00\x05garbage and more garbage");
     wait_until(DEADLINE, "the primary to drop the fake backup", || s1.log().contains("dropping backup id=9"));
@@ -483,16 +491,23 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
     let addr = s1.addr;
     let fake = std::thread::spawn(move || {
         let mut r = Raw::connect(addr, "a slow backup");
-        let who =
-            Who::Server { id: Some(replibox_proto::ServerId(9)), ip: Some("127.0.0.9".into()), port: 1, seq: Seq(0) };
+        let who = Who::Server {
+            id: Some(replibox_proto::ServerId(9)),
+            ip: Some("127.0.0.9".into()),
+            port: 1,
+            // A history no primary holds: it gets a snapshot.
+            pos: replibox_proto::LogPos(0),
+            last_epoch: replibox_proto::Epoch(u64::MAX),
+            member: false,
+        };
         r.send(&Msg::Hello { version: PROTOCOL_VERSION, who });
         let (epoch, mut last) = loop {
             let f = r.recv().expect("the primary closed the link during the join");
-            if let Msg::SnapshotEnd { seq } = f.msg {
-                break (f.epoch, seq);
+            if let Msg::SnapshotEnd { pos } = f.msg {
+                break (f.epoch, pos);
             }
         };
-        r.send_at(epoch, &Msg::CaughtUp { seq: last });
+        r.send_at(epoch, &Msg::CaughtUp { pos: last });
         let (mut chunks, mut heartbeats_mid_upload) = (0u64, 0u64);
         loop {
             let Some(f) = r.recv() else { return (heartbeats_mid_upload, false, None) };
@@ -506,11 +521,11 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
                     if chunks > 0 {
                         heartbeats_mid_upload += 1;
                     }
-                    r.send_at(epoch, &Msg::Ack { seq: last });
+                    r.send_at(epoch, &Msg::Ack { pos: last });
                 }
                 Msg::Apply { entry } => {
-                    last = entry.seq;
-                    r.send_at(epoch, &Msg::Ack { seq: last });
+                    last = entry.pos;
+                    r.send_at(epoch, &Msg::Ack { pos: last });
                     if matches!(entry.change, Change::Put { .. }) {
                         // Handed back so that the link stays open while the test checks.
                         return (heartbeats_mid_upload, true, Some(r));

@@ -577,7 +577,9 @@ impl Server {
     }
 
     /// The `stored user=U path=P ...` log lines of this run for one path, as
-    /// (version, size, device).
+    /// (version within its epoch, size, device). A version is `epoch << 32` plus a
+    /// count within the epoch (so that no two primaries ever give one version to
+    /// two contents); the count is what a test within one epoch can predict.
     pub fn stored(&self, user: &str, path: &str) -> Vec<(u64, u64, String)> {
         let prefix = format!("stored user={user} path={path} version=");
         self.log()
@@ -586,7 +588,8 @@ impl Server {
                 let rest = &l[l.find(&prefix)? + prefix.len()..];
                 let (version, rest) = rest.split_once(" size=")?;
                 let (size, device) = rest.split_once(" device=")?;
-                Some((version.parse().ok()?, size.parse().ok()?, device.trim().to_string()))
+                let version: u64 = version.parse().ok()?;
+                Some((version & 0xFFFF_FFFF, size.parse().ok()?, device.trim().to_string()))
             })
             .collect()
     }

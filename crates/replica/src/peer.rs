@@ -1,0 +1,222 @@
+//! Connections between servers outside the replication link: one election,
+//! coordinator or fence message and its answer per connection (rare, so a
+//! connection each is simpler than keeping one open); and a new primary calling
+//! its clients back.
+
+use crate::conn::{Client, Ctx, FrameWriter};
+use crate::core::{ask, Event};
+use crate::state::Session;
+use crossbeam_channel::{unbounded, Sender};
+use replibox_proto::auth::callback::callback_proof_hex;
+use replibox_proto::auth::AuthMsg;
+use replibox_proto::{read_frame, write_frame, Answer, Epoch, Msg, ServerId, Who, PROTOCOL_VERSION};
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a new primary's call to a client may take, handshake included:
+/// clients it cannot reach within it leave the session table.
+pub const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one message from another server (its hello said `Who::Peer`): the core
+/// answers it, and the answer goes back stamped with the core's epoch.
+pub fn serve<R: Read>(reader: &mut R, writer: &FrameWriter, core: &Sender<Event>, from: ServerId, peer: &str) {
+    let frame = match read_frame(reader) {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => {
+            log::warn!("peer connection from id={from} peer={peer}: {e}");
+            return;
+        }
+    };
+    match &frame.msg {
+        Msg::Election { .. } | Msg::Coordinator { .. } | Msg::Fence { .. } => {}
+        other => {
+            log::warn!("peer connection from id={from} peer={peer}: unexpected {}", other.kind());
+            return;
+        }
+    }
+    let Some((_, answer)) = ask(core, |reply| Event::Peer { from, epoch: frame.epoch, msg: frame.msg, reply }) else {
+        return;
+    };
+    let _ = writer.send(&Msg::Answer { answer }, &[]);
+}
+
+fn resolve(addr: &str) -> Option<SocketAddr> {
+    addr.to_socket_addrs().ok()?.next()
+}
+
+/// True when an error says the peer's process is not running (its port refused
+/// the connection, or reset it): nothing there can act on our message.
+fn is_down(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset)
+}
+
+/// Sends `msg` to server `to` at `addr` on a connection of its own, from a thread
+/// of its own, and reports its answer (or that it could not be asked) to the core.
+pub fn send(
+    core: Sender<Event>,
+    me: ServerId,
+    to: ServerId,
+    addr: String,
+    epoch: Arc<AtomicU64>,
+    msg: Msg,
+    timeout: Duration,
+) {
+    let kind = msg.kind();
+    let spawned = std::thread::Builder::new().name(format!("peer-{kind}-{to}")).spawn(move || {
+        let event = match exchange(me, &addr, &epoch, &msg, timeout) {
+            Ok((epoch, answer)) => Event::PeerAnswer { to, epoch, answer },
+            Err((down, why)) => {
+                log::info!("could not reach server id={to} at {addr} with {}: {why}", msg.kind());
+                Event::PeerUnreachable { to, down }
+            }
+        };
+        let _ = core.send(event);
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot start a thread to reach server id={to}: {e}");
+    }
+}
+
+fn exchange(
+    me: ServerId,
+    addr: &str,
+    epoch: &AtomicU64,
+    msg: &Msg,
+    timeout: Duration,
+) -> Result<(Epoch, Answer), (bool, String)> {
+    let sock = resolve(addr).ok_or((false, format!("cannot resolve {addr}")))?;
+    let stream = TcpStream::connect_timeout(&sock, timeout).map_err(|e| (is_down(&e), e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let mut w = &stream;
+    let now = Epoch(epoch.load(Ordering::Relaxed));
+    let hello = Msg::Hello { version: PROTOCOL_VERSION, who: Who::Peer { id: me } };
+    let sent = write_frame(&mut w, now, &hello, &[]).and_then(|_| write_frame(&mut w, now, msg, &[]));
+    sent.map_err(|e| (matches!(&e, replibox_proto::ProtoError::Io(io) if is_down(io)), e.to_string()))?;
+    let mut r = &stream;
+    match read_frame(&mut r) {
+        Ok(Some(f)) => match f.msg {
+            Msg::Answer { answer } => Ok((f.epoch, answer)),
+            other => Err((false, format!("answered with {}", other.kind()))),
+        },
+        // Closed without an answer: its process died on the way.
+        Ok(None) => Err((true, "closed without an answer".into())),
+        Err(e) if e.is_timeout() => Err((false, format!("no answer within {timeout:?}"))),
+        Err(replibox_proto::ProtoError::Io(e)) => Err((is_down(&e), e.to_string())),
+        Err(e) => Err((false, e.to_string())),
+    }
+}
+
+/// Calls a client back at its session's address, as the new primary of `epoch`
+/// (from a thread of its own): proves it holds the session's token, and once the
+/// client resumes, serves the session on that connection.
+pub fn call_back(
+    core: Sender<Event>,
+    ctx: Ctx,
+    me: ServerId,
+    addr: String,
+    epoch: replibox_proto::Epoch,
+    session: Session,
+) {
+    let device = session.device.clone();
+    let spawned =
+        std::thread::Builder::new().name(format!("callback-{}", &device.0[..device.0.len().min(8)])).spawn(move || {
+            if let Err(why) = callback(&core, &ctx, me, addr, epoch, &session) {
+                let _ = core.send(Event::CallbackFailed { device: session.device.clone(), why });
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start a thread to call device={device} back: {e}");
+    }
+}
+
+fn callback(
+    core: &Sender<Event>,
+    ctx: &Ctx,
+    me: ServerId,
+    addr: String,
+    epoch: Epoch,
+    s: &Session,
+) -> Result<(), String> {
+    let target = format!("{}:{}", s.ip, s.callback_port);
+    let sock = resolve(&target).ok_or(format!("cannot resolve {target}"))?;
+    let stream =
+        TcpStream::connect_timeout(&sock, CALLBACK_TIMEOUT).map_err(|e| format!("cannot reach {target}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(CALLBACK_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CALLBACK_TIMEOUT));
+    let writer = FrameWriter::new(stream.try_clone().map_err(|e| e.to_string())?, ctx.epoch.clone());
+    let who = Who::Primary { id: me, addr: addr.clone(), device: s.device.clone() };
+    writer.send(&Msg::Hello { version: PROTOCOL_VERSION, who }, &[]).map_err(|e| format!("{target}: {e}"))?;
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    let next = |r: &mut std::io::BufReader<TcpStream>| match read_frame(r) {
+        Ok(Some(f)) => Ok(f.msg),
+        Ok(None) => Err(format!("{target} closed the connection")),
+        Err(e) => Err(format!("{target}: {e}")),
+    };
+    let nonce = match next(&mut reader)? {
+        Msg::Auth(AuthMsg::CallbackChallenge { nonce }) => nonce,
+        Msg::Refused { reason } => return Err(format!("{target} refused the call: {reason}")),
+        other => return Err(format!("{target} answered the call with {}", other.kind())),
+    };
+    let nonce: [u8; 32] = hex32(&nonce).ok_or(format!("{target} sent a malformed challenge"))?;
+    let proof = callback_proof_hex(&s.token, &nonce, epoch, &s.device);
+    let msg = Msg::Auth(AuthMsg::CallbackProof { epoch, device: s.device.clone(), proof });
+    writer.send(&msg, &[]).map_err(|e| format!("{target}: {e}"))?;
+    match next(&mut reader)? {
+        Msg::Resume => {}
+        Msg::Refused { reason } => return Err(format!("{target} refused the call: {reason}")),
+        other => return Err(format!("{target} answered the proof with {}", other.kind())),
+    }
+    // The connection becomes the session.
+    let conn = ctx.conns.fetch_add(1, Ordering::Relaxed) + 1 + (1 << 40);
+    let (out_tx, out_rx) = unbounded::<Msg>();
+    let stream = reader.get_ref().try_clone().ok();
+    let device = s.device.clone();
+    let answer =
+        ask(core, |reply| Event::Resumed { conn, device, out: out_tx, stream, reply }).ok_or("the core stopped")?;
+    let (user, welcome) = match answer {
+        Ok(w) => w,
+        Err(reason) => {
+            let _ = writer.send(&Msg::Refused { reason: reason.clone() }, &[]);
+            return Err(reason);
+        }
+    };
+    let client = Client {
+        conn,
+        user,
+        device: s.device.clone(),
+        core: core.clone(),
+        writer: writer.clone(),
+        peer: target,
+        ack_timeout: ctx.ack_timeout,
+    };
+    let welcome = Msg::Welcome { token: String::new(), devices: welcome.devices, last_seq: welcome.last_seq };
+    let end = match client.send(&welcome) {
+        Err(e) => e,
+        Ok(()) => {
+            let _ = reader.get_ref().set_read_timeout(Some(crate::conn::READ_TIMEOUT));
+            client.serve(&mut reader, out_rx)
+        }
+    };
+    client.ended(&end);
+    let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
+    Ok(())
+}
+
+/// 64 hex digits as 32 bytes.
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
