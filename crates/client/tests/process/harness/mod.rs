@@ -647,6 +647,9 @@ pub struct ClientOpts {
     pub headless: bool,
     /// Working directory (where `download` writes); None is `NAME-cwd` in the test dir.
     pub cwd: Option<PathBuf>,
+    /// `--device-name`; the test's name for the device unless a test clears it to
+    /// see the default (the host name).
+    pub device_name: Option<String>,
 }
 
 impl ClientOpts {
@@ -660,6 +663,7 @@ impl ClientOpts {
             sync_dir: None,
             headless: true,
             cwd: None,
+            device_name: Some(name.into()),
         }
     }
 
@@ -726,6 +730,9 @@ impl Client {
         if give_sync_dir {
             cmd.arg("--sync-dir").arg(&sync_dir);
         }
+        if let Some(name) = &opts.device_name {
+            cmd.args(["--device-name", name]);
+        }
         cmd.args(["--bind", &opts.bind.to_string()])
             .current_dir(&cwd)
             .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
@@ -769,11 +776,13 @@ impl Client {
         self.sync_dir.join(rel)
     }
 
-    /// The device label used in conflicted-copy names (8 hex digits).
+    /// The device name used in conflicted-copy names: its `--device-name`, or
+    /// without one the host name up to its first dot.
     pub fn device_label(&self) -> String {
-        let id = fs::read_to_string(self.sync_dir.join(".replibox/device"))
-            .unwrap_or_else(|e| fail(format!("{} has no device id: {e}", self.opts.name)));
-        id.trim()[..8].to_string()
+        match &self.opts.device_name {
+            Some(name) => name.clone(),
+            None => host_name(),
+        }
     }
 
     /// The full device id, as the server logs it.
@@ -822,6 +831,22 @@ impl Client {
         })
     }
 
+    /// Runs `status` and returns its lines (up to its last line, `device ...`).
+    #[track_caller]
+    pub fn status(&mut self) -> String {
+        let out_mark = self.proc.stdout().len();
+        self.proc.send_line("status");
+        let what = format!("the outcome of status from {}", self.opts.name);
+        wait_for(DEADLINE, &what, || {
+            let out = self.proc.stdout();
+            let new_out = &out[out_mark.min(out.len())..];
+            let complete = &new_out[..new_out.rfind('\n').map_or(0, |i| i + 1)];
+            let lines: Vec<&str> = complete.lines().collect();
+            let end = lines.iter().position(|l| l.starts_with("device "))?;
+            Some(lines[..=end].join("\n"))
+        })
+    }
+
     /// Runs a command that must succeed; returns its stdout.
     #[track_caller]
     pub fn ok(&mut self, line: &str) -> String {
@@ -856,6 +881,14 @@ impl Client {
     pub fn activity(&self) -> String {
         self.proc.stderr()
     }
+}
+
+/// This machine's host name up to its first dot, read the way `hostname -s`
+/// shows it.
+pub fn host_name() -> String {
+    let out = Command::new("hostname").output().unwrap_or_else(|e| fail(format!("cannot run hostname: {e}")));
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    name.split('.').next().unwrap_or_default().to_string()
 }
 
 fn is_count_line(l: &str) -> bool {
