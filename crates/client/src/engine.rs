@@ -255,9 +255,9 @@ impl Engine {
                 },
                 recv(front) -> ev => match ev {
                     Ok(FrontEvent::Notice(n)) => self.notice(n),
-                    Ok(FrontEvent::Lost(why)) => self.console.activity(format!("connection to the server lost ({why}); local changes wait until it is back")),
+                    // The relay in status.rs has told the user already.
+                    Ok(FrontEvent::Lost(_)) => {}
                     Ok(FrontEvent::Reconnected) => {
-                        self.console.activity("connection to the server is back; catching up");
                         self.need_full = true;
                         // Now, unless a failed pass set a back-off: a request that
                         // failed part-way drops the connection, and its retry must

@@ -132,7 +132,6 @@ fn run(args: Args) -> Result<ExitCode, String> {
         root.display()
     );
     let status = Status::new(login.server, device_name.clone(), device.0[..8].to_string(), root.clone());
-    let front_events = status::relay(front_events, status.clone()).map_err(|e| e.to_string())?;
     // The reader comes before the engine: on a terminal, the console it gives
     // prints background lines above the prompt.
     let (reader, console) = if args.headless {
@@ -141,6 +140,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         let (reader, console) = session::start_reader()?;
         (Some(reader), console)
     };
+    let front_events = status::relay(front_events, status.clone(), console.clone()).map_err(|e| e.to_string())?;
     let (watch_tx, watch_rx) = unbounded();
     let _watcher =
         watcher::watch(root.clone(), watch_tx).map_err(|e| format!("cannot watch {}: {e}", root.display()))?;

@@ -229,17 +229,24 @@ pub fn ask_epoch(addr: SocketAddr) -> Result<u64, String> {
 }
 
 /// Passes the front-end's events on to the engine, recording the connection's
-/// state in `status` first: `status` then knows the server is unreachable even
-/// while the engine is still blocked in the request that found out.
-pub fn relay(events: Receiver<FrontEvent>, status: Status) -> std::io::Result<Receiver<FrontEvent>> {
+/// state in `status` and telling the user first: both then know the server is
+/// unreachable at once, even while the engine is still blocked (for up to the
+/// unavailability bound) in the request that found out.
+pub fn relay(events: Receiver<FrontEvent>, status: Status, console: Console) -> std::io::Result<Receiver<FrontEvent>> {
     let (tx, rx) = unbounded();
     std::thread::Builder::new().name("front-events".into()).spawn(move || {
         for ev in events {
             match &ev {
                 FrontEvent::Lost(why) => {
-                    status.set_link(Link::Unreachable { since_ms: timefmt::now_ms(), why: why.clone() })
+                    status.set_link(Link::Unreachable { since_ms: timefmt::now_ms(), why: why.clone() });
+                    console.activity(format!(
+                        "connection to the server lost ({why}); local changes wait until it is back"
+                    ));
                 }
-                FrontEvent::Reconnected => status.set_link(Link::Connected),
+                FrontEvent::Reconnected => {
+                    status.set_link(Link::Connected);
+                    console.activity("connection to the server is back; catching up");
+                }
                 FrontEvent::Notice(_) => {}
             }
             if tx.send(ev).is_err() {
