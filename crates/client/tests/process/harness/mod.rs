@@ -410,6 +410,14 @@ impl Proc {
         }
     }
 
+    /// Writes raw bytes to its stdin (keys for a terminal, no newline added).
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap_or_else(|| fail(format!("{}: stdin is not open", self.name)));
+        if let Err(e) = stdin.write_all(bytes).and_then(|_| stdin.flush()) {
+            fail(format!("{}: cannot write {bytes:?} to its stdin: {e}", self.name));
+        }
+    }
+
     /// Closes its stdin (end of input).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
