@@ -891,12 +891,11 @@ impl Client {
     }
 }
 
-/// This machine's host name up to its first dot, read the way `hostname -s`
-/// shows it.
+/// This machine's host name up to its first dot, as the kernel has it.
 pub fn host_name() -> String {
-    let out = Command::new("hostname").output().unwrap_or_else(|e| fail(format!("cannot run hostname: {e}")));
-    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    name.split('.').next().unwrap_or_default().to_string()
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|e| fail(format!("cannot read /proc/sys/kernel/hostname: {e}")));
+    name.trim().split('.').next().unwrap_or_default().to_string()
 }
 
 fn is_count_line(l: &str) -> bool {
