@@ -610,7 +610,7 @@ impl Engine {
                     if let Some(from) = self.moved_from(&path, &local[&path], &deleted_left) {
                         deleted_left.remove(&from);
                         if self.rename_remote(&from, &path)? {
-                            to_send -= 2;
+                            to_send = to_send.saturating_sub(2);
                             self.status.update_local(|s| s.to_send = to_send);
                             continue;
                         }
@@ -623,7 +623,7 @@ impl Engine {
                 for path in std::mem::take(&mut deleted_left) {
                     let base = self.index.get(&path).map(|i| i.version);
                     self.delete_remote(&path, base)?;
-                    to_send -= 1;
+                    to_send = to_send.saturating_sub(1);
                     self.status.update_local(|s| s.to_send = to_send);
                 }
             }
@@ -634,7 +634,7 @@ impl Engine {
                     Some(false) => self.status.update_local(|s| s.refused += 1),
                     None => {}
                 }
-                to_send -= 1;
+                to_send = to_send.saturating_sub(1);
                 self.status.update_local(|s| s.to_send = to_send);
             }
             Ok(())
