@@ -3,15 +3,19 @@
 //! Every command prints its outcome on stdout once it has finished, so a script can
 //! wait for that line; errors go to stderr.
 
+use crate::console::Console;
 use crate::engine::Command;
 use crate::progress::{self, bytes};
+use crate::rules::Rules;
 use crate::scan;
+use crate::status::Status;
 use crate::timefmt::datetime;
 use crossbeam_channel::{bounded, Sender};
 use replibox_frontend::Frontend;
 use replibox_proto::times::FileTimes;
 use replibox_proto::{FileMeta, OpResult};
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// A parsed command line.
@@ -29,30 +33,68 @@ pub enum Cmd {
     ListClient,
     /// `get_sync_dir`
     GetSyncDir,
-    /// `exit`
+    /// `status`
+    Status,
+    /// `exit` or `quit`
     Exit,
     /// `help`
     Help,
 }
 
+impl Cmd {
+    /// The command's word, for messages about it.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Cmd::Upload(_) => "upload",
+            Cmd::Download(_) => "download",
+            Cmd::Delete(_) => "delete",
+            Cmd::ListServer => "list_server",
+            Cmd::ListClient => "list_client",
+            Cmd::GetSyncDir => "get_sync_dir",
+            Cmd::Status => "status",
+            Cmd::Exit => "exit",
+            Cmd::Help => "help",
+        }
+    }
+}
+
 /// The help text.
 pub const HELP: &str = "commands:
   upload PATH     put a file from anywhere into the sync dir, on the server and on every device
-  download NAME   copy a file from the server into the current directory (that copy is not synced)
+  download NAME   copy a file from the server into the current directory (that copy is not synced);
+                  a file already there keeps its name, and the copy gets a free one: NAME (1).EXT
   delete NAME     delete a file from the server and from every device
   list_server     list the files on the server (name, size, mtime, atime, ctime)
-  list_client     list the files in this device's sync dir
+  list_client     list the files in this device's sync dir (ignored files left out)
   get_sync_dir    bring the sync dir and the server into agreement now
-  exit            log out and quit";
+  status          in sync or not, what waits and why, the server, its epoch and this device
+  help            this list
+  exit, quit      log out and quit (end of input and Ctrl-C at the prompt do the same)
+A name with spaces can be typed as it is (upload /tmp/my notes.txt) or quoted as in a
+shell (download \"my notes.txt\", or 'my notes.txt'); a backslash keeps the next character
+as it is (it\\'s.txt). A quote left open is an error.";
 
-fn unquote(s: &str) -> String {
-    let s = s.trim();
-    for q in ['"', '\''] {
-        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
-            return s[1..s.len() - 1].to_string();
-        }
+/// The argument after the command word: taken as it is (so that `upload /tmp/my
+/// notes.txt` works, as it always has), unless it has quotes or backslashes; then
+/// it is split as a shell would (shlex) and must be one word. None when empty.
+fn argument(word: &str, rest: &str) -> Result<Option<String>, String> {
+    let rest = rest.trim();
+    if rest.is_empty() {
+        return Ok(None);
     }
-    s.to_string()
+    if !rest.contains(['"', '\'', '\\']) {
+        return Ok(Some(rest.to_string()));
+    }
+    let words = shlex::split(rest).ok_or_else(|| {
+        format!(
+            "a quote is left open in {rest:?}; close it, or put a backslash before a quote that is part of the name"
+        )
+    })?;
+    match words.len() {
+        0 => Ok(None),
+        1 => Ok(words.into_iter().next().filter(|w| !w.is_empty())),
+        n => Err(format!("{word} takes one argument, not {n}; put quotes around a name that has spaces")),
+    }
 }
 
 /// Parses one input line; `Ok(None)` for a blank line.
@@ -61,22 +103,13 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, String> {
     if line.is_empty() {
         return Ok(None);
     }
-    let (word, rest) = match line.split_once(char::is_whitespace) {
-        Some((w, r)) => (w, unquote(r)),
-        None => (line, String::new()),
-    };
-    let need = |what: &str| -> Result<String, String> {
-        if rest.is_empty() {
-            Err(format!("usage: {word} {what}"))
-        } else {
-            Ok(rest.clone())
-        }
-    };
+    let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+    let arg = argument(word, rest)?;
+    let need = |what: &str| -> Result<String, String> { arg.clone().ok_or_else(|| format!("usage: {word} {what}")) };
     let none = |cmd: Cmd| -> Result<Option<Cmd>, String> {
-        if rest.is_empty() {
-            Ok(Some(cmd))
-        } else {
-            Err(format!("{word} takes no argument"))
+        match arg {
+            None => Ok(Some(cmd)),
+            Some(_) => Err(format!("{word} takes no argument")),
         }
     };
     match word {
@@ -86,6 +119,7 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, String> {
         "list_server" => none(Cmd::ListServer),
         "list_client" => none(Cmd::ListClient),
         "get_sync_dir" => none(Cmd::GetSyncDir),
+        "status" => none(Cmd::Status),
         "exit" | "quit" => none(Cmd::Exit),
         "help" | "?" => none(Cmd::Help),
         other => Err(format!("unknown command {other:?}; type help for the list")),
@@ -100,6 +134,10 @@ pub struct Shell {
     pub engine: Sender<Command>,
     /// The sync dir.
     pub root: PathBuf,
+    /// Where output goes.
+    pub console: Console,
+    /// What `status` reports.
+    pub status: Status,
 }
 
 fn table(rows: Vec<(String, u64, i64, i64, i64)>) -> String {
@@ -147,7 +185,10 @@ impl Shell {
                     .collect(),
             )),
             Cmd::ListClient => {
-                let rows = scan::scan(&self.root)
+                // The rules as they are on disk now: the engine may not have
+                // looked at them yet.
+                let rules = Rules::load(&self.root);
+                let rows = scan::scan(&self.root, &rules)
                     .into_keys()
                     .filter_map(|p| {
                         let md = fs::symlink_metadata(self.root.join(&p)).ok()?;
@@ -157,6 +198,7 @@ impl Shell {
                     .collect();
                 Ok(table(rows))
             }
+            Cmd::Status => Ok(self.status.report(&self.console)),
             Cmd::Help => Ok(HELP.to_string()),
             Cmd::Exit => Ok("bye".into()),
         }
@@ -165,22 +207,64 @@ impl Shell {
     fn download(&self, name: &str) -> Result<String, String> {
         replibox_proto::validate_path(name).map_err(|e| e.to_string())?;
         let file_name = Path::new(name).file_name().and_then(|n| n.to_str()).unwrap_or(name).to_string();
-        let dest =
-            std::env::current_dir().map_err(|e| format!("cannot find the current directory: {e}"))?.join(&file_name);
-        let tmp = dest.with_file_name(format!(".{file_name}.replibox-download"));
-        match progress::download_to(&self.front, name, &tmp) {
-            Ok(Ok(meta)) => match fs::rename(&tmp, &dest) {
-                Ok(()) => Ok(format!("downloaded {name} to {} ({})", dest.display(), bytes(meta.size))),
-                Err(e) => {
+        let dir = std::env::current_dir().map_err(|e| format!("cannot find the current directory: {e}"))?;
+        let tmp = dir.join(format!(".{file_name}.replibox-download"));
+        match progress::download_to(&self.front, &self.console, name, &tmp) {
+            Ok(Ok(meta)) => {
+                let placed = place_without_overwriting(&tmp, &dir, &file_name);
+                if placed.is_err() {
                     let _ = fs::remove_file(&tmp);
-                    Err(format!("cannot write {}: {e}", dest.display()))
                 }
-            },
+                let dest = placed.map_err(|e| format!("cannot write {}: {e}", dir.join(&file_name).display()))?;
+                let mut out = format!("downloaded {name} to {} ({})", dest.display(), bytes(meta.size));
+                if dest.file_name().and_then(|n| n.to_str()) != Some(file_name.as_str()) {
+                    out.push_str(&format!(
+                        "; {} was already there and is left as it was",
+                        dir.join(&file_name).display()
+                    ));
+                }
+                Ok(out)
+            }
             Ok(Err(OpResult::Error { message })) => Err(message),
             Ok(Err(other)) => Err(format!("unexpected answer: {other:?}")),
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// `name` with ` (n)` before its extension, as browsers name a second download:
+/// `notes (1).txt`; a leading dot is part of the name (`.bashrc (1)`).
+pub fn numbered(name: &str, n: u32) -> String {
+    match name.rfind('.') {
+        Some(i) if i > 0 => format!("{} ({n}){}", &name[..i], &name[i..]),
+        _ => format!("{name} ({n})"),
+    }
+}
+
+/// Moves the finished download `tmp` into `dir` as `file_name`, or as the first
+/// free `numbered` name if that one is taken. Never replaces anything: a hard
+/// link fails when its name exists, atomically, so a file created meanwhile by
+/// someone else is safe too. On a file system without hard links, it falls back
+/// to a rename after checking the name is free.
+fn place_without_overwriting(tmp: &Path, dir: &Path, file_name: &str) -> io::Result<PathBuf> {
+    for n in 0..10_000 {
+        let dest = dir.join(if n == 0 { file_name.to_string() } else { numbered(file_name, n) });
+        match fs::hard_link(tmp, &dest) {
+            Ok(()) => {
+                // The copy is in place; a temporary name left behind is only
+                // clutter, not a failed download.
+                let _ = fs::remove_file(tmp);
+                return Ok(dest);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(_) if fs::symlink_metadata(&dest).is_err() => {
+                fs::rename(tmp, &dest)?;
+                return Ok(dest);
+            }
+            Err(_) => continue,
+        }
+    }
+    Err(io::Error::other("no free name left"))
 }
 
 #[cfg(test)]
@@ -191,10 +275,67 @@ mod tests {
     fn parses_commands() {
         assert_eq!(parse("  upload /tmp/a b.txt ").unwrap(), Some(Cmd::Upload("/tmp/a b.txt".into())));
         assert_eq!(parse("download \"x y\"").unwrap(), Some(Cmd::Download("x y".into())));
+        assert_eq!(parse("download 'it''s'").unwrap(), Some(Cmd::Download("its".into())));
+        assert_eq!(parse("download it\\'s.txt").unwrap(), Some(Cmd::Download("it's.txt".into())));
+        assert_eq!(parse("download \"dir/my notes.txt\"").unwrap(), Some(Cmd::Download("dir/my notes.txt".into())));
         assert_eq!(parse("list_server").unwrap(), Some(Cmd::ListServer));
+        assert_eq!(parse("status").unwrap(), Some(Cmd::Status));
+        assert_eq!(parse("quit").unwrap(), Some(Cmd::Exit));
         assert_eq!(parse("").unwrap(), None);
         assert!(parse("upload").is_err());
+        assert!(parse("upload \"\"").is_err(), "an empty quoted name is a missing argument");
         assert!(parse("list_client now").is_err());
         assert!(parse("frobnicate").is_err());
+    }
+
+    #[test]
+    fn an_open_quote_is_an_error() {
+        for line in ["download \"my notes.txt", "upload 'a b", "delete x\"y"] {
+            let e = parse(line).unwrap_err();
+            assert!(e.contains("quote is left open"), "{line}: {e}");
+        }
+        let e = parse("delete \"a b\" c").unwrap_err();
+        assert!(e.contains("one argument"), "{e}");
+    }
+
+    #[test]
+    fn help_lists_every_command_and_quoting() {
+        for word in [
+            "upload",
+            "download",
+            "delete",
+            "list_server",
+            "list_client",
+            "get_sync_dir",
+            "status",
+            "help",
+            "exit",
+            "quit",
+            "quote",
+        ] {
+            assert!(HELP.contains(word), "help should mention {word}");
+        }
+    }
+
+    #[test]
+    fn downloads_never_replace_a_file() {
+        assert_eq!(numbered("notes.txt", 1), "notes (1).txt");
+        assert_eq!(numbered(".bashrc", 2), ".bashrc (2)");
+        assert_eq!(numbered("README", 3), "README (3)");
+        let dir = std::env::temp_dir().join(format!("replibox-cli-place-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.txt"), b"mine").unwrap();
+        fs::write(dir.join("a (1).txt"), b"mine too").unwrap();
+        fs::write(dir.join(".tmp1"), b"new").unwrap();
+        let got = place_without_overwriting(&dir.join(".tmp1"), &dir, "a.txt").unwrap();
+        assert_eq!(got, dir.join("a (2).txt"));
+        assert_eq!(fs::read(dir.join("a.txt")).unwrap(), b"mine");
+        assert_eq!(fs::read(dir.join("a (1).txt")).unwrap(), b"mine too");
+        assert_eq!(fs::read(&got).unwrap(), b"new");
+        assert!(!dir.join(".tmp1").exists());
+        fs::write(dir.join(".tmp2"), b"free").unwrap();
+        assert_eq!(place_without_overwriting(&dir.join(".tmp2"), &dir, "b.txt").unwrap(), dir.join("b.txt"));
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -6,11 +6,21 @@
 //! from the server is recorded in the index before the watcher's event for it is
 //! looked at, which is what keeps received changes from bouncing back (echo
 //! suppression): the scan finds the file exactly as the index says.
+//!
+//! Two guards stand before anything is sent or removed: the ignore rules (an
+//! ignored path is left alone in both directions) and the folder marker (a sync
+//! dir that vanished or was unmounted stops the engine instead of reading as
+//! "every file was deleted").
 
+use crate::activity::{Batch, Done};
+use crate::console::Console;
 use crate::index::{Index, Synced};
 use crate::progress::{self, Progress};
 use crate::reconcile::{conflicted_name, decide, locally_changed, Action};
+use crate::rules::{Rules, RULES_FILE};
 use crate::scan::{self, LocalFile};
+use crate::status::{plural, Status};
+use crate::syncdir::Marker;
 use crate::timefmt;
 use crate::watcher::WatchEvent;
 use crossbeam_channel::{select, Receiver, Sender};
@@ -35,6 +45,11 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(10);
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// A full rescan runs this often even without events, in case any were lost.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// Local deletions are sent only once no new one has been seen for this long.
+/// `rm -rf` of a whole sync dir removes `.replibox/` (the marker) at some point of
+/// its walk, possibly last: while files keep vanishing, the engine waits, and
+/// once the marker is gone it stops without sending a single delete.
+const DELETE_GRACE: Duration = Duration::from_secs(1);
 
 /// A command for the engine from the CLI.
 pub enum Command {
@@ -70,6 +85,47 @@ struct Tally {
     deleted_local: usize,
     conflicts: usize,
     failed: usize,
+    /// Local deletions held back by [`DELETE_GRACE`].
+    deferred: usize,
+}
+
+impl Tally {
+    /// The `get_sync_dir` outcome's counts.
+    fn summary(&self) -> String {
+        let mut out = format!(
+            "{} uploaded, {} downloaded, {} deleted there, {} deleted here, {} conflict{}",
+            self.uploaded,
+            self.downloaded,
+            self.deleted_remote,
+            self.deleted_local,
+            self.conflicts,
+            plural(self.conflicts)
+        );
+        if self.failed > 0 {
+            out.push_str(&format!(", {} refused", self.failed));
+        }
+        if self.deferred > 0 {
+            out.push_str(&format!(", {} deletion{} to send in a moment", self.deferred, plural(self.deferred)));
+        }
+        out
+    }
+}
+
+/// What the engine needs besides its sync dir.
+pub struct Setup {
+    /// The front-end, shared with the CLI.
+    pub front: Frontend,
+    /// This device's name, for conflicted copies.
+    pub device_name: String,
+    /// Where activity lines and progress go.
+    pub console: Console,
+    /// Where the engine publishes what waits.
+    pub status: Status,
+    /// The sync dir as it was at start-up.
+    pub marker: Marker,
+    /// Told once, with the reason, when the engine stops on its own (the sync dir
+    /// vanished).
+    pub stopped: Sender<String>,
 }
 
 /// The engine.
@@ -78,7 +134,22 @@ pub struct Engine {
     tmp: PathBuf,
     front: Frontend,
     index: Index,
-    device_label: String,
+    device_name: String,
+    console: Console,
+    status: Status,
+    marker: Marker,
+    rules: Rules,
+    /// Routine activity lines waiting to be printed together.
+    batch: Batch,
+    /// Indexed paths seen without a file (deleted here, not yet sent).
+    missing: BTreeSet<String>,
+    /// When a path last joined `missing`.
+    last_new_missing: Option<Instant>,
+    /// The login's reconciliation is done: later ones hold deletions back.
+    reconciled_once: bool,
+    /// Why the engine must stop (the sync dir vanished), once known.
+    stop: Option<String>,
+    stopped_tx: Sender<String>,
     /// Local states the server refused; not retried until the file changes again.
     refused: BTreeMap<String, LocalFile>,
     /// Paths with a write in progress (an inotify modify without its close-write yet).
@@ -116,15 +187,9 @@ fn trusted_path(path: &str) -> bool {
     }
 }
 
-/// Prints a line about background sync activity (stderr, so stdout carries only
-/// command outcomes that scripts wait for).
-fn activity(line: String) {
-    eprintln!("{line}");
-}
-
 impl Engine {
-    /// An engine over `root` (the sync dir, which must exist) using `front`.
-    pub fn new(root: PathBuf, front: Frontend, device_label: String) -> io::Result<Engine> {
+    /// An engine over `root` (the sync dir, which must exist).
+    pub fn new(root: PathBuf, setup: Setup) -> io::Result<Engine> {
         let meta = root.join(".replibox");
         let tmp = meta.join("tmp");
         fs::create_dir_all(&tmp)?;
@@ -132,12 +197,26 @@ impl Engine {
             let _ = fs::remove_file(e.path());
         }
         let index = Index::load(meta.join("index.json"));
+        let rules = Rules::load(&root);
+        for problem in &rules.problems {
+            setup.console.activity(problem.clone());
+        }
         Ok(Engine {
             root,
             tmp,
-            front,
+            front: setup.front,
             index,
-            device_label,
+            device_name: setup.device_name,
+            console: setup.console,
+            status: setup.status,
+            marker: setup.marker,
+            rules,
+            batch: Batch::default(),
+            missing: BTreeSet::new(),
+            last_new_missing: None,
+            reconciled_once: false,
+            stop: None,
+            stopped_tx: setup.stopped,
             refused: BTreeMap::new(),
             writing: HashMap::new(),
             closed: BTreeSet::new(),
@@ -149,12 +228,26 @@ impl Engine {
         })
     }
 
-    /// Runs until [`Command::Stop`] or until the command channel closes.
+    /// Runs until [`Command::Stop`], until the command channel closes, or until
+    /// the sync dir vanishes (then `Setup::stopped` is told why).
     pub fn run(mut self, commands: Receiver<Command>, front: Receiver<FrontEvent>, watch: Receiver<WatchEvent>) {
         loop {
+            if let Some(why) = self.stop.take() {
+                self.flush_activity();
+                // The index is not saved: its folder is gone, or belongs to
+                // another sync dir now.
+                let _ = self.stopped_tx.send(why);
+                return;
+            }
             let now = Instant::now();
+            if self.batch.due().is_some_and(|at| at <= now) {
+                self.flush_activity();
+            }
             let due = self.pass_due.unwrap_or(self.last_full + RESCAN_EVERY);
-            let wait = due.saturating_duration_since(now);
+            let mut wait = due.saturating_duration_since(now);
+            if let Some(at) = self.batch.due() {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
             select! {
                 recv(commands) -> cmd => match cmd {
                     Ok(Command::Stop) | Err(_) => break,
@@ -162,9 +255,9 @@ impl Engine {
                 },
                 recv(front) -> ev => match ev {
                     Ok(FrontEvent::Notice(n)) => self.notice(n),
-                    Ok(FrontEvent::Lost(why)) => activity(format!("connection to the server lost ({why}); local changes wait until it is back")),
+                    // The relay in status.rs has told the user already.
+                    Ok(FrontEvent::Lost(_)) => {}
                     Ok(FrontEvent::Reconnected) => {
-                        activity("connection to the server is back; catching up".into());
                         self.need_full = true;
                         // Now, unless a failed pass set a back-off: a request that
                         // failed part-way drops the connection, and its retry must
@@ -176,11 +269,14 @@ impl Engine {
                 },
                 recv(watch) -> ev => if let Ok(ev) = ev { self.watched(ev) },
                 default(wait) => {
+                    if Instant::now() < due {
+                        continue; // woken to print the activity batch
+                    }
                     self.dirty_since = None;
+                    self.reload_rules();
                     if self.need_full || self.pass_due.is_none() {
                         if let Err(e) = self.sync_all() {
-                            activity(format!("sync postponed: {e}"));
-                            self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+                            self.postponed(e);
                         }
                     } else {
                         self.pass_due = None;
@@ -188,24 +284,81 @@ impl Engine {
                     }
                 }
             }
-            if let Err(e) = self.index.save() {
-                log::error!("cannot save the index: {e}");
+            if self.stop.is_none() {
+                if let Err(e) = self.index.save() {
+                    log::error!("cannot save the index: {e}");
+                }
             }
         }
+        self.flush_activity();
         let _ = self.index.save();
+    }
+
+    /// Prints the routine activity lines collected so far.
+    fn flush_activity(&mut self) {
+        for line in self.batch.take_lines() {
+            self.console.activity(line);
+        }
+    }
+
+    /// A pass could not finish (the server unreachable, most often): it is tried
+    /// again 2 s later, and the local changes stay where they are.
+    fn postponed(&mut self, e: FrontError) {
+        if self.stop.is_some() {
+            return;
+        }
+        self.console.activity(format!("sync postponed: {e}"));
+        self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+    }
+
+    /// True while the sync dir is the one the client started on. Otherwise it
+    /// records why the engine must stop, says so, and returns false: nothing may
+    /// be sent, written or removed from then on.
+    fn guard(&mut self) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        match self.marker.check() {
+            Ok(()) => true,
+            Err(why) => {
+                // Said once, by the session, as its last line.
+                self.stop = Some(format!("{why}; stopped syncing, and no deletion was sent to the server"));
+                false
+            }
+        }
+    }
+
+    /// Reads `.replibox-ignore` again if it changed, and then reconciles fully: a
+    /// path no longer ignored must be brought into agreement both ways.
+    fn reload_rules(&mut self) {
+        if !self.rules.stale(&self.root) {
+            return;
+        }
+        self.rules = Rules::load(&self.root);
+        for problem in &self.rules.problems {
+            self.console.activity(problem.clone());
+        }
+        self.console.activity(format!("ignore rules reloaded from {RULES_FILE}"));
+        self.need_full = true;
     }
 
     fn watched(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Writing(p) => {
+                if self.rules.ignores(&p, false) {
+                    return; // an editor's swap file is written all the time
+                }
                 self.closed.remove(&p);
                 self.writing.insert(p, Instant::now());
             }
             WatchEvent::Closed(p) => {
+                if self.rules.ignores(&p, false) {
+                    return;
+                }
                 self.writing.remove(&p);
                 self.closed.insert(p);
             }
-            WatchEvent::Changed => {}
+            WatchEvent::Changed | WatchEvent::RulesChanged => {}
         }
         let now = Instant::now();
         let first = *self.dirty_since.get_or_insert(now);
@@ -216,30 +369,63 @@ impl Engine {
     }
 
     fn command(&mut self, cmd: Command) {
+        // Lines from before the command come out before its outcome.
+        self.flush_activity();
+        let gone = |e: &Option<String>| e.clone().unwrap_or_default();
         match cmd {
             Command::Upload { source, reply } => {
-                let _ = reply.send(self.upload_from(&source));
+                let answer = if self.guard() { self.upload_from(&source) } else { Err(gone(&self.stop)) };
+                let _ = reply.send(answer);
             }
             Command::Delete { name, reply } => {
-                let _ = reply.send(self.delete_named(&name));
+                let answer = if self.guard() { self.delete_named(&name) } else { Err(gone(&self.stop)) };
+                let _ = reply.send(answer);
             }
             Command::SyncAll { reply } => {
-                let answer = self.sync_all().map(|t| {
-                    format!(
-                        "sync dir {}: in sync with the server ({} uploaded, {} downloaded, {} deleted there, {} deleted here, {} conflicts{})",
-                        self.root.display(),
-                        t.uploaded,
-                        t.downloaded,
-                        t.deleted_remote,
-                        t.deleted_local,
-                        t.conflicts,
-                        if t.failed > 0 { format!(", {} refused", t.failed) } else { String::new() }
-                    )
-                });
-                let _ = reply.send(answer.map_err(|e| e.to_string()));
+                self.reload_rules();
+                let answer = self
+                    .sync_all()
+                    .map(|t| format!("sync dir {}: in sync with the server ({})", self.root.display(), t.summary()))
+                    .map_err(|e| e.to_string());
+                self.flush_activity();
+                let _ = reply.send(answer);
             }
             Command::Stop => {}
         }
+    }
+
+    /// Notes which indexed paths have no file now. A path not seen missing before
+    /// restarts the deletion grace.
+    fn note_missing(&mut self, deleted: &BTreeSet<String>) {
+        for d in deleted {
+            if !self.missing.contains(d) {
+                self.missing.insert(d.clone());
+                self.last_new_missing = Some(Instant::now());
+            }
+        }
+        self.missing.retain(|p| deleted.contains(p));
+    }
+
+    /// None when local deletions may be sent now; otherwise how long they must
+    /// still wait. The login's reconciliation sends at once what was deleted while
+    /// the client was not running: the marker was checked just before.
+    fn deletes_wait(&self) -> Option<Duration> {
+        if !self.reconciled_once {
+            return None;
+        }
+        let age = self.last_new_missing?.elapsed();
+        (age < DELETE_GRACE).then(|| DELETE_GRACE - age)
+    }
+
+    /// Indexed paths with no local file, the ignored ones left out (they are left
+    /// alone, never deleted anywhere).
+    fn deleted_here(&self, local: &BTreeMap<String, LocalFile>) -> BTreeSet<String> {
+        self.index
+            .entries
+            .keys()
+            .filter(|p| !local.contains_key(*p) && !self.rules.ignores(p, false))
+            .cloned()
+            .collect()
     }
 
     fn abs(&self, rel: &str) -> PathBuf {
@@ -248,23 +434,46 @@ impl Engine {
 
     /// Reconciles every path with a full listing from the server.
     fn sync_all(&mut self) -> Result<Tally, FrontError> {
+        // The scan comes first: a vanished sync dir is found before the server is
+        // asked anything, and `status` can count local changes while the listing
+        // waits for a server that does not answer.
+        let local = scan::scan(&self.root, &self.rules);
+        if !self.guard() {
+            return Err(FrontError::Local(self.stop.clone().unwrap_or_default()));
+        }
+        let deleted = self.deleted_here(&local);
+        self.note_missing(&deleted);
+        let changed = local.iter().filter(|(p, l)| locally_changed(Some(l), self.index.get(p))).count();
+        self.status.update_local(|s| s.to_send = changed + deleted.len());
         let files = self.front.list_all()?;
         self.need_full = false;
         self.last_full = Instant::now();
         // Paths from the server are checked like any input from a peer: one that
-        // could reach outside the sync dir is ignored.
-        let server: BTreeMap<String, FileMeta> =
-            files.into_iter().filter(|m| trusted_path(&m.path)).map(|m| (m.path.clone(), m)).collect();
-        let local = scan::scan(&self.root);
+        // could reach outside the sync dir is ignored. So is one the rules ignore.
+        let server: BTreeMap<String, FileMeta> = files
+            .into_iter()
+            .filter(|m| trusted_path(&m.path) && !self.rules.ignores(&m.path, false))
+            .map(|m| (m.path.clone(), m))
+            .collect();
+        // An ignored path's entry is forgotten: if the rules change back, the path
+        // is compared afresh (by content), and nothing deleted while it was
+        // ignored is ever deleted anywhere else.
+        let ignored: Vec<String> =
+            self.index.entries.keys().filter(|p| self.rules.ignores(p, false)).cloned().collect();
+        for p in ignored {
+            self.index.remove(&p);
+        }
         let paths: BTreeSet<String> =
             server.keys().chain(local.keys()).chain(self.index.entries.keys()).cloned().collect();
         let mut tally = Tally::default();
+        let hold_deletes = self.deletes_wait();
         // Deletes first, so that a file replaced by a folder (or the reverse) frees
         // its name before the new content needs it.
         let mut later = Vec::new();
         for path in paths {
             let action = decide(server.get(&path), local.get(&path), self.index.get(&path));
             match action {
+                Action::DeleteRemote { .. } if hold_deletes.is_some() => tally.deferred += 1,
                 Action::DeleteRemote { .. } | Action::DeleteLocal | Action::ForgetIndex => {
                     self.carry_out(&path, action, server.get(&path), &mut tally)?
                 }
@@ -275,8 +484,15 @@ impl Engine {
         for (path, action) in later {
             self.carry_out(&path, action, server.get(&path), &mut tally)?;
         }
+        if let Some(wait) = hold_deletes.filter(|_| tally.deferred > 0) {
+            self.pass_due = Some(Instant::now() + wait);
+        }
+        self.reconciled_once = true;
         // Conflicted copies made above are new local files: send them now.
         tally.uploaded += self.local_pass();
+        if self.stop.is_some() {
+            return Err(FrontError::Local(self.stop.clone().unwrap_or_default()));
+        }
         Ok(tally)
     }
 
@@ -312,7 +528,10 @@ impl Engine {
             Action::Conflict => {
                 if let Some(current) = server {
                     if self.conflict(path, current)? {
+                        // The server's version was fetched, and this device's
+                        // kept aside (it goes up with the local pass).
                         t.conflicts += 1;
+                        t.downloaded += 1;
                     }
                 }
             }
@@ -322,15 +541,26 @@ impl Engine {
 
     /// Looks for local changes and sends them. Returns how many uploads were made.
     fn local_pass(&mut self) -> usize {
-        let local = scan::scan(&self.root);
+        let local = scan::scan(&self.root, &self.rules);
+        // After the scan: a sync dir removed meanwhile scans as empty, and must not
+        // be taken for a user who deleted everything.
+        if !self.guard() {
+            return 0;
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
-        let deleted: Vec<String> = self.index.entries.keys().filter(|p| !local.contains_key(*p)).cloned().collect();
+        let deleted = self.deleted_here(&local);
+        self.note_missing(&deleted);
         let mut changed = Vec::new();
-        let mut postpone = false;
+        let mut postponed = 0;
+        let mut refused = 0;
         // How soon the earliest postponed file may have settled.
         let mut recheck: Option<Duration> = None;
         for (path, l) in &local {
-            if !locally_changed(Some(l), self.index.get(path)) || self.refused.get(path) == Some(l) {
+            if !locally_changed(Some(l), self.index.get(path)) {
+                continue;
+            }
+            if self.refused.get(path) == Some(l) {
+                refused += 1;
                 continue;
             }
             let still_writing = self.writing.get(path).is_some_and(|t| t.elapsed() < WRITER_GRACE);
@@ -353,15 +583,22 @@ impl Engine {
                 let moved_here = self.index.get(path).is_none()
                     && deleted.iter().any(|d| self.index.get(d).is_some_and(|i| i.matches(l)));
                 if still_writing || !moved_here {
-                    postpone = true;
+                    postponed += 1;
                     continue;
                 }
             }
             changed.push(path.clone());
         }
+        let hold_deletes = self.deletes_wait();
+        let mut to_send = changed.len() + deleted.len();
+        self.status.update_local(|s| {
+            s.to_send = to_send;
+            s.settling = postponed;
+            s.refused = refused;
+        });
         let mut uploads = 0;
+        let mut deleted_left = deleted;
         let result = (|| -> Result<(), FrontError> {
-            let mut deleted_left: BTreeSet<String> = deleted.into_iter().collect();
             // A new file with the size, mtime and content of a vanished one is that
             // file, moved: rename it on the server instead of sending it again.
             let mut fresh = Vec::new();
@@ -370,6 +607,8 @@ impl Engine {
                     if let Some(from) = self.moved_from(&path, &local[&path], &deleted_left) {
                         deleted_left.remove(&from);
                         if self.rename_remote(&from, &path)? {
+                            to_send = to_send.saturating_sub(2);
+                            self.status.update_local(|s| s.to_send = to_send);
                             continue;
                         }
                         deleted_left.insert(from);
@@ -377,26 +616,42 @@ impl Engine {
                 }
                 fresh.push(path);
             }
-            for path in deleted_left {
-                let base = self.index.get(&path).map(|i| i.version);
-                self.delete_remote(&path, base)?;
+            if hold_deletes.is_none() {
+                for path in std::mem::take(&mut deleted_left) {
+                    let base = self.index.get(&path).map(|i| i.version);
+                    self.delete_remote(&path, base)?;
+                    to_send = to_send.saturating_sub(1);
+                    self.status.update_local(|s| s.to_send = to_send);
+                }
             }
             for path in fresh {
                 let base = self.index.get(&path).map(|i| i.version);
-                if self.upload(&path, base)? == Some(true) {
-                    uploads += 1;
+                match self.upload(&path, base)? {
+                    Some(true) => uploads += 1,
+                    Some(false) => self.status.update_local(|s| s.refused += 1),
+                    None => {}
                 }
+                to_send = to_send.saturating_sub(1);
+                self.status.update_local(|s| s.to_send = to_send);
             }
             Ok(())
         })();
         if let Err(e) = result {
-            activity(format!("sync postponed: {e}"));
-            self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+            self.postponed(e);
             // A retry waits for the mtime to settle rather than trust old closes.
             self.closed.clear();
-        } else if postpone {
-            let wait = recheck.unwrap_or(SETTLE).max(Duration::from_millis(5));
-            self.pass_due = Some(Instant::now() + wait);
+        } else {
+            let mut wait: Option<Duration> = None;
+            if postponed > 0 {
+                wait = Some(recheck.unwrap_or(SETTLE));
+            }
+            if let Some(hold) = hold_deletes.filter(|_| !deleted_left.is_empty()) {
+                wait = Some(wait.map_or(hold, |w| w.min(hold)));
+            }
+            if let Some(w) = wait {
+                let at = Instant::now() + w.max(Duration::from_millis(5));
+                self.pass_due = Some(self.pass_due.map_or(at, |d| d.min(at)));
+            }
         }
         // Forget close-writes of files now in sync (or gone); keep those still waiting.
         let index = &self.index;
@@ -424,7 +679,7 @@ impl Engine {
             return Ok(None);
         }
         let l = LocalFile { size: md.len(), mtime_ns: scan::mtime_ns(&md) };
-        let mut progress = Progress::new(format!("uploading {path}"), l.size);
+        let mut progress = Progress::new(&self.console, format!("uploading {path}"), l.size);
         let result =
             self.front.upload(path, &mut file, l.size, mtime_ms_of(l.mtime_ns), base, &mut |n| progress.update(n));
         progress.finish();
@@ -432,7 +687,7 @@ impl Engine {
             OpResult::Done { meta } => {
                 self.refused.remove(path);
                 self.index.set(path, Synced::of(meta.version, meta.hash, &l));
-                activity(format!("uploaded {path} ({})", crate::progress::bytes(l.size)));
+                self.batch.add(Done::Uploaded, path.to_string(), l.size);
                 Ok(Some(true))
             }
             OpResult::Conflict { current: Some(current) } => {
@@ -440,7 +695,7 @@ impl Engine {
                 Ok(None)
             }
             OpResult::Error { message } => {
-                activity(format!("the server refused {path}: {message}"));
+                self.console.activity(format!("the server refused {path}: {message}"));
                 self.refused.insert(path.to_string(), l);
                 self.closed.remove(path);
                 Ok(Some(false))
@@ -450,10 +705,15 @@ impl Engine {
     }
 
     fn delete_remote(&mut self, path: &str, base: Option<Version>) -> Result<(), FrontError> {
+        // Once more, right before the request: a removal of the whole sync dir may
+        // have reached `.replibox/` since the pass began.
+        if !self.guard() {
+            return Err(FrontError::Local(self.stop.clone().unwrap_or_default()));
+        }
         match self.front.request(Op::Delete { path: path.to_string(), base })? {
             OpResult::Done { .. } => {
                 self.index.remove(path);
-                activity(format!("deleted {path} on the server"));
+                self.batch.add(Done::DeletedThere, path.to_string(), 0);
             }
             OpResult::Conflict { current: Some(_) } => {
                 // Changed elsewhere since this device saw it: the edit wins, fetch it.
@@ -476,7 +736,7 @@ impl Engine {
             OpResult::Done { meta } => {
                 self.index.remove(from);
                 self.index.set(to, Synced::of(meta.version, meta.hash, &l));
-                activity(format!("renamed {from} to {to} on the server"));
+                self.batch.add(Done::RenamedThere, format!("{from} to {to}"), l.size);
                 Ok(true)
             }
             _ => Ok(false),
@@ -513,10 +773,11 @@ impl Engine {
         scan::stat(&self.root, path)?;
         let date = timefmt::date(timefmt::now_ms());
         let root = self.root.clone();
-        let copy = conflicted_name(path, &self.device_label, &date, |c| root.join(c).exists());
+        let copy = conflicted_name(path, &self.device_name, &date, |c| root.join(c).exists());
         match fs::rename(&abs, self.abs(&copy)) {
             Ok(()) => {
-                activity(format!("conflict on {path}: this device's version is kept as {copy}"));
+                self.console.activity(format!("conflict on {path}: this device's version is kept as {copy}"));
+                self.status.update_local(|s| s.conflicts.push(copy.clone()));
                 Some(copy)
             }
             Err(e) => {
@@ -528,12 +789,15 @@ impl Engine {
 
     /// Fetches the server's version of `path` and puts it in place.
     fn fetch(&mut self, path: &str) -> Result<(), FrontError> {
+        if self.rules.ignores(path, false) {
+            return Ok(());
+        }
         if !scan::confined(&self.root, path) {
             self.not_confined(path);
             return Ok(());
         }
         let tmp_path = self.tmp.join(format!("dl-{}", std::process::id()));
-        match progress::download_to(&self.front, path, &tmp_path)? {
+        match progress::download_to(&self.front, &self.console, path, &tmp_path)? {
             Ok(meta) => self.place(path, &tmp_path, &meta),
             Err(refusal) => {
                 log::info!("not fetching {path}: {refusal:?}");
@@ -546,7 +810,9 @@ impl Engine {
     /// is a symlink.
     fn not_confined(&mut self, path: &str) {
         if self.unconfined.insert(path.to_string()) {
-            activity(format!("not syncing {path} here: a folder on its way is a symbolic link, which is not followed"));
+            self.console.activity(format!(
+                "not syncing {path} here: a folder on its way is a symbolic link, which is not followed"
+            ));
         }
     }
 
@@ -564,43 +830,61 @@ impl Engine {
             if !same && self.set_aside(path).is_none() {
                 // Never replace a local version that could not be kept aside.
                 let _ = fs::remove_file(tmp_path);
-                activity(format!("cannot receive {path}: this device's version could not be set aside, so it stays"));
+                self.console.activity(format!(
+                    "cannot receive {path}: this device's version could not be set aside, so it stays"
+                ));
                 return Ok(());
             }
         }
         if let Some(parent) = dest.parent() {
             if let Err(e) = fs::create_dir_all(parent) {
                 let _ = fs::remove_file(tmp_path);
-                activity(format!("cannot receive {path}: {}", io_err("cannot create", parent, e)));
+                self.console.activity(format!("cannot receive {path}: {}", io_err("cannot create", parent, e)));
                 return Ok(());
             }
         }
         if let Err(e) = fs::rename(tmp_path, &dest) {
             let _ = fs::remove_file(tmp_path);
-            activity(format!("cannot receive {path}: {}", io_err("cannot write", &dest, e)));
+            self.console.activity(format!("cannot receive {path}: {}", io_err("cannot write", &dest, e)));
             return Ok(());
         }
         if let Some(l) = scan::stat(&self.root, path) {
             self.index.set(path, Synced::of(meta.version, meta.hash, &l));
         }
-        activity(format!("received {path} ({})", crate::progress::bytes(meta.size)));
+        self.batch.add(Done::Received, path.to_string(), meta.size);
         Ok(())
     }
 
+    /// Deletes `path` here because it was deleted on another device.
     fn delete_local(&mut self, path: &str) {
+        if self.rules.ignores(path, false) {
+            return;
+        }
+        if self.remove_here(path) {
+            self.batch.add(Done::DeletedHere, path.to_string(), 0);
+        }
+    }
+
+    /// Removes the file at `path`, its index entry, and the folders it leaves
+    /// empty. True when a file was removed.
+    fn remove_here(&mut self, path: &str) -> bool {
         let abs = self.abs(path);
         if !scan::confined(&self.root, path) {
             self.index.remove(path);
             self.not_confined(path);
-            return;
+            return false;
         }
-        match fs::remove_file(&abs) {
-            Ok(()) => activity(format!("deleted {path} (deleted on another device)")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!("{}", io_err("cannot delete", &abs, e)),
-        }
+        let removed = match fs::remove_file(&abs) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => {
+                log::warn!("{}", io_err("cannot delete", &abs, e));
+                false
+            }
+        };
         self.index.remove(path);
         self.prune(&abs);
+        removed
     }
 
     /// Removes folders left empty by a delete, up to the sync dir.
@@ -616,6 +900,9 @@ impl Engine {
 
     /// A change pushed by the server.
     fn notice(&mut self, notice: Notice) {
+        if !self.guard() {
+            return;
+        }
         let paths_ok = match &notice {
             Notice::Put { meta } | Notice::Delete { meta } => trusted_path(&meta.path),
             Notice::Rename { from, meta } => trusted_path(from) && trusted_path(&meta.path),
@@ -624,6 +911,8 @@ impl Engine {
             return;
         }
         let result = match notice {
+            // An ignored path is not received, nor deleted here.
+            Notice::Put { meta } | Notice::Delete { meta } if self.rules.ignores(&meta.path, false) => Ok(()),
             Notice::Put { meta } => self.remote_put(&meta),
             Notice::Delete { meta } => {
                 self.remote_delete(&meta);
@@ -632,7 +921,7 @@ impl Engine {
             Notice::Rename { from, meta } => self.remote_rename(&from, &meta),
         };
         if let Err(e) = result {
-            activity(format!("could not apply a change from the server: {e}; will catch up"));
+            self.console.activity(format!("could not apply a change from the server: {e}; will catch up"));
             self.need_full = true;
             self.pass_due = Some(Instant::now() + Duration::from_secs(1));
         }
@@ -667,6 +956,15 @@ impl Engine {
     }
 
     fn remote_rename(&mut self, from: &str, meta: &FileMeta) -> Result<(), FrontError> {
+        let (from_ignored, to_ignored) = (self.rules.ignores(from, false), self.rules.ignores(&meta.path, false));
+        if from_ignored || to_ignored {
+            // Half of the rename is outside what this device syncs: the old name
+            // left the synced files (deleted here), the new one joined them.
+            if let Some(i) = self.index.get(from).cloned().filter(|_| !from_ignored) {
+                self.drop_local(from, &i);
+            }
+            return if to_ignored { Ok(()) } else { self.remote_put(meta) };
+        }
         let unchanged =
             self.index.get(from).is_some_and(|i| !locally_changed(scan::stat(&self.root, from).as_ref(), Some(i)));
         let to_free = scan::confined(&self.root, &meta.path)
@@ -682,7 +980,8 @@ impl Engine {
                 if let (Some(l), Some(old)) = (scan::stat(&self.root, &meta.path), old) {
                     self.index.set(&meta.path, Synced::of(meta.version, old.hash, &l));
                 }
-                activity(format!("renamed {from} to {} (renamed on another device)", meta.path));
+                let size = scan::stat(&self.root, &meta.path).map_or(0, |l| l.size);
+                self.batch.add(Done::RenamedHere, format!("{from} to {}", meta.path), size);
                 return Ok(());
             }
         }
@@ -705,11 +1004,18 @@ impl Engine {
             .ok_or_else(|| format!("{} has no usable file name", source.display()))?
             .to_string();
         replibox_proto::validate_path(&name).map_err(|e| e.to_string())?;
+        self.reload_rules();
+        if self.rules.ignores(&name, false) {
+            return Err(format!(
+                "{name} matches an ignore rule (a built-in one or one in {RULES_FILE}), and ignored files are never \
+                 sent; rename it, or add !{name} to {RULES_FILE}"
+            ));
+        }
         let mtime_ns = scan::mtime_ns(&md);
         let inside = fs::canonicalize(source).ok() == fs::canonicalize(self.abs(&name)).ok();
         // An explicit upload replaces whatever the server holds under that name.
         let mut base = self.index.get(&name).map(|i| i.version);
-        let mut progress = Progress::new(format!("uploading {name}"), md.len());
+        let mut progress = Progress::new(&self.console, format!("uploading {name}"), md.len());
         let meta = loop {
             let result = self
                 .front
@@ -755,7 +1061,9 @@ impl Engine {
         replibox_proto::validate_path(name).map_err(|e| e.to_string())?;
         match self.front.request(Op::Delete { path: name.to_string(), base: None }).map_err(|e| e.to_string())? {
             OpResult::Done { .. } => {
-                self.delete_local(name);
+                // Typed here: the outcome line says it, not an activity line about
+                // another device.
+                self.remove_here(name);
                 Ok(format!("deleted {name}"))
             }
             OpResult::Error { message } => Err(message),

@@ -1,13 +1,15 @@
 //! `replibox-client USER HOST PORT`: one device of a user.
 
 use clap::Parser;
-use crossbeam_channel::{select, unbounded};
-use replibox_client::cli::{self, Cmd, Shell};
-use replibox_client::engine::{Command, Engine};
+use crossbeam_channel::unbounded;
+use replibox_client::cli::Shell;
+use replibox_client::engine::{Command, Engine, Setup};
+use replibox_client::session::{self, Ended};
+use replibox_client::status::{self, Status};
+use replibox_client::syncdir::{self, SyncDirLock, META};
 use replibox_client::watcher;
 use replibox_frontend::{Config, FrontError, Frontend};
-use replibox_proto::{random_hex, validate_username, DeviceId};
-use std::io::{BufRead, IsTerminal, Write};
+use replibox_proto::{validate_username, DeviceId};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,12 +20,20 @@ use std::time::Duration;
 ///
 /// Commands (one per line on stdin; each prints its outcome on stdout when done):
 ///   upload PATH     put a file from anywhere into the sync dir, the server and every device
-///   download NAME   copy a file from the server into the current directory (not synced)
+///   download NAME   copy a file from the server into the current directory (not synced;
+///                   never over an existing file: the copy gets a free name, NAME (1).EXT)
 ///   delete NAME     delete a file from the server and every device
 ///   list_server     the server's files: name, size, mtime, atime, ctime
 ///   list_client     this device's files, the same way
 ///   get_sync_dir    reconcile the sync dir with the server now (runs by itself at login)
-///   exit            log out and quit (end of input does the same)
+///   status          in sync or not, what waits and why, the server and its epoch
+///   help            the list of commands
+///   exit, quit      log out and quit (end of input, and Ctrl-C at the prompt, do the same)
+/// A name with spaces may be typed as it is or quoted as in a shell ("my notes.txt").
+///
+/// Files matching the rules in SYNC_DIR/.replibox-ignore (gitignore syntax) or the
+/// built-in ones (*.swp, *~, .#*, .DS_Store, Thumbs.db, desktop.ini; undo one with
+/// !PATTERN) are neither sent, received nor deleted.
 #[derive(Parser, Debug)]
 #[command(name = "replibox-client", version, verbatim_doc_comment)]
 struct Args {
@@ -42,6 +52,15 @@ struct Args {
     /// Ignore stdin and sync until SIGINT or SIGTERM, then log out cleanly.
     #[arg(long)]
     headless: bool,
+    /// This device's name, shown in conflicted copies ("report (conflicted copy
+    /// NAME 2026-12-01).txt") and by `status` [default: the host name].
+    #[arg(long, value_name = "NAME", value_parser = device_name)]
+    device_name: Option<String>,
+}
+
+/// clap's check of `--device-name`.
+fn device_name(s: &str) -> Result<String, String> {
+    syncdir::validate_device_name(s).map(|()| s.to_string())
 }
 
 fn main() -> ExitCode {
@@ -66,7 +85,7 @@ fn device_id(meta: &Path) -> Result<DeviceId, String> {
         }
         log::warn!("device id in {} is invalid; making a new one", file.display());
     }
-    let id = DeviceId(random_hex(8).map_err(|e| format!("cannot read /dev/urandom: {e}"))?);
+    let id = DeviceId(syncdir::random_hex(8)?);
     replibox_client::index::write_atomically(&file, id.0.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
     Ok(id)
@@ -75,9 +94,17 @@ fn device_id(meta: &Path) -> Result<DeviceId, String> {
 fn run(args: Args) -> Result<ExitCode, String> {
     validate_username(&args.user).map_err(|e| e.to_string())?;
     let root = args.sync_dir.clone().unwrap_or_else(|| PathBuf::from(format!("sync_dir_{}", args.user)));
-    std::fs::create_dir_all(root.join(".replibox")).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    std::fs::create_dir_all(root.join(META)).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     let root = std::fs::canonicalize(&root).map_err(|e| format!("cannot resolve {}: {e}", root.display()))?;
-    let device = device_id(&root.join(".replibox"))?;
+    // Before anything else is written, or the server hears of this device: a
+    // second client on this sync dir must leave the first one alone.
+    let lock = SyncDirLock::acquire(&root.join(META))?;
+    let marker = lock.marker().map_err(|e| format!("cannot read the lock of {}: {e}", root.display()))?;
+    let device = device_id(&root.join(META))?;
+    let device_name = match args.device_name.clone().or_else(syncdir::host_name) {
+        Some(name) => name,
+        None => device.0[..8].to_string(),
+    };
     // The callback listener: announced now; a new primary will call it after a
     // failover.
     let callback = TcpListener::bind((args.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0))
@@ -97,24 +124,42 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Err(e) => return Err(e.to_string()),
     };
     eprintln!(
-        "logged in as {} at {} (device {}, {} of 2 devices connected); syncing {}",
+        "logged in as {} at {} (device {device_name}, id {}, {} of 2 devices connected); syncing {}",
         args.user,
         login.server,
         &device.0[..8],
         login.devices,
         root.display()
     );
+    let status = Status::new(login.server, device_name.clone(), device.0[..8].to_string(), root.clone());
+    // The reader comes before the engine: on a terminal, the console it gives
+    // prints background lines above the prompt.
+    let (reader, console) = if args.headless {
+        (None, replibox_client::console::Console::plain())
+    } else {
+        let (reader, console) = session::start_reader()?;
+        (Some(reader), console)
+    };
+    let front_events = status::relay(front_events, status.clone(), console.clone()).map_err(|e| e.to_string())?;
     let (watch_tx, watch_rx) = unbounded();
     let _watcher =
         watcher::watch(root.clone(), watch_tx).map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
-    let engine = Engine::new(root.clone(), front.clone(), device.0[..8].to_string())
-        .map_err(|e| format!("cannot prepare {}: {e}", root.display()))?;
+    let (stopped_tx, stopped_rx) = unbounded();
+    let setup = Setup {
+        front: front.clone(),
+        device_name,
+        console: console.clone(),
+        status: status.clone(),
+        marker,
+        stopped: stopped_tx,
+    };
+    let engine = Engine::new(root.clone(), setup).map_err(|e| format!("cannot prepare {}: {e}", root.display()))?;
     let (cmd_tx, cmd_rx) = unbounded();
     let engine_thread = std::thread::Builder::new()
         .name("sync-engine".into())
         .spawn(move || engine.run(cmd_rx, front_events, watch_rx))
         .map_err(|e| e.to_string())?;
-    let shell = Shell { front: front.clone(), engine: cmd_tx.clone(), root: root.clone() };
+    let shell = Shell { front: front.clone(), engine: cmd_tx.clone(), root, console: console.clone(), status };
 
     let (sig_tx, sig_rx) = unbounded();
     ctrlc::set_handler(move || {
@@ -122,72 +167,26 @@ fn run(args: Args) -> Result<ExitCode, String> {
     })
     .map_err(|e| format!("cannot install signal handler: {e}"))?;
 
-    let mut failed = false;
-    // get_sync_dir runs by itself at login.
-    match shell.run(Cmd::GetSyncDir) {
-        Ok(out) => println!("{out}"),
-        Err(e) => {
-            eprintln!("error: get_sync_dir: {e}");
-            failed = true;
-        }
-    }
-    if args.headless {
-        let _ = sig_rx.recv();
-    } else {
-        let (line_tx, line_rx) = unbounded();
-        let interactive = std::io::stdin().is_terminal();
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                for line in std::io::stdin().lock().lines() {
-                    match line {
-                        Ok(l) => {
-                            if line_tx.send(l).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        loop {
-            if interactive {
-                print!("replibox> ");
-                let _ = std::io::stdout().flush();
-            }
-            let line = select! {
-                recv(line_rx) -> l => match l { Ok(l) => l, Err(_) => break },
-                recv(sig_rx) -> _ => break,
-            };
-            let cmd = match cli::parse(&line) {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    failed = true;
-                    continue;
-                }
-            };
-            let exit = cmd == Cmd::Exit;
-            match shell.run(cmd) {
-                Ok(out) => println!("{out}"),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    failed = true;
-                }
-            }
-            let _ = std::io::stdout().flush();
-            if exit {
-                break;
-            }
-        }
-    }
+    let outcome = session::run(shell, &console, reader.as_ref(), &sig_rx, &stopped_rx)?;
     // Log out first: a request waiting for an unreachable server gives up at once
     // instead of holding the exit for the unavailability bound.
     front.logout();
+    outcome.worker.finish(&sig_rx);
     let _ = cmd_tx.send(Command::Stop);
     let _ = engine_thread.join();
     drop(callback);
+    drop(reader);
+    drop(lock);
+    console.leave_prompt();
+    let failed = match outcome.ended {
+        Ended::Stopped(why) => {
+            console.error(&why);
+            true
+        }
+        Ended::Exit | Ended::Signal => {
+            console.outcome("bye");
+            outcome.failed
+        }
+    };
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

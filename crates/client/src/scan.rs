@@ -1,6 +1,8 @@
-//! Walking the sync dir: every regular file with a valid name, never following
-//! symlinks, never entering the client's own `.replibox` entries.
+//! Walking the sync dir: every regular file with a valid name that the ignore
+//! rules do not exclude, never following symlinks, never entering the client's own
+//! `.replibox` entries.
 
+use crate::rules::Rules;
 use replibox_proto::names::is_reserved;
 use replibox_proto::validate_path;
 use std::collections::BTreeMap;
@@ -57,8 +59,10 @@ pub fn stat(root: &Path, rel: &str) -> Option<LocalFile> {
     md.file_type().is_file().then(|| LocalFile { size: md.len(), mtime_ns: mtime_ns(&md) })
 }
 
-/// Every syncable file under `root`, by relative path.
-pub fn scan(root: &Path) -> BTreeMap<String, LocalFile> {
+/// Every syncable file under `root`, by relative path. An ignored folder is not
+/// entered (gitignore's rule: nothing under an excluded folder can be included
+/// again), an ignored file is left out.
+pub fn scan(root: &Path, rules: &Rules) -> BTreeMap<String, LocalFile> {
     let mut out = BTreeMap::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, prefix)) = stack.pop() {
@@ -84,8 +88,13 @@ pub fn scan(root: &Path) -> BTreeMap<String, LocalFile> {
             let Ok(md) = fs::symlink_metadata(entry.path()) else { continue };
             let ft = md.file_type();
             if ft.is_dir() {
-                stack.push((entry.path(), rel));
+                if !rules.ignores_dir(&rel) {
+                    stack.push((entry.path(), rel));
+                }
             } else if ft.is_file() {
+                if rules.ignores_file(&rel) {
+                    continue;
+                }
                 if let Err(e) = validate_path(&rel) {
                     log::warn!("not syncing {rel}: {e}");
                     continue;
@@ -104,6 +113,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ignored_files_and_folders_are_left_out() {
+        let root = std::env::temp_dir().join(format!("replibox-scan-ignored-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("build/deep")).unwrap();
+        fs::create_dir_all(root.join("src")).unwrap();
+        fs::write(root.join(crate::rules::RULES_FILE), "build/\n*.log\n!keep.log\n").unwrap();
+        for f in ["build/deep/a.o", "src/main.rs", "src/.main.rs.swp", "x.log", "keep.log", "notes~"] {
+            fs::write(root.join(f), b"x").unwrap();
+        }
+        let found: Vec<String> = scan(&root, &Rules::load(&root)).into_keys().collect();
+        assert_eq!(found, ["keep.log", "src/main.rs"]);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
     fn symlinked_folders_are_not_confined() {
         let root = std::env::temp_dir().join(format!("replibox-scan-confined-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
@@ -120,7 +144,7 @@ mod tests {
         assert!(!confined(&root, "link/deeper/f"));
         assert!(!confined(&root, "file/x"));
         assert!(stat(&root, "link/f").is_none(), "stat must not follow a symlinked folder");
-        assert!(!scan(&root).contains_key("link/f"));
+        assert!(!scan(&root, &Rules::load(&root)).contains_key("link/f"));
         let _ = fs::remove_dir_all(&root);
         let _ = fs::remove_dir_all(&outside);
     }

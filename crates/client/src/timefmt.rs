@@ -1,38 +1,32 @@
-//! Dates without a date library: UTC civil time from Unix milliseconds.
+//! Dates for listings and conflicted-copy names: UTC civil time from Unix
+//! milliseconds, through `jiff` (already in the build for env_logger's
+//! timestamps) instead of a hand-written days-to-civil conversion.
 
-/// (year, month, day, hour, minute, second) in UTC.
-pub fn civil(ms: i64) -> (i64, u32, u32, u32, u32, u32) {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
-    (year, month, day, (rem / 3600) as u32, ((rem % 3600) / 60) as u32, (rem % 60) as u32)
+use jiff::Timestamp;
+
+/// Formats `ms` (since the Unix epoch) in UTC with a strftime pattern; a time
+/// outside jiff's range (years -9999 to 9999) shows as `?`, which only a
+/// corrupt mtime can produce.
+fn format(ms: i64, pattern: &str) -> String {
+    match Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime(pattern).to_string(),
+        Err(_) => "?".to_string(),
+    }
 }
 
 /// `YYYY-MM-DD` (UTC).
 pub fn date(ms: i64) -> String {
-    let (y, m, d, ..) = civil(ms);
-    format!("{y:04}-{m:02}-{d:02}")
+    format(ms, "%Y-%m-%d")
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC).
 pub fn datetime(ms: i64) -> String {
-    let (y, mo, d, h, mi, s) = civil(ms);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}")
+    format(ms, "%Y-%m-%d %H:%M:%S")
 }
 
 /// Now, in ms since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    Timestamp::now().as_millisecond()
 }
 
 #[cfg(test)]
@@ -45,5 +39,8 @@ mod tests {
         assert_eq!(datetime(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(datetime(1_795_651_199_000), "2026-11-25 23:59:59");
         assert_eq!(date(-86_400_000), "1969-12-31");
+        // Before the epoch, a partial second still belongs to the earlier second.
+        assert_eq!(datetime(-1), "1969-12-31 23:59:59");
+        assert_eq!(datetime(i64::MAX), "?");
     }
 }

@@ -3,6 +3,7 @@
 //! merged event costs only latency; what the events add is knowing when a writer
 //! still has a file open (a modify without its close-write yet).
 
+use crate::rules::RULES_FILE;
 use crossbeam_channel::Sender;
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
@@ -18,15 +19,34 @@ pub enum WatchEvent {
     Writing(String),
     /// A writer closed a file (relative path).
     Closed(String),
+    /// `.replibox-ignore` changed: read the rules again.
+    RulesChanged,
 }
 
-fn relative(root: &Path, p: &Path) -> Option<String> {
-    let rel = p.strip_prefix(root).ok()?;
-    let s = rel.to_str()?.to_string();
-    if s.is_empty() || s.split('/').any(is_reserved) {
-        return None;
+/// What an event at `p` is about.
+enum Subject {
+    /// A path the engine syncs (relative).
+    Synced(String),
+    /// The sync dir itself (removed or moved, for instance): the next pass checks
+    /// the folder marker.
+    Root,
+    /// The ignore rules.
+    Rules,
+    /// The client's own state, or outside the sync dir.
+    Other,
+}
+
+fn subject(root: &Path, p: &Path) -> Subject {
+    let Some(s) = p.strip_prefix(root).ok().and_then(|r| r.to_str()) else { return Subject::Other };
+    if s.is_empty() {
+        Subject::Root
+    } else if s == RULES_FILE {
+        Subject::Rules
+    } else if s.split('/').any(is_reserved) {
+        Subject::Other
+    } else {
+        Subject::Synced(s.to_string())
     }
-    Some(s)
 }
 
 /// Starts watching `root` recursively; keep the returned watcher alive.
@@ -41,10 +61,24 @@ pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<Recommend
                 return;
             }
         };
-        let mut any = false;
         for p in &event.paths {
-            let Some(rel) = relative(&base, p) else { continue };
-            any = true;
+            let rel = match subject(&base, p) {
+                Subject::Synced(rel) => rel,
+                Subject::Root => {
+                    // Not reads: the engine's own scans open the folder.
+                    if !matches!(event.kind, EventKind::Access(_)) {
+                        let _ = out.send(WatchEvent::Changed);
+                    }
+                    continue;
+                }
+                Subject::Rules => {
+                    if !matches!(event.kind, EventKind::Access(_)) {
+                        let _ = out.send(WatchEvent::RulesChanged);
+                    }
+                    continue;
+                }
+                Subject::Other => continue,
+            };
             let hint = match event.kind {
                 EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
                     WatchEvent::Writing(rel)
@@ -55,7 +89,7 @@ pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<Recommend
             };
             let _ = out.send(hint);
         }
-        if !any && event.paths.is_empty() {
+        if event.paths.is_empty() {
             let _ = out.send(WatchEvent::Changed);
         }
     })?;

@@ -20,12 +20,17 @@
 //! - [`cli`]: the commands read from stdin.
 //! - [`replication`]: three servers and more: backups first, catch-up, joins,
 //!   stalled backups, redirects, duplicate ids, misbehaving peers.
+//! - [`client_ux`]: the client as a new user meets it: ignore rules, device
+//!   names, one client per sync dir, `download` under a free name, `status`,
+//!   signals while a command waits, a vanished sync dir, the status pane, a
+//!   terminal session, bursts summarised.
 
 #[allow(dead_code)] // not every test binary module uses every helper
 mod harness;
 
 mod bad_input;
 mod cli;
+mod client_ux;
 mod devices;
 mod edges;
 mod memory;

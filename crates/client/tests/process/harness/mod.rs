@@ -410,6 +410,14 @@ impl Proc {
         }
     }
 
+    /// Writes raw bytes to its stdin (keys for a terminal, no newline added).
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap_or_else(|| fail(format!("{}: stdin is not open", self.name)));
+        if let Err(e) = stdin.write_all(bytes).and_then(|_| stdin.flush()) {
+            fail(format!("{}: cannot write {bytes:?} to its stdin: {e}", self.name));
+        }
+    }
+
     /// Closes its stdin (end of input).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
@@ -650,6 +658,9 @@ pub struct ClientOpts {
     pub headless: bool,
     /// Working directory (where `download` writes); None is `NAME-cwd` in the test dir.
     pub cwd: Option<PathBuf>,
+    /// `--device-name`; the test's name for the device unless a test clears it to
+    /// see the default (the host name).
+    pub device_name: Option<String>,
 }
 
 impl ClientOpts {
@@ -663,6 +674,7 @@ impl ClientOpts {
             sync_dir: None,
             headless: true,
             cwd: None,
+            device_name: Some(name.into()),
         }
     }
 
@@ -729,6 +741,9 @@ impl Client {
         if give_sync_dir {
             cmd.arg("--sync-dir").arg(&sync_dir);
         }
+        if let Some(name) = &opts.device_name {
+            cmd.args(["--device-name", name]);
+        }
         cmd.args(["--bind", &opts.bind.to_string()])
             .current_dir(&cwd)
             .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
@@ -772,11 +787,13 @@ impl Client {
         self.sync_dir.join(rel)
     }
 
-    /// The device label used in conflicted-copy names (8 hex digits).
+    /// The device name used in conflicted-copy names: its `--device-name`, or
+    /// without one the host name up to its first dot.
     pub fn device_label(&self) -> String {
-        let id = fs::read_to_string(self.sync_dir.join(".replibox/device"))
-            .unwrap_or_else(|e| fail(format!("{} has no device id: {e}", self.opts.name)));
-        id.trim()[..8].to_string()
+        match &self.opts.device_name {
+            Some(name) => name.clone(),
+            None => host_name(),
+        }
     }
 
     /// The full device id, as the server logs it.
@@ -825,6 +842,22 @@ impl Client {
         })
     }
 
+    /// Runs `status` and returns its lines (up to its last line, `device ...`).
+    #[track_caller]
+    pub fn status(&mut self) -> String {
+        let out_mark = self.proc.stdout().len();
+        self.proc.send_line("status");
+        let what = format!("the outcome of status from {}", self.opts.name);
+        wait_for(DEADLINE, &what, || {
+            let out = self.proc.stdout();
+            let new_out = &out[out_mark.min(out.len())..];
+            let complete = &new_out[..new_out.rfind('\n').map_or(0, |i| i + 1)];
+            let lines: Vec<&str> = complete.lines().collect();
+            let end = lines.iter().position(|l| l.starts_with("device "))?;
+            Some(lines[..=end].join("\n"))
+        })
+    }
+
     /// Runs a command that must succeed; returns its stdout.
     #[track_caller]
     pub fn ok(&mut self, line: &str) -> String {
@@ -859,6 +892,13 @@ impl Client {
     pub fn activity(&self) -> String {
         self.proc.stderr()
     }
+}
+
+/// This machine's host name up to its first dot, as the kernel has it.
+pub fn host_name() -> String {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|e| fail(format!("cannot read /proc/sys/kernel/hostname: {e}")));
+    name.trim().split('.').next().unwrap_or_default().to_string()
 }
 
 fn is_count_line(l: &str) -> bool {
