@@ -82,7 +82,7 @@ fn upload_once(primary: &str, file: &Path, size: u64) -> Duration {
         server: primary.into(),
         bind: Some("127.0.0.4".parse().expect("ip")),
         callback_port: 9,
-        unavailable_after: Duration::from_secs(30),
+        failover_wait: Duration::from_secs(30),
     };
     let (front, _events, _login) = Frontend::connect(cfg).expect("login");
     let mut f = File::open(file).expect("open sample");

@@ -257,7 +257,8 @@ impl Engine {
                     Ok(FrontEvent::Notice(n)) => self.notice(n),
                     // The relay in status.rs has told the user already.
                     Ok(FrontEvent::Lost(_)) => {}
-                    Ok(FrontEvent::Reconnected) => {
+                    Ok(FrontEvent::NoPrimary { .. }) => {}
+                    Ok(FrontEvent::Reconnected { .. }) => {
                         self.need_full = true;
                         // Now, unless a failed pass set a back-off: a request that
                         // failed part-way drops the connection, and its retry must

@@ -10,7 +10,7 @@ use replibox_client::syncdir::{self, SyncDirLock, META};
 use replibox_client::watcher;
 use replibox_frontend::{Config, FrontError, Frontend};
 use replibox_proto::{validate_username, DeviceId};
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,6 +56,14 @@ struct Args {
     /// NAME 2026-12-01).txt") and by `status` [default: the host name].
     #[arg(long, value_name = "NAME", value_parser = device_name)]
     device_name: Option<String>,
+    /// The port to listen on (at --bind) for a new primary's call after a
+    /// failover; 0 takes any free port. The port is announced at login.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    callback_port: u16,
+    /// How long to wait for a primary (the lost one back, or a new one calling)
+    /// before commands fail; local changes are kept and sent once one is back.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    failover_wait_s: u64,
 }
 
 /// clap's check of `--device-name`.
@@ -105,18 +113,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Some(name) => name,
         None => device.0[..8].to_string(),
     };
-    // The callback listener: announced now; a new primary will call it after a
-    // failover.
-    let callback = TcpListener::bind((args.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0))
-        .map_err(|e| format!("cannot open the callback port: {e}"))?;
-    let callback_port = callback.local_addr().map_err(|e| e.to_string())?.port();
+    // The front-end listens for a new primary's call on --bind, port
+    // --callback-port, and announces the port at login.
     let cfg = Config {
         user: args.user.clone(),
         device: device.clone(),
         server: format!("{}:{}", args.host, args.port),
         bind: args.bind,
-        callback_port,
-        unavailable_after: Duration::from_secs(30),
+        callback_port: args.callback_port,
+        failover_wait: Duration::from_secs(args.failover_wait_s),
     };
     let (front, front_events, login) = match Frontend::connect(cfg) {
         Ok(x) => x,
@@ -131,7 +136,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         login.devices,
         root.display()
     );
-    let status = Status::new(login.server, device_name.clone(), device.0[..8].to_string(), root.clone());
+    let status = Status::new(front.clone(), device_name.clone(), device.0[..8].to_string(), root.clone());
     // The reader comes before the engine: on a terminal, the console it gives
     // prints background lines above the prompt.
     let (reader, console) = if args.headless {
@@ -174,7 +179,6 @@ fn run(args: Args) -> Result<ExitCode, String> {
     outcome.worker.finish(&sig_rx);
     let _ = cmd_tx.send(Command::Stop);
     let _ = engine_thread.join();
-    drop(callback);
     drop(reader);
     drop(lock);
     console.leave_prompt();

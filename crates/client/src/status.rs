@@ -10,16 +10,9 @@
 use crate::console::Console;
 use crate::timefmt;
 use crossbeam_channel::{unbounded, Receiver};
-use replibox_frontend::FrontEvent;
-use replibox_proto::{read_frame, write_frame, Epoch, Msg, Who, PROTOCOL_VERSION};
-use std::net::{SocketAddr, TcpStream};
+use replibox_frontend::{FrontEvent, Frontend};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-/// How long `status` waits for the server's answer about its epoch: `status`
-/// must answer at once even when the server hangs.
-const EPOCH_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The state of the connection to the server, as far as the client knows.
 ///
@@ -77,8 +70,8 @@ impl Local {
 pub struct Snapshot {
     /// The connection.
     pub link: Link,
-    /// The server of the session: where the login went.
-    pub server: SocketAddr,
+    /// The primary of the session (or the last one, while it is lost).
+    pub server: String,
     /// This device's name (conflicted copies carry it).
     pub device_name: String,
     /// The first 8 hex digits of the device id.
@@ -161,20 +154,23 @@ pub fn plural(n: usize) -> &'static str {
 #[derive(Clone)]
 pub struct Status {
     inner: Arc<Mutex<Snapshot>>,
+    /// Knows the session's primary and epoch.
+    front: Option<Frontend>,
 }
 
 impl Status {
-    /// The status of a session just logged in at `server`.
-    pub fn new(server: SocketAddr, device_name: String, device_id: String, root: PathBuf) -> Status {
+    /// The status of a session just logged in through `front`.
+    pub fn new(front: Frontend, device_name: String, device_id: String, root: PathBuf) -> Status {
         Status {
             inner: Arc::new(Mutex::new(Snapshot {
                 link: Link::Connected,
-                server,
+                server: front.server(),
                 device_name,
                 device_id,
                 root,
                 local: Local::default(),
             })),
+            front: Some(front),
         }
     }
 
@@ -187,6 +183,11 @@ impl Status {
         self.lock().link = link;
     }
 
+    /// Records the primary the session goes on with.
+    pub fn set_server(&self, server: String) {
+        self.lock().server = server;
+    }
+
     /// Updates the engine's counts.
     pub fn update_local(&self, change: impl FnOnce(&mut Local)) {
         change(&mut self.lock().local);
@@ -197,34 +198,18 @@ impl Status {
         self.lock().clone()
     }
 
-    /// The `status` command's text. It asks the server for its epoch (the
-    /// front-end does not expose it yet), unless the connection is known to be
-    /// down, and waits at most 2 s for that answer.
+    /// The `status` command's text: the primary and epoch come from the front-end,
+    /// which tracks them (a new primary calling back changes both).
     pub fn report(&self, console: &Console) -> String {
-        let snap = self.snapshot();
-        let epoch = match snap.link {
-            Link::Connected => ask_epoch(snap.server),
-            _ => Err("the server is unreachable".into()),
+        let mut snap = self.snapshot();
+        let epoch = match &self.front {
+            Some(f) => {
+                snap.server = f.server();
+                Ok(f.epoch())
+            }
+            None => Err("unknown".to_string()),
         };
         snap.render(&epoch, console.current_transfer())
-    }
-}
-
-/// Asks the server at `addr` for its epoch with a status query (the same one as
-/// `replibox-server --status`, which every server answers).
-pub fn ask_epoch(addr: SocketAddr) -> Result<u64, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, EPOCH_QUERY_TIMEOUT).map_err(|e| format!("no answer: {e}"))?;
-    let _ = stream.set_read_timeout(Some(EPOCH_QUERY_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(EPOCH_QUERY_TIMEOUT));
-    write_frame(&mut stream, Epoch(0), &Msg::Hello { version: PROTOCOL_VERSION, who: Who::Status }, &[])
-        .map_err(|e| format!("no answer: {e}"))?;
-    match read_frame(&mut stream) {
-        Ok(Some(frame)) => match frame.msg {
-            Msg::Status { status } => Ok(status.get("epoch").and_then(|e| e.as_u64()).unwrap_or(frame.epoch.0)),
-            other => Err(format!("the server answered with {}", other.kind())),
-        },
-        Ok(None) => Err("the server closed the connection".into()),
-        Err(e) => Err(format!("no answer: {e}")),
     }
 }
 
@@ -240,12 +225,30 @@ pub fn relay(events: Receiver<FrontEvent>, status: Status, console: Console) -> 
                 FrontEvent::Lost(why) => {
                     status.set_link(Link::Unreachable { since_ms: timefmt::now_ms(), why: why.clone() });
                     console.activity(format!(
-                        "connection to the server lost ({why}); local changes wait until it is back"
+                        "connection to the server lost ({why}); waiting for it, or for a new primary to call \
+                         back (failover); local changes wait"
                     ));
                 }
-                FrontEvent::Reconnected => {
+                FrontEvent::Reconnected { server, epoch, after, callback } => {
                     status.set_link(Link::Connected);
-                    console.activity("connection to the server is back; catching up");
+                    status.set_server(server.clone());
+                    let ms = after.as_millis();
+                    if *callback {
+                        console.activity(format!(
+                            "connection to the server is back: resumed with the new primary {server} (epoch {epoch}) \
+                             after {ms} ms; catching up"
+                        ));
+                    } else {
+                        console.activity(format!(
+                            "connection to the server is back: {server} (epoch {epoch}) after {ms} ms; catching up"
+                        ));
+                    }
+                }
+                FrontEvent::NoPrimary { waited } => {
+                    console.activity(format!(
+                        "no primary for {} s: commands fail until one is back; local changes are kept and will be sent then",
+                        waited.as_secs()
+                    ));
                 }
                 FrontEvent::Notice(_) => {}
             }
@@ -264,7 +267,7 @@ mod tests {
     fn snap(link: Link, local: Local) -> Snapshot {
         Snapshot {
             link,
-            server: "127.0.0.1:4000".parse().unwrap(),
+            server: "127.0.0.1:4000".into(),
             device_name: "laptop".into(),
             device_id: "517c3f6c".into(),
             root: "/home/alice/laptop".into(),

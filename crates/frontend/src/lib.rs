@@ -8,10 +8,15 @@
 //! - [`FrontError`]: why a request could not be answered.
 //!
 //! Threads: a reader per connection (routes replies to the one waiting request,
-//! notices to the event channel), a keep-alive per connection, and a reconnector
-//! that runs while the server is unreachable.
+//! notices to the event channel), a keep-alive per connection, a reconnector that
+//! runs while the server is unreachable, and the callback listener: after a
+//! failover the new primary connects to it, proves that it holds the session's
+//! token, and the connection becomes the session. The client never holds a list
+//! of servers: it learns of a new primary only from the primary that calls it
+//! (or from the server on its command line, which may redirect it).
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use replibox_proto::auth::{callback::verify_callback_proof, fresh_nonce, AuthMsg};
 use replibox_proto::{
     read_frame, write_frame, Damaged, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Receipt,
     Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
@@ -19,7 +24,8 @@ use replibox_proto::{
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +37,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many redirects a login follows before giving up.
 const MAX_REDIRECTS: usize = 4;
+/// How long a caller on the callback port has for its whole handshake.
+const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first and the longest pause between two attempts to reach the server on
+/// the command line again: it grows twofold after each failure.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -41,12 +53,14 @@ pub struct Config {
     pub device: DeviceId,
     /// `HOST:PORT` of the server given on the command line.
     pub server: String,
-    /// Local address to connect from.
+    /// Local address to connect from, and to listen on for a new primary's call.
     pub bind: Option<IpAddr>,
-    /// The callback port announced at login.
+    /// The port to listen on for a new primary's call (0: any free port); the
+    /// port actually taken is announced at login.
     pub callback_port: u16,
-    /// How long a request waits for the server to come back before failing.
-    pub unavailable_after: Duration,
+    /// How long a request waits for a primary (the lost one back, or a new one
+    /// calling) before it fails; local changes stay to be sent later.
+    pub failover_wait: Duration,
 }
 
 /// Why a request was not answered.
@@ -82,8 +96,24 @@ pub enum FrontEvent {
     Notice(Notice),
     /// The connection dropped; requests wait for it to come back.
     Lost(String),
-    /// Logged in again after a loss; notices may have been missed meanwhile.
-    Reconnected,
+    /// The session goes on after a loss; notices may have been missed meanwhile.
+    Reconnected {
+        /// The primary it goes on with (`IP:PORT`).
+        server: String,
+        /// That primary's epoch.
+        epoch: u64,
+        /// How long the session was without a primary.
+        after: Duration,
+        /// A new primary called this client back (a failover); otherwise the
+        /// client logged in again at the address it was given.
+        callback: bool,
+    },
+    /// No primary came back within the failover wait; requests fail until one
+    /// does (the sync engine keeps the local changes to send then).
+    NoPrimary {
+        /// How long it has been.
+        waited: Duration,
+    },
 }
 
 /// Outcome of one attempt on one connection.
@@ -114,6 +144,16 @@ impl Conn {
 
 struct Shared {
     cfg: Config,
+    /// The session's secret, which a new primary proves it holds.
+    token: Mutex<String>,
+    /// The highest epoch heard from a server: a caller must come from a later one.
+    epoch: AtomicU64,
+    /// The primary the session is with (or was, while lost).
+    server: Mutex<String>,
+    /// When the current loss began.
+    lost_at: Mutex<Option<Instant>>,
+    /// The port the callback listener took.
+    callback_port: u16,
     /// The live connection, or None while the server is unreachable.
     conn: Mutex<Option<Arc<Conn>>>,
     changed: Condvar,
@@ -139,6 +179,10 @@ pub struct Login {
     pub server: SocketAddr,
     /// The last request of this device the server answered.
     pub last_seq: Seq,
+    /// The session's secret.
+    pub token: String,
+    /// The primary's epoch.
+    pub epoch: u64,
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
@@ -164,7 +208,7 @@ fn connect_from(bind: Option<IpAddr>, to: SocketAddr) -> Result<TcpStream, Strin
 mod bind_connect;
 
 /// Logs in on a fresh connection, following redirects. Returns the stream and login.
-fn login(cfg: &Config) -> Result<(TcpStream, Login), FrontError> {
+fn login(cfg: &Config, callback_port: u16) -> Result<(TcpStream, Login), FrontError> {
     let mut target = resolve(&cfg.server).map_err(FrontError::Unavailable)?;
     for _ in 0..=MAX_REDIRECTS {
         let mut stream = connect_from(cfg.bind, target).map_err(FrontError::Unavailable)?;
@@ -173,7 +217,7 @@ fn login(cfg: &Config) -> Result<(TcpStream, Login), FrontError> {
         let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
         let hello = Msg::Hello {
             version: PROTOCOL_VERSION,
-            who: Who::Client { user: cfg.user.clone(), device: cfg.device.clone(), callback_port: cfg.callback_port },
+            who: Who::Client { user: cfg.user.clone(), device: cfg.device.clone(), callback_port },
         };
         write_frame(&mut stream, Epoch(0), &hello, &[])
             .map_err(|e| FrontError::Unavailable(format!("{target}: {e}")))?;
@@ -181,8 +225,9 @@ fn login(cfg: &Config) -> Result<(TcpStream, Login), FrontError> {
             .map_err(|e| FrontError::Unavailable(format!("{target}: {e}")))?
             .ok_or_else(|| FrontError::Unavailable(format!("{target} closed the connection during login")))?;
         match frame.msg {
-            Msg::Welcome { devices, last_seq, .. } => {
-                return Ok((stream, Login { devices, server: target, last_seq }));
+            Msg::Welcome { devices, last_seq, token } => {
+                let login = Login { devices, server: target, last_seq, token, epoch: frame.epoch.0 };
+                return Ok((stream, login));
             }
             Msg::Refused { reason } => return Err(FrontError::Refused(reason)),
             Msg::Redirect { primary } => {
@@ -196,12 +241,23 @@ fn login(cfg: &Config) -> Result<(TcpStream, Login), FrontError> {
 }
 
 impl Frontend {
-    /// Connects and logs in. Returns the front-end, its event stream and the login.
+    /// Opens the callback listener, connects and logs in. Returns the front-end,
+    /// its event stream and the login.
     pub fn connect(cfg: Config) -> Result<(Frontend, Receiver<FrontEvent>, Login), FrontError> {
-        let (stream, login) = login(&cfg)?;
+        let at = (cfg.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), cfg.callback_port);
+        let listener = TcpListener::bind(at)
+            .map_err(|e| FrontError::Local(format!("cannot listen for callbacks on {}:{}: {e}", at.0, at.1)))?;
+        let callback_port =
+            listener.local_addr().map_err(|e| FrontError::Local(format!("callback listener: {e}")))?.port();
+        let (stream, login) = login(&cfg, callback_port)?;
         let (events, events_rx) = unbounded();
         let shared = Arc::new(Shared {
             cfg,
+            token: Mutex::new(login.token.clone()),
+            epoch: AtomicU64::new(login.epoch),
+            server: Mutex::new(login.server.to_string()),
+            lost_at: Mutex::new(None),
+            callback_port,
             conn: Mutex::new(None),
             changed: Condvar::new(),
             turn: Mutex::new(login.last_seq),
@@ -210,7 +266,32 @@ impl Frontend {
             closing: Mutex::new(false),
         });
         install(&shared, stream).map_err(FrontError::Unavailable)?;
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("frontend-callback".into())
+            .spawn(move || callbacks(s, listener))
+            .map_err(|e| FrontError::Local(format!("cannot start the callback listener: {e}")))?;
         Ok((Frontend { shared }, events_rx, login))
+    }
+
+    /// The primary the session is with (or was, while it is lost).
+    pub fn server(&self) -> String {
+        self.shared.server.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The highest epoch heard from a primary.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Relaxed)
+    }
+
+    /// The port this client listens on for a new primary's call.
+    pub fn callback_port(&self) -> u16 {
+        self.shared.callback_port
+    }
+
+    /// True while the session has no primary.
+    pub fn is_lost(&self) -> bool {
+        self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 
     /// Ends the session cleanly.
@@ -225,9 +306,13 @@ impl Frontend {
         self.shared.changed.notify_all();
     }
 
-    /// Waits for a live connection, up to the configured bound.
+    /// Waits for a live connection, up to the failover wait (counted from when
+    /// the session lost its primary, if it has).
     fn live(&self) -> Result<Arc<Conn>, FrontError> {
-        let deadline = Instant::now() + self.shared.cfg.unavailable_after;
+        // Once the wait is over, later requests fail at once instead of each
+        // waiting it out again.
+        let lost = *self.shared.lost_at.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = lost.unwrap_or_else(Instant::now) + self.shared.cfg.failover_wait;
         let mut guard = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if *self.shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -238,9 +323,10 @@ impl Frontend {
             }
             let now = Instant::now();
             if now >= deadline {
+                let at = self.shared.server.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 return Err(FrontError::Unavailable(format!(
-                    "no answer from {} for {:?}",
-                    self.shared.cfg.server, self.shared.cfg.unavailable_after
+                    "no primary for {:?} (the last one was at {at}); local changes wait until one is back",
+                    self.shared.cfg.failover_wait
                 )));
             }
             guard = self.shared.changed.wait_timeout(guard, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
@@ -451,7 +537,13 @@ fn install(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
     let (replies_tx, replies) = bounded::<Frame>(8);
     let writer = Arc::new(Mutex::new(stream));
     let conn = Arc::new(Conn { writer: writer.clone(), replies, generation });
-    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+    let old = shared.conn.lock().unwrap_or_else(|p| p.into_inner()).replace(conn);
+    if let Some(old) = old {
+        // A new primary called while the old connection still looked alive (its
+        // server is stale): its requests resend on the new one.
+        let _ = old.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown(std::net::Shutdown::Both);
+    }
+    *shared.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
     shared.changed.notify_all();
 
     let s = shared.clone();
@@ -479,7 +571,11 @@ fn install(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
 fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>, generation: u64) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, &mut stream);
     let why = loop {
-        match read_frame(&mut reader) {
+        let frame = read_frame(&mut reader);
+        if let Ok(Some(f)) = &frame {
+            shared.epoch.fetch_max(f.epoch.0, Ordering::Relaxed);
+        }
+        match frame {
             Ok(None) => break "the server closed the connection".to_string(),
             Err(e) if e.is_timeout() => break format!("no word from the server for {READ_TIMEOUT:?}"),
             Err(e) => break e.to_string(),
@@ -515,32 +611,147 @@ fn lost(shared: &Arc<Shared>, generation: u64, why: String) {
     if *shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
         return;
     }
-    log::warn!("lost connection to server={}: {why}", shared.cfg.server);
+    shared.lost_at.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Instant::now);
+    let server = shared.server.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    log::info!("lost connection to server={server}: {why}");
     let _ = shared.events.send(FrontEvent::Lost(why));
     let s = shared.clone();
     let _ = std::thread::Builder::new().name("frontend-reconnect".into()).spawn(move || reconnect(s));
 }
 
+/// While the session has no primary: waits for a new primary's call, and tries
+/// the server given on the command line again (it may be back, or redirect to
+/// the new primary), with a pause that doubles after each failure.
 fn reconnect(shared: Arc<Shared>) {
-    let mut delay = Duration::from_millis(100);
+    let mut delay = RETRY_FIRST;
+    let mut said_no_primary = false;
     loop {
         if *shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
             return;
         }
-        match login(&shared.cfg) {
+        if shared.conn.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return; // a new primary called back
+        }
+        let since = *shared.lost_at.lock().unwrap_or_else(|p| p.into_inner());
+        let waited = since.map_or(Duration::ZERO, |t| t.elapsed());
+        if waited >= shared.cfg.failover_wait && !said_no_primary {
+            said_no_primary = true;
+            let _ = shared.events.send(FrontEvent::NoPrimary { waited });
+        }
+        match login(&shared.cfg, shared.callback_port) {
             Ok((stream, login)) => {
+                if shared.conn.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                    return; // called back meanwhile: that session stands
+                }
+                *shared.token.lock().unwrap_or_else(|p| p.into_inner()) = login.token.clone();
+                shared.epoch.fetch_max(login.epoch, Ordering::Relaxed);
+                *shared.server.lock().unwrap_or_else(|p| p.into_inner()) = login.server.to_string();
                 if install(&shared, stream).is_ok() {
-                    log::info!("reconnected to server={}", login.server);
-                    let _ = shared.events.send(FrontEvent::Reconnected);
+                    log::info!("reconnected to server={} epoch={}", login.server, login.epoch);
+                    let event = FrontEvent::Reconnected {
+                        server: login.server.to_string(),
+                        epoch: login.epoch,
+                        after: waited,
+                        callback: false,
+                    };
+                    let _ = shared.events.send(event);
                     return;
                 }
             }
             Err(FrontError::Refused(r)) => log::warn!("server refused the new login: {r}"),
             Err(e) => log::debug!("reconnect failed: {e}"),
         }
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_secs(2));
+        // Wait for the pause, or for a callback to end the loss early.
+        let guard = shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = shared.changed.wait_timeout_while(guard, delay, |c| c.is_none());
+        delay = (delay * 2).min(RETRY_MAX);
     }
+}
+
+/// Accepts new primaries' calls, each on a thread of its own (with a deadline,
+/// so that garbage on the port holds nothing).
+fn callbacks(shared: Arc<Shared>, listener: TcpListener) {
+    let mut n = 0u64;
+    for stream in listener.incoming() {
+        if *shared.closing.lock().unwrap_or_else(|p| p.into_inner()) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("callback listener: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        n += 1;
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new().name(format!("frontend-callback-{n}")).spawn(move || {
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            if let Err(why) = callback(&s, stream) {
+                log::warn!("refused a call on the callback port from {peer}: {why}");
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot start a thread for a callback: {e}");
+        }
+    }
+}
+
+/// One call: the caller must be a primary of a later epoch than any this client
+/// has heard of, calling this device, and prove that it holds the session's
+/// token; then the connection becomes the session.
+fn callback(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(CALLBACK_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CALLBACK_TIMEOUT));
+    let mut r = &stream;
+    let mut w = &stream;
+    let refuse = |w: &mut &TcpStream, reason: &str| {
+        let _ = write_frame(w, Epoch(0), &Msg::Refused { reason: reason.to_string() }, &[]);
+        Err::<(), String>(reason.to_string())
+    };
+    let hello = read_frame(&mut r).map_err(|e| e.to_string())?.ok_or("closed before its hello")?;
+    let (id, addr, device) = match hello.msg {
+        Msg::Hello { version: PROTOCOL_VERSION, who: Who::Primary { id, addr, device } } => (id, addr, device),
+        other => return refuse(&mut w, &format!("expected a primary's hello, got {}", other.kind())),
+    };
+    if device != shared.cfg.device {
+        return refuse(&mut w, &format!("this is not device {device}"));
+    }
+    let nonce = fresh_nonce().map_err(|e| e.to_string())?;
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    write_frame(&mut w, Epoch(0), &Msg::Auth(AuthMsg::CallbackChallenge { nonce: hex }), &[])
+        .map_err(|e| e.to_string())?;
+    let proof = read_frame(&mut r).map_err(|e| e.to_string())?.ok_or("closed before its proof")?;
+    let (epoch, proof) = match proof.msg {
+        Msg::Auth(AuthMsg::CallbackProof { epoch, device: d, proof }) if d == device => (epoch, proof),
+        other => return refuse(&mut w, &format!("expected a proof, got {}", other.kind())),
+    };
+    let token = shared.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if verify_callback_proof(&token, &nonce, epoch, &device, &proof).is_err() {
+        return refuse(&mut w, &format!("server id={id} at {addr} does not hold this session's token"));
+    }
+    let known = shared.epoch.load(Ordering::Relaxed);
+    if epoch.0 <= known {
+        return refuse(&mut w, &format!("server id={id} at {addr} calls for epoch {epoch}, not later than {known}"));
+    }
+    write_frame(&mut w, Epoch(0), &Msg::Resume, &[]).map_err(|e| e.to_string())?;
+    let welcome = read_frame(&mut r).map_err(|e| e.to_string())?.ok_or("closed before its welcome")?;
+    match welcome.msg {
+        Msg::Welcome { .. } => {}
+        Msg::Refused { reason } => return Err(format!("server id={id} at {addr} would not resume: {reason}")),
+        other => return Err(format!("expected a welcome, got {}", other.kind())),
+    }
+    let after = shared.lost_at.lock().unwrap_or_else(|p| p.into_inner()).map_or(Duration::ZERO, |t| t.elapsed());
+    shared.epoch.fetch_max(epoch.0, Ordering::Relaxed);
+    *shared.server.lock().unwrap_or_else(|p| p.into_inner()) = addr.clone();
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+    install(shared, stream)?;
+    log::info!("called back by the new primary id={id} at {addr} epoch={epoch} after {after:?}");
+    let _ = shared.events.send(FrontEvent::Reconnected { server: addr, epoch: epoch.0, after, callback: true });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -609,7 +820,7 @@ mod tests {
             server: server.to_string(),
             bind: None,
             callback_port: 0,
-            unavailable_after: Duration::from_secs(30),
+            failover_wait: Duration::from_secs(30),
         };
         let (front, _events, _login) = Frontend::connect(cfg).unwrap();
         let dir = std::env::temp_dir().join(format!("replibox-frontend-test-{}", std::process::id()));
