@@ -279,6 +279,12 @@ pub enum Msg {
         /// A sentence for the user or operator.
         reason: String,
     },
+    /// To a joining server: this server is not the primary (it knows none now, or
+    /// it has just stepped down); try again later.
+    NotPrimary {
+        /// Why, for the joiner's log.
+        reason: String,
+    },
     /// This server is not the primary; the primary listens at this address.
     Redirect {
         /// `IP:PORT` of the primary.
@@ -464,6 +470,7 @@ impl Msg {
             Msg::Hello { .. } => "hello",
             Msg::Welcome { .. } => "welcome",
             Msg::Refused { .. } => "refused",
+            Msg::NotPrimary { .. } => "not_primary",
             Msg::Redirect { .. } => "redirect",
             Msg::Request { .. } => "request",
             Msg::Proceed { .. } => "proceed",

@@ -174,9 +174,11 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
                     return;
                 }
                 Some(Route::Unknown) | None => {
-                    // Not a refusal (which would make the joiner give up): close, and
-                    // the joiner tries again until this server knows the primary.
+                    // Not a refusal (which would make the joiner give up): it tries
+                    // again until this server knows the primary.
                     log::info!("closing join from peer={peer}: this backup does not know the primary yet");
+                    let reason = "this server does not know the primary yet".to_string();
+                    let _ = writer.send(&Msg::NotPrimary { reason }, &[]);
                     return;
                 }
             }

@@ -505,8 +505,10 @@ impl Core {
             fence_timeout_ms: (3 * failure).max(ms(settings.ack_timeout)),
             seed: settings.seed.clone(),
         };
-        let epoch = Arc::new(AtomicU64::new(state.epoch.0));
+        let seen = store::load_epoch_seen(store.root());
+        let epoch = Arc::new(AtomicU64::new(state.epoch.0.max(seen.0)));
         let mut node = Node::new(cfg, state, recent, 0);
+        node.heard_of(seen);
         if store.install_unfinished() {
             // This data dir may lack files its state describes: join with a snapshot.
             node.want_snapshot();
@@ -758,6 +760,11 @@ impl Core {
                     }
                 }
                 Output::Fatal(reason) => self.fatal = Some(Fatal::Refused(reason)),
+                Output::SawEpoch(e) => {
+                    if let Err(err) = store::save_epoch_seen(self.store.root(), e) {
+                        log::error!("cannot record epoch={e}: {err}");
+                    }
+                }
                 Output::Log(level, line) => log::log!(level, "{line}"),
             }
             self.epoch.store(self.node.epoch().0, Ordering::Relaxed);
@@ -897,7 +904,7 @@ impl Core {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
-        self.links.clear();
+        // Links close as the node says (it may still answer a joiner first).
         self.leases.clear();
     }
 

@@ -257,6 +257,7 @@ impl Follower {
                 self.report(FollowerEvent::Msg { epoch: first.epoch, msg: Msg::Refused { reason: reason.clone() } })?;
                 return Err(format!("{target} refused this server: {reason}"));
             }
+            Msg::NotPrimary { reason } => return Err(format!("{target} is not the primary: {reason}")),
             other => return Err(format!("unexpected {} answering our hello", other.kind())),
         };
         let writer = stream.try_clone().map_err(|e| format!("cannot clone the link's socket: {e}"))?;

@@ -150,6 +150,9 @@ pub enum Output {
     Incomplete(bool),
     /// Joining failed for good (a duplicate id): stop the server.
     Fatal(String),
+    /// A later epoch than any before: record it, so that a restart with `-p`
+    /// starts above it.
+    SawEpoch(Epoch),
     /// A line for the operator.
     Log(log::Level, String),
 }
@@ -189,6 +192,10 @@ struct PrimaryRole {
     fencing: BTreeMap<ServerId, Fence>,
     /// Every entry up to here is stored on every backup it waited for.
     committed: LogPos,
+    /// A membership change (a join, a new epoch) whose commit its backups should
+    /// hear of at once, not at the next heartbeat: until they do, a new member
+    /// may not stand in an election.
+    announce_at: Option<LogPos>,
 }
 
 /// Where a backup stands with its primary.
@@ -459,6 +466,12 @@ impl Node {
             && !matches!(self.phase(), Some(Phase::Installing))
     }
 
+    /// An epoch heard of before this process started (recorded on disk).
+    pub fn heard_of(&mut self, epoch: Epoch) {
+        self.epoch = self.epoch.max(epoch);
+        self.bully.saw_epoch(epoch.0);
+    }
+
     /// Asks for a snapshot at the next join: this data dir may not hold what its
     /// state describes.
     pub fn want_snapshot(&mut self) {
@@ -554,6 +567,7 @@ impl Node {
         }
         if epoch > self.epoch {
             self.epoch = epoch;
+            out.push(Output::SawEpoch(epoch));
             if self.is_primary() {
                 warn(out, format!("stepping down: heard of epoch={epoch}, later than ours"));
                 self.become_backup(now, None, out);
@@ -570,6 +584,9 @@ impl Node {
         let mut out = Vec::new();
         if matches!(self.role, Role::Backup(_)) {
             out.push(Output::Unfollow);
+        }
+        if epoch > self.epoch {
+            out.push(Output::SawEpoch(epoch));
         }
         self.epoch = self.epoch.max(epoch);
         self.bully.saw_epoch(epoch.0);
@@ -591,6 +608,7 @@ impl Node {
             reserving: BTreeMap::new(),
             fencing: BTreeMap::new(),
             committed: self.state.pos,
+            announce_at: None,
         });
         self.dropped = false;
         self.verified = true;
@@ -727,6 +745,9 @@ impl Node {
         match &mut self.role {
             Role::Primary(p) => {
                 p.reserving.remove(&pos);
+                if matches!(entry.change, Change::Join { .. } | Change::NewEpoch { .. }) {
+                    p.announce_at = Some(pos);
+                }
                 for (no, link) in &p.links {
                     let _ = link;
                     out.push(Output::ToLink { link: *no, msg: Msg::Apply { entry: Box::new(entry.clone()) } });
@@ -800,6 +821,13 @@ impl Node {
                 p.committed = p.committed.max(pos);
                 if let Some(t) = ticket {
                     out.push(Output::Complete(t));
+                }
+            }
+            if p.announce_at.is_some_and(|at| p.committed >= at) {
+                p.announce_at = None;
+                for no in p.links.keys() {
+                    let msg = Msg::Heartbeat { pos: self.state.pos, committed: p.committed };
+                    out.push(Output::ToLink { link: *no, msg });
                 }
             }
         }
@@ -990,10 +1018,17 @@ impl Node {
     pub fn link_join(&mut self, now: u64, link: LinkNo, req: JoinRequest) -> Vec<Output> {
         let mut out = Vec::new();
         self.clock(now, &mut out);
-        if req.epoch > self.epoch {
+        let mine = self.epoch;
+        if req.epoch > mine {
             self.see_epoch(now, req.epoch, &mut out);
         }
         let Role::Primary(p) = &self.role else {
+            let reason = if req.epoch > mine {
+                format!("this server, primary of epoch {mine}, learned of the later epoch {} from your hello and stepped down", req.epoch)
+            } else {
+                "this server is not the primary now".to_string()
+            };
+            out.push(Output::ToLink { link, msg: Msg::NotPrimary { reason } });
             out.push(Output::CloseLink { link });
             return out;
         };
@@ -1313,8 +1348,10 @@ impl Node {
         if self.cfg.id != id {
             self.cfg.id = id;
             self.bully = Bully::new(id.0, self.cfg.election_timeout_ms);
-            out.push(Output::SaveId(id));
         }
+        // Recorded at every join: an id given with --id is kept in the data dir
+        // only once a primary has accepted it.
+        out.push(Output::SaveId(id));
         b.primary = Some((primary, addr.clone()));
         b.suspect = None;
         b.retries = 0;

@@ -302,7 +302,7 @@ impl Sim {
                 }
                 Output::BecamePrimary { epoch } => self.became_primary(i, epoch),
                 Output::SteppedDown { epoch } => self.log(format!("s{} stepped down for epoch={epoch}", i + 1)),
-                Output::SaveId(_) | Output::Incomplete(_) => {}
+                Output::SaveId(_) | Output::Incomplete(_) | Output::SawEpoch(_) => {}
                 Output::Fatal(why) => panic!("server {} was refused for good: {why}", i + 1),
                 Output::Log(_, line) => self.log(format!("s{}: {line}", i + 1)),
             }

@@ -15,7 +15,7 @@
 
 use crate::state::{Change, Entry, State};
 use replibox_proto::times::{from_ms, to_ms, FileTimes};
-use replibox_proto::{ContentHash, FileMeta, ServerId, Version};
+use replibox_proto::{ContentHash, Epoch, FileMeta, ServerId, Version};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -647,6 +647,18 @@ pub fn load_id(root: &Path) -> Result<Option<ServerId>, StoreError> {
     }
 }
 
+/// The highest epoch this data dir's server has heard of (`meta/epoch`): a
+/// primary started with `-p` takes the one after it, so that a server which
+/// learned of a later epoch elsewhere never starts one that already had a primary.
+pub fn load_epoch_seen(root: &Path) -> Epoch {
+    fs::read_to_string(root.join("meta/epoch")).ok().and_then(|s| s.trim().parse().ok()).map_or(Epoch(0), Epoch)
+}
+
+/// Records the highest epoch heard of.
+pub fn save_epoch_seen(root: &Path, epoch: Epoch) -> Result<(), StoreError> {
+    write_atomically(&root.join("meta/epoch"), format!("{}\n", epoch.0).as_bytes())
+}
+
 /// Records a server id in a data dir.
 pub fn save_id(root: &Path, id: ServerId) -> Result<(), StoreError> {
     fs::create_dir_all(root).context(|| format!("creating {}", root.display()))?;
@@ -675,7 +687,7 @@ pub fn new_meta(path: &str, version: Version, size: u64, mtime_ms: i64, hash: Co
 mod tests {
     use super::*;
     use crate::state::tombstone;
-    use replibox_proto::{Epoch, LogPos};
+    use replibox_proto::LogPos;
 
     struct TempDir(PathBuf);
     impl TempDir {

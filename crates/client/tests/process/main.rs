@@ -33,6 +33,7 @@ mod cli;
 mod client_ux;
 mod devices;
 mod edges;
+mod failover;
 mod memory;
 mod offline;
 mod replication;

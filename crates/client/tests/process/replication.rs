@@ -13,12 +13,19 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn ip(last: u8) -> IpAddr {
+pub(crate) fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
 /// A backup named `name` on 127.0.0.`last`, joining through `via`.
-fn backup(t: &TestDir, name: &str, last: u8, via: std::net::SocketAddr, id: Option<u64>, extra: &[&str]) -> Server {
+pub(crate) fn backup(
+    t: &TestDir,
+    name: &str,
+    last: u8,
+    via: std::net::SocketAddr,
+    id: Option<u64>,
+    extra: &[&str],
+) -> Server {
     let mut mode = vec!["-b".to_string(), via.to_string()];
     if let Some(id) = id {
         mode.extend(["--id".to_string(), id.to_string()]);
@@ -28,7 +35,7 @@ fn backup(t: &TestDir, name: &str, last: u8, via: std::net::SocketAddr, id: Opti
 }
 
 /// A primary with id 1 on 127.0.0.1.
-fn primary(t: &TestDir, extra: &[&str]) -> Server {
+pub(crate) fn primary(t: &TestDir, extra: &[&str]) -> Server {
     let mut opts = ServerOpts::primary("s1");
     opts.mode.extend(["--id".to_string(), "1".to_string()]);
     opts.extra = extra.iter().map(|s| s.to_string()).collect();
@@ -37,7 +44,7 @@ fn primary(t: &TestDir, extra: &[&str]) -> Server {
 
 /// The reference set-up: primary s1 (with `primary_extra` options) and backups s2
 /// and s3 on 127.0.0.1-3, once all three report the same membership.
-fn three_servers(t: &TestDir, primary_extra: &[&str]) -> (Server, Server, Server) {
+pub(crate) fn three_servers(t: &TestDir, primary_extra: &[&str]) -> (Server, Server, Server) {
     let s1 = primary(t, primary_extra);
     let s2 = backup(t, "s2", 2, s1.addr, Some(2), &[]);
     let s3 = backup(t, "s3", 3, s1.addr, Some(3), &[]);
@@ -46,7 +53,7 @@ fn three_servers(t: &TestDir, primary_extra: &[&str]) -> (Server, Server, Server
 }
 
 /// The member ids a server reports.
-fn members(s: &Server) -> Option<Vec<u64>> {
+pub(crate) fn members(s: &Server) -> Option<Vec<u64>> {
     let v = s.try_status()?;
     let mut ids: Vec<u64> = v["members"].as_array()?.iter().filter_map(|m| m["id"].as_u64()).collect();
     ids.sort();
@@ -55,7 +62,7 @@ fn members(s: &Server) -> Option<Vec<u64>> {
 
 /// Waits until every server reports exactly the members `want`, all at one seq.
 #[track_caller]
-fn wait_members(servers: &[&Server], want: &[u64]) {
+pub(crate) fn wait_members(servers: &[&Server], want: &[u64]) {
     wait_until(DEADLINE, &format!("every server to report members {want:?} at one seq"), || {
         let seqs: Option<Vec<u64>> = servers
             .iter()
@@ -70,7 +77,7 @@ fn wait_members(servers: &[&Server], want: &[u64]) {
 
 /// Asserts, without waiting, that every server's `users/alice` holds exactly `want`.
 #[track_caller]
-fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
+pub(crate) fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
     for s in servers {
         if let Err(e) = check_tree(&s.user_dir("alice"), want) {
             fail(format!("{when}: {} does not hold the acknowledged state: {e}", s.opts.name));
@@ -80,13 +87,13 @@ fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
 
 /// Puts `bytes` in `dir/name` and has device `d` `upload` it: its outcome line
 /// comes once the server stored the file.
-fn upload(d: &mut Client, dir: &Path, name: &str, bytes: &[u8]) {
+pub(crate) fn upload(d: &mut Client, dir: &Path, name: &str, bytes: &[u8]) {
     put(&dir.join(name), bytes);
     d.ok(&format!("upload {}", dir.join(name).display()));
 }
 
 /// Like [`upload`], with `len` seeded bytes written in pieces (for big files).
-fn upload_seeded(d: &mut Client, dir: &Path, name: &str, seed: u64, len: u64) {
+pub(crate) fn upload_seeded(d: &mut Client, dir: &Path, name: &str, seed: u64, len: u64) {
     write_seeded(&dir.join(name), seed, len);
     d.ok(&format!("upload {}", dir.join(name).display()));
 }

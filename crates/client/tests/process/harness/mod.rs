@@ -661,6 +661,8 @@ pub struct ClientOpts {
     /// `--device-name`; the test's name for the device unless a test clears it to
     /// see the default (the host name).
     pub device_name: Option<String>,
+    /// Further arguments.
+    pub extra: Vec<String>,
 }
 
 impl ClientOpts {
@@ -675,6 +677,7 @@ impl ClientOpts {
             headless: true,
             cwd: None,
             device_name: Some(name.into()),
+            extra: Vec::new(),
         }
     }
 
@@ -751,6 +754,7 @@ impl Client {
         if opts.headless {
             cmd.arg("--headless");
         }
+        cmd.args(&opts.extra);
         let proc = Proc::spawn(t, &opts.name, cmd, !opts.headless);
         Client { opts, sync_dir, cwd, proc }
     }
