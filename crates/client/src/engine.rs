@@ -35,6 +35,23 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(10);
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// A full rescan runs this often even without events, in case any were lost.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// Sets the rescan period in milliseconds instead, for tests only: a period longer
+/// than a test's deadlines shows a live-sync test that passes only thanks to the
+/// rescan (a lost watcher event), and a short one tests the rescan itself.
+pub const RESCAN_ENV: &str = "REPLIBOX_RESCAN_MS";
+
+/// The rescan period: [`RESCAN_EVERY`], or what [`RESCAN_ENV`] says (at most a
+/// week, so that adding it to an `Instant` cannot overflow).
+fn rescan_period() -> Duration {
+    let Ok(value) = std::env::var(RESCAN_ENV) else { return RESCAN_EVERY };
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)),
+        _ => {
+            log::warn!("ignoring {RESCAN_ENV}={value:?}: not a positive number of milliseconds");
+            RESCAN_EVERY
+        }
+    }
+}
 
 /// A command for the engine from the CLI.
 pub enum Command {
@@ -95,6 +112,8 @@ pub struct Engine {
     /// Set when notices may have been missed: reconcile with a full listing.
     need_full: bool,
     last_full: Instant,
+    /// How often a full reconciliation runs when nothing else is due.
+    rescan_every: Duration,
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> String {
@@ -146,6 +165,7 @@ impl Engine {
             pass_due: None,
             need_full: false,
             last_full: Instant::now(),
+            rescan_every: rescan_period(),
         })
     }
 
@@ -153,7 +173,7 @@ impl Engine {
     pub fn run(mut self, commands: Receiver<Command>, front: Receiver<FrontEvent>, watch: Receiver<WatchEvent>) {
         loop {
             let now = Instant::now();
-            let due = self.pass_due.unwrap_or(self.last_full + RESCAN_EVERY);
+            let due = self.pass_due.unwrap_or(self.last_full + self.rescan_every);
             let wait = due.saturating_duration_since(now);
             select! {
                 recv(commands) -> cmd => match cmd {

@@ -6,8 +6,8 @@ use crate::harness::*;
 use std::fs;
 
 /// A burst like `cp -r` or an unpacked archive: many files written at once into
-/// folders that did not exist a moment before. All arrive (without waiting for a
-/// periodic rescan: the deadline is shorter than the client's 30 s rescan).
+/// folders that did not exist a moment before. All arrive, by the watcher alone
+/// (the harness sets the clients' periodic rescan far beyond every deadline).
 #[test]
 fn a_burst_of_files_in_new_folders_arrives_whole() {
     let t = TestDir::new("edges_burst");

@@ -31,6 +31,12 @@ use std::time::{Duration, Instant};
 /// timeout only ever turns a hang into a readable failure.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The clients' full-rescan period in tests: longer than any deadline, so that a
+/// change the watcher missed makes a live-sync test fail instead of arriving by the
+/// periodic rescan (30 s by default, as long as [`DEADLINE`]). A test of the rescan
+/// itself sets a short one.
+pub const NO_RESCAN: Duration = Duration::from_secs(3600);
+
 /// The loopback address servers listen on (the first of the three servers later).
 pub const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 /// The loopback address of a user's first device.
@@ -647,6 +653,9 @@ pub struct ClientOpts {
     pub headless: bool,
     /// Working directory (where `download` writes); None is `NAME-cwd` in the test dir.
     pub cwd: Option<PathBuf>,
+    /// The client's full-rescan period (`REPLIBOX_RESCAN_MS`); [`NO_RESCAN`] by
+    /// default.
+    pub rescan: Duration,
 }
 
 impl ClientOpts {
@@ -660,6 +669,7 @@ impl ClientOpts {
             sync_dir: None,
             headless: true,
             cwd: None,
+            rescan: NO_RESCAN,
         }
     }
 
@@ -728,6 +738,7 @@ impl Client {
         }
         cmd.args(["--bind", &opts.bind.to_string()])
             .current_dir(&cwd)
+            .env(replibox_client::engine::RESCAN_ENV, opts.rescan.as_millis().to_string())
             .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("RUST_BACKTRACE");
         if opts.headless {
