@@ -22,24 +22,7 @@ enum Expect {
 
 /// Uploads `bytes` to `path` over a raw logged-in connection.
 fn raw_upload(r: &mut Raw, path: &str, bytes: &[u8]) -> OpResult {
-    let seq = r.next_seq();
-    r.send(&Msg::Request {
-        seq,
-        op: Op::Upload { path: path.into(), size: bytes.len() as u64, mtime_ms: 0, base: None },
-    });
-    match r.recv().map(|f| f.msg) {
-        Some(Msg::Proceed { seq: s }) if s == seq => {}
-        Some(Msg::Reply { seq: s, result }) if s == seq => return result,
-        other => fail(format!("{}: upload of {path:?} answered with {other:?}", r.what)),
-    }
-    for chunk in bytes.chunks(replibox_proto::CHUNK_SIZE) {
-        r.send_with(&Msg::Chunk { seq }, chunk);
-    }
-    r.send(&Msg::UploadEnd { seq, hash: ContentHash::of(bytes) });
-    match r.recv().map(|f| f.msg) {
-        Some(Msg::Reply { seq: s, result }) if s == seq => result,
-        other => fail(format!("{}: upload of {path:?} ended with {other:?}", r.what)),
-    }
+    r.upload(path, bytes, None)
 }
 
 /// Connects, sends `bytes`, and checks the server's answer.
