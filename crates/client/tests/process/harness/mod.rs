@@ -10,10 +10,13 @@
 //!   panic says what was awaited and shows every process's output and the test dir.
 //! - [`files`]: seeded content, tree snapshots and comparisons.
 //! - [`raw`]: a hand-driven protocol connection, for bad input.
+//! - [`cluster`]: primaries and backups with timers that fit a loaded machine, and
+//!   the membership they report.
 //!
 //! No sleep is an assertion here: everything waits on a condition, with deadlines
 //! generous enough for a loaded 2-core machine.
 
+pub mod cluster;
 pub mod files;
 pub mod raw;
 
