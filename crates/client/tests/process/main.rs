@@ -20,6 +20,7 @@
 //! - [`cli`]: the commands read from stdin.
 //! - [`replication`]: three servers and more: backups first, catch-up, joins,
 //!   stalled backups, redirects, duplicate ids, misbehaving peers.
+//! - [`server`]: the server's exit codes, its clean stop on signals, `--status`.
 
 #[allow(dead_code)] // not every test binary module uses every helper
 mod harness;
@@ -32,4 +33,5 @@ mod memory;
 mod offline;
 mod replication;
 mod restart;
+mod server;
 mod sync;

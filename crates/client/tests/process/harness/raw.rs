@@ -94,6 +94,30 @@ impl Raw {
         self.reply_to(seq)
     }
 
+    /// Like [`Raw::request`], but None when the server closed the connection
+    /// instead of answering (a send or read error counts as closed).
+    pub fn try_request(&mut self, op: Op) -> Option<OpResult> {
+        let seq = self.next_seq();
+        write_frame(&mut self.stream, Epoch(0), &Msg::Request { seq, op }, &[]).ok()?;
+        self.try_reply_to(seq)
+    }
+
+    /// Like [`Raw::reply_to`], but None when the connection closed first.
+    pub fn try_reply_to(&mut self, seq: Seq) -> Option<OpResult> {
+        loop {
+            match read_frame(&mut self.stream) {
+                Ok(Some(Frame { msg: Msg::Reply { seq: s, result }, .. })) if s == seq => return Some(result),
+                Ok(Some(Frame { msg: Msg::Notice { notice }, .. })) => self.notices.push_back(notice),
+                Ok(Some(Frame { msg: Msg::Pong, .. })) => {}
+                Ok(None) => return None,
+                Err(ProtoError::Io(e)) if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut => {
+                    return None
+                }
+                other => fail(format!("{}: expected the reply to request {seq}, got {other:?}", self.what)),
+            }
+        }
+    }
+
     /// Reads up to the reply to `seq`, keeping notices and dropping pongs.
     pub fn reply_to(&mut self, seq: Seq) -> OpResult {
         loop {
