@@ -21,6 +21,8 @@
 //! - [`replication`]: three servers and more: backups first, catch-up, joins,
 //!   stalled backups, redirects, duplicate ids, misbehaving peers.
 //! - [`server`]: the server's exit codes, its clean stop on signals, `--status`.
+//! - [`guarantees`]: backups first against a stalled backup, at most once across a
+//!   lost reply, bounded memory with backups.
 
 #[allow(dead_code)] // not every test binary module uses every helper
 mod harness;
@@ -29,6 +31,7 @@ mod bad_input;
 mod cli;
 mod devices;
 mod edges;
+mod guarantees;
 mod memory;
 mod offline;
 mod replication;

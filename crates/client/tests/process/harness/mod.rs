@@ -12,12 +12,14 @@
 //! - [`raw`]: a hand-driven protocol connection, for bad input.
 //! - [`cluster`]: primaries and backups with timers that fit a loaded machine, and
 //!   the membership they report.
+//! - [`proxy`]: a proxy that loses a server's frame on purpose (a lost reply).
 //!
 //! No sleep is an assertion here: everything waits on a condition, with deadlines
 //! generous enough for a loaded 2-core machine.
 
 pub mod cluster;
 pub mod files;
+pub mod proxy;
 pub mod raw;
 
 use std::cell::RefCell;
