@@ -23,6 +23,8 @@
 //! - [`server`]: the server's exit codes, its clean stop on signals, `--status`.
 //! - [`guarantees`]: backups first against a stalled backup, at most once across a
 //!   lost reply, bounded memory with backups.
+//! - [`hostile`]: a fake server and a fake primary sending paths that leave the
+//!   sync dir or the data dir; a backup's ack comes after its log and rename.
 
 #[allow(dead_code)] // not every test binary module uses every helper
 mod harness;
@@ -32,6 +34,7 @@ mod cli;
 mod devices;
 mod edges;
 mod guarantees;
+mod hostile;
 mod memory;
 mod offline;
 mod replication;

@@ -13,11 +13,14 @@
 //! - [`cluster`]: primaries and backups with timers that fit a loaded machine, and
 //!   the membership they report.
 //! - [`proxy`]: a proxy that loses a server's frame on purpose (a lost reply).
+//! - [`fake`]: hostile peers: a fake server for a client, a fake primary for a
+//!   backup.
 //!
 //! No sleep is an assertion here: everything waits on a condition, with deadlines
 //! generous enough for a loaded 2-core machine.
 
 pub mod cluster;
+pub mod fake;
 pub mod files;
 pub mod proxy;
 pub mod raw;
@@ -666,10 +669,16 @@ pub struct ClientOpts {
 impl ClientOpts {
     /// A device of `user` named `name`, connecting from `bind` to `server`.
     pub fn new(name: &str, user: &str, server: &Server, bind: IpAddr) -> ClientOpts {
+        ClientOpts::at(name, user, server.addr, bind)
+    }
+
+    /// A device of `user` named `name`, connecting from `bind` to whatever listens
+    /// at `server` (a fake server, a proxy).
+    pub fn at(name: &str, user: &str, server: SocketAddr, bind: IpAddr) -> ClientOpts {
         ClientOpts {
             name: name.into(),
             user: user.into(),
-            server: server.addr,
+            server,
             bind,
             sync_dir: None,
             headless: true,

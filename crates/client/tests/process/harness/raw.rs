@@ -31,6 +31,13 @@ impl Raw {
         Raw { stream, what: what.to_string(), seq: 0, notices: Default::default() }
     }
 
+    /// Wraps a connection opened elsewhere (one a fake server accepted).
+    pub fn from_stream(stream: TcpStream, what: &str) -> Raw {
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.set_write_timeout(Some(DEADLINE)).unwrap();
+        Raw { stream, what: what.to_string(), seq: 0, notices: Default::default() }
+    }
+
     /// Connects and logs in as a client of `user` with device id `device`;
     /// panics unless welcomed.
     pub fn login(addr: SocketAddr, user: &str, device: &str, what: &str) -> Raw {
@@ -64,6 +71,13 @@ impl Raw {
         }
     }
 
+    /// Writes one well-formed frame with a payload, stamped with `epoch`.
+    pub fn send_with_at(&mut self, epoch: Epoch, msg: &Msg, payload: &[u8]) {
+        if let Err(e) = write_frame(&mut self.stream, epoch, msg, payload) {
+            fail(format!("{}: cannot send {}: {e}", self.what, msg.kind()));
+        }
+    }
+
     /// Writes one well-formed frame with a payload.
     pub fn send_with(&mut self, msg: &Msg, payload: &[u8]) {
         if let Err(e) = write_frame(&mut self.stream, Epoch(0), msg, payload) {
@@ -77,6 +91,18 @@ impl Raw {
             Ok(f) => f,
             Err(ProtoError::Io(e)) if e.kind() == ErrorKind::ConnectionReset => None,
             Err(e) => fail(format!("{}: reading a frame: {e}", self.what)),
+        }
+    }
+
+    /// Reads one frame; None when the connection closed (cleanly, reset, or with
+    /// a frame cut short).
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        match read_frame(&mut self.stream) {
+            Ok(f) => f,
+            Err(ProtoError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                fail(format!("{}: no frame and no close for {DEADLINE:?}", self.what))
+            }
+            Err(_) => None,
         }
     }
 
