@@ -18,6 +18,7 @@
 //! - [`memory`]: peak memory while a big file crosses.
 //! - [`bad_input`]: hostile bytes on the server port; paths escaping a user's dir.
 //! - [`cli`]: the commands read from stdin.
+//! - [`rules`]: the sync engine's documented rules, one by one.
 //! - [`replication`]: three servers and more: backups first, catch-up, joins,
 //!   stalled backups, redirects, duplicate ids, misbehaving peers.
 //! - [`server`]: the server's exit codes, its clean stop on signals, `--status`.
@@ -39,5 +40,6 @@ mod memory;
 mod offline;
 mod replication;
 mod restart;
+mod rules;
 mod server;
 mod sync;

@@ -1,10 +1,11 @@
-//! A TCP proxy between clients and a server that loses a server's frame on purpose.
+//! A TCP proxy between clients and a server that loses a server's frames on purpose.
 //!
 //! It forwards the client's bytes as they are, and reads the server's side frame
-//! by frame: a frame the test's rule picks is not forwarded, and the connection
-//! is cut instead (both sockets shut down), as a network would lose a reply when a
-//! connection dies. Frames are decoded and encoded again, which the golden-frame
-//! tests show to give the same bytes.
+//! by frame. A frame picked by [`Proxy::lose_next`] is not forwarded and the
+//! connection is cut instead (both sockets shut down), as a network would lose a
+//! reply when a connection dies; frames picked by [`Proxy::withhold`] are simply not
+//! forwarded (a device that misses the server's notices). Frames are decoded and
+//! encoded again, which the golden-frame tests show to give the same bytes.
 
 use super::fail;
 use replibox_proto::{read_frame, write_frame, Frame};
@@ -18,6 +19,8 @@ type Rule = Box<dyn FnMut(&Frame) -> bool + Send>;
 struct Shared {
     /// Picks the next server frame to lose; used once, then cleared.
     lose: Mutex<Option<Rule>>,
+    /// Picks server frames not to forward, for as long as it is set.
+    withhold: Mutex<Option<Rule>>,
     /// Connections cut so far.
     cuts: AtomicUsize,
     stop: AtomicBool,
@@ -36,8 +39,12 @@ impl Proxy {
         let listener = TcpListener::bind(SocketAddr::new(ip, super::free_port(ip)))
             .unwrap_or_else(|e| fail(format!("the proxy cannot listen on {ip}: {e}")));
         let addr = listener.local_addr().unwrap();
-        let shared =
-            Arc::new(Shared { lose: Mutex::new(None), cuts: AtomicUsize::new(0), stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            lose: Mutex::default(),
+            withhold: Mutex::default(),
+            cuts: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
         let s = shared.clone();
         std::thread::Builder::new()
             .name("proxy-accept".into())
@@ -60,6 +67,12 @@ impl Proxy {
     /// connection cut.
     pub fn lose_next(&self, rule: impl FnMut(&Frame) -> bool + Send + 'static) {
         *self.shared.lose.lock().unwrap() = Some(Box::new(rule));
+    }
+
+    /// From now on, frames from the server for which `rule` holds are not
+    /// forwarded (the connection stays up).
+    pub fn withhold(&self, rule: impl FnMut(&Frame) -> bool + Send + 'static) {
+        *self.shared.withhold.lock().unwrap() = Some(Box::new(rule));
     }
 
     /// How many connections the proxy has cut (frames lost).
@@ -97,6 +110,9 @@ fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
         if lose {
             shared.cuts.fetch_add(1, Ordering::Relaxed);
             break;
+        }
+        if shared.withhold.lock().unwrap().as_mut().is_some_and(|r| r(&frame)) {
+            continue;
         }
         if write_frame(&mut to_client, frame.epoch, &frame.msg, &frame.payload).is_err() {
             break;
