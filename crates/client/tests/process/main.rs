@@ -22,6 +22,8 @@
 //! - [`replication`]: three servers and more: backups first, catch-up, joins,
 //!   stalled backups, redirects, duplicate ids, misbehaving peers.
 //! - [`server`]: the server's exit codes, its clean stop on signals, `--status`.
+//! - [`epochs`]: a new epoch per start as primary, no state taken from a lower
+//!   epoch, backups cut off past the failure timeout.
 //! - [`guarantees`]: backups first against a stalled backup, at most once across a
 //!   lost reply, bounded memory with backups.
 //! - [`hostile`]: a fake server and a fake primary sending paths that leave the
@@ -34,6 +36,7 @@ mod bad_input;
 mod cli;
 mod devices;
 mod edges;
+mod epochs;
 mod guarantees;
 mod hostile;
 mod memory;
