@@ -125,8 +125,8 @@ fn a_conflict_on_a_long_name_loses_nothing() {
 }
 
 /// Both devices write different content to one file at the same moment, while
-/// online: they converge, and both versions survive (one under the name, the other
-/// as a conflicted copy).
+/// online: they converge, and both versions survive, once each: one under the name,
+/// the other as exactly one conflicted copy named after the device that lost.
 #[test]
 fn simultaneous_edits_on_both_devices_keep_both_versions() {
     let t = TestDir::new("edges_simultaneous_edits");
@@ -148,6 +148,20 @@ fn simultaneous_edits_on_both_devices_keep_both_versions() {
             && t1.values().any(|v| *v == a)
             && t1.values().any(|v| *v == b)
     });
+    let all = files::contents(&users);
+    let names: Vec<&String> = all.keys().collect();
+    assert_eq!(names.len(), 2, "shared.txt and one conflicted copy, not {names:?}");
+    let copy = names.iter().find(|n| n.as_str() != "shared.txt").unwrap();
+    let labels = [d1.device_label(), d2.device_label()];
+    assert!(
+        labels.iter().any(|l| copy.starts_with(&format!("shared (conflicted copy {l} ")) && copy.ends_with(").txt")),
+        "{copy:?} is not a conflicted copy of shared.txt by {labels:?}"
+    );
+    let mut versions = vec![all["shared.txt"].clone(), all[copy.as_str()].clone()];
+    versions.sort();
+    let mut both = vec![a, b];
+    both.sort();
+    assert!(versions == both, "each version should survive once");
 }
 
 /// `mv a b` over an existing `b`: `a` is gone everywhere and `b` holds a's bytes.
