@@ -218,7 +218,7 @@ fn a_backup_redirects_clients_and_refuses_a_duplicate_id() {
         .arg(t.join("dup-data"));
     let mut dup = Proc::spawn(&t, "dup", cmd, false);
     let code = dup.wait_exit(DEADLINE);
-    assert!(!code.success(), "a duplicate id must make the joiner exit non-zero");
+    assert_eq!(code.code(), Some(1), "a refused join must make the joiner exit with 1, not {code}");
     assert!(dup.stderr().contains("already in the cluster"), "no clear message:\n{}", dup.stderr());
     assert!(!t.join("dup-data/server.json").exists(), "a refused joiner must not keep the id it asked for");
     wait_members(&[&s1, &s2], &[1, 2]);
@@ -406,7 +406,7 @@ fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
     cmd.args(["-p", "--id", "2", "--bind", "127.0.0.2", "--port", &port.to_string(), "--data"]).arg(&s2.data);
     let mut as_primary = Proc::spawn(&t, "s2-as-primary", cmd, false);
     let code = as_primary.wait_exit(DEADLINE);
-    assert!(!code.success(), "a data dir killed mid-install must not start as primary");
+    assert_eq!(code.code(), Some(1), "a data dir killed mid-install must not start as primary, and exit with 1");
     assert!(as_primary.stderr().contains("stopped while joining"), "no clear reason:\n{}", as_primary.stderr());
 
     s2.restart(&t);
