@@ -195,7 +195,8 @@ fn an_upload_interrupted_by_a_server_restart_is_resent() {
     files::write_seeded(&src, 61, SIZE);
     fs::rename(&src, d1.path("big.bin")).unwrap();
     let tmp = server.tmp_dir();
-    wait_until(DEADLINE, "the upload to be under way", || tree(&tmp).files.values().any(|&n| n > 0 && n < SIZE));
+    let users = server.user_dir("alice");
+    catch_mid_upload(&tmp, SIZE, || users.join("big.bin").exists());
     server.kill();
     server.restart(&t);
     wait_until(DEADLINE, "the resent upload to reach the server and device 2", || {

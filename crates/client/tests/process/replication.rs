@@ -423,7 +423,9 @@ fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
 fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
     use replibox_proto::repl::Change;
     let t = TestDir::new("repl_slow_backup");
-    // The default ack bound: a backup starved of heartbeats would be dropped soon.
+    // The default ack bound: a backup starved of heartbeats for longer is dropped.
+    // The upload below takes the slow backup about 3 s, longer than the bound: that
+    // is what the size is for.
     let s1 = primary(&t, &["--ack-timeout-ms", "2000"]);
     let addr = s1.addr;
     let fake = std::thread::spawn(move || {

@@ -12,7 +12,7 @@ const MIB: usize = 1024 * 1024;
 
 /// Every kind of change made in one sync dir arrives, byte for byte, in the other
 /// device's sync dir and in `DATA/users/alice/`: creates in nested folders, an
-/// empty file, a 64 MiB file, names with spaces and non-ASCII names, edits
+/// empty file, an 8 MiB file (32 chunks), names with spaces and non-ASCII names, edits
 /// (including same-size ones), renames of files and of folders, deletes of files
 /// and of whole folders. Changes are made on both devices.
 #[test]
@@ -32,7 +32,7 @@ fn creates_edits_renames_and_deletes_arrive_byte_identical_on_the_other_device_a
         ("with space/name with spaces.txt", b"spaces in both names".to_vec()),
         ("ünïcödé/日本語 ファイル.txt", "non-ASCII content: żółć 🎉".as_bytes().to_vec()),
         ("ünïcödé/émoji 🎉.md", seeded(3, 777)),
-        ("big/64 MiB.bin", seeded(4, 64 * MIB)),
+        ("big/8 MiB.bin", seeded(4, 8 * MIB)),
     ];
     for (path, bytes) in creates {
         put(&d1.path(path), &bytes);
@@ -47,7 +47,7 @@ fn creates_edits_renames_and_deletes_arrive_byte_identical_on_the_other_device_a
         ("a/b/c/deep.txt", seeded(5, 300)),
         ("empty", b"not empty any more".to_vec()),
         ("ünïcödé/émoji 🎉.md", seeded(6, 777)),
-        ("big/64 MiB.bin", seeded(7, 64 * MIB)),
+        ("big/8 MiB.bin", seeded(7, 8 * MIB)),
     ];
     for (path, bytes) in edits {
         put(&d2.path(path), &bytes);
@@ -65,8 +65,8 @@ fn creates_edits_renames_and_deletes_arrive_byte_identical_on_the_other_device_a
     let moved = want.remove("with space/name with spaces.txt").unwrap();
     want.insert("renamed folder/with space moved/name with spaces.txt".into(), moved);
     fs::rename(d1.path("big"), d1.path("large")).unwrap();
-    let moved = want.remove("big/64 MiB.bin").unwrap();
-    want.insert("large/64 MiB.bin".into(), moved);
+    let moved = want.remove("big/8 MiB.bin").unwrap();
+    want.insert("large/8 MiB.bin".into(), moved);
     wait_trees("files and folders renamed on device 1 to be renamed on device 2 and the server", &roots, &want);
 
     // Deletes: a file in a nested folder (and the folders it leaves empty) on

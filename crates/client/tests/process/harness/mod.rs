@@ -217,6 +217,34 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Op
     }
 }
 
+/// Polls a server's `DATA/tmp` every millisecond until it holds part of an upload
+/// (more than 0 and fewer than `below` bytes), and returns that many bytes. Tests
+/// that interrupt an upload need one slow enough to catch: when `finished` says the
+/// upload completed first, the test could not arrange its scenario, and this fails
+/// saying so (neither passing without the scenario nor blaming the guarantee).
+#[track_caller]
+pub fn catch_mid_upload(tmp: &Path, below: u64, finished: impl Fn() -> bool) -> u64 {
+    let start = Instant::now();
+    loop {
+        let in_flight: Vec<u64> = files::tree(tmp).files.into_values().collect();
+        if let Some(&n) = in_flight.iter().find(|&&n| n > 0 && n < below) {
+            return n;
+        }
+        if finished() {
+            fail(format!(
+                "could not arrange this test's scenario: the upload finished before a poll every 1 ms saw it \
+                 under way in {}; the test needs an upload slower than that (a loaded machine is fine, an \
+                 extremely fast one is not)",
+                tmp.display()
+            ));
+        }
+        if start.elapsed() > DEADLINE {
+            fail(format!("timed out after {DEADLINE:?} waiting for an upload to start in {}", tmp.display()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Expected content of a tree: relative path -> bytes.
 pub type Want = std::collections::BTreeMap<String, Vec<u8>>;
 
