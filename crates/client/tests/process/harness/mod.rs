@@ -470,7 +470,10 @@ impl Proc {
         self.try_status().is_none()
     }
 
-    /// Sends a signal by name (`INT`, `TERM`, `STOP`, `CONT`, `KILL`).
+    /// Sends a signal by name (`INT`, `TERM`, `STOP`, `CONT`, `KILL`). After `STOP`
+    /// it waits until every thread of the process has stopped: the signal is only
+    /// queued when `kill` returns, and on a loaded machine a thread may still run
+    /// for a while (and, say, see its primary die) before it stops.
     pub fn signal(&mut self, sig: &str) {
         if !self.running() {
             fail(format!("cannot send SIG{sig} to {}: it has already ended", self.name));
@@ -481,6 +484,10 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot run kill: {e}"))
             .success();
         assert!(ok, "kill -s {sig} {} failed", self.pid());
+        if sig == "STOP" {
+            let pid = self.pid();
+            wait_until(DEADLINE, &format!("every thread of {} to stop", self.name), || all_stopped(pid));
+        }
     }
 
     /// SIGKILLs it (if still running) and reaps it.
@@ -923,6 +930,17 @@ fn is_count_line(l: &str) -> bool {
 /// activity, not log records).
 fn is_command_error(l: &str) -> bool {
     l.starts_with("error: ")
+}
+
+/// True when every thread of process `pid` is stopped (state `T` in
+/// `/proc/PID/task/TID/stat`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')))
+            .unwrap_or(true)
+    })
 }
 
 fn is_zombie(pid: u32) -> bool {
