@@ -97,12 +97,12 @@ fn backups_cut_off_past_the_failure_timeout_end_up_following_with_the_same_data(
     put(&outside.join("before.bin"), &seeded(1, 400_000));
     d1.ok(&format!("upload {}", outside.join("before.bin").display()));
 
+    let gave_up = |s: &Server| s.log().matches("not following a primary").count();
+    let before = [gave_up(&s2), gave_up(&s3)];
     let mut s1 = s1;
     s1.proc.signal("STOP");
-    for s in [&s2, &s3] {
-        wait_until(DEADLINE, &format!("{} to give up its silent primary", s.opts.name), || {
-            s.log().contains("not following a primary")
-        });
+    for (s, before) in [&s2, &s3].into_iter().zip(before) {
+        wait_until(DEADLINE, &format!("{} to give up its silent primary", s.opts.name), || gave_up(s) > before);
     }
     s1.proc.signal("CONT");
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);

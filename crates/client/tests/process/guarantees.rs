@@ -50,7 +50,8 @@ fn held_round(
         assert!(at > before, "device B was sent {n:?} before the primary dropped stalled backup s3");
     }
     if let Err(e) = held_then {
-        fail(format!("when {what} was answered, backup s2 did not hold it: {e}"));
+        let also = if dropped(s1, 2) > 0 { " (the primary dropped s2 too: a loaded machine?)" } else { "" };
+        fail(format!("when {what} was answered, backup s2 did not hold it{also}: {e}"));
     }
     b.send(&Msg::Ping); // B's only traffic: keeps its session from the server's read timeout.
     s3.proc.signal("CONT");
