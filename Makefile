@@ -4,6 +4,7 @@
 #   make cluster       three servers and two clients in a tmux session named replibox
 #   make cluster-stop  stop that session (cluster-clean also removes ./cluster)
 #   make bench         device-to-device timings, then replicated vs lone upload (127.0.0.0/8)
+#   make mutants       mutation testing of the pure modules with their unit tests (slow; not in test)
 #   make build         release and debug builds of the whole workspace
 #   make fmt | fmt-check | clippy | clean
 
@@ -16,10 +17,10 @@ CARGO ?= cargo
 # disagree instead of quietly resolving new versions. Locally, cargo may update it.
 LOCKED := $(if $(filter true 1,$(CI)),--locked,)
 
-.PHONY: build release debug test cluster cluster-stop cluster-clean bench fmt fmt-check clippy clean tools help
+.PHONY: build release debug test mutants cluster cluster-stop cluster-clean bench fmt fmt-check clippy clean tools help
 
 help:
-	@sed -n '3,8s/^# //p' Makefile
+	@sed -n '3,9s/^# //p' Makefile
 
 tools:
 	@scripts/check-tools.sh
@@ -44,6 +45,13 @@ test: tools
 	@mkdir -p target
 	RUST_BACKTRACE=1 $(CARGO) test --workspace --no-fail-fast $(LOCKED) 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "total: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' target/test-output.log
+
+# Mutation testing (cargo-mutants, installed from crates.io when missing) of the
+# pure modules, each against its own unit tests; see docs/testing.md. It takes
+# minutes, so `make test` does not run it. Results: target/mutants/NAME/mutants.out.
+mutants: tools
+	@command -v cargo-mutants >/dev/null || $(CARGO) install cargo-mutants --locked
+	scripts/mutants.sh
 
 cluster: tools
 	scripts/cluster.sh start

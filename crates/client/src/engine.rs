@@ -50,6 +50,23 @@ const RESCAN_EVERY: Duration = Duration::from_secs(30);
 /// its walk, possibly last: while files keep vanishing, the engine waits, and
 /// once the marker is gone it stops without sending a single delete.
 const DELETE_GRACE: Duration = Duration::from_secs(1);
+/// Sets the rescan period in milliseconds instead, for tests only: a period longer
+/// than a test's deadlines shows a live-sync test that passes only thanks to the
+/// rescan (a lost watcher event), and a short one tests the rescan itself.
+pub const RESCAN_ENV: &str = "REPLIBOX_RESCAN_MS";
+
+/// The rescan period: [`RESCAN_EVERY`], or what [`RESCAN_ENV`] says (at most a
+/// week, so that adding it to an `Instant` cannot overflow).
+fn rescan_period() -> Duration {
+    let Ok(value) = std::env::var(RESCAN_ENV) else { return RESCAN_EVERY };
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)),
+        _ => {
+            log::warn!("ignoring {RESCAN_ENV}={value:?}: not a positive number of milliseconds");
+            RESCAN_EVERY
+        }
+    }
+}
 
 /// A command for the engine from the CLI.
 pub enum Command {
@@ -166,6 +183,8 @@ pub struct Engine {
     /// Set when notices may have been missed: reconcile with a full listing.
     need_full: bool,
     last_full: Instant,
+    /// How often a full reconciliation runs when nothing else is due.
+    rescan_every: Duration,
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> String {
@@ -174,6 +193,13 @@ fn io_err(what: &str, path: &Path, e: io::Error) -> String {
 
 fn mtime_ms_of(ns: i128) -> i64 {
     (ns.div_euclid(1_000_000)) as i64
+}
+
+/// True when `a` and `b` cannot both be live files: the same path, or one a folder
+/// on the way to the other.
+fn names_collide(a: &str, b: &str) -> bool {
+    let under = |x: &str, y: &str| x.len() > y.len() && x.starts_with(y) && x.as_bytes()[y.len()] == b'/';
+    a == b || under(a, b) || under(b, a)
 }
 
 /// Checks a path the server sent before it is joined to the sync dir.
@@ -225,6 +251,7 @@ impl Engine {
             pass_due: None,
             need_full: false,
             last_full: Instant::now(),
+            rescan_every: rescan_period(),
         })
     }
 
@@ -243,7 +270,7 @@ impl Engine {
             if self.batch.due().is_some_and(|at| at <= now) {
                 self.flush_activity();
             }
-            let due = self.pass_due.unwrap_or(self.last_full + RESCAN_EVERY);
+            let due = self.pass_due.unwrap_or(self.last_full + self.rescan_every);
             let mut wait = due.saturating_duration_since(now);
             if let Some(at) = self.batch.due() {
                 wait = wait.min(at.saturating_duration_since(now));
@@ -626,6 +653,12 @@ impl Engine {
                 }
             }
             for path in fresh {
+                // A file where a held-back deletion frees the name (a file that
+                // became a folder, or the reverse) waits for that deletion: sent
+                // first, the server would refuse it for good.
+                if hold_deletes.is_some() && deleted_left.iter().any(|d| names_collide(d, &path)) {
+                    continue;
+                }
                 let base = self.index.get(&path).map(|i| i.version);
                 match self.upload(&path, base)? {
                     Some(true) => uploads += 1,

@@ -95,6 +95,10 @@ pub struct View {
     pub member: bool,
     /// Its relation to a primary.
     pub status: Status,
+    /// The primary it followed and no longer hears, if any: when it takes an
+    /// election over, its own round does not wait for that one beyond the
+    /// deadline (as if it had suspected it first).
+    pub suspect: Option<Id>,
 }
 
 /// A server's relation to a primary, when it answers an election.
@@ -395,7 +399,7 @@ impl Bully {
         if view.eligible && view.rank > rank {
             // Take the election over, unless a round already runs (it asks `from`
             // too, or already did).
-            let out = if self.running() { Vec::new() } else { self.take_over(now, view.epoch, others) };
+            let out = if self.running() { Vec::new() } else { self.take_over(now, view.epoch, others, view.suspect) };
             return (Reply::Ok, out);
         }
         if let Some((epoch, to)) = self.promised {
@@ -413,12 +417,12 @@ impl Bully {
         (Reply::Promise { member: view.member }, Vec::new())
     }
 
-    fn take_over(&mut self, now: u64, epoch: u64, others: &[Id]) -> Vec<Out> {
+    fn take_over(&mut self, now: u64, epoch: u64, others: &[Id], suspect: Option<Id>) -> Vec<Out> {
         // An Ok obliges this server to run now, back-off or not.
         if let Phase::Backoff { .. } = self.phase {
             self.phase = Phase::Idle;
         }
-        self.stand(now, epoch, others, None)
+        self.stand(now, epoch, others, suspect)
     }
 
     /// Whether this server may follow `from` as primary of `epoch` (its epoch is
@@ -448,7 +452,7 @@ mod tests {
     }
 
     fn lost(rank: Rank, epoch: u64) -> View {
-        View { rank, epoch, eligible: true, member: true, status: Status::Lost }
+        View { rank, epoch, eligible: true, member: true, status: Status::Lost, suspect: None }
     }
 
     #[test]
@@ -513,7 +517,14 @@ mod tests {
         assert!(rank(3, 1, 1) > rank(2, 99, 9), "a later epoch first");
         assert!(rank(3, 5, 1) > rank(3, 4, 9), "then the longer log");
         let mut joining = Bully::new(9, 100);
-        let view = View { rank: rank(3, 50, 9), epoch: 3, eligible: false, member: false, status: Status::Lost };
+        let view = View {
+            rank: rank(3, 50, 9),
+            epoch: 3,
+            eligible: false,
+            member: false,
+            status: Status::Lost,
+            suspect: None,
+        };
         let (answer, out) =
             joining.on_election(0, &view, &Candidate { from: 2, from_epoch: 3, target: 4, rank: rank(3, 1, 2) }, &[2]);
         assert_eq!(answer, Reply::Promise { member: false });
@@ -523,8 +534,14 @@ mod tests {
     #[test]
     fn a_live_primary_or_a_server_that_hears_it_ends_a_false_suspicion() {
         let mut p = Bully::new(1, 100);
-        let view =
-            View { rank: rank(4, 7, 1), epoch: 4, eligible: true, member: true, status: Status::Primary("p".into()) };
+        let view = View {
+            rank: rank(4, 7, 1),
+            epoch: 4,
+            eligible: true,
+            member: true,
+            status: Status::Primary("p".into()),
+            suspect: None,
+        };
         assert_eq!(
             p.on_election(0, &view, &Candidate { from: 3, from_epoch: 4, target: 5, rank: rank(4, 7, 3) }, &[]).0,
             Reply::Primary { addr: "p".into(), epoch: 4 }
@@ -534,6 +551,21 @@ mod tests {
         let out = b.reply(1, 2, Reply::Following { addr: "p".into(), epoch: 4 });
         assert_eq!(out, vec![Out::Follow { addr: "p".into(), epoch: 4 }]);
         assert!(!b.running());
+    }
+
+    #[test]
+    fn a_server_that_takes_over_does_not_wait_for_the_primary_it_no_longer_hears() {
+        // 3 has not suspected primary 1 itself yet, but no longer hears it when 2's
+        // election arrives: its own round treats 1 as the suspect, so a silent
+        // (stopped) 1 does not fail it, and it wins the same epoch 2 stood for.
+        let mut b3 = Bully::new(3, 100);
+        let view = View { suspect: Some(1), ..lost(rank(1, 7, 3), 1) };
+        let (answer, out) =
+            b3.on_election(0, &view, &Candidate { from: 2, from_epoch: 1, target: 2, rank: rank(1, 7, 2) }, &[1, 2]);
+        assert_eq!(answer, Reply::Ok);
+        assert_eq!(out, vec![Out::Ask { to: 1, target: 2 }, Out::Ask { to: 2, target: 2 }]);
+        assert!(b3.reply(1, 2, Reply::Promise { member: true }).is_empty(), "1 may still answer");
+        assert_eq!(b3.tick(100), vec![Out::Won { epoch: 2, members: vec![2] }]);
     }
 
     #[test]

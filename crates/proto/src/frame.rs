@@ -238,20 +238,99 @@ mod tests {
         z ^ (z >> 31)
     }
 
+    /// A reader over bytes that records the largest buffer it was asked to fill.
+    /// The codec reads a header and a payload each into a buffer of its declared
+    /// size, asking for all of it at once, so this is the largest buffer a frame
+    /// made the codec allocate (whether or not the bytes ever came to fill it).
+    struct Asking<'a> {
+        bytes: &'a [u8],
+        largest: usize,
+    }
+
+    impl Read for Asking<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.largest = self.largest.max(buf.len());
+            self.bytes.read(buf)
+        }
+    }
+
+    /// Reads frames from `bytes` until the end or an error; returns the largest
+    /// buffer asked for and the first error.
+    fn read_all(bytes: &[u8]) -> (usize, Option<ProtoError>) {
+        let mut r = Asking { bytes, largest: 0 };
+        let err = loop {
+            match read_frame(&mut r) {
+                Ok(Some(_)) => {}
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        (r.largest, err)
+    }
+
+    /// A length prefix and a header declaring `payload` bytes.
+    fn declaring(payload: u64) -> Vec<u8> {
+        let header = format!(r#"{{"epoch":0,"payload":{payload},"msg":{{"kind":"ping"}}}}"#);
+        let mut bytes = (header.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes
+    }
+
     #[test]
     fn random_input_never_panics_nor_allocates_past_limits() {
-        for seed in 0..2000u64 {
+        for seed in 0..4000u64 {
             let mut s = seed;
             let len = (splitmix(&mut s) % 64) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|_| splitmix(&mut s) as u8).collect();
-            // Half the inputs get a plausible small length prefix so the JSON parser is reached.
-            if seed % 2 == 0 && bytes.len() >= 4 {
-                let n = (bytes.len() - 4) as u32;
-                bytes[..4].copy_from_slice(&n.to_be_bytes());
+            let declared = match seed % 5 {
+                // A plausible small length prefix, so the JSON parser is reached.
+                0 if bytes.len() >= 4 => {
+                    let n = (bytes.len() - 4) as u32;
+                    bytes[..4].copy_from_slice(&n.to_be_bytes());
+                    None
+                }
+                // A header length anywhere up to 32 MiB, often just past the limit.
+                1 => {
+                    let n = if splitmix(&mut s).is_multiple_of(2) {
+                        MAX_HEADER as u64 + 1 + splitmix(&mut s) % 16
+                    } else {
+                        splitmix(&mut s) % (32 << 20)
+                    };
+                    let mut b = (n as u32).to_be_bytes().to_vec();
+                    b.extend_from_slice(&bytes);
+                    bytes = b;
+                    Some(("header", n))
+                }
+                // A well-formed header declaring a payload anywhere up to 64 MiB,
+                // often just past the limit.
+                2 => {
+                    let n = if splitmix(&mut s).is_multiple_of(2) {
+                        MAX_PAYLOAD as u64 + 1 + splitmix(&mut s) % 16
+                    } else {
+                        splitmix(&mut s) % (64 << 20)
+                    };
+                    let mut b = declaring(n);
+                    b.extend_from_slice(&bytes);
+                    bytes = b;
+                    Some(("payload", n))
+                }
+                _ => None,
+            };
+            let (largest, err) = read_all(&bytes);
+            assert!(largest <= MAX_PAYLOAD, "seed {seed}: the codec asked for a {largest}-byte buffer");
+            match declared {
+                Some(("header", n)) if n == 0 || n > MAX_HEADER as u64 => {
+                    assert!(matches!(err, Some(ProtoError::HeaderLength(_))), "seed {seed}: {err:?}")
+                }
+                Some(("payload", n)) if n > MAX_PAYLOAD as u64 => {
+                    assert!(matches!(err, Some(ProtoError::PayloadTooLarge(_))), "seed {seed}: {err:?}")
+                }
+                _ => {}
             }
-            let mut r = &bytes[..];
-            while let Ok(Some(_)) = read_frame(&mut r) {}
         }
+        // A length of 4 GiB costs nothing either.
+        let (largest, err) = read_all(&u32::MAX.to_be_bytes());
+        assert!(largest <= 4 && matches!(err, Some(ProtoError::HeaderLength(_))), "{largest} {err:?}");
     }
 
     #[test]
@@ -264,7 +343,75 @@ mod tests {
                 let i = (splitmix(&mut s) as usize) % b.len();
                 b[i] = splitmix(&mut s) as u8;
             }
-            let _ = read_frame(&mut &b[..]);
+            let (largest, _) = read_all(&b);
+            assert!(largest <= MAX_HEADER, "seed {seed}: the codec asked for a {largest}-byte buffer");
+        }
+    }
+
+    /// The limits are inclusive: a header of exactly 64 KiB and a payload of
+    /// exactly 1 MiB pass both ways; one byte more is refused both ways.
+    #[test]
+    fn limits_are_exact() {
+        let refused = |n: usize| Msg::Refused { reason: "x".repeat(n) };
+        let base = encode(0, &refused(0), &[]).len() - 4;
+        let at_limit = refused(MAX_HEADER - base);
+        let bytes = encode(0, &at_limit, &[]);
+        assert_eq!(bytes.len(), 4 + MAX_HEADER);
+        assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap().msg, at_limit);
+        let mut sink = Vec::new();
+        let over = refused(MAX_HEADER - base + 1);
+        assert!(
+            matches!(write_frame(&mut sink, Epoch(0), &over, &[]), Err(ProtoError::HeaderLength(n)) if n == MAX_HEADER + 1)
+        );
+        assert!(sink.is_empty(), "nothing is written for a frame that is refused");
+        let mut too_long = ((MAX_HEADER + 1) as u32).to_be_bytes().to_vec();
+        too_long.extend_from_slice(&bytes[4..]);
+        too_long.push(b' ');
+        assert!(matches!(read_frame(&mut &too_long[..]), Err(ProtoError::HeaderLength(n)) if n == MAX_HEADER + 1));
+
+        let mut full = declaring(MAX_PAYLOAD as u64);
+        full.extend(std::iter::repeat_n(7u8, MAX_PAYLOAD));
+        assert_eq!(read_frame(&mut &full[..]).unwrap().unwrap().payload.len(), MAX_PAYLOAD);
+        let over = declaring(MAX_PAYLOAD as u64 + 1);
+        assert!(matches!(read_frame(&mut &over[..]), Err(ProtoError::PayloadTooLarge(n)) if n == MAX_PAYLOAD + 1));
+    }
+
+    /// `payload` is left out of a header when it is 0, and only then.
+    #[test]
+    fn an_empty_payload_is_not_declared() {
+        let bytes = encode(7, &Msg::Ping, &[]);
+        assert_eq!(&bytes[4..], br#"{"epoch":7,"msg":{"kind":"ping"}}"#);
+        let bytes = encode(7, &Msg::Chunk { seq: Seq(1) }, b"ab");
+        assert_eq!(&bytes[4..], br#"{"epoch":7,"payload":2,"msg":{"kind":"chunk","seq":1}}ab"#);
+    }
+
+    /// A reader that fails once with `kind`, then gives `bytes` in one-byte reads.
+    struct Flaky<'a> {
+        first: Option<io::ErrorKind>,
+        bytes: &'a [u8],
+    }
+
+    impl Read for Flaky<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if let Some(kind) = self.first.take() {
+                return Err(kind.into());
+            }
+            let n = buf.len().min(1);
+            self.bytes.read(&mut buf[..n])
+        }
+    }
+
+    /// A read interrupted by a signal is retried; any other error ends the frame
+    /// (a read timeout is how connections notice a silent peer).
+    #[test]
+    fn an_interrupted_read_is_retried_and_other_errors_end_the_frame() {
+        let bytes = encode(1, &Msg::Pong, &[]);
+        let mut r = Flaky { first: Some(io::ErrorKind::Interrupted), bytes: &bytes };
+        assert_eq!(read_frame(&mut r).unwrap().unwrap().msg, Msg::Pong);
+        let mut r = Flaky { first: Some(io::ErrorKind::TimedOut), bytes: &bytes };
+        match read_frame(&mut r) {
+            Err(e) => assert!(e.is_timeout(), "{e:?}"),
+            Ok(f) => panic!("a timed-out read gave {f:?}"),
         }
     }
 }

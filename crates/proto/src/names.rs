@@ -122,6 +122,33 @@ mod tests {
         }
     }
 
+    /// The length limits are inclusive: 4096 bytes of path and 255 bytes of
+    /// component are accepted, one more byte is not.
+    #[test]
+    fn length_limits_are_exact() {
+        let component = "c".repeat(MAX_COMPONENT);
+        assert!(validate_path(&component).is_ok());
+        assert!(validate_path(&format!("{component}c")).is_err());
+        // Components of 99 bytes and a slash: every 100th byte is a slash.
+        let path_of = |len: usize| -> String {
+            let p: String = (0..len).map(|i| if i % 100 == 99 { '/' } else { 'p' }).collect();
+            assert!(!p.ends_with('/'));
+            p
+        };
+        assert!(validate_path(&path_of(MAX_PATH)).is_ok(), "exactly 4096 bytes is allowed");
+        assert_eq!(validate_path(&path_of(MAX_PATH + 1)).unwrap_err().reason, "the path is longer than 4096 bytes");
+    }
+
+    #[test]
+    fn reserved_names_are_the_clients_own() {
+        for reserved in [".replibox", ".replibox-tmp", ".replibox.json"] {
+            assert!(is_reserved(reserved), "{reserved}");
+        }
+        for ordinary in ["replibox", "a.replibox", ".hidden", "x"] {
+            assert!(!is_reserved(ordinary), "{ordinary}");
+        }
+    }
+
     #[test]
     fn error_names_the_input() {
         let e = validate_path("../bob/x").unwrap_err();

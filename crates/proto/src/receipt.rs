@@ -128,4 +128,16 @@ mod tests {
         v.add(b"abcd").unwrap();
         assert_eq!(v.finish(hash), Err(Damaged::Hash { got: hash, sent: other }));
     }
+
+    /// The sentences that end up in logs and error replies.
+    #[test]
+    fn damage_is_described() {
+        let (a, b) = (ContentHash::of(b"a"), ContentHash::of(b"b"));
+        assert_eq!(Damaged::TooLong { size: 4 }.to_string(), "longer than its announced 4 bytes");
+        assert_eq!(Damaged::Short { got: 3, size: 4 }.to_string(), "ended after 3 of its announced 4 bytes");
+        assert_eq!(
+            Damaged::Hash { got: a, sent: b }.to_string(),
+            format!("its bytes hash to {a}, not the announced {b}")
+        );
+    }
 }

@@ -546,18 +546,6 @@ impl Core {
         self.epoch.clone()
     }
 
-    /// The data dir is ready to serve as primary: no unfinished install.
-    pub fn check_primary(&self) -> Result<(), String> {
-        if self.store.install_unfinished() {
-            return Err(format!(
-                "this data dir stopped while joining a cluster ({}/meta/installing): some files may be missing; \
-                 start it with -b to finish catching up, or delete that file to start from what it holds",
-                self.store.root().display()
-            ));
-        }
-        Ok(())
-    }
-
     fn now_ms(&self) -> u64 {
         ms(self.started.elapsed())
     }
@@ -1366,6 +1354,12 @@ impl Core {
     /// Forgets an upload that will not be committed, here and on every backup
     /// its chunks were forwarded to.
     fn abandon_upload(&self, xfer: &str) {
+        if self.fatal.is_some() {
+            // Stopping on an entry that is logged but not carried out: that
+            // entry may name this very file, and the next start moves it into
+            // place. Leave tmp/ as it is.
+            return;
+        }
         self.store.discard_temp(xfer);
         for link in self.links.values() {
             let _ = link.ctl.send(LinkOut::msg(Msg::XferAbort { xfer: xfer.to_string() }));

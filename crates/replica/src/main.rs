@@ -105,6 +105,46 @@ fn check_join_address(join: &str, listen: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// How long `-p` waits for each server it remembers to answer a status query.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Before `-p` starts a new epoch on a data dir that remembers other servers:
+/// asks each of them how it is doing. One that serves as primary, follows one,
+/// or is electing one means the cluster runs on without this server, and a
+/// second primary would take the same next epoch with another history: refused,
+/// naming the server to rejoin through. Servers that wait for an operator ("no
+/// primary") or do not answer do not stop it. Returns the highest epoch heard,
+/// so that the new one is above it and the waiting servers follow.
+fn check_no_cluster_running(
+    others: &[(ServerId, String)],
+    listen: SocketAddr,
+) -> Result<replibox_proto::Epoch, String> {
+    let mut floor = replibox_proto::Epoch(0);
+    for (id, addr) in others {
+        let Ok(status) = status::query(addr, PROBE_TIMEOUT) else {
+            continue;
+        };
+        let epoch = status["epoch"].as_u64().unwrap_or(0);
+        floor = floor.max(replibox_proto::Epoch(epoch));
+        let phase = status["phase"].as_str().unwrap_or("");
+        let doing = match (status["role"].as_str(), phase) {
+            (Some("primary"), _) => format!("serves as primary of epoch {epoch}"),
+            (_, "no primary") => continue,
+            (_, "") => format!("is running (epoch {epoch})"),
+            (_, phase) => format!("is {phase} (epoch {epoch})"),
+        };
+        // A backup that has not noticed yet that this server went away still
+        // names it as its primary: rejoin through that backup instead.
+        let via = status["primary"].as_str().filter(|p| *p != listen.to_string()).unwrap_or(addr);
+        return Err(format!(
+            "server id={} at {addr} {doing}: the cluster runs without this server; \
+             start it with -b {via} to rejoin it (its files come from the cluster)",
+            id.0
+        ));
+    }
+    Ok(floor)
+}
+
 fn run(args: Args) -> Result<(), Exit> {
     if let Some(addr) = &args.status {
         let status = status::query(addr, Duration::from_secs(5)).map_err(Exit::Start)?;
@@ -151,6 +191,15 @@ fn run(args: Args) -> Result<(), Exit> {
         // A backup without an id gets one from the primary when it joins.
         Start::Backup => id.unwrap_or_default(),
     };
+    if start == Start::Primary {
+        store.check_primary().map_err(|e| fail(format!("cannot start as primary: {e}")))?;
+        let others: Vec<(ServerId, String)> =
+            state.members.values().filter(|m| m.id != my_id).map(|m| (m.id, m.addr.clone())).collect();
+        let floor = check_no_cluster_running(&others, listen).map_err(fail)?;
+        if floor > store::load_epoch_seen(data) {
+            store::save_epoch_seen(data, floor).map_err(|e| fail(e.to_string()))?;
+        }
+    }
     // A backup records its id once the primary has accepted it (a refused one
     // must not leave an id behind in its data dir).
     if start == Start::Primary {
@@ -167,9 +216,6 @@ fn run(args: Args) -> Result<(), Exit> {
         data: data.clone(),
     };
     let core = Core::new(store, state, recent, settings);
-    if start == Start::Primary {
-        core.check_primary().map_err(|e| fail(format!("cannot start as primary: {e}")))?;
-    }
     let running = server::start(listener, core, start, Duration::from_millis(args.heartbeat_ms))
         .map_err(|e| fail(format!("cannot start threads: {e}")))?;
     match &args.backup {

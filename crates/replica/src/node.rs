@@ -263,7 +263,7 @@ pub struct Node {
     /// The position of the `Join` that made this server a member, until the
     /// primary says it is stored on every member (then every server that may
     /// stand knows of this one, and asks it in an election).
-    pending_join: Option<LogPos>,
+    pending_join: Option<(LogPos, Epoch)>,
     /// Paths whose content this server lacks for the version its state describes.
     missing: BTreeSet<(String, String)>,
     /// Servers that refused to follow this primary's epoch, by what they said.
@@ -764,7 +764,7 @@ impl Node {
                     if member.id == self.cfg.id && entry.pos > self.fenced_at && entry.epoch == self.epoch {
                         self.dropped = false;
                         if !self.verified {
-                            self.pending_join = Some(entry.pos);
+                            self.pending_join = Some((entry.pos, entry.epoch));
                         }
                     }
                 }
@@ -1503,13 +1503,19 @@ impl Node {
             return self.follower_down(now, "a message of an older epoch");
         }
         let Role::Backup(b) = &mut self.role else { return out };
+        if b.phase == Phase::Detached {
+            // Left over from a link this server gave up: it speaks for nothing.
+            return out;
+        }
         b.detector.heard(now);
         match msg {
             Msg::Heartbeat { committed, .. } => {
                 let pos = b.acked;
                 out.push(Output::ToPrimary(Msg::Ack { pos }));
-                if let Some(join) = self.pending_join {
-                    if committed >= join {
+                if let Some((join, join_epoch)) = self.pending_join {
+                    // Only the primary that logged the join can say every member
+                    // stored it: a later primary's positions count another log.
+                    if committed >= join && epoch == join_epoch {
                         info(&mut out, format!("a member since pos={join}, now stored on every member"));
                         self.pending_join = None;
                         self.verified = true;
@@ -1586,12 +1592,19 @@ impl Node {
             }
             Role::Backup(_) => Status::Lost,
         };
+        let suspect = match &self.role {
+            Role::Backup(b) if status == Status::Lost => {
+                b.suspect.or(b.primary.as_ref().map(|(id, _)| *id)).map(|id| id.0)
+            }
+            _ => None,
+        };
         View {
             rank: rank_of(&self.rank()),
             epoch: self.epoch.0,
             eligible: self.eligible(),
             member: self.eligible(),
             status,
+            suspect,
         }
     }
 

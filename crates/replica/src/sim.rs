@@ -681,7 +681,15 @@ impl Sim {
     }
 
     fn restart(&mut self, i: usize) {
-        let others: Vec<usize> = (0..self.servers.len()).filter(|j| *j != i).collect();
+        // An operator points a server at one of the cluster: at any other server
+        // if this one's disk knows the membership (it finds the primary from
+        // there), else at one whose disk does (two servers that never joined know
+        // of no primary to point each other at).
+        let knows = |j: usize| !self.servers[j].disk.state.members.is_empty();
+        let mut others: Vec<usize> = (0..self.servers.len()).filter(|j| *j != i).collect();
+        if !knows(i) && others.iter().any(|j| knows(*j)) {
+            others.retain(|j| knows(*j));
+        }
         let seed = others[self.rng.below(others.len() as u64) as usize];
         self.log(format!("restart s{} as a backup joining through s{}", i + 1, seed + 1));
         let disk = &self.servers[i].disk;

@@ -415,5 +415,118 @@ mod tests {
         assert_eq!(s.already_answered(&dev, Seq(4)), Some(answer));
         assert!(matches!(s.already_answered(&dev, Seq(3)), Some(OpResult::Error { .. })));
         assert_eq!(s.already_answered(&dev, Seq(5)), None);
+        // Another device's table is its own.
+        assert_eq!(s.already_answered(&DeviceId("00000002".into()), Seq(4)), None);
+    }
+
+    #[test]
+    fn out_of_order_says_what_was_expected() {
+        let e = OutOfOrder { expected: LogPos(3), got: LogPos(7) };
+        assert_eq!(e.to_string(), "entry pos=7 out of order, expected pos=3");
+    }
+
+    fn session(user: &str, device: &str) -> Entry {
+        let session = Session {
+            user: user.into(),
+            device: DeviceId(device.into()),
+            ip: "127.0.0.4".into(),
+            callback_port: 9,
+            token: "t".into(),
+        };
+        Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::Login { session }, request: None }
+    }
+
+    fn apply(s: &mut State, mut e: Entry) {
+        e.pos = s.pos.next();
+        s.apply(&e).unwrap();
+    }
+
+    /// The device limit counts a user's other devices only: not this device, not
+    /// another user's.
+    #[test]
+    fn devices_of_counts_the_users_other_devices() {
+        let mut s = State::default();
+        let (d1, d2) = (DeviceId("000000d1".into()), DeviceId("000000d2".into()));
+        assert_eq!(s.devices_of("alice", &d1), 0);
+        apply(&mut s, session("alice", "000000d1"));
+        apply(&mut s, session("bob", "000000b1"));
+        assert_eq!(s.devices_of("alice", &d1), 0, "a device is not its own other device");
+        assert_eq!(s.devices_of("alice", &d2), 1);
+        apply(&mut s, session("alice", "000000d2"));
+        assert_eq!(s.devices_of("alice", &DeviceId("000000d3".into())), 2);
+        assert_eq!(s.devices_of("bob", &d1), 1);
+        apply(
+            &mut s,
+            Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::Logout { device: d1.clone() }, request: None },
+        );
+        assert_eq!(s.devices_of("alice", &DeviceId("000000d3".into())), 1);
+        apply(&mut s, Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::ClearSessions, request: None });
+        assert!(s.sessions.is_empty());
+    }
+
+    /// The membership changes through entries: a new epoch names the primary and
+    /// its members, joins and leaves follow, and ids are never handed out twice.
+    #[test]
+    fn membership_and_the_primarys_address_follow_the_entries() {
+        let mut s = State::default();
+        assert_eq!(s.primary_addr(), None);
+        let m = |id: u64, addr: &str| Member { id: ServerId(id), addr: addr.into() };
+        let new_epoch =
+            Change::NewEpoch { epoch: Epoch(4), primary: ServerId(2), members: vec![m(2, "10.0.0.2:4000")] };
+        apply(&mut s, Entry { pos: LogPos(0), epoch: Epoch(0), change: new_epoch, request: None });
+        assert_eq!((s.epoch, s.primary, s.max_id), (Epoch(4), Some(ServerId(2)), ServerId(2)));
+        assert_eq!(s.primary_addr(), Some("10.0.0.2:4000"));
+        apply(
+            &mut s,
+            Entry {
+                pos: LogPos(0),
+                epoch: Epoch(0),
+                change: Change::Join { member: m(5, "10.0.0.5:4000") },
+                request: None,
+            },
+        );
+        assert_eq!(s.max_id, ServerId(5));
+        apply(
+            &mut s,
+            Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::ReserveId { id: ServerId(3) }, request: None },
+        );
+        assert_eq!(s.max_id, ServerId(5), "a reserved id below the highest changes nothing");
+        apply(
+            &mut s,
+            Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::ReserveId { id: ServerId(9) }, request: None },
+        );
+        assert_eq!(s.max_id, ServerId(9));
+        apply(
+            &mut s,
+            Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::Leave { id: ServerId(5) }, request: None },
+        );
+        assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), [ServerId(2)]);
+        assert_eq!(s.max_id, ServerId(9), "a server that left keeps its id reserved");
+        // A primary that is not in its own membership has no address.
+        apply(
+            &mut s,
+            Entry { pos: LogPos(0), epoch: Epoch(0), change: Change::Leave { id: ServerId(2) }, request: None },
+        );
+        assert_eq!(s.primary_addr(), None);
+    }
+
+    /// A rename gives the destination the next version of *that* path (which may
+    /// have a history of its own), keeping the size, mtime and hash.
+    #[test]
+    fn a_rename_continues_the_destinations_own_versions() {
+        let mut s = State::default();
+        s.apply(&put(&s, "b")).unwrap();
+        let t = s.check_delete("u", "b", None).unwrap();
+        s.apply(&Entry {
+            pos: s.pos.next(),
+            epoch: s.epoch,
+            change: Change::Delete { user: "u".into(), meta: t },
+            request: None,
+        })
+        .unwrap();
+        s.apply(&put(&s, "a")).unwrap();
+        let (_, moved) = s.check_rename("u", "a", "b", Some(Version(1))).unwrap();
+        assert_eq!(moved.version, Version(3), "b was at version 2 (its tombstone)");
+        assert_eq!((moved.size, moved.hash), (1, ContentHash::of(b"x")));
     }
 }

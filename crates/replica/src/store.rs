@@ -131,6 +131,9 @@ pub struct Store {
     root: PathBuf,
     log: File,
     log_entries: usize,
+    /// Entries in the log that trigger a compaction ([`COMPACT_AFTER`]; tests
+    /// lower it).
+    compact_after: usize,
     next_xfer: AtomicU64,
 }
 
@@ -244,12 +247,31 @@ impl Store {
             .open(&log_path)
             .context(|| format!("opening {}", log_path.display()))?;
         log.set_len(good_len).context(|| format!("trimming {}", log_path.display()))?;
-        let store = Store { root: root.to_path_buf(), log, log_entries, next_xfer: AtomicU64::new(0) };
+        let store = Store {
+            root: root.to_path_buf(),
+            log,
+            log_entries,
+            compact_after: COMPACT_AFTER,
+            next_xfer: AtomicU64::new(0),
+        };
         if let Some(entry) = recent.last() {
             store.act(&entry.change)?;
         }
         store.clear_tmp()?;
         Ok((store, state, recent))
+    }
+
+    /// The data dir may serve as primary: no install was left unfinished (its
+    /// state would describe files it does not hold).
+    pub fn check_primary(&self) -> Result<(), String> {
+        if self.install_unfinished() {
+            return Err(format!(
+                "this data dir stopped while joining a cluster ({}/meta/installing): some files may be missing; \
+                 start it with -b to finish catching up, or delete that file to start from what it holds",
+                self.root.display()
+            ));
+        }
+        Ok(())
     }
 
     /// The data dir.
@@ -320,7 +342,7 @@ impl Store {
     /// Writes the state to a snapshot and empties the log once the log holds
     /// enough entries. A failed compaction leaves the log whole: not fatal.
     pub fn maybe_compact(&mut self, state: &State) {
-        if self.log_entries >= COMPACT_AFTER {
+        if self.log_entries >= self.compact_after {
             if let Err(e) = self.compact(state) {
                 log::error!("cannot compact the log: {e}");
             }
@@ -813,16 +835,136 @@ mod tests {
         create_dirs_durably(&deep).unwrap();
     }
 
+    /// The lines of the data dir's log.
+    fn log_lines(dir: &Path) -> usize {
+        fs::read_to_string(dir.join("meta/log.jsonl")).unwrap().lines().count()
+    }
+
+    /// The state in the data dir's snapshot.
+    fn snapshot(dir: &Path) -> State {
+        serde_json::from_slice(&fs::read(dir.join("meta/snapshot.json")).unwrap()).unwrap()
+    }
+
     #[test]
     fn compaction_keeps_state() {
         let dir = TempDir::new("compact");
         let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "a", b"1");
+        assert_eq!(log_lines(&dir.0), 1);
         store.compact(&state).unwrap();
+        // The state moved into the snapshot, and the log holds nothing any more.
+        assert_eq!(snapshot(&dir.0), state);
+        assert_eq!(log_lines(&dir.0), 0);
         put(&mut store, &mut state, "b", b"2");
+        assert_eq!(log_lines(&dir.0), 1, "after a compaction the log holds only what came later");
         drop(store);
         let (_s, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state2, state);
+    }
+
+    /// The log is compacted by itself once it holds `compact_after` entries.
+    #[test]
+    fn the_log_is_compacted_when_it_reaches_its_bound() {
+        let dir = TempDir::new("compact-trigger");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.compact_after, COMPACT_AFTER);
+        store.compact_after = 3;
+        put(&mut store, &mut state, "a", b"1");
+        put(&mut store, &mut state, "b", b"2");
+        assert_eq!(log_lines(&dir.0), 2);
+        assert!(!dir.0.join("meta/snapshot.json").exists());
+        put(&mut store, &mut state, "c", b"3");
+        assert_eq!(log_lines(&dir.0), 0, "the third entry should have compacted the log");
+        assert_eq!(snapshot(&dir.0), state);
+        put(&mut store, &mut state, "d", b"4");
+        assert_eq!(log_lines(&dir.0), 1);
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(store.log_entries, 1, "a reopened store counts the entries left in its log");
+    }
+
+    /// Writes an entry to the log as a crash right after the log's fsync would
+    /// leave it: logged, its file-system action never carried out.
+    fn log_only(store: &mut Store, entry: &Entry) {
+        let mut line = serde_json::to_vec(entry).unwrap();
+        line.push(b'\n');
+        store.log.write_all(&line).unwrap();
+    }
+
+    #[test]
+    fn a_delete_logged_but_not_carried_out_is_redone_at_start() {
+        let dir = TempDir::new("redo-delete");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "d/gone.txt", b"to be deleted");
+        put(&mut store, &mut state, "kept", b"stays");
+        let t = tombstone(state.live("u", "d/gone.txt").unwrap(), state.next_version("u", "d/gone.txt"));
+        let entry = Entry {
+            pos: state.pos.next(),
+            epoch: state.epoch,
+            change: Change::Delete { user: "u".into(), meta: t },
+            request: None,
+        };
+        log_only(&mut store, &entry);
+        state.apply(&entry).unwrap();
+        assert!(store.user_path("u", "d/gone.txt").exists(), "the crash came before the file was removed");
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert!(!store.user_path("u", "d/gone.txt").exists(), "the delete was not redone");
+        assert!(!dir.0.join("users/u/d").exists(), "the folder it left empty should go too");
+        assert_eq!(fs::read(store.user_path("u", "kept")).unwrap(), b"stays");
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_rename_logged_but_not_carried_out_is_redone_at_start() {
+        let dir = TempDir::new("redo-rename");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "a/from.txt", b"moving");
+        let (from, to) = state.check_rename("u", "a/from.txt", "b/c/to.txt", None).unwrap();
+        let entry = Entry {
+            pos: state.pos.next(),
+            epoch: state.epoch,
+            change: Change::Rename { user: "u".into(), from, to },
+            request: None,
+        };
+        log_only(&mut store, &entry);
+        state.apply(&entry).unwrap();
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(fs::read(store.user_path("u", "b/c/to.txt")).unwrap(), b"moving", "the rename was not redone");
+        assert!(!store.user_path("u", "a/from.txt").exists());
+        assert!(!dir.0.join("users/u/a").exists(), "the folder it left empty should go too");
+        // Redoing it once more (a second crash, before anything else) changes nothing.
+        drop(store);
+        let (store, state3, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state3, state);
+        assert_eq!(fs::read(store.user_path("u", "b/c/to.txt")).unwrap(), b"moving");
+    }
+
+    /// A crash after the snapshot was written and before the log was emptied
+    /// leaves entries in the log that the snapshot already holds: start-up skips
+    /// them instead of applying them twice (which `apply` would refuse).
+    #[test]
+    fn a_crash_between_the_snapshot_and_the_log_truncation_loses_nothing() {
+        let dir = TempDir::new("snapshot-crash");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "a", b"1");
+        put(&mut store, &mut state, "b", b"2");
+        write_atomically(&dir.0.join("meta/snapshot.json"), &serde_json::to_vec(&state).unwrap()).unwrap();
+        assert_eq!(log_lines(&dir.0), 2, "the log was not truncated: the crash came first");
+        drop(store);
+        let (mut store, mut state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        // And the history goes on from there, across another restart.
+        put(&mut store, &mut state2, "c", b"3");
+        drop(store);
+        let (store, state3, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state3, state2);
+        assert_eq!(state3.pos, LogPos(3));
+        assert_eq!(fs::read(store.user_path("u", "c")).unwrap(), b"3");
     }
 
     #[test]

@@ -22,24 +22,7 @@ enum Expect {
 
 /// Uploads `bytes` to `path` over a raw logged-in connection.
 fn raw_upload(r: &mut Raw, path: &str, bytes: &[u8]) -> OpResult {
-    let seq = r.next_seq();
-    r.send(&Msg::Request {
-        seq,
-        op: Op::Upload { path: path.into(), size: bytes.len() as u64, mtime_ms: 0, base: None },
-    });
-    match r.recv().map(|f| f.msg) {
-        Some(Msg::Proceed { seq: s }) if s == seq => {}
-        Some(Msg::Reply { seq: s, result }) if s == seq => return result,
-        other => fail(format!("{}: upload of {path:?} answered with {other:?}", r.what)),
-    }
-    for chunk in bytes.chunks(replibox_proto::CHUNK_SIZE) {
-        r.send_with(&Msg::Chunk { seq }, chunk);
-    }
-    r.send(&Msg::UploadEnd { seq, hash: ContentHash::of(bytes) });
-    match r.recv().map(|f| f.msg) {
-        Some(Msg::Reply { seq: s, result }) if s == seq => result,
-        other => fail(format!("{}: upload of {path:?} ended with {other:?}", r.what)),
-    }
+    r.upload(path, bytes, None)
 }
 
 /// Connects, sends `bytes`, and checks the server's answer.
@@ -63,11 +46,27 @@ fn expect(addr: SocketAddr, what: &str, bytes: &[u8], close_after: bool, expect:
     }
 }
 
+/// Sends `prefix` and then `total` bytes of spaces, as fast as the server takes
+/// them, stopping quietly when it closes the connection; then waits for the close.
+/// A server that believed the prefix's length would fill (and so really use) a
+/// buffer of that size, which its peak memory shows.
+fn flood(addr: SocketAddr, what: &str, prefix: &[u8], total: usize) {
+    use std::io::Write;
+    let mut r = Raw::connect(addr, what);
+    let piece = vec![b' '; 1 << 20];
+    let sent =
+        r.stream.write_all(prefix).is_ok() && (0..total / piece.len()).all(|_| r.stream.write_all(&piece).is_ok());
+    eprintln!("{what}: the server took {} the flood", if sent { "all of" } else { "only part of" });
+    r.shutdown_write();
+    r.expect_closed();
+}
+
 /// Garbage, an over-long length prefix, truncated frames, unknown kinds, a wrong
 /// protocol version, invalid usernames, and bad frames from a logged-in client:
 /// each connection is closed (refused with a reason where a frame can be
 /// answered), the server keeps serving, nothing stored is lost, nothing big is
-/// allocated, and a real client is served afterwards.
+/// allocated (even when the bytes to fill a declared 200 MiB do follow), and a real
+/// client is served afterwards.
 #[test]
 fn bad_input_on_the_server_port_closes_that_connection_only() {
     let t = TestDir::new("bad_input_server_port");
@@ -134,6 +133,14 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     for (what, bytes, close_after, e) in cases {
         expect(addr, what, &bytes, close_after, e);
     }
+    // Lengths over the limits, followed by 100 MiB that would fill them: refused at
+    // the length, so the peak memory checked at the end stays small.
+    flood(addr, "a 200 MiB header, and 100 MiB of it", &(200u32 << 20).to_be_bytes(), 100 << 20);
+    let big_payload = json(&format!(
+        r#"{{"epoch":0,"payload":{},"msg":{{"kind":"hello","version":1,"who":{{"role":"status"}}}}}}"#,
+        200 << 20
+    ));
+    flood(addr, "a hello declaring a 200 MiB payload, and 100 MiB of it", &big_payload, 100 << 20);
 
     // A logged-in client of alice (the second device slot) misbehaving. Each login
     // must be welcomed: a session left behind by the previous one would take the

@@ -39,12 +39,29 @@ fn cli_commands_work_and_errors_leave_the_session_running() {
     let out = d1.ok("download report 2026.pdf");
     assert!(out.contains("report 2026.pdf"), "the download outcome should name the file: {out}");
     assert!(holds(&d1.cwd.join("report 2026.pdf"), &report), "download did not write the copy in the working dir");
+    let synced_before = files::tree(&d1.sync_dir);
     d1.ok("download docs/notes.txt");
     assert!(holds(&d1.cwd.join("notes.txt"), b"notes from device 2"), "download of a nested file");
-    // That copy is not synced: changing it changes nothing on the server.
+    // That copy is not synced: the download put nothing in the sync dir, and the
+    // copy is not the synced file (a link to it, say): changing the copy leaves the
+    // sync dir, the server and the other device as they were, even once a change
+    // made after it has reached them all.
+    assert_eq!(files::tree(&d1.sync_dir), synced_before, "the download changed the sync dir");
     fs::write(d1.cwd.join("notes.txt"), b"changed in the working dir only").unwrap();
+    put(&d1.path("after the copy.txt"), b"made after the copy changed");
+    wait_until(DEADLINE, "a change made after the copy's to reach the server and device 2", || {
+        holds(&users.join("after the copy.txt"), b"made after the copy changed")
+            && holds(&d2.path("after the copy.txt"), b"made after the copy changed")
+    });
+    for (root, whose) in [(&d1.sync_dir, "device 1's sync dir"), (&users, "the server"), (&d2.sync_dir, "device 2")] {
+        assert!(
+            holds(&root.join("docs/notes.txt"), b"notes from device 2"),
+            "changing the downloaded copy changed {whose}"
+        );
+    }
 
     let mut sizes = std::collections::BTreeMap::new();
+    sizes.insert("after the copy.txt".to_string(), 27u64);
     sizes.insert("docs/notes.txt".to_string(), 19u64);
     sizes.insert("report 2026.pdf".to_string(), report.len() as u64);
     assert_eq!(listed(&d1.ok("list_server")), sizes, "list_server");
@@ -97,9 +114,33 @@ fn cli_commands_work_and_errors_leave_the_session_running() {
     assert!(status.success(), "end of input should end a clean session with 0, got {status}");
 }
 
-/// The command line is a contract: `--help` names every option, the sync dir
-/// defaults to `./sync_dir_USER`, and an invalid username or a missing argument is
-/// an error with a message and a non-zero exit.
+/// The option lines of a `--help` text (those that start with `-` once indented),
+/// split into their spellings: `-p, --primary` gives `-p` and `--primary`, and
+/// `--port <PORT>` gives `--port` and `<PORT>`.
+fn option_words(help: &str) -> std::collections::BTreeSet<String> {
+    help.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .flat_map(|l| l.split([' ', ',']).filter(|w| !w.is_empty()).map(str::to_string).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The `[default: X]` under option `flag` in a `--help` text.
+fn default_of(help: &str, flag: &str) -> Option<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let at = lines.iter().position(|l| l.trim_start().starts_with('-') && l.split([' ', ',']).any(|w| w == flag))?;
+    lines[at + 1..]
+        .iter()
+        .take_while(|l| !l.trim_start().starts_with('-'))
+        .find_map(|l| l.trim().strip_prefix("[default: ").and_then(|d| d.strip_suffix(']')))
+        .map(str::to_string)
+}
+
+/// The command line is a contract: `--help` names every option with the spelling
+/// and the default that the README gives, the sync dir defaults to
+/// `./sync_dir_USER`, and an invalid username, a missing argument or an
+/// unreachable server make the client exit with 2 and say why; a server command
+/// line that does not parse exits with 2 too.
 #[test]
 fn command_line_contract() {
     let t = TestDir::new("cli_contract");
@@ -109,13 +150,62 @@ fn command_line_contract() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let client_help = help(client_bin());
-    for word in ["USER", "HOST", "PORT", "--sync-dir", "--bind", "--headless"] {
-        assert!(client_help.contains(word), "replibox-client --help should mention {word}:\n{client_help}");
+    assert!(
+        client_help.lines().any(|l| l.trim() == "Usage: replibox-client [OPTIONS] <USER> <HOST> <PORT>"),
+        "replibox-client --help should give the usage USER HOST PORT:\n{client_help}"
+    );
+    let words = option_words(&client_help);
+    for word in ["--sync-dir", "<DIR>", "--bind", "<IP>", "--headless", "--callback-port", "--failover-wait-s"] {
+        assert!(words.contains(word), "replibox-client --help should have an option {word}:\n{client_help}");
+    }
+    for (flag, default) in [("--callback-port", "0"), ("--failover-wait-s", "30")] {
+        assert_eq!(default_of(&client_help, flag).as_deref(), Some(default), "the default of {flag}:\n{client_help}");
     }
     let server_help = help(server_bin());
-    for word in ["-p", "--port", "--bind", "--data", "--status"] {
-        assert!(server_help.contains(word), "replibox-server --help should mention {word}:\n{server_help}");
+    let words = option_words(&server_help);
+    for word in [
+        "-p",
+        "--primary",
+        "-b",
+        "--backup",
+        "<HOST:PORT>",
+        "--status",
+        "--id",
+        "--port",
+        "--bind",
+        "--data",
+        "--heartbeat-ms",
+        "--ack-timeout-ms",
+        "--failure-timeout-ms",
+        "--election-timeout-ms",
+    ] {
+        assert!(words.contains(word), "replibox-server --help should have an option {word}:\n{server_help}");
     }
+    for (flag, default) in [
+        ("--port", "4000"),
+        ("--bind", "0.0.0.0"),
+        ("--data", "./replibox-data"),
+        ("--heartbeat-ms", "100"),
+        ("--ack-timeout-ms", "2000"),
+        // Issue 6: a host cut off without a FIN is replaced in well under a second.
+        ("--failure-timeout-ms", "400"),
+        ("--election-timeout-ms", "150"),
+    ] {
+        assert_eq!(default_of(&server_help, flag).as_deref(), Some(default), "the default of {flag}:\n{server_help}");
+    }
+    for (args, what) in [
+        (vec![], "no mode"),
+        (vec!["-p", "-b", "127.0.0.1:1"], "-p with -b"),
+        (vec!["-p", "--status", "127.0.0.1:1"], "-p with --status"),
+        (vec!["-p", "--port", "not-a-port"], "a port that is not a number"),
+        (vec!["-p", "--id", "-3"], "a negative id"),
+        (vec!["-p", "--frobnicate"], "an unknown option"),
+    ] {
+        let out = std::process::Command::new(server_bin()).args(&args).current_dir(&t.path).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "replibox-server with {what} should exit with 2");
+        assert!(!out.stderr.is_empty(), "replibox-server with {what} should say why on stderr");
+    }
+    assert!(!t.join("replibox-data").exists(), "a command line that does not parse made a data dir");
 
     let server = Server::primary(&t);
     // No --sync-dir: ./sync_dir_alice in the working directory.
@@ -131,15 +221,19 @@ fn command_line_contract() {
     });
     assert!(c.stop().success());
 
+    // Nothing listens on this port: the client cannot start.
+    let nobody = free_port(SERVER_IP).to_string();
     for (args, what) in [
         (vec!["../bob", "127.0.0.1", "1"], "an invalid username"),
         (vec![".alice", "127.0.0.1", "1"], "a username starting with a dot"),
         (vec!["alice", "127.0.0.1"], "a missing port"),
         (vec!["alice", "127.0.0.1", "not-a-port"], "a port that is not a number"),
+        (vec!["alice", "127.0.0.1", nobody.as_str(), "--headless"], "an unreachable server"),
     ] {
         let out = std::process::Command::new(client_bin()).args(&args).current_dir(&cwd).output().unwrap();
-        assert!(!out.status.success(), "{what}: should exit non-zero");
+        assert_eq!(out.status.code(), Some(2), "{what}: should exit with 2");
         assert!(!out.stderr.is_empty(), "{what}: should say why on stderr");
+        assert!(out.stdout.is_empty(), "{what}: printed an outcome: {}", String::from_utf8_lossy(&out.stdout));
     }
     assert!(!cwd.join("sync_dir_../bob").exists() && !t.join("bob").exists(), "an invalid username made a directory");
 }

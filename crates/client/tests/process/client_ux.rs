@@ -275,7 +275,9 @@ fn status_says_in_sync_or_what_waits_and_why() {
         let first = s.lines().next().unwrap_or_default();
         (first.starts_with("1 change waiting") && first.contains("unreachable")).then_some(s)
     });
-    assert!(s.contains("epoch unknown"), "{s}");
+    // The front-end keeps the last primary and epoch it knew while it waits.
+    assert!(s.contains(&format!("server {} (unreachable since", server.addr)), "{s}");
+    assert!(s.contains(&format!("), epoch {epoch}")), "{s}");
 
     server.restart(&t);
     let epoch = server.status()["epoch"].as_u64().unwrap();
@@ -417,14 +419,50 @@ fn the_status_pane_shows_a_table() {
     assert!(row(&table, &dead).last().unwrap().starts_with("no"), "{table}");
     assert!(!table.contains('{'), "the pane should not show raw JSON:\n{table}");
 
+    // The pane itself, redrawn every second: it remembers the id of a server that
+    // stops answering, and shows the failover.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/cluster-status.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).args(&addrs).env("REPLIBOX_SERVER", server_bin());
+    let pane = Proc::spawn(&t, "pane", cmd, false);
+    let last_table = || {
+        let out = pane.stdout();
+        out.rsplit("\u{1b}[H\u{1b}[2J").next().unwrap_or_default().to_string()
+    };
+    wait_until(DEADLINE, "the pane to show s1 answering", || {
+        last_table().lines().any(|l| l.contains(&addrs[0]) && l.ends_with("yes"))
+    });
     s1.kill();
-    let table = wait_for(DEADLINE, "the pane to show the primary down", || {
-        let table = cluster_status(&addrs);
-        row(&table, &addrs[0]).last().unwrap().starts_with("no").then_some(table)
+    let table = wait_for(DEADLINE, "the pane to show s1 down and s2 taking over", || {
+        let table = last_table();
+        let complete = table.lines().filter(|l| l.contains("127.0.0.")).count() == 3;
+        (complete
+            && row(&table, &addrs[0]).last().is_some_and(|a| a.starts_with("no"))
+            && row(&table, &addrs[1]).get(2).is_some_and(|r| r == "primary"))
+        .then_some(table)
     });
     assert_eq!(row(&table, &addrs[0])[0], "1", "a server that does not answer keeps its id: {table}");
-    let role = &row(&table, &addrs[1])[2];
-    assert!(role == "backup (primary down)" || role == "backup (no primary)", "{table}");
+    let next: u64 = epoch.parse::<u64>().unwrap_or(0) + 1;
+    assert_eq!(row(&table, &addrs[1])[3], next.to_string(), "the new primary's epoch: {table}");
+
+    // A backup that has no primary says so.
+    let lost = Server::start(
+        &t,
+        ServerOpts {
+            name: "lost".into(),
+            ip: "127.0.0.6".parse().unwrap(),
+            port: None,
+            data: None,
+            mode: vec!["-b".into(), dead.clone()],
+            extra: vec![],
+        },
+    );
+    let lost_addr = lost.addr.to_string();
+    let table = wait_for(DEADLINE, "the pane to show a backup without a primary", || {
+        let table = cluster_status(std::slice::from_ref(&lost_addr));
+        table.contains("backup (no primary)").then_some(table)
+    });
+    assert!(row(&table, &lost_addr).last().is_some_and(|a| a == "yes"), "{table}");
 }
 
 /// On a terminal (a pty, through script(1)): the line can be edited, history

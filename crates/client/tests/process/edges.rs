@@ -6,8 +6,8 @@ use crate::harness::*;
 use std::fs;
 
 /// A burst like `cp -r` or an unpacked archive: many files written at once into
-/// folders that did not exist a moment before. All arrive (without waiting for a
-/// periodic rescan: the deadline is shorter than the client's 30 s rescan).
+/// folders that did not exist a moment before. All arrive, by the watcher alone
+/// (the harness sets the clients' periodic rescan far beyond every deadline).
 #[test]
 fn a_burst_of_files_in_new_folders_arrives_whole() {
     let t = TestDir::new("edges_burst");
@@ -125,8 +125,8 @@ fn a_conflict_on_a_long_name_loses_nothing() {
 }
 
 /// Both devices write different content to one file at the same moment, while
-/// online: they converge, and both versions survive (one under the name, the other
-/// as a conflicted copy).
+/// online: they converge, and both versions survive, once each: one under the name,
+/// the other as exactly one conflicted copy named after the device that lost.
 #[test]
 fn simultaneous_edits_on_both_devices_keep_both_versions() {
     let t = TestDir::new("edges_simultaneous_edits");
@@ -148,6 +148,20 @@ fn simultaneous_edits_on_both_devices_keep_both_versions() {
             && t1.values().any(|v| *v == a)
             && t1.values().any(|v| *v == b)
     });
+    let all = files::contents(&users);
+    let names: Vec<&String> = all.keys().collect();
+    assert_eq!(names.len(), 2, "shared.txt and one conflicted copy, not {names:?}");
+    let copy = names.iter().find(|n| n.as_str() != "shared.txt").unwrap();
+    let labels = [d1.device_label(), d2.device_label()];
+    assert!(
+        labels.iter().any(|l| copy.starts_with(&format!("shared (conflicted copy {l} ")) && copy.ends_with(").txt")),
+        "{copy:?} is not a conflicted copy of shared.txt by {labels:?}"
+    );
+    let mut versions = vec![all["shared.txt"].clone(), all[copy.as_str()].clone()];
+    versions.sort();
+    let mut both = vec![a, b];
+    both.sort();
+    assert!(versions == both, "each version should survive once");
 }
 
 /// `mv a b` over an existing `b`: `a` is gone everywhere and `b` holds a's bytes.
@@ -181,7 +195,8 @@ fn an_upload_interrupted_by_a_server_restart_is_resent() {
     files::write_seeded(&src, 61, SIZE);
     fs::rename(&src, d1.path("big.bin")).unwrap();
     let tmp = server.tmp_dir();
-    wait_until(DEADLINE, "the upload to be under way", || tree(&tmp).files.values().any(|&n| n > 0 && n < SIZE));
+    let users = server.user_dir("alice");
+    catch_mid_upload(&tmp, SIZE, || users.join("big.bin").exists());
     server.kill();
     server.restart(&t);
     wait_until(DEADLINE, "the resent upload to reach the server and device 2", || {

@@ -3,47 +3,14 @@
 //!
 //! Three servers on 127.0.0.1-3, the two devices on 127.0.0.4 and 127.0.0.5.
 
+use crate::harness::cluster::{restart_as_backup, three_servers, wait_members, wait_new_primary};
 use crate::harness::files::{contents, put, seeded, write_seeded};
 use crate::harness::*;
-use crate::replication::{three_servers, upload, wait_members};
+use crate::replication::upload;
 use replibox_proto::auth::AuthMsg;
 use replibox_proto::{read_frame, write_frame, DeviceId, Epoch, Msg, ServerId, Who, PROTOCOL_VERSION};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
-
-/// The epoch and role a server reports.
-fn role(s: &Server) -> Option<(String, u64, Option<String>)> {
-    let v = s.try_status()?;
-    Some((v["role"].as_str()?.to_string(), v["epoch"].as_u64()?, v["primary"].as_str().map(str::to_string)))
-}
-
-/// Waits until exactly one of `servers` is primary, of `epoch`, and every other
-/// one follows it; returns its index.
-#[track_caller]
-fn wait_new_primary(servers: &[&Server], epoch: u64) -> usize {
-    wait_for(DEADLINE, &format!("exactly one primary of epoch {epoch}, followed by the others"), || {
-        let roles: Vec<(String, u64, Option<String>)> = servers.iter().map(|s| role(s)).collect::<Option<_>>()?;
-        let primaries: Vec<usize> = (0..roles.len()).filter(|i| roles[*i].0 == "primary").collect();
-        let [p] = primaries[..] else { return None };
-        let addr = servers[p].addr.to_string();
-        let all_follow = roles.iter().all(|(_, e, primary)| *e == epoch && primary.as_deref() == Some(addr.as_str()));
-        all_follow.then_some(p)
-    })
-}
-
-/// Restarts a killed server as a backup joining through `via`, on its address
-/// and data dir.
-fn restart_as_backup(t: &TestDir, s: &Server, via: SocketAddr) -> Server {
-    let opts = ServerOpts {
-        name: format!("{}-again", s.opts.name),
-        ip: s.opts.ip,
-        port: s.opts.port,
-        data: Some(s.data.clone()),
-        mode: vec!["-b".into(), via.to_string()],
-        extra: vec![],
-    };
-    Server::start(t, opts)
-}
 
 /// The scenario of the issue, end to end: the primary is killed; exactly one
 /// backup takes over with the next epoch; a file made on device 1 right after the
@@ -248,4 +215,26 @@ fn a_backup_with_a_later_epoch_than_the_primary_does_not_wedge() {
     wait_members(&[&s1c, &lastb], &ids);
     let want = contents(&s1c.user_dir("alice"));
     wait_trees("the backup to hold what s1 holds", &[&lastb.user_dir("alice")], &want);
+}
+
+/// The old primary started again with `-p` while the cluster runs on under the
+/// primary elected in its place would be a second primary of the next epoch with
+/// another history: it refuses (exit 1), names the server to rejoin through, and
+/// leaves the running cluster as it was; started with `-b` as told, it follows.
+#[test]
+fn a_former_primary_started_with_p_while_the_cluster_runs_refuses_and_says_how_to_rejoin() {
+    let t = TestDir::new("failover_p_refused");
+    let (mut s1, s2, s3) = three_servers(&t, &[]);
+    s1.kill();
+    let p = wait_new_primary(&[&s2, &s3], 2);
+    let new = [&s2, &s3][p];
+    let port = s1.addr.port().to_string();
+    let data = s1.data.to_str().unwrap_or_else(|| fail("the data dir is not UTF-8")).to_string();
+    let args = ["-p", "--id", "1", "--bind", "127.0.0.1", "--port", &port, "--data", &data];
+    let (status, err) = crate::server::run_to_exit(&t, "s1-as-primary", &args);
+    assert_eq!(status.code(), Some(1), "-p while the cluster runs on: {status}\n{err}");
+    assert!(err.contains(&format!("-b {}", new.addr)), "the refusal should name the primary to rejoin through:\n{err}");
+    assert_eq!(crate::harness::cluster::role(new).map(|r| (r.0, r.1)), Some(("primary".to_string(), 2)));
+    let s1b = restart_as_backup(&t, &s1, new.addr);
+    wait_members(&[new, &s1b], &[1, 2, 3]);
 }

@@ -18,12 +18,20 @@
 //! - [`memory`]: peak memory while a big file crosses.
 //! - [`bad_input`]: hostile bytes on the server port; paths escaping a user's dir.
 //! - [`cli`]: the commands read from stdin.
+//! - [`rules`]: the sync engine's documented rules, one by one.
 //! - [`replication`]: three servers and more: backups first, catch-up, joins,
 //!   stalled backups, redirects, duplicate ids, misbehaving peers.
 //! - [`client_ux`]: the client as a new user meets it: ignore rules, device
 //!   names, one client per sync dir, `download` under a free name, `status`,
 //!   signals while a command waits, a vanished sync dir, the status pane, a
 //!   terminal session, bursts summarised.
+//! - [`server`]: the server's exit codes, its clean stop on signals, `--status`.
+//! - [`epochs`]: a new epoch per start as primary, no state taken from a lower
+//!   epoch, backups cut off past the failure timeout.
+//! - [`guarantees`]: backups first against a stalled backup, at most once across a
+//!   lost reply, bounded memory with backups.
+//! - [`hostile`]: a fake server and a fake primary sending paths that leave the
+//!   sync dir or the data dir; a backup's ack comes after its log and rename.
 
 #[allow(dead_code)] // not every test binary module uses every helper
 mod harness;
@@ -33,10 +41,15 @@ mod cli;
 mod client_ux;
 mod devices;
 mod edges;
+mod epochs;
 mod failover;
+mod guarantees;
+mod hostile;
 mod memory;
 mod offline;
 mod replication;
 mod restart;
+mod rules;
 mod scale;
+mod server;
 mod sync;

@@ -5,85 +5,13 @@
 //! once the other device has received it, every server in the membership already
 //! holds it, so those checks are made at once, without waiting.
 
-use crate::harness::files::{check_tree, contents, holds, put, seeded, write_seeded};
+use crate::harness::cluster::*;
+use crate::harness::files::{contents, holds, put, seeded, write_seeded};
 use crate::harness::raw::{frame_bytes, Raw};
 use crate::harness::*;
-use replibox_proto::{Msg, Who, PROTOCOL_VERSION};
-use std::net::{IpAddr, Ipv4Addr};
+use replibox_proto::{ContentHash, Msg, OpResult, Who, PROTOCOL_VERSION};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-pub(crate) fn ip(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-/// A backup named `name` on 127.0.0.`last`, joining through `via`.
-pub(crate) fn backup(
-    t: &TestDir,
-    name: &str,
-    last: u8,
-    via: std::net::SocketAddr,
-    id: Option<u64>,
-    extra: &[&str],
-) -> Server {
-    let mut mode = vec!["-b".to_string(), via.to_string()];
-    if let Some(id) = id {
-        mode.extend(["--id".to_string(), id.to_string()]);
-    }
-    let extra = extra.iter().map(|s| s.to_string()).collect();
-    Server::start(t, ServerOpts { name: name.into(), ip: ip(last), port: None, data: None, mode, extra })
-}
-
-/// A primary with id 1 on 127.0.0.1.
-pub(crate) fn primary(t: &TestDir, extra: &[&str]) -> Server {
-    let mut opts = ServerOpts::primary("s1");
-    opts.mode.extend(["--id".to_string(), "1".to_string()]);
-    opts.extra = extra.iter().map(|s| s.to_string()).collect();
-    Server::start(t, opts)
-}
-
-/// The reference set-up: primary s1 (with `primary_extra` options) and backups s2
-/// and s3 on 127.0.0.1-3, once all three report the same membership.
-pub(crate) fn three_servers(t: &TestDir, primary_extra: &[&str]) -> (Server, Server, Server) {
-    let s1 = primary(t, primary_extra);
-    let s2 = backup(t, "s2", 2, s1.addr, Some(2), &[]);
-    let s3 = backup(t, "s3", 3, s1.addr, Some(3), &[]);
-    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
-    (s1, s2, s3)
-}
-
-/// The member ids a server reports.
-pub(crate) fn members(s: &Server) -> Option<Vec<u64>> {
-    let v = s.try_status()?;
-    let mut ids: Vec<u64> = v["members"].as_array()?.iter().filter_map(|m| m["id"].as_u64()).collect();
-    ids.sort();
-    Some(ids)
-}
-
-/// Waits until every server reports exactly the members `want`, all at one seq.
-#[track_caller]
-pub(crate) fn wait_members(servers: &[&Server], want: &[u64]) {
-    wait_until(DEADLINE, &format!("every server to report members {want:?} at one seq"), || {
-        let seqs: Option<Vec<u64>> = servers
-            .iter()
-            .map(|s| {
-                let v = s.try_status()?;
-                (members(s)? == want).then(|| v["seq"].as_u64()).flatten()
-            })
-            .collect();
-        seqs.is_some_and(|s| s.windows(2).all(|w| w[0] == w[1]))
-    });
-}
-
-/// Asserts, without waiting, that every server's `users/alice` holds exactly `want`.
-#[track_caller]
-pub(crate) fn assert_on_all(servers: &[&Server], want: &Want, when: &str) {
-    for s in servers {
-        if let Err(e) = check_tree(&s.user_dir("alice"), want) {
-            fail(format!("{when}: {} does not hold the acknowledged state: {e}", s.opts.name));
-        }
-    }
-}
 
 /// Puts `bytes` in `dir/name` and has device `d` `upload` it: its outcome line
 /// comes once the server stored the file.
@@ -290,7 +218,7 @@ fn a_backup_redirects_clients_and_refuses_a_duplicate_id() {
         .arg(t.join("dup-data"));
     let mut dup = Proc::spawn(&t, "dup", cmd, false);
     let code = dup.wait_exit(DEADLINE);
-    assert!(!code.success(), "a duplicate id must make the joiner exit non-zero");
+    assert_eq!(code.code(), Some(1), "a refused join must make the joiner exit with 1, not {code}");
     assert!(dup.stderr().contains("already in the cluster"), "no clear message:\n{}", dup.stderr());
     assert!(!t.join("dup-data/server.json").exists(), "a refused joiner must not keep the id it asked for");
     wait_members(&[&s1, &s2], &[1, 2]);
@@ -351,34 +279,45 @@ fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
     wait_members(&[&s1, &s2], &[1, 2]);
 }
 
-/// A backup that joins while a big upload is under way (so it may miss the upload's
-/// forwarded chunks and must fetch the content) ends byte-identical.
+/// A backup that joins while an upload is under way (it gets none of the upload's
+/// forwarded chunks and must fetch the content when the upload's entry comes) ends
+/// byte-identical, and holds the file by the time the upload is answered, since it
+/// was live by then. The uploading device is driven by hand so that the upload
+/// provably spans the join: part of the bytes go before the third server starts,
+/// the rest once it has caught up.
 #[test]
 fn a_backup_joining_during_a_big_upload_ends_identical() {
     let t = TestDir::new("repl_join_during_upload");
     let s1 = primary(&t, &[]);
     let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
     wait_members(&[&s1, &s2], &[1, 2]);
-    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let mut d1 = Raw::login(s1.addr, "alice", "00000000000000a1", "device 1 (raw)");
     let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
-    let staging = t.mkdir("staging");
-    write_seeded(&staging.join("big.bin"), 21, 96 * 1024 * 1024);
-    std::fs::rename(staging.join("big.bin"), d1.path("big.bin")).unwrap();
-    // Start the third server as soon as the upload is under way.
-    wait_until(DEADLINE, "the upload to start on the primary", || {
-        std::fs::read_dir(s1.tmp_dir()).map(|d| d.count() > 0).unwrap_or(false)
-            || s1.user_dir("alice").join("big.bin").exists()
+    let bytes = seeded(21, 8 * 1024 * 1024 + 5);
+    let (before, after) = bytes.split_at(3 * 1024 * 1024);
+    let seq = d1.begin_upload("big.bin", bytes.len() as u64, None).unwrap_or_else(|r| fail(format!("refused: {r:?}")));
+    d1.send_chunks(seq, before);
+    wait_until(DEADLINE, "the first part of the upload in the primary's tmp/", || {
+        files::tree(&s1.tmp_dir()).files.values().any(|&n| n == before.len() as u64)
     });
     let s3 = backup(&t, "s3", 3, s1.addr, Some(3), &[]);
-    let mut want = Want::new();
-    want.insert("big.bin".into(), seeded(21, 96 * 1024 * 1024));
-    wait_trees("big.bin on device 2", &[&d2.sync_dir], &want);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
-    wait_trees(
-        "big.bin on every server",
-        &[&s1.user_dir("alice"), &s2.user_dir("alice"), &s3.user_dir("alice")],
-        &want,
-    );
+    d1.send_chunks(seq, after);
+    match d1.end_upload(seq, ContentHash::of(&bytes)) {
+        OpResult::Done { .. } => {}
+        other => fail(format!("the upload was answered {other:?}")),
+    }
+    let mut want = Want::new();
+    want.insert("big.bin".into(), bytes);
+    assert_on_all(&[&s1, &s2, &s3], &want, "when the upload was answered");
+    // The scenario: the third server joined after the upload began and before it
+    // was committed.
+    let log = s1.log();
+    let joined = log.find("backup joining id=3").unwrap_or_else(|| fail("the primary did not log s3's join"));
+    let stored =
+        log.find("stored user=alice path=big.bin").unwrap_or_else(|| fail("the primary did not log the upload"));
+    assert!(joined < stored, "s3 joined after the upload was committed, not during it");
+    wait_trees("big.bin on device 2", &[&d2.sync_dir], &want);
 }
 
 /// The answer to an upload waits for every live backup: with one backup stalled
@@ -432,13 +371,11 @@ fn a_backup_catching_up_gets_a_file_renamed_before_it_could_fetch_it() {
 fn backups_started_before_the_primary_join_when_it_comes() {
     let t = TestDir::new("repl_backups_first_start");
     let port = free_port(SERVER_IP);
-    let future = ServerOpts { port: Some(port), ..ServerOpts::primary("s1") };
+    let future = ServerOpts { port: Some(port), ..primary_opts(&[]) };
     let s2 = backup(&t, "s2", 2, std::net::SocketAddr::new(SERVER_IP, port), Some(2), &[]);
     let s3 = backup(&t, "s3", 3, s2.addr, Some(3), &[]);
     wait_until(DEADLINE, "s2 to turn s3's join away", || s2.log().contains("does not know the primary yet"));
-    let mut opts = future;
-    opts.mode.extend(["--id".to_string(), "1".to_string()]);
-    let s1 = Server::start(&t, opts);
+    let s1 = Server::start(&t, future);
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
 }
 
@@ -477,7 +414,7 @@ fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
     cmd.args(["-p", "--id", "2", "--bind", "127.0.0.2", "--port", &port.to_string(), "--data"]).arg(&s2.data);
     let mut as_primary = Proc::spawn(&t, "s2-as-primary", cmd, false);
     let code = as_primary.wait_exit(DEADLINE);
-    assert!(!code.success(), "a data dir killed mid-install must not start as primary");
+    assert_eq!(code.code(), Some(1), "a data dir killed mid-install must not start as primary, and exit with 1");
     assert!(as_primary.stderr().contains("stopped while joining"), "no clear reason:\n{}", as_primary.stderr());
 
     s2.restart(&t);
@@ -494,7 +431,10 @@ fn a_backup_killed_mid_install_refuses_to_start_as_primary() {
 fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
     use replibox_proto::repl::Change;
     let t = TestDir::new("repl_slow_backup");
-    let s1 = primary(&t, &[]);
+    // The default ack bound: a backup starved of heartbeats for longer is dropped.
+    // The upload below takes the slow backup about 3 s, longer than the bound: that
+    // is what the size is for.
+    let s1 = primary(&t, &["--ack-timeout-ms", "2000"]);
     let addr = s1.addr;
     let fake = std::thread::spawn(move || {
         let mut r = Raw::connect(addr, "a slow backup");
@@ -577,8 +517,7 @@ fn a_joiner_that_stops_while_catching_up_is_dropped_then_rejoins() {
 #[test]
 fn a_refused_fetch_is_not_taken_for_a_file_gone() {
     let t = TestDir::new("repl_refused_fetch");
-    let mut opts = ServerOpts::primary("s1");
-    opts.mode.extend(["--id".to_string(), "1".to_string()]);
+    let mut opts = primary_opts(&[]);
     let data = t.join("s1-data");
     for i in 0..100u64 {
         write_seeded(&data.join(format!("users/alice/f{i:03}.bin")), 100 + i, 4 * 1024 * 1024);
@@ -594,6 +533,8 @@ fn a_refused_fetch_is_not_taken_for_a_file_gone() {
     let want = contents(&s1.user_dir("alice"));
     assert_eq!(want.len(), 100);
     wait_trees("s2 to hold what the primary holds", &[&s2.user_dir("alice")], &want);
+    // The scenario: the restarted primary did refuse a fetch of the old session.
+    assert!(s1.log().contains("refused fetch"), "the restarted primary refused no fetch:\n{}", s1.log());
     assert!(!s2.log().contains("dropping local copy"), "s2 dropped files over a refused fetch:\n{}", s2.log());
     wait_until(DEADLINE, "the install marker to go", || !s2.data.join("meta/installing").exists());
 }
@@ -606,8 +547,7 @@ fn a_refused_fetch_is_not_taken_for_a_file_gone() {
 fn a_backup_refuses_fetched_bytes_that_are_not_the_version_announced() {
     use std::os::unix::fs::FileExt;
     let t = TestDir::new("repl_fetch_damaged");
-    let mut opts = ServerOpts::primary("s1");
-    opts.mode.extend(["--id".to_string(), "1".to_string()]);
+    let mut opts = primary_opts(&[]);
     let data = t.join("s1-data");
     let stored = data.join("users/alice/f.bin");
     write_seeded(&stored, 7, 64 * 1024);

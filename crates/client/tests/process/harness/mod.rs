@@ -10,11 +10,19 @@
 //!   panic says what was awaited and shows every process's output and the test dir.
 //! - [`files`]: seeded content, tree snapshots and comparisons.
 //! - [`raw`]: a hand-driven protocol connection, for bad input.
+//! - [`cluster`]: primaries and backups with timers that fit a loaded machine, and
+//!   the membership they report.
+//! - [`proxy`]: a proxy that loses a server's frame on purpose (a lost reply).
+//! - [`fake`]: hostile peers: a fake server for a client, a fake primary for a
+//!   backup.
 //!
 //! No sleep is an assertion here: everything waits on a condition, with deadlines
 //! generous enough for a loaded 2-core machine.
 
+pub mod cluster;
+pub mod fake;
 pub mod files;
+pub mod proxy;
 pub mod raw;
 
 use std::cell::RefCell;
@@ -30,6 +38,12 @@ use std::time::{Duration, Instant};
 /// The deadline for anything that should happen "soon": generous, because a
 /// timeout only ever turns a hang into a readable failure.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The clients' full-rescan period in tests: longer than any deadline, so that a
+/// change the watcher missed makes a live-sync test fail instead of arriving by the
+/// periodic rescan (30 s by default, as long as [`DEADLINE`]). A test of the rescan
+/// itself sets a short one.
+pub const NO_RESCAN: Duration = Duration::from_secs(3600);
 
 /// The loopback address servers listen on (the first of the three servers later).
 pub const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
@@ -200,6 +214,34 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Op
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Polls a server's `DATA/tmp` every millisecond until it holds part of an upload
+/// (more than 0 and fewer than `below` bytes), and returns that many bytes. Tests
+/// that interrupt an upload need one slow enough to catch: when `finished` says the
+/// upload completed first, the test could not arrange its scenario, and this fails
+/// saying so (neither passing without the scenario nor blaming the guarantee).
+#[track_caller]
+pub fn catch_mid_upload(tmp: &Path, below: u64, finished: impl Fn() -> bool) -> u64 {
+    let start = Instant::now();
+    loop {
+        let in_flight: Vec<u64> = files::tree(tmp).files.into_values().collect();
+        if let Some(&n) = in_flight.iter().find(|&&n| n > 0 && n < below) {
+            return n;
+        }
+        if finished() {
+            fail(format!(
+                "could not arrange this test's scenario: the upload finished before a poll every 1 ms saw it \
+                 under way in {}; the test needs an upload slower than that (a loaded machine is fine, an \
+                 extremely fast one is not)",
+                tmp.display()
+            ));
+        }
+        if start.elapsed() > DEADLINE {
+            fail(format!("timed out after {DEADLINE:?} waiting for an upload to start in {}", tmp.display()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -436,7 +478,10 @@ impl Proc {
         self.try_status().is_none()
     }
 
-    /// Sends a signal by name (`INT`, `TERM`, `STOP`, `CONT`, `KILL`).
+    /// Sends a signal by name (`INT`, `TERM`, `STOP`, `CONT`, `KILL`). After `STOP`
+    /// it waits until every thread of the process has stopped: the signal is only
+    /// queued when `kill` returns, and on a loaded machine a thread may still run
+    /// for a while (and, say, see its primary die) before it stops.
     pub fn signal(&mut self, sig: &str) {
         if !self.running() {
             fail(format!("cannot send SIG{sig} to {}: it has already ended", self.name));
@@ -447,6 +492,10 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot run kill: {e}"))
             .success();
         assert!(ok, "kill -s {sig} {} failed", self.pid());
+        if sig == "STOP" {
+            let pid = self.pid();
+            wait_until(DEADLINE, &format!("every thread of {} to stop", self.name), || all_stopped(pid));
+        }
     }
 
     /// SIGKILLs it (if still running) and reaps it.
@@ -663,21 +712,31 @@ pub struct ClientOpts {
     pub device_name: Option<String>,
     /// Further arguments.
     pub extra: Vec<String>,
+    /// The client's full-rescan period (`REPLIBOX_RESCAN_MS`); [`NO_RESCAN`] by
+    /// default.
+    pub rescan: Duration,
 }
 
 impl ClientOpts {
     /// A device of `user` named `name`, connecting from `bind` to `server`.
     pub fn new(name: &str, user: &str, server: &Server, bind: IpAddr) -> ClientOpts {
+        ClientOpts::at(name, user, server.addr, bind)
+    }
+
+    /// A device of `user` named `name`, connecting from `bind` to whatever listens
+    /// at `server` (a fake server, a proxy).
+    pub fn at(name: &str, user: &str, server: SocketAddr, bind: IpAddr) -> ClientOpts {
         ClientOpts {
             name: name.into(),
             user: user.into(),
-            server: server.addr,
+            server,
             bind,
             sync_dir: None,
             headless: true,
             cwd: None,
             device_name: Some(name.into()),
             extra: Vec::new(),
+            rescan: NO_RESCAN,
         }
     }
 
@@ -749,6 +808,7 @@ impl Client {
         }
         cmd.args(["--bind", &opts.bind.to_string()])
             .current_dir(&cwd)
+            .env(replibox_client::engine::RESCAN_ENV, opts.rescan.as_millis().to_string())
             .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("RUST_BACKTRACE");
         if opts.headless {
@@ -917,6 +977,17 @@ fn is_count_line(l: &str) -> bool {
 /// activity, not log records).
 fn is_command_error(l: &str) -> bool {
     l.starts_with("error: ")
+}
+
+/// True when every thread of process `pid` is stopped (state `T` in
+/// `/proc/PID/task/TID/stat`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')))
+            .unwrap_or(true)
+    })
 }
 
 fn is_zombie(pid: u32) -> bool {

@@ -2,7 +2,10 @@
 //! would.
 
 use super::{fail, DEADLINE};
-use replibox_proto::{read_frame, write_frame, DeviceId, Epoch, Frame, Msg, Op, OpResult, ProtoError, Seq, Who};
+use replibox_proto::{
+    read_frame, write_frame, ContentHash, DeviceId, Epoch, Frame, Msg, Notice, Op, OpResult, ProtoError, Seq, Version,
+    Who, CHUNK_SIZE,
+};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -14,6 +17,8 @@ pub struct Raw {
     /// What it is, for messages.
     pub what: String,
     seq: u64,
+    /// Notices that arrived while a request waited for its reply, oldest first.
+    notices: std::collections::VecDeque<Notice>,
 }
 
 impl Raw {
@@ -23,7 +28,14 @@ impl Raw {
             .unwrap_or_else(|e| fail(format!("{what}: cannot connect to {addr}: {e}")));
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         stream.set_write_timeout(Some(DEADLINE)).unwrap();
-        Raw { stream, what: what.to_string(), seq: 0 }
+        Raw { stream, what: what.to_string(), seq: 0, notices: Default::default() }
+    }
+
+    /// Wraps a connection opened elsewhere (one a fake server accepted).
+    pub fn from_stream(stream: TcpStream, what: &str) -> Raw {
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.set_write_timeout(Some(DEADLINE)).unwrap();
+        Raw { stream, what: what.to_string(), seq: 0, notices: Default::default() }
     }
 
     /// Connects and logs in as a client of `user` with device id `device`;
@@ -59,6 +71,13 @@ impl Raw {
         }
     }
 
+    /// Writes one well-formed frame with a payload, stamped with `epoch`.
+    pub fn send_with_at(&mut self, epoch: Epoch, msg: &Msg, payload: &[u8]) {
+        if let Err(e) = write_frame(&mut self.stream, epoch, msg, payload) {
+            fail(format!("{}: cannot send {}: {e}", self.what, msg.kind()));
+        }
+    }
+
     /// Writes one well-formed frame with a payload.
     pub fn send_with(&mut self, msg: &Msg, payload: &[u8]) {
         if let Err(e) = write_frame(&mut self.stream, Epoch(0), msg, payload) {
@@ -75,22 +94,118 @@ impl Raw {
         }
     }
 
+    /// Reads one frame; None when the connection closed (cleanly, reset, or with
+    /// a frame cut short).
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        match read_frame(&mut self.stream) {
+            Ok(f) => f,
+            Err(ProtoError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                fail(format!("{}: no frame and no close for {DEADLINE:?}", self.what))
+            }
+            Err(_) => None,
+        }
+    }
+
     /// The next request sequence number of this connection's device.
     pub fn next_seq(&mut self) -> Seq {
         self.seq += 1;
         Seq(self.seq)
     }
 
-    /// Sends a request with the next sequence number and returns the reply's result,
-    /// skipping pushed notices and pongs.
+    /// Sends a request with the next sequence number and returns the reply's result;
+    /// notices pushed meanwhile are kept for [`Raw::next_notice`], pongs dropped.
     pub fn request(&mut self, op: Op) -> OpResult {
         let seq = self.next_seq();
         self.send(&Msg::Request { seq, op });
+        self.reply_to(seq)
+    }
+
+    /// Like [`Raw::request`], but None when the server closed the connection
+    /// instead of answering (a send or read error counts as closed).
+    pub fn try_request(&mut self, op: Op) -> Option<OpResult> {
+        let seq = self.next_seq();
+        write_frame(&mut self.stream, Epoch(0), &Msg::Request { seq, op }, &[]).ok()?;
+        self.try_reply_to(seq)
+    }
+
+    /// Like [`Raw::reply_to`], but None when the connection closed first.
+    pub fn try_reply_to(&mut self, seq: Seq) -> Option<OpResult> {
+        loop {
+            match read_frame(&mut self.stream) {
+                Ok(Some(Frame { msg: Msg::Reply { seq: s, result }, .. })) if s == seq => return Some(result),
+                Ok(Some(Frame { msg: Msg::Notice { notice }, .. })) => self.notices.push_back(notice),
+                Ok(Some(Frame { msg: Msg::Pong, .. })) => {}
+                Ok(None) => return None,
+                Err(ProtoError::Io(e)) if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut => {
+                    return None
+                }
+                other => fail(format!("{}: expected the reply to request {seq}, got {other:?}", self.what)),
+            }
+        }
+    }
+
+    /// Reads up to the reply to `seq`, keeping notices and dropping pongs.
+    pub fn reply_to(&mut self, seq: Seq) -> OpResult {
         loop {
             match self.recv() {
                 Some(Frame { msg: Msg::Reply { seq: s, result }, .. }) if s == seq => return result,
-                Some(Frame { msg: Msg::Notice { .. } | Msg::Pong, .. }) => {}
+                Some(Frame { msg: Msg::Notice { notice }, .. }) => self.notices.push_back(notice),
+                Some(Frame { msg: Msg::Pong, .. }) => {}
                 other => fail(format!("{}: expected the reply to request {seq}, got {other:?}", self.what)),
+            }
+        }
+    }
+
+    /// The next notice pushed to this connection (waiting up to the read timeout).
+    pub fn next_notice(&mut self) -> Notice {
+        if let Some(n) = self.notices.pop_front() {
+            return n;
+        }
+        loop {
+            match self.recv() {
+                Some(Frame { msg: Msg::Notice { notice }, .. }) => return notice,
+                Some(Frame { msg: Msg::Pong, .. }) => {}
+                other => fail(format!("{}: expected a notice, got {other:?}", self.what)),
+            }
+        }
+    }
+
+    /// Starts an upload of `size` bytes to `path`: Ok(seq) once the server said
+    /// `proceed`, or the server's immediate answer.
+    pub fn begin_upload(&mut self, path: &str, size: u64, base: Option<Version>) -> Result<Seq, OpResult> {
+        let seq = self.next_seq();
+        self.send(&Msg::Request { seq, op: Op::Upload { path: path.into(), size, mtime_ms: 1_000, base } });
+        loop {
+            match self.recv() {
+                Some(Frame { msg: Msg::Proceed { seq: s }, .. }) if s == seq => return Ok(seq),
+                Some(Frame { msg: Msg::Reply { seq: s, result }, .. }) if s == seq => return Err(result),
+                Some(Frame { msg: Msg::Notice { notice }, .. }) => self.notices.push_back(notice),
+                Some(Frame { msg: Msg::Pong, .. }) => {}
+                other => fail(format!("{}: upload of {path:?} answered with {other:?}", self.what)),
+            }
+        }
+    }
+
+    /// Sends bytes of upload `seq` as chunks.
+    pub fn send_chunks(&mut self, seq: Seq, bytes: &[u8]) {
+        for chunk in bytes.chunks(CHUNK_SIZE) {
+            self.send_with(&Msg::Chunk { seq }, chunk);
+        }
+    }
+
+    /// Ends upload `seq` with the hash of all its bytes and returns the answer.
+    pub fn end_upload(&mut self, seq: Seq, hash: ContentHash) -> OpResult {
+        self.send(&Msg::UploadEnd { seq, hash });
+        self.reply_to(seq)
+    }
+
+    /// A whole upload of `bytes` to `path`: the server's answer.
+    pub fn upload(&mut self, path: &str, bytes: &[u8], base: Option<Version>) -> OpResult {
+        match self.begin_upload(path, bytes.len() as u64, base) {
+            Err(answer) => answer,
+            Ok(seq) => {
+                self.send_chunks(seq, bytes);
+                self.end_upload(seq, ContentHash::of(bytes))
             }
         }
     }
