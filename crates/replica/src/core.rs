@@ -263,6 +263,32 @@ pub enum Event {
     Shutdown,
 }
 
+impl Event {
+    /// A name for logs.
+    fn kind(&self) -> &'static str {
+        match self {
+            Event::Login { .. } => "login",
+            Event::Resumed { .. } => "resumed",
+            Event::CallbackFailed { .. } => "callback failed",
+            Event::Disconnect { .. } => "disconnect",
+            Event::Request { .. } => "request",
+            Event::NewTemp { .. } => "new temp",
+            Event::AbandonUpload { .. } => "abandon upload",
+            Event::Route { .. } => "route",
+            Event::Status { .. } => "status",
+            Event::LinkUp { .. } => "link up",
+            Event::LinkMsg { .. } => "link msg",
+            Event::LinkDown { .. } => "link down",
+            Event::OpenFor { .. } => "open for",
+            Event::Follower { .. } => "follower",
+            Event::Peer { .. } => "peer",
+            Event::PeerAnswer { .. } => "peer answer",
+            Event::PeerUnreachable { .. } => "peer unreachable",
+            Event::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// What the follower session reports.
 pub enum FollowerEvent {
     /// The primary at `addr` accepted this server.
@@ -476,6 +502,8 @@ pub struct Core {
     applying: Option<Applying>,
     /// The state a snapshot replaces, and the result of installing it.
     installing: Option<(State, Option<FetchList>)>,
+    /// The longest the core spent on one event (logged when it stops).
+    longest_stall: Duration,
     /// Tickets aborted because their entry did not reach the log: answered with
     /// this error instead of a dropped connection.
     persist_error: Option<String>,
@@ -530,6 +558,7 @@ impl Core {
             ctx: None,
             applying: None,
             installing: None,
+            longest_stall: Duration::ZERO,
             persist_error: None,
             fatal: None,
             stopping: None,
@@ -589,7 +618,7 @@ impl Core {
                 }
                 Ok(event) if self.stopping.is_some() && Self::new_work(&event) => {}
                 Ok(event) => {
-                    self.handle(event);
+                    self.timed(event);
                     // What queued up meanwhile (pings from the primary, acks) comes
                     // before the timers, or a busy core would take its own delay
                     // for silence.
@@ -598,7 +627,7 @@ impl Core {
                             Ok(Event::Shutdown) => {
                                 self.stopping.get_or_insert(Instant::now() + self.settings.ack_timeout);
                             }
-                            Ok(event) if self.stopping.is_none() || !Self::new_work(&event) => self.handle(event),
+                            Ok(event) if self.stopping.is_none() || !Self::new_work(&event) => self.timed(event),
                             Ok(_) => {}
                             Err(_) => break,
                         }
@@ -609,8 +638,24 @@ impl Core {
             self.timers();
         }
         self.stop_threads();
-        log::info!("core stopped pos={}", self.node.state().pos);
+        log::info!("core stopped pos={} longest_stall_ms={}", self.node.state().pos, self.longest_stall.as_millis());
         Ok(())
+    }
+
+    /// Handles one event, and says so when it held the core up long enough to
+    /// matter: while the core is busy, nothing else it owns moves (the links'
+    /// heartbeats do, on their own timer).
+    fn timed(&mut self, event: Event) {
+        let kind = event.kind();
+        let started = Instant::now();
+        self.handle(event);
+        let took = started.elapsed();
+        if took > self.longest_stall {
+            self.longest_stall = took;
+        }
+        if took >= self.settings.failure_timeout / 4 {
+            log::warn!("core busy for {} ms on one {kind} event", took.as_millis());
+        }
     }
 
     /// Work a stopping server turns away (its connections close; clients resend).
