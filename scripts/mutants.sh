@@ -24,6 +24,7 @@ receipt|crates/proto/src/receipt.rs|replibox-proto|receipt::
 names|crates/proto/src/names.rs|replibox-proto|names::
 reconcile|crates/client/src/reconcile.rs|replibox-client|reconcile::
 detector|crates/election/src/detector.rs|replibox-election|detector::
+bully|crates/election/src/bully.rs|replibox-election|bully::
 "
 
 command -v cargo-mutants >/dev/null || {

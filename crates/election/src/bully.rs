@@ -339,21 +339,27 @@ impl Bully {
                     return Vec::new();
                 }
                 Some(Heard::Reply(Reply::Promise { member: true })) => members.push(id),
-                Some(Heard::Reply(Reply::Promise { member: false })) => {}
-                Some(Heard::Down) => {}
+                // A promise from a server that may not stand, or a process that is
+                // down: neither can be a candidate for this epoch.
+                Some(Heard::Reply(Reply::Promise { member: false })) | Some(Heard::Down) => {}
                 Some(Heard::Reply(Reply::Stale { epoch })) => {
                     behind = Some(behind.map_or(*epoch, |b: u64| b.max(*epoch)));
                 }
                 Some(Heard::Reply(Reply::Promised { to })) => failed = Some(Setback::PromisedElsewhere(*to)),
-                // Not an answer to an election: count it as silence.
-                Some(Heard::Reply(Reply::Accepted)) | Some(Heard::Silent) if Some(id) != exempt => {
-                    failed = failed.or(Some(Setback::NoAnswer(id)))
+                // Not an answer to an election: count it as silence. The suspect's
+                // silence never fails the round.
+                Some(Heard::Reply(Reply::Accepted)) | Some(Heard::Silent) => {
+                    if Some(id) != exempt {
+                        failed = failed.or(Some(Setback::NoAnswer(id)))
+                    }
                 }
-                // The suspect's silence never fails the round, but a live suspect
-                // answers in time that it is alive: wait for it until the deadline.
-                None if Some(id) == exempt && !timed_out => waiting = waiting.or(Some(id)),
-                None if Some(id) != exempt => waiting = waiting.or(Some(id)),
-                _ => {}
+                // Not answered yet. A live suspect answers in time that it is
+                // alive: it is waited for until the deadline, and no longer.
+                None => {
+                    if Some(id) != exempt || !timed_out {
+                        waiting = waiting.or(Some(id))
+                    }
+                }
             }
         }
         if let Some(epoch) = behind {
@@ -603,6 +609,96 @@ mod tests {
         // 3 answers 2's own question with Ok too late: 2 is no candidate any more.
         assert!(b2.reply(2, 3, Reply::Promise { member: true }).is_empty());
         assert!(b2.unreachable(3, 1, true).is_empty(), "2 promised epoch 2 to 3: it must not win it");
+    }
+
+    #[test]
+    fn a_round_waits_for_every_answer_until_its_deadline_and_no_longer() {
+        let mut b = Bully::new(3, 100);
+        b.stand(10, 1, &[1, 2], Some(1));
+        assert!(b.tick(109).is_empty());
+        assert!(b.running(), "the deadline is 10 + 100");
+        assert!(b.tick(110).is_empty());
+        assert_eq!(b.last_setback(), Some(&Setback::NoAnswer(2)), "2 never answered");
+        // The back-off grows with the id: 100 + 100 / 4 * (3 % 4) = 175 ms.
+        assert!(!b.may_stand(284));
+        assert!(b.may_stand(285));
+        // Knowing a primary again ends any back-off at once.
+        b.settle();
+        assert!(b.may_stand(111));
+        assert_eq!(b.last_setback(), None);
+    }
+
+    #[test]
+    fn the_suspects_silence_never_fails_a_round_and_anyone_elses_does() {
+        let mut b = Bully::new(3, 100);
+        b.stand(0, 1, &[1, 2], Some(1));
+        assert!(b.unreachable(1, 1, false).is_empty(), "the suspect (1) timed out: no harm");
+        assert_eq!(b.reply(2, 2, Reply::Promise { member: true }), vec![Out::Won { epoch: 2, members: vec![2] }]);
+
+        let mut b = Bully::new(3, 100);
+        b.stand(0, 1, &[1, 2], Some(1));
+        assert!(b.reply(1, 1, Reply::Promise { member: false }).is_empty());
+        assert!(b.unreachable(2, 2, false).is_empty(), "2 may be alive, and a candidate too");
+        assert!(!b.running());
+        assert_eq!(b.last_setback(), Some(&Setback::NoAnswer(2)));
+
+        // An answer that is no answer to an election counts as silence.
+        let mut b = Bully::new(3, 100);
+        b.stand(0, 1, &[2], None);
+        assert!(b.reply(1, 2, Reply::Accepted).is_empty());
+        assert_eq!(b.last_setback(), Some(&Setback::NoAnswer(2)));
+    }
+
+    #[test]
+    fn a_promise_to_another_candidate_fails_the_round() {
+        let mut b = Bully::new(3, 100);
+        b.stand(0, 1, &[1, 2], None);
+        assert!(b.reply(1, 1, Reply::Promised { to: 9 }).is_empty());
+        assert!(b.reply(2, 2, Reply::Promise { member: true }).is_empty(), "1 promised epoch 2 to 9");
+        assert_eq!(b.last_setback(), Some(&Setback::PromisedElsewhere(9)));
+        assert!(!b.running());
+    }
+
+    #[test]
+    fn an_ok_or_a_promise_waits_for_the_coordinator_twice_the_timeout() {
+        let mut b = Bully::new(2, 100);
+        b.stand(0, 1, &[3], None);
+        assert!(b.reply(10, 3, Reply::Ok).is_empty());
+        b.tick(209);
+        assert!(b.running(), "deferred until 10 + 2 * 100");
+        b.tick(210);
+        assert_eq!(b.last_setback(), Some(&Setback::NoCoordinator));
+
+        // An idle server that promises waits for that candidate's coordinator.
+        let mut idle = Bully::new(1, 100);
+        let (answer, _) = idle.on_election(
+            10,
+            &lost(rank(1, 1, 1), 1),
+            &Candidate { from: 2, from_epoch: 1, target: 2, rank: rank(1, 5, 2) },
+            &[2],
+        );
+        assert_eq!(answer, Reply::Promise { member: true });
+        assert!(idle.running());
+        assert!(!idle.may_stand(100), "it promised: no round of its own meanwhile");
+        idle.tick(209);
+        assert!(idle.running());
+        idle.tick(210);
+        assert_eq!(idle.last_setback(), Some(&Setback::NoCoordinator));
+    }
+
+    #[test]
+    fn epochs_seen_raise_the_next_target_and_stale_candidates_are_told() {
+        let mut b = Bully::new(1, 100);
+        b.saw_epoch(7);
+        assert_eq!(b.next_target(1), 8);
+        let view = lost(rank(3, 1, 1), 3);
+        let stale = Candidate { from: 2, from_epoch: 2, target: 3, rank: rank(2, 9, 2) };
+        assert_eq!(b.on_election(0, &view, &stale, &[2]).0, Reply::Stale { epoch: 3 });
+        let later = Candidate { from: 2, from_epoch: 4, target: 9, rank: rank(3, 9, 2) };
+        assert_eq!(b.on_election(0, &view, &later, &[2]).0, Reply::Promise { member: true });
+        // A coordinator of the epoch this server knows (it adopted it from the
+        // candidate's messages) is followed.
+        assert_eq!(b.on_coordinator(9, 2, 9), Reply::Accepted);
     }
 
     #[test]
