@@ -263,6 +263,33 @@ pub enum Event {
     Shutdown,
 }
 
+/// An answer read from the state, waiting for the position it was read at to be
+/// committed (see [`Core::answer_committed`]).
+enum Held {
+    /// A listing, a refusal, or a request's stored result.
+    Result(Sender<OpResult>, OpResult),
+    /// A file opened for download, or why not.
+    Open(Sender<Result<(FileMeta, File), OpResult>>, Result<(FileMeta, File), OpResult>),
+    /// An upload refused before its bytes.
+    Begin(Sender<Result<Vec<DataSender>, OpResult>>, OpResult),
+}
+
+impl Held {
+    fn send(self) {
+        match self {
+            Held::Result(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Held::Open(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Held::Begin(tx, r) => {
+                let _ = tx.send(Err(r));
+            }
+        }
+    }
+}
+
 impl Event {
     /// A name for logs.
     fn kind(&self) -> &'static str {
@@ -490,6 +517,10 @@ pub struct Core {
     leases: BTreeMap<DeviceId, Instant>,
     links: BTreeMap<LinkNo, LinkHandle>,
     tickets: BTreeMap<Ticket, Done>,
+    /// Answers read from the state while it held entries not yet acknowledged,
+    /// each with the position it was read at: sent once that position is
+    /// committed, dropped if this server steps down (the client asks again).
+    held: VecDeque<(LogPos, Held)>,
     next_ticket: u64,
     follower: Option<FollowerHandle>,
     next_session: u64,
@@ -550,6 +581,7 @@ impl Core {
             leases: BTreeMap::new(),
             links: BTreeMap::new(),
             tickets: BTreeMap::new(),
+            held: VecDeque::new(),
             next_ticket: 1,
             follower: None,
             next_session: 0,
@@ -804,6 +836,9 @@ impl Core {
         }
         let now = self.now_ms();
         self.node.busy_until(now);
+        if !self.held.is_empty() {
+            self.release_held();
+        }
     }
 
     /// Writes an entry (log, fsync, file action) and reports to the node. An entry
@@ -1316,30 +1351,31 @@ impl Core {
                 for m in files.iter_mut().filter(|m| !m.deleted) {
                     (m.atime_ms, m.ctime_ms) = self.store.times(&user, &m.path);
                 }
-                let _ = reply.send(OpResult::Listing { files, more });
+                self.answer_committed(Held::Result(reply, OpResult::Listing { files, more }));
             }
             CoreRequest::Open { path, reply } => {
-                let _ = reply.send(self.open(&user, &path));
+                let opened = self.open(&user, &path);
+                self.answer_committed(Held::Open(reply, opened));
             }
             CoreRequest::BeginUpload { path, base, reply } => {
-                let answer = match answered.or_else(|| state.check_upload(&user, &path, base).err()) {
-                    Some(r) => Err(r),
+                match answered.or_else(|| state.check_upload(&user, &path, base).err()) {
+                    Some(r) => self.answer_committed(Held::Begin(reply, r)),
                     None => {
                         let live: Vec<ServerId> = self.node.live_backups();
-                        Ok(self
+                        let senders = self
                             .links
                             .values()
                             .filter_map(|l| l.id.filter(|id| live.contains(id)).map(|id| (id, l)))
                             .map(|(id, l)| DataSender { id, tx: l.data.clone() })
-                            .collect())
+                            .collect();
+                        let _ = reply.send(Ok(senders));
                     }
-                };
-                let _ = reply.send(answer);
+                }
             }
             CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply } => {
                 if let Some(answer) = answered.or_else(|| state.check_upload(&user, &path, base).err()) {
                     self.abandon_upload(&xfer);
-                    let _ = reply.send(answer);
+                    self.answer_committed(Held::Result(reply, answer));
                     return;
                 }
                 let meta = new_meta(&path, state.next_version(&user, &path), size, mtime_ms, hash);
@@ -1357,13 +1393,11 @@ impl Core {
             }
             CoreRequest::Delete { path, base, reply } => {
                 if let Some(answer) = answered {
-                    let _ = reply.send(answer);
+                    self.answer_committed(Held::Result(reply, answer));
                     return;
                 }
                 match state.check_delete(&user, &path, base) {
-                    Err(answer) => {
-                        let _ = reply.send(answer);
-                    }
+                    Err(answer) => self.answer_committed(Held::Result(reply, answer)),
                     Ok(meta) => {
                         log::info!("deleted user={user} path={path} version={} device={device}", meta.version);
                         let result = OpResult::Done { meta: meta.clone() };
@@ -1376,13 +1410,11 @@ impl Core {
             }
             CoreRequest::Rename { from, to, base, reply } => {
                 if let Some(answer) = answered {
-                    let _ = reply.send(answer);
+                    self.answer_committed(Held::Result(reply, answer));
                     return;
                 }
                 match state.check_rename(&user, &from, &to, base) {
-                    Err(answer) => {
-                        let _ = reply.send(answer);
-                    }
+                    Err(answer) => self.answer_committed(Held::Result(reply, answer)),
                     Ok((gone, moved)) => {
                         log::info!("renamed user={user} from={from} to={to} device={device}");
                         let result = OpResult::Done { meta: moved.clone() };
@@ -1392,6 +1424,32 @@ impl Core {
                         self.propose(change, request, Some(Done::Reply { reply, result, push }));
                     }
                 }
+            }
+        }
+    }
+
+    /// Sends an answer read from the state now if everything the state holds is
+    /// acknowledged, else once it is. A resent request's stored result, a listing,
+    /// a download or a refusal must not show an entry that a failover could still
+    /// lose (the primary applies entries before its backups have them).
+    fn answer_committed(&mut self, held: Held) {
+        let read_at = self.node.state().pos;
+        match self.node.committed() {
+            Some(c) if c < read_at => self.held.push_back((read_at, held)),
+            _ => held.send(),
+        }
+    }
+
+    /// Sends the held answers whose position is now committed.
+    fn release_held(&mut self) {
+        let Some(committed) = self.node.committed() else {
+            // Not (or no longer) primary: the clients ask the next one.
+            self.held.clear();
+            return;
+        };
+        while self.held.front().is_some_and(|(at, _)| *at <= committed) {
+            if let Some((_, h)) = self.held.pop_front() {
+                h.send();
             }
         }
     }

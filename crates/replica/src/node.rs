@@ -498,6 +498,17 @@ impl Node {
         Rank { epoch: self.state.epoch, pos: self.state.pos, id: self.cfg.id }
     }
 
+    /// On the primary, the last position every member it waits for has stored
+    /// (None on a backup). Entries after it are applied to the state but not
+    /// acknowledged: an answer read from the state must wait until this reaches
+    /// the position it was read at, or it could show what a failover loses.
+    pub fn committed(&self) -> Option<LogPos> {
+        match &self.role {
+            Role::Primary(p) => Some(p.committed),
+            Role::Backup(_) => None,
+        }
+    }
+
     /// The live backups' ids (primary) or none.
     pub fn live_backups(&self) -> Vec<ServerId> {
         match &self.role {

@@ -32,8 +32,8 @@
 //! while a file's content is missing, are pinned by the process tests.
 
 use crate::node::{Config, JoinRequest, LinkNo, Node, Output, Phase, Ticket};
-use crate::state::{Change, Entry, State};
-use replibox_proto::{Answer, ContentHash, Epoch, FileMeta, LogPos, Msg, ServerId};
+use crate::state::{Change, Entry, LastRequest, State};
+use replibox_proto::{Answer, ContentHash, DeviceId, Epoch, FileMeta, LogPos, Msg, OpResult, Seq, ServerId};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
@@ -134,6 +134,8 @@ pub struct Sim {
     next_ticket: u64,
     /// Tickets waiting: ticket -> (server, pos, epoch of the entry).
     tickets: BTreeMap<Ticket, (usize, LogPos, Epoch)>,
+    /// Requests whose client has no answer yet: (device, pos, epoch of the entry).
+    unanswered: Vec<(DeviceId, LogPos, Epoch)>,
     /// The primary's membership when it persisted its entry at `pos` (epoch).
     members_at: BTreeMap<(usize, LogPos, Epoch), BTreeSet<ServerId>>,
     /// Every acknowledged entry, as (pos, epoch).
@@ -188,6 +190,7 @@ impl Sim {
             next_ticket: 1,
             tickets: BTreeMap::new(),
             members_at: BTreeMap::new(),
+            unanswered: Vec::new(),
             acked: BTreeSet::new(),
             acked_list: Vec::new(),
             primaries: BTreeMap::new(),
@@ -329,6 +332,7 @@ impl Sim {
 
     fn complete(&mut self, t: Ticket) {
         let Some((p, pos, epoch)) = self.tickets.remove(&t) else { return };
+        self.unanswered.retain(|(_, q, e)| (*q, *e) != (pos, epoch));
         // Backups first, against the simulation's own record of every disk.
         let then = self.members_at.get(&(p, pos, epoch)).cloned().unwrap_or_default();
         let now: BTreeSet<ServerId> =
@@ -700,6 +704,33 @@ impl Sim {
         self.carry_out(i, out);
     }
 
+    /// A client whose connection broke sends an unanswered request again (same
+    /// device, same seq) to a primary. The core answers it from the request table
+    /// once the position it read that table at is committed
+    /// ([`Node::committed`]): from then on the answer counts as acknowledged, and
+    /// every invariant holds it to that.
+    fn client_resend(&mut self) {
+        if self.unanswered.is_empty() {
+            return;
+        }
+        let k = self.rng.below(self.unanswered.len() as u64) as usize;
+        let (device, pos, epoch) = self.unanswered[k].clone();
+        let answered_by = (0..self.servers.len()).find(|i| {
+            self.servers[*i].stalled_until <= self.now
+                && self.servers[*i].node.as_ref().is_some_and(|n| {
+                    n.committed().is_some_and(|c| c >= n.state().pos)
+                        && n.state().already_answered(&device, Seq(1)).is_some()
+                })
+        });
+        if let Some(p) = answered_by {
+            self.log(format!("resend of pos={pos} epoch={epoch} answered by s{} from its request table", p + 1));
+            self.unanswered.remove(k);
+            if self.acked.insert((pos, epoch)) {
+                self.acked_list.push((pos, epoch));
+            }
+        }
+    }
+
     fn client_request(&mut self) {
         let primaries: Vec<usize> = (0..self.servers.len())
             .filter(|i| self.servers[*i].node.as_ref().is_some_and(|n| n.is_primary()))
@@ -739,8 +770,14 @@ impl Sim {
         };
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        let out = node.propose(self.now, change, None, ticket);
+        // Each request comes from its own device, seq 1, so that a resend of it
+        // finds its result in the request table.
+        let device = DeviceId(format!("{:016x}", ticket.0));
+        let request =
+            Some((device.clone(), LastRequest { seq: Seq(1), result: OpResult::Error { message: "sim".into() } }));
+        let out = node.propose(self.now, change, request, ticket);
         if let Some(Output::Persist(e)) = out.first() {
+            self.unanswered.push((device, e.pos, e.epoch));
             self.tickets.insert(ticket, (p, e.pos, e.epoch));
         }
         self.carry_out(p, out);
@@ -786,6 +823,9 @@ impl Sim {
         self.check_standing();
         if self.clients && self.rng.chance(30) {
             self.client_request();
+        }
+        if self.clients && self.rng.chance(10) {
+            self.client_resend();
         }
         if !self.faults {
             return;

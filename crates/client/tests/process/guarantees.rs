@@ -118,6 +118,64 @@ fn no_answer_notice_or_welcome_before_a_stalled_backup_is_dropped() {
     assert_eq!(sessions(&s3), Some(3), "s3 after catching up");
 }
 
+/// No dirty reads: while backup s3 is stopped (SIGSTOP) and lacks device A's
+/// upload, a listing by device B, and a download by B of a file the upload
+/// replaces, are answered only once the primary has dropped s3 (the upload is
+/// then acknowledged): a listing or a download must never show a change that a
+/// failover could still lose, although the primary has applied it already.
+#[test]
+fn a_listing_or_a_download_never_shows_a_change_that_is_not_acknowledged() {
+    let t = TestDir::new("guarantee_no_dirty_read");
+    let (s1, s2, mut s3) = three_servers(&t, &["--ack-timeout-ms", "2500"]);
+    let mut a = Raw::login(s1.addr, "alice", "00000000000000a1", "device A");
+    let mut b = Raw::login(s1.addr, "alice", "00000000000000b1", "device B");
+    let first = match a.upload("x.bin", b"first version", None) {
+        OpResult::Done { meta } => meta,
+        other => fail(format!("the first upload answered {other:?}")),
+    };
+    let _ = b.next_notice();
+    let before = dropped(&s1, 3);
+    s3.proc.signal("STOP");
+    let bytes = seeded(7, 200_000);
+    let seq =
+        a.begin_upload("x.bin", bytes.len() as u64, Some(first.version)).unwrap_or_else(|r| fail(format!("{r:?}")));
+    a.send_chunks(seq, &bytes);
+    a.send(&Msg::UploadEnd { seq, hash: replibox_proto::ContentHash::of(&bytes) });
+    wait_until(DEADLINE, "the primary to apply the upload", || {
+        s1.log().contains(&format!("stored user=alice path=x.bin version={}", first.version.0 + 1))
+    });
+    let listing = b.request(Op::List { after: None });
+    let at_listing = dropped(&s1, 3);
+    assert!(at_listing > before, "the listing ({listing:?}) was answered before the primary dropped stalled s3");
+    match &listing {
+        OpResult::Listing { files, .. } => {
+            let x: Vec<_> = files.iter().filter(|m| m.path == "x.bin").map(|m| m.size).collect();
+            assert_eq!(x, [bytes.len() as u64], "once acknowledged, the listing shows the new version");
+        }
+        other => fail(format!("the listing answered {other:?}")),
+    }
+    assert!(matches!(a.reply_to(seq), OpResult::Done { .. }), "the upload was acknowledged once s3 was dropped");
+    s3.proc.signal("CONT");
+    wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
+
+    // The same for a download: s3 stopped again, A renames x.bin away, and B
+    // opens x.bin; it learns that x.bin is gone only once the rename is
+    // acknowledged (before that, "gone" is what a failover could undo).
+    let before = dropped(&s1, 3);
+    s3.proc.signal("STOP");
+    let current = first.version.0 + 1;
+    let rename = Op::Rename { from: "x.bin".into(), to: "y.bin".into(), base: Some(replibox_proto::Version(current)) };
+    let rseq = a.next_seq();
+    a.send(&Msg::Request { seq: rseq, op: rename });
+    wait_until(DEADLINE, "the primary to apply the rename", || {
+        s1.log().contains("renamed user=alice from=x.bin to=y.bin")
+    });
+    let opened = b.request(Op::Download { path: "x.bin".into() });
+    assert!(dropped(&s1, 3) > before, "the download ({opened:?}) was answered before the primary dropped stalled s3");
+    assert!(matches!(a.reply_to(rseq), OpResult::Done { .. }));
+    s3.proc.signal("CONT");
+}
+
 /// At most once, end to end: a request that the server applied but whose reply was
 /// lost (the network cut the connection instead of delivering it) is resent by the
 /// client's front-end after it reconnects, gets its first answer, and is not
