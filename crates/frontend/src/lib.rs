@@ -571,10 +571,11 @@ fn install(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
 fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>, generation: u64) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, &mut stream);
     let why = loop {
+        // The epoch known rises only with a welcome or a callback: a primary
+        // that has just heard of a later epoch (and is about to step down)
+        // stamps its last frames with it, and taking that for the epoch served
+        // would refuse the real primary of that epoch when it calls.
         let frame = read_frame(&mut reader);
-        if let Ok(Some(f)) = &frame {
-            shared.epoch.fetch_max(f.epoch.0, Ordering::Relaxed);
-        }
         match frame {
             Ok(None) => break "the server closed the connection".to_string(),
             Err(e) if e.is_timeout() => break format!("no word from the server for {READ_TIMEOUT:?}"),

@@ -681,6 +681,10 @@ impl Core {
         let kind = event.kind();
         let started = Instant::now();
         self.handle(event);
+        // The core's own work (a listing's stat per file, a snapshot) is no
+        // pause of this process: the links kept pinging the backups meanwhile.
+        let now = self.now_ms();
+        self.node.busy_until(now);
         let took = started.elapsed();
         if took > self.longest_stall {
             self.longest_stall = took;
@@ -1188,6 +1192,8 @@ impl Core {
             "id": (self.node.id().0 > 0).then_some(self.node.id().0),
             "role": if self.node.is_primary() { "primary" } else { "backup" },
             "epoch": self.node.epoch().0,
+            // The epoch of the last entry: with seq, how far its history goes.
+            "last_epoch": state.epoch.0,
             "primary": self.node.primary_addr(),
             "members": members,
             "seq": state.pos.0,

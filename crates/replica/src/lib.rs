@@ -25,6 +25,7 @@ pub mod follow;
 pub mod link;
 pub mod node;
 pub mod peer;
+pub mod probe;
 pub mod replicate;
 pub mod server;
 #[cfg(test)]

@@ -4,7 +4,7 @@ use clap::{ArgGroup, Parser};
 use replibox_proto::ServerId;
 use replibox_replica::core::{Core, Event, Fatal, Settings, Start};
 use replibox_replica::store::{self, Store};
-use replibox_replica::{server, status};
+use replibox_replica::{probe, server, status};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,11 @@ struct Args {
     /// (a primary whose host vanished is waited for this long), in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 150)]
     election_timeout_ms: u64,
+    /// With -p: start even though a server this data dir remembers did not
+    /// answer, runs on without it, or holds a later history (this data dir
+    /// becomes the truth; servers that join it drop what it lacks).
+    #[arg(long, requires = "primary")]
+    force: bool,
 }
 
 /// How the process ends: 0 after a clean stop, 1 when it could not start or was
@@ -103,46 +108,6 @@ fn check_join_address(join: &str, listen: SocketAddr) -> Result<(), String> {
         return Err(format!("-b {join} is this server itself; give the address of another server of the cluster"));
     }
     Ok(())
-}
-
-/// How long `-p` waits for each server it remembers to answer a status query.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
-
-/// Before `-p` starts a new epoch on a data dir that remembers other servers:
-/// asks each of them how it is doing. One that serves as primary, follows one,
-/// or is electing one means the cluster runs on without this server, and a
-/// second primary would take the same next epoch with another history: refused,
-/// naming the server to rejoin through. Servers that wait for an operator ("no
-/// primary") or do not answer do not stop it. Returns the highest epoch heard,
-/// so that the new one is above it and the waiting servers follow.
-fn check_no_cluster_running(
-    others: &[(ServerId, String)],
-    listen: SocketAddr,
-) -> Result<replibox_proto::Epoch, String> {
-    let mut floor = replibox_proto::Epoch(0);
-    for (id, addr) in others {
-        let Ok(status) = status::query(addr, PROBE_TIMEOUT) else {
-            continue;
-        };
-        let epoch = status["epoch"].as_u64().unwrap_or(0);
-        floor = floor.max(replibox_proto::Epoch(epoch));
-        let phase = status["phase"].as_str().unwrap_or("");
-        let doing = match (status["role"].as_str(), phase) {
-            (Some("primary"), _) => format!("serves as primary of epoch {epoch}"),
-            (_, "no primary") => continue,
-            (_, "") => format!("is running (epoch {epoch})"),
-            (_, phase) => format!("is {phase} (epoch {epoch})"),
-        };
-        // A backup that has not noticed yet that this server went away still
-        // names it as its primary: rejoin through that backup instead.
-        let via = status["primary"].as_str().filter(|p| *p != listen.to_string()).unwrap_or(addr);
-        return Err(format!(
-            "server id={} at {addr} {doing}: the cluster runs without this server; \
-             start it with -b {via} to rejoin it (its files come from the cluster)",
-            id.0
-        ));
-    }
-    Ok(floor)
 }
 
 fn run(args: Args) -> Result<(), Exit> {
@@ -195,7 +160,17 @@ fn run(args: Args) -> Result<(), Exit> {
         store.check_primary().map_err(|e| fail(format!("cannot start as primary: {e}")))?;
         let others: Vec<(ServerId, String)> =
             state.members.values().filter(|m| m.id != my_id).map(|m| (m.id, m.addr.clone())).collect();
-        let floor = check_no_cluster_running(&others, listen).map_err(fail)?;
+        let me = listen.to_string();
+        let heard = probe::ask_cluster(&others, my_id, &me);
+        let heard_of = store::load_epoch_seen(data);
+        let floor = match probe::judge((state.epoch, state.pos), heard_of, &heard, &me) {
+            Ok(floor) => floor,
+            Err(why) if args.force => {
+                log::warn!("starting as primary although {why}");
+                heard.iter().filter_map(|h| h.epoch()).max().unwrap_or_default()
+            }
+            Err(why) => return Err(fail(format!("not starting as primary: {why}"))),
+        };
         if floor > store::load_epoch_seen(data) {
             store::save_epoch_seen(data, floor).map_err(|e| fail(e.to_string()))?;
         }

@@ -257,9 +257,10 @@ pub struct Node {
     /// stand in an election. A restart, a snapshot or a drop clears it.
     verified: bool,
     /// The primary said it dropped this server: only a `Join` of it after
-    /// `fenced_at` (the primary's position then) makes it a member again.
+    /// `fenced_at` (the fencing primary's epoch and position then) makes it a
+    /// member again. The epoch comes first: a later primary's log may be shorter.
     dropped: bool,
-    fenced_at: LogPos,
+    fenced_at: (Epoch, LogPos),
     /// The position of the `Join` that made this server a member, until the
     /// primary says it is stored on every member (then every server that may
     /// stand knows of this one, and asks it in an election).
@@ -349,7 +350,7 @@ impl Node {
             bully,
             verified: false,
             dropped: false,
-            fenced_at: LogPos(0),
+            fenced_at: (Epoch(0), LogPos(0)),
             pending_join: None,
             missing: BTreeSet::new(),
             notes: Vec::new(),
@@ -512,7 +513,7 @@ impl Node {
     /// The live backups' ids (primary) or none.
     pub fn live_backups(&self) -> Vec<ServerId> {
         match &self.role {
-            Role::Primary(p) => p.links.values().filter(|l| l.live).map(|l| l.id).collect(),
+            Role::Primary(p) => p.links.values().filter(|l| l.live && p.acks.is_live(l.id)).map(|l| l.id).collect(),
             Role::Backup(_) => Vec::new(),
         }
     }
@@ -541,6 +542,35 @@ impl Node {
             "it has not caught up with a primary since it started"
         };
         format!("no primary: this server may not stand ({why}); waiting for a primary to call or to be found")
+    }
+
+    /// Why a joiner whose last entry is (`pos`, `epoch`) holds another history of
+    /// this primary's own epoch, if it does. Epochs are unique to one history in
+    /// every run of the protocol; only two data dirs started with `-p` that did
+    /// not know of each other can both have taken one number.
+    fn diverges(&self, pos: LogPos, epoch: Epoch) -> Option<String> {
+        if epoch != self.state.epoch || pos == LogPos(0) {
+            return None;
+        }
+        let ours = if pos == self.state.pos {
+            Some(self.state.epoch)
+        } else if pos > self.state.pos {
+            None
+        } else if self.base == Some((pos, epoch)) {
+            Some(epoch)
+        } else {
+            let first = self.tail.front()?.pos;
+            let at = self.tail.get(pos.0.checked_sub(first.0)? as usize)?;
+            (at.pos == pos).then_some(at.epoch)
+        };
+        (ours != Some(epoch)).then(|| {
+            format!(
+                "it holds entries of epoch {epoch} (up to position {pos}) that this primary does not: two data dirs \
+                 were started with -p as the same epoch, and each may hold changes the other lacks. Neither is \
+                 overwritten: keep the one to serve running, move the other data dir aside, and start that server \
+                 again with an empty --data"
+            )
+        })
     }
 
     /// Entries after (`pos`, `epoch`), if this node's log holds that entry (the
@@ -772,7 +802,10 @@ impl Node {
                     // Only a join by the primary of the current epoch counts (an
                     // older one replayed while catching up speaks for an old
                     // membership), and not one from before a fence.
-                    if member.id == self.cfg.id && entry.pos > self.fenced_at && entry.epoch == self.epoch {
+                    if member.id == self.cfg.id
+                        && (entry.epoch, entry.pos) > self.fenced_at
+                        && entry.epoch == self.epoch
+                    {
                         self.dropped = false;
                         if !self.verified {
                             self.pending_join = Some((entry.pos, entry.epoch));
@@ -1059,6 +1092,12 @@ impl Node {
             let why = format!("server id {id} is taken by the primary; give the new server another --id");
             return self.refuse(link, why, out);
         }
+        if let Some(why) = self.diverges(req.pos, req.last_epoch) {
+            // Taking it in would install this primary's state over it, dropping
+            // entries it holds of this very epoch: they may be acknowledged.
+            warn(&mut out, format!("server id={id} at {}: {why}", req.addr));
+            return self.refuse(link, why, out);
+        }
         let existing: Vec<(LinkNo, String)> =
             p.links.iter().filter(|(_, l)| l.id == id).map(|(n, l)| (*n, l.addr.clone())).collect();
         if let Some((_, other)) = existing.iter().find(|(_, a)| *a != req.addr) {
@@ -1174,7 +1213,7 @@ impl Node {
                 self.settle(&mut out);
             }
             Msg::CaughtUp { pos } => {
-                if info_.live {
+                if info_.live && p.acks.is_live(info_.id) {
                     // A member that came back through a snapshot: its ack.
                     if let Some(l) = p.links.get_mut(&link) {
                         l.caught_up = true;
@@ -1273,6 +1312,11 @@ impl Node {
         }
         info(out, format!("fenced backup id={id}: {how}"));
         p.acks.remove(id);
+        // A link it opened again meanwhile was made live from the membership it
+        // had then: it is a newcomer now, and counts once it has caught up.
+        for l in p.links.values_mut().filter(|l| l.id == id) {
+            l.live = false;
+        }
         let back: Option<(LinkNo, String)> =
             p.links.iter().find(|(_, l)| l.id == id && l.caught_up).map(|(n, l)| (*n, l.addr.clone()));
         if self.state.members.contains_key(&id) {
@@ -1327,7 +1371,7 @@ impl Node {
             format!("fenced by the primary id={from}: {reason}; this server may not stand until it rejoins"),
         );
         self.dropped = true;
-        self.fenced_at = self.fenced_at.max(pos);
+        self.fenced_at = self.fenced_at.max((from_epoch, pos));
         self.verified = false;
         self.bully.settle();
         (Answer::Fenced, out)

@@ -48,10 +48,13 @@ fn resolve(addr: &str) -> Option<SocketAddr> {
     addr.to_socket_addrs().ok()?.next()
 }
 
-/// True when an error says the peer's process is not running (its port refused
-/// the connection, or reset it): nothing there can act on our message.
+/// True when an error says the peer's process is not running: its port refused
+/// the connection, so nothing there can act on our message. Anything else (a
+/// reset, a close without an answer, a timeout) may come from a live process
+/// that could not answer (out of threads, stopping) and that may still stand in
+/// an election: it counts as silence, and a later try finds out.
 fn is_down(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset)
+    matches!(e.kind(), ErrorKind::ConnectionRefused)
 }
 
 /// Sends `msg` to server `to` at `addr` on a connection of its own, from a thread
@@ -104,8 +107,9 @@ fn exchange(
             Msg::Answer { answer } => Ok((f.epoch, answer)),
             other => Err((false, format!("answered with {}", other.kind()))),
         },
-        // Closed without an answer: its process died on the way.
-        Ok(None) => Err((true, "closed without an answer".into())),
+        // Closed without an answer: it may have died on the way, or be alive
+        // and unable to answer. The next try tells (a dead one refuses).
+        Ok(None) => Err((false, "closed without an answer".into())),
         Err(e) if e.is_timeout() => Err((false, format!("no answer within {timeout:?}"))),
         Err(replibox_proto::ProtoError::Io(e)) => Err((is_down(&e), e.to_string())),
         Err(e) => Err((false, e.to_string())),

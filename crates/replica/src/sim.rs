@@ -895,6 +895,7 @@ impl Sim {
             let Some(node) = s.node.as_ref() else { continue };
             if i != p {
                 assert_eq!(node.phase(), Some(Phase::Live), "s{} does not follow s{} once quiet", i + 1, p + 1);
+                assert!(node.eligible(), "s{} follows s{} once quiet but may not stand", i + 1, p + 1);
             }
             assert_eq!(node.state(), &pstate, "s{} differs from the primary s{} once quiet", i + 1, p + 1);
             for (pos, e) in &self.acked {
@@ -913,7 +914,7 @@ impl Sim {
         self.servers
             .iter()
             .filter_map(|s| s.node.as_ref())
-            .all(|n| n.state() == pstate && (n.is_primary() || n.phase() == Some(Phase::Live)))
+            .all(|n| n.state() == pstate && (n.is_primary() || (n.phase() == Some(Phase::Live) && n.eligible())))
             && primaries[0].live_backups().len() + 1 == self.servers.len()
     }
 }

@@ -107,3 +107,38 @@ fn backups_cut_off_past_the_failure_timeout_end_up_following_with_the_same_data(
     want.insert("after.bin".into(), seeded(2, 300_000));
     assert_on_all(&all, &want, "after a change made once the old primary was back");
 }
+
+/// Two histories of one epoch never merge silently: after a failover (s2 takes
+/// over as epoch 2 and acknowledges a change) every server stops; s1 is started
+/// first with -p on its older data dir (the others are down, so nothing stops
+/// it) and takes epoch 2 as well. s2, started with -b, is refused (exit 1) with
+/// the reason, instead of installing s1's state over its own: the change it
+/// acknowledged is still in its data dir.
+#[test]
+fn a_backup_with_another_history_of_the_same_epoch_is_refused_not_overwritten() {
+    let t = TestDir::new("epochs_same_epoch_two_histories");
+    let mut s1 = primary(&t, &[]);
+    let s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_members(&[&s1, &s2], &[1, 2]);
+    s1.kill();
+    wait_new_primary(&[&s2], 2);
+    let mut d2 = Client::interactive(&t, "dev1", "alice", &s2, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    put(&outside.join("y.txt"), b"acknowledged in epoch 2");
+    d2.ok(&format!("upload {}", outside.join("y.txt").display()));
+    drop(d2);
+    let mut s2 = s2;
+    s2.kill();
+
+    s1.restart(&t);
+    wait_until(DEADLINE, "s1 to serve epoch 2 too", || epoch(&s1) == Some(2));
+    let port = s2.addr.port().to_string();
+    let data = s2.data.to_str().unwrap_or_else(|| fail("the data dir is not UTF-8")).to_string();
+    let via = s1.addr.to_string();
+    let args = ["-b", via.as_str(), "--id", "2", "--bind", "127.0.0.2", "--port", &port, "--data", &data];
+    let (status, err) = crate::server::run_to_exit(&t, "s2-refused", &args);
+    assert_eq!(status.code(), Some(1), "s2 joining a second history of its epoch: {status}\n{err}");
+    assert!(err.contains("two data dirs were started with -p as the same epoch"), "no clear reason:\n{err}");
+    assert!(holds(&s2.user_dir("alice").join("y.txt"), b"acknowledged in epoch 2"), "s2 lost its acknowledged change");
+    assert!(!members(&s1).unwrap_or_default().contains(&2), "s1 took s2 in");
+}

@@ -171,10 +171,11 @@ fn a_callback_without_the_sessions_token_is_refused() {
 }
 
 /// A backup restarted from a data dir of a later epoch than the primary's (the
-/// old primary was started anew with -p on its older data dir) does not follow it
-/// and does not wait silently: it says why, the primary learns of the later epoch
-/// and steps down, and once it is started again with -p it takes an epoch above
-/// every one it heard of; the backup joins it and the two end identical.
+/// old primary was started anew with -p on its older data dir while the others
+/// were down) does not follow it and does not wait silently: it says why, the
+/// primary learns of the later epoch and steps down. Started again with -p, the
+/// old primary now finds the backup's later history and refuses; with --force it
+/// takes an epoch above every one it heard of, and the backup joins it.
 #[test]
 fn a_backup_with_a_later_epoch_than_the_primary_does_not_wedge() {
     let t = TestDir::new("failover_later_epoch_backup");
@@ -203,10 +204,24 @@ fn a_backup_with_a_later_epoch_than_the_primary_does_not_wedge() {
     });
     wait_until(DEADLINE, "s1 to learn of the later epoch", || s1b.log().contains("later than ours"));
     s1b.kill();
+    // Started again with -p, s1 knows it heard of epoch 3 but holds only epoch
+    // 2: it refuses (the backup, not a member of its membership, is not asked,
+    // but its later history exists somewhere). With --force, the operator makes
+    // s1's data dir the truth: it takes an epoch above every one it heard of.
+    let port = s1b.addr.port().to_string();
+    let data = s1b.data.to_str().unwrap_or_else(|| fail("the data dir is not UTF-8")).to_string();
+    let args = ["-p", "--id", "1", "--bind", "127.0.0.1", "--port", &port, "--data", &data];
+    let (status, err) = crate::server::run_to_exit(&t, "s1-refused", &args);
+    assert_eq!(status.code(), Some(1), "-p below a later history: {status}\n{err}");
+    assert!(
+        err.contains("heard of epoch 3") && err.contains("later history"),
+        "the refusal should say that a later history exists:\n{err}"
+    );
     opts.name = "s1-third".into();
+    opts.extra.push("--force".into());
     let s1c = Server::start(&t, opts);
     let e = s1c.status()["epoch"].as_u64().unwrap_or(0);
-    assert!(e > 3, "s1 started again with -p took epoch {e}, not above epoch 3 it had heard of");
+    assert!(e > 3, "s1 started again with -p --force took epoch {e}, not above epoch 3 it had heard of");
     let ids: Vec<u64> = {
         let mut v = vec![1, lastb.status()["id"].as_u64().unwrap_or(0)];
         v.sort();

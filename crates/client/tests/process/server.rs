@@ -264,7 +264,7 @@ fn the_status_contract() {
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
-            ["epoch", "id", "members", "note", "phase", "primary", "role", "seq", "sessions"],
+            ["epoch", "id", "last_epoch", "members", "note", "phase", "primary", "role", "seq", "sessions"],
             "--status fields"
         );
         v

@@ -582,7 +582,9 @@ impl Server {
         Server::start(t, ServerOpts::primary("server"))
     }
 
-    /// Starts a server and waits until it accepts connections.
+    /// Starts a server and waits until it answers a status query: its port is
+    /// bound before it opens its data dir (and redoes what a crash left), so a
+    /// connection alone says nothing about its files yet.
     pub fn start(t: &TestDir, opts: ServerOpts) -> Server {
         let data = opts.data.clone().unwrap_or_else(|| t.join(format!("{}-data", opts.name)));
         let fixed = opts.port.is_some();
@@ -591,8 +593,8 @@ impl Server {
             let opts = ServerOpts { port: Some(port), data: Some(data.clone()), ..opts.clone() };
             let mut proc = Proc::spawn(t, &opts.name, server_command(&opts), false);
             let addr = SocketAddr::new(opts.ip, port);
-            let up = wait_for(DEADLINE, &format!("{} to listen on {addr}", opts.name), || {
-                if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            let up = wait_for(DEADLINE, &format!("{} to answer on {addr}", opts.name), || {
+                if query_status_at(addr).is_ok() {
                     return Some(true);
                 }
                 proc.try_status().map(|_| false)
@@ -666,15 +668,28 @@ impl Server {
     }
 
     fn query_status(&self) -> Result<serde_json::Value, String> {
-        let out = Command::new(server_bin())
-            .args(["--status", &self.addr.to_string()])
-            .output()
-            .map_err(|e| format!("cannot run replibox-server --status: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("--status failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("--status printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        query_status_at(self.addr)
+    }
+}
+
+/// The status query of `replibox-server --status`, done in-process (the
+/// `server` tests check the command itself): one `hello` as `status`, one
+/// `status` frame back, within 5 s.
+fn query_status_at(addr: SocketAddr) -> Result<serde_json::Value, String> {
+    use replibox_proto::{read_frame, write_frame, Epoch, Msg, Who, PROTOCOL_VERSION};
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let hello = Msg::Hello { version: PROTOCOL_VERSION, who: Who::Status };
+    write_frame(&mut stream, Epoch(0), &hello, &[]).map_err(|e| format!("cannot query {addr}: {e}"))?;
+    match read_frame(&mut stream) {
+        Ok(Some(f)) => match f.msg {
+            Msg::Status { status } => Ok(status),
+            other => Err(format!("{addr} answered a status query with {}", other.kind())),
+        },
+        Ok(None) => Err(format!("{addr} closed the connection without answering")),
+        Err(e) => Err(format!("no status from {addr}: {e}")),
     }
 }
 
