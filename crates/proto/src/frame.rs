@@ -142,6 +142,8 @@ mod tests {
             deleted: false,
             atime_ms: 1,
             ctime_ms: 2,
+            exec: false,
+            dir: false,
         };
         vec![
             (
@@ -152,11 +154,11 @@ mod tests {
                 vec![],
             ),
             (Msg::Hello { version: 1, who: Who::Status }, vec![]),
-            (Msg::Welcome { token: "t".into(), devices: 2, last_seq: Seq(9) }, vec![]),
+            (Msg::Welcome { devices: 2, last_seq: Seq(9) }, vec![]),
             (
                 Msg::Request {
                     seq: Seq(7),
-                    op: Op::Upload { path: "a".into(), size: 5, mtime_ms: -3, base: Some(Version(2)) },
+                    op: Op::Upload { path: "a".into(), size: 5, mtime_ms: -3, base: Some(Version(2)), exec: false },
                 },
                 vec![],
             ),

@@ -90,12 +90,3 @@ impl fmt::Display for DeviceId {
         f.write_str(&self.0)
     }
 }
-
-/// `bytes` random bytes from the kernel, as lowercase hex: device ids and session
-/// tokens. An error rather than a weaker fallback, since a token must not be guessable.
-pub fn random_hex(bytes: usize) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}

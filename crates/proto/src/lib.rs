@@ -16,6 +16,7 @@
 //!   failed-login throttle and the callback proof (issue 8).
 
 pub mod auth;
+pub mod durable;
 pub mod error;
 pub mod frame;
 pub mod hash;
@@ -30,16 +31,23 @@ pub use auth::{AuthError, AuthMsg, ClusterKey, KeyError, Purpose, StoredCredenti
 pub use error::ProtoError;
 pub use frame::{read_frame, write_frame, Frame};
 pub use hash::{ContentHash, Hasher};
-pub use ids::{random_hex, DeviceId, Epoch, LogPos, Seq, ServerId, Version};
+pub use ids::{DeviceId, Epoch, LogPos, Seq, ServerId, Version};
 pub use msg::*;
 pub use names::{validate_path, validate_username, NameError};
 pub use receipt::{Damaged, Receipt};
 
-/// Version of the protocol; a hello with any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the protocol; a hello (or a server's challenge) with any other version
+/// is refused. Version 2 (issue 8): clients log in with a password, servers
+/// authenticate each other with the cluster key.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest JSON header accepted, in bytes.
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest binary payload accepted in one frame, in bytes.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
 /// Size of the file chunks senders use; below [`MAX_PAYLOAD`].
 pub const CHUNK_SIZE: usize = 256 * 1024;
+/// How many requests a device may have in flight at once (sent, not yet
+/// answered). The server's request table keeps each device's last this many
+/// changing requests with their results, so that every one of them, resent after
+/// a lost connection or a failover, gets its first answer.
+pub const REQUEST_WINDOW: u64 = 8;

@@ -89,6 +89,23 @@ pub struct FileMeta {
     /// Status-change time of the server's copy, ms since the Unix epoch (listings only).
     #[serde(default)]
     pub ctime_ms: i64,
+    /// The file is executable (its owner's execute bit was set on the device that
+    /// uploaded it). The only part of a file's mode that syncs; left out of the
+    /// JSON when false, so entries and data dirs from before it read as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub exec: bool,
+    /// A folder, not a file: size 0, no content, no mtime of its own (a folder's
+    /// mtime changes with whatever happens inside it, so it does not sync). A
+    /// folder entry says the folder exists even with nothing in it; a file's
+    /// folders exist because of the file. Left out of the JSON when false, so
+    /// entries and data dirs from before folders synced read as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dir: bool,
+}
+
+/// For `skip_serializing_if`: a `false` flag is left out.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A request from a client.
@@ -116,6 +133,21 @@ pub enum Op {
         /// The version the device last saw at this path (None: it saw none, or a
         /// tombstone). A different current version is a conflict.
         base: Option<Version>,
+        /// The file is executable ([`FileMeta::exec`]); absent means false.
+        #[serde(default, skip_serializing_if = "is_false")]
+        exec: bool,
+    },
+    /// Create a folder (a [`FileMeta::dir`] entry). Answered with
+    /// [`OpResult::Done`]; a folder that exists already is no conflict (two
+    /// devices making the same folder agree), its current entry is the answer.
+    Mkdir {
+        /// The folder's path.
+        path: String,
+        /// The version the device last saw at this path, when a file was there
+        /// that the folder replaces (None: none, or a tombstone). A live file
+        /// at another version is a conflict.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<Version>,
     },
     /// Read a file: the server answers [`OpResult::Data`], then chunks, then
     /// [`Msg::DownloadEnd`].
@@ -138,6 +170,13 @@ pub enum Op {
         to: String,
         /// The version of `from` the device last saw.
         base: Option<Version>,
+    },
+    /// Change the user's password: the account's new credentials, derived from
+    /// the new password on the client (never the password itself). Answered with
+    /// [`OpResult::PasswordChanged`].
+    Passwd {
+        /// Salt, iteration count and derived keys of the new password.
+        credentials: crate::auth::StoredCredentials,
     },
 }
 
@@ -174,9 +213,18 @@ pub enum OpResult {
         /// The path asked for.
         path: String,
     },
+    /// The user's password was changed (the answer to [`Op::Passwd`]).
+    PasswordChanged,
     /// The request was refused; nothing changed.
     Error {
         /// A sentence for the user.
+        message: String,
+    },
+    /// The server cannot take the change now (its disk is full, say); nothing
+    /// changed. Unlike [`OpResult::Error`], which refuses the request itself, the
+    /// same request may succeed later: a client tries again, backing off.
+    Unavailable {
+        /// A sentence for the user (`the server is out of space`).
         message: String,
     },
 }
@@ -228,6 +276,10 @@ pub enum Answer {
     /// (To a fence) I know you dropped me: I will not stand in an election until
     /// I have joined again and caught up.
     Fenced,
+    /// (To an election, under `--quorum majority`) My history goes further than
+    /// yours and I may not stand now: I cannot promise you the epoch (you may
+    /// lack a change a majority acknowledged); stand again later.
+    Ahead,
 }
 
 /// A change pushed to a user's other device.
@@ -264,10 +316,11 @@ pub enum Msg {
         /// Who is speaking.
         who: Who,
     },
-    /// A client's login was accepted.
+    /// A client's login was accepted (after the server proved itself with
+    /// `scram_server_final`), or a called-back session resumed. It carries no
+    /// secret: the session's token is the login's session key, which both ends
+    /// derive (see [`crate::auth::SessionKey`]).
     Welcome {
-        /// Secret a new primary shows when it calls the client back.
-        token: String,
         /// How many devices of this user are connected now, this one included.
         devices: u32,
         /// The last request seq of this device the server answered; the device
@@ -440,9 +493,10 @@ pub enum Msg {
         /// What the server says.
         answer: Answer,
     },
-    /// A step of an authentication handshake (see [`crate::auth`]): a new
-    /// primary's proof to a client it calls back, and (issue 8) the cluster key
-    /// and user logins.
+    /// A step of an authentication handshake (see [`crate::auth`]): the cluster
+    /// key's challenge-response that opens every server-to-server connection, a
+    /// client's password login after its hello, and a new primary's proof to a
+    /// client it calls back.
     Auth(crate::auth::AuthMsg),
     /// The client accepts the new primary that called it back; the connection
     /// becomes its session (answered with [`Msg::Welcome`]).

@@ -1,6 +1,7 @@
 //! The replicated history: entries, the changes they carry, and the records the
 //! replicated state is made of. These travel between servers, so they live here.
 
+use crate::auth::StoredCredentials;
 use crate::ids::{DeviceId, Epoch, LogPos, Seq, ServerId};
 use crate::msg::{FileMeta, OpResult};
 use serde::{Deserialize, Serialize};
@@ -25,7 +26,8 @@ pub struct Session {
     pub ip: String,
     /// The port the client listens on for a new primary's call.
     pub callback_port: u16,
-    /// Secret a new primary shows when calling back.
+    /// Secret a new primary proves it holds when calling back: the login's
+    /// session key as hex (see [`crate::auth::SessionKey`]), never sent.
     pub token: String,
 }
 
@@ -104,6 +106,14 @@ pub enum Change {
     ReserveId {
         /// The id.
         id: ServerId,
+    },
+    /// A user's account: created at its first login, or given a new password.
+    /// Only the derived keys travel and are kept, never the password.
+    Account {
+        /// The user.
+        user: String,
+        /// Salt, iteration count, StoredKey and ServerKey.
+        credentials: StoredCredentials,
     },
 }
 

@@ -9,170 +9,24 @@
 //!   and encodes back to exactly the bytes the page shows.
 //! - A few frames are pinned byte for byte here, independently of the page: a
 //!   peer written against these bytes must keep working.
+//!
+//! The samples are in `samples/mod.rs`, which the server's random-input test
+//! mutates too.
+
+mod samples;
 
 use replibox_proto::auth::AuthMsg;
-use replibox_proto::repl::{Change, Entry, LastRequest, Member, Session};
+use replibox_proto::repl::{Change, Entry};
 use replibox_proto::{
-    read_frame, write_frame, Answer, ContentHash, DeviceId, Epoch, FileMeta, LogPos, Msg, Notice, Op, OpResult, Rank,
-    Seq, ServerId, Version, Who,
+    read_frame, write_frame, Answer, ContentHash, Epoch, LogPos, Msg, Op, OpResult, Purpose, Rank, Seq, ServerId, Who,
 };
+use samples::*;
 use std::collections::BTreeSet;
 
 fn encode(epoch: u64, msg: &Msg, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     write_frame(&mut out, Epoch(epoch), msg, payload).unwrap();
     out
-}
-
-fn meta(path: &str, version: u64) -> FileMeta {
-    FileMeta {
-        path: path.into(),
-        version: Version(version),
-        size: 5,
-        mtime_ms: 1_764_150_000_000,
-        hash: ContentHash::of(b"hello"),
-        deleted: false,
-        atime_ms: 0,
-        ctime_ms: 0,
-    }
-}
-
-fn tombstone(path: &str, version: u64) -> FileMeta {
-    FileMeta { size: 0, deleted: true, hash: ContentHash::default(), ..meta(path, version) }
-}
-
-fn device() -> DeviceId {
-    DeviceId("3f9a0c1e5b7d2468".into())
-}
-
-/// Every variant of every tagged enum the protocol carries.
-fn ops() -> Vec<Op> {
-    vec![
-        Op::List { after: None },
-        Op::Upload { path: "docs/a b.txt".into(), size: 5, mtime_ms: 1_764_150_000_000, base: Some(Version(2)) },
-        Op::Download { path: "docs/a b.txt".into() },
-        Op::Delete { path: "old.txt".into(), base: Some(Version(1)) },
-        Op::Rename { from: "a.txt".into(), to: "dir/b.txt".into(), base: None },
-    ]
-}
-
-fn results() -> Vec<OpResult> {
-    vec![
-        OpResult::Done { meta: meta("docs/a b.txt", 3) },
-        OpResult::Listing { files: vec![meta("a", 1), tombstone("b", 2)], more: true },
-        OpResult::Data { meta: meta("a", 1) },
-        OpResult::Conflict { current: Some(meta("a", 4)) },
-        OpResult::Gone { path: "a".into() },
-        OpResult::Error { message: "no such file on the server: a".into() },
-    ]
-}
-
-fn notices() -> Vec<Notice> {
-    vec![
-        Notice::Put { meta: meta("a", 2) },
-        Notice::Delete { meta: tombstone("a", 3) },
-        Notice::Rename { from: "a".into(), meta: meta("b", 1) },
-    ]
-}
-
-fn changes() -> Vec<Change> {
-    let member = |id: u64, addr: &str| Member { id: ServerId(id), addr: addr.into() };
-    vec![
-        Change::Put { user: "alice".into(), meta: meta("a", 1), xfer: "x4242-1764150000000000000-7".into() },
-        Change::Delete { user: "alice".into(), meta: tombstone("a", 2) },
-        Change::Rename { user: "alice".into(), from: tombstone("a", 2), to: meta("b", 1) },
-        Change::Login {
-            session: Session {
-                user: "alice".into(),
-                device: device(),
-                ip: "127.0.0.4".into(),
-                callback_port: 41234,
-                token: "9c2e".into(),
-            },
-        },
-        Change::Logout { device: device() },
-        Change::ClearSessions,
-        Change::NewEpoch { epoch: Epoch(2), primary: ServerId(1), members: vec![member(1, "127.0.0.1:4000")] },
-        Change::Join { member: member(2, "127.0.0.2:4000") },
-        Change::Leave { id: ServerId(2) },
-        Change::ReserveId { id: ServerId(4) },
-    ]
-}
-
-fn whos() -> Vec<Who> {
-    vec![
-        Who::Client { user: "alice".into(), device: device(), callback_port: 41234 },
-        Who::Status,
-        Who::Server {
-            id: Some(ServerId(2)),
-            ip: Some("127.0.0.2".into()),
-            port: 4000,
-            pos: LogPos(17),
-            last_epoch: Epoch(1),
-            member: true,
-        },
-        Who::Fetch { id: ServerId(2) },
-        Who::Peer { id: ServerId(3) },
-        Who::Primary { id: ServerId(3), addr: "127.0.0.3:4000".into(), device: device() },
-    ]
-}
-
-/// One sample of every message kind, with the payload it travels with.
-fn messages() -> Vec<(Msg, Vec<u8>)> {
-    let mut v: Vec<(Msg, Vec<u8>)> = whos().into_iter().map(|who| (Msg::Hello { version: 1, who }, vec![])).collect();
-    v.extend([
-        (Msg::Welcome { token: "9c2e".into(), devices: 2, last_seq: Seq(41) }, vec![]),
-        (Msg::Refused { reason: "user alice already has 2 devices connected".into() }, vec![]),
-        (Msg::Redirect { primary: "127.0.0.1:4000".into() }, vec![]),
-        (Msg::Proceed { seq: Seq(42) }, vec![]),
-        (Msg::Chunk { seq: Seq(42) }, b"hello".to_vec()),
-        (Msg::UploadEnd { seq: Seq(42), hash: ContentHash::of(b"hello") }, vec![]),
-        (Msg::DownloadEnd { seq: Seq(43), hash: ContentHash::of(b"hello") }, vec![]),
-        (Msg::Status { status: serde_json::json!({"epoch": 1, "id": 2, "role": "backup"}) }, vec![]),
-        (Msg::Joined { id: ServerId(2), primary: ServerId(1), snapshot: true, member: false }, vec![]),
-        (Msg::SnapshotChunk, br#"{"pos":40}"#.to_vec()),
-        (Msg::SnapshotEnd { pos: LogPos(40) }, vec![]),
-        (Msg::XferChunk { xfer: "x1".into() }, b"hello".to_vec()),
-        (Msg::XferEnd { xfer: "x1".into(), size: 5, hash: ContentHash::of(b"hello") }, vec![]),
-        (Msg::XferAbort { xfer: "x1".into() }, vec![]),
-        (Msg::Heartbeat { pos: LogPos(42), committed: LogPos(41) }, vec![]),
-        (Msg::Ack { pos: LogPos(42) }, vec![]),
-        (Msg::CaughtUp { pos: LogPos(40) }, vec![]),
-        (Msg::NotPrimary { reason: "this server does not know the primary yet".into() }, vec![]),
-        (Msg::Fence { reason: "no acknowledgement within 2000 ms".into(), pos: LogPos(42) }, vec![]),
-        (Msg::Election { target: Epoch(3), rank: Rank { epoch: Epoch(2), pos: LogPos(42), id: ServerId(3) } }, vec![]),
-        (Msg::Coordinator { epoch: Epoch(3), id: ServerId(3), addr: "127.0.0.3:4000".into() }, vec![]),
-        (Msg::Auth(AuthMsg::CallbackChallenge { nonce: "ab".repeat(32) }), vec![]),
-        (Msg::Resume, vec![]),
-        (Msg::Fetch { user: "alice".into(), path: "docs/a b.txt".into() }, vec![]),
-        (Msg::Ping, vec![]),
-        (Msg::Pong, vec![]),
-        (Msg::Bye, vec![]),
-    ]);
-    v.extend(ops().into_iter().enumerate().map(|(i, op)| (Msg::Request { seq: Seq(i as u64 + 1), op }, vec![])));
-    v.extend(results().into_iter().map(|result| (Msg::Reply { seq: Seq(44), result }, vec![])));
-    v.extend(notices().into_iter().map(|notice| (Msg::Notice { notice }, vec![])));
-    for (i, change) in changes().into_iter().enumerate() {
-        let request =
-            (i == 0).then(|| (device(), LastRequest { seq: Seq(42), result: OpResult::Done { meta: meta("a", 1) } }));
-        let pos = LogPos(41 + i as u64);
-        (v).push((Msg::Apply { entry: Box::new(Entry { pos, epoch: Epoch(2), change, request }) }, vec![]));
-    }
-    v.extend(answers().into_iter().map(|answer| (Msg::Answer { answer }, vec![])));
-    v
-}
-
-fn answers() -> Vec<Answer> {
-    vec![
-        Answer::Ok,
-        Answer::Promise { member: true },
-        Answer::Primary { addr: "127.0.0.1:4000".into() },
-        Answer::Following { addr: "127.0.0.1:4000".into() },
-        Answer::Stale,
-        Answer::Promised { to: ServerId(2) },
-        Answer::Accepted,
-        Answer::Fenced,
-    ]
 }
 
 /// The position of a message's variant; exhaustive, so a new kind does not compile
@@ -278,6 +132,11 @@ fn every_kind_the_protocol_page_lists_has_a_sample_that_round_trips() {
     );
     assert_eq!(first_cells(&page, "## Connections"), of(whos().iter().map(|w| tag(w, "role")).collect()), "roles");
     assert_eq!(first_cells(&page, "### Answers"), of(answers().iter().map(|a| tag(a, "answer")).collect()), "answers");
+    assert_eq!(
+        first_cells(&page, "### Authentication messages"),
+        of(auths().iter().map(|a| tag(a, "auth")).collect()),
+        "authentication messages"
+    );
 }
 
 /// The complete frame headers written in `text`: each `{"epoch":N...}` object,
@@ -350,9 +209,10 @@ fn every_complete_header_in_the_protocol_page_is_what_the_code_sends() {
 }
 
 /// Frames pinned here, not in the page: a change to any of these bytes breaks
-/// every peer built against version 1 of the protocol. (The replication frames
+/// every peer built against version 2 of the protocol. (The replication frames
 /// were changed once on purpose, by the failover work: log positions apart from
-/// request numbers, entries with their epoch.)
+/// request numbers, entries with their epoch; version 2, issue 8, added the
+/// cluster handshake and password logins.)
 #[test]
 fn pinned_frames_byte_for_byte() {
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
@@ -368,16 +228,36 @@ fn pinned_frames_byte_for_byte() {
         (0, Msg::Ping, r#"{"epoch":0,"msg":{"kind":"ping"}}"#),
         (
             0,
-            Msg::Hello { version: 1, who: Who::Status },
-            r#"{"epoch":0,"msg":{"kind":"hello","version":1,"who":{"role":"status"}}}"#,
+            Msg::Hello { version: 2, who: Who::Status },
+            r#"{"epoch":0,"msg":{"kind":"hello","version":2,"who":{"role":"status"}}}"#,
         ),
         (
             0,
             Msg::Hello {
-                version: 1,
+                version: 2,
                 who: Who::Client { user: "alice".into(), device: device(), callback_port: 41234 },
             },
-            r#"{"epoch":0,"msg":{"kind":"hello","version":1,"who":{"role":"client","user":"alice","device":"3f9a0c1e5b7d2468","callback_port":41234}}}"#,
+            r#"{"epoch":0,"msg":{"kind":"hello","version":2,"who":{"role":"client","user":"alice","device":"3f9a0c1e5b7d2468","callback_port":41234}}}"#,
+        ),
+        (
+            0,
+            Msg::Auth(AuthMsg::ScramClientFirst { user: "alice".into(), nonce: "rOprNGfwEbeRWgbNEkqO".into() }),
+            r#"{"epoch":0,"msg":{"kind":"auth","auth":"scram_client_first","user":"alice","nonce":"rOprNGfwEbeRWgbNEkqO"}}"#,
+        ),
+        (
+            1,
+            Msg::Auth(AuthMsg::ServerChallenge {
+                version: 2,
+                purpose: Purpose::Fetch,
+                id: Some(ServerId(2)),
+                nonce: "a1".repeat(32),
+            }),
+            r#"{"epoch":1,"msg":{"kind":"auth","auth":"server_challenge","version":2,"purpose":"fetch","id":2,"nonce":"a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1"}}"#,
+        ),
+        (
+            3,
+            Msg::Welcome { devices: 2, last_seq: Seq(41) },
+            r#"{"epoch":3,"msg":{"kind":"welcome","devices":2,"last_seq":41}}"#,
         ),
         (
             0,
@@ -423,5 +303,27 @@ fn pinned_frames_byte_for_byte() {
         assert_eq!(&bytes[..4], &(header.len() as u32).to_be_bytes(), "{}: length prefix", msg.kind());
         assert_eq!(String::from_utf8_lossy(&bytes[4..]), header, "{}", msg.kind());
         assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap().msg, msg, "{}", msg.kind());
+    }
+}
+
+/// Writes the seed corpus of the cargo-fuzz targets (fuzz/): one file per sample
+/// frame under `$FUZZ_SEEDS/frame`, and the same frames behind a step byte for
+/// each receiver under `$FUZZ_SEEDS/node` (fuzz/fuzz_targets/node.rs). Ignored:
+/// `make fuzz` runs it (`-- --ignored`) on stable before the nightly fuzzing.
+#[test]
+#[ignore = "writes the fuzz seed corpus; run by make fuzz"]
+fn write_fuzz_seeds() {
+    let dir = std::path::PathBuf::from(std::env::var("FUZZ_SEEDS").expect("FUZZ_SEEDS names the corpus folder"));
+    for target in ["frame", "node"] {
+        std::fs::create_dir_all(dir.join(target)).unwrap();
+    }
+    for (i, (msg, payload)) in messages().iter().enumerate() {
+        let bytes = encode(2, msg, payload);
+        assert_eq!(read_frame(&mut &bytes[..]).unwrap().unwrap().msg, *msg, "{}", msg.kind());
+        std::fs::write(dir.join("frame").join(format!("seed-{i:03}-{}", msg.kind())), &bytes).unwrap();
+        for step in [0u8, 1, 6] {
+            let node = [&[step][..], &bytes].concat();
+            std::fs::write(dir.join("node").join(format!("seed-{i:03}-{step}-{}", msg.kind())), node).unwrap();
+        }
     }
 }

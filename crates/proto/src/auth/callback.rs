@@ -9,7 +9,8 @@
 //!       proof = HMAC-SHA256(token, "replibox callback v1" | nonce | epoch | device)
 //! ```
 //!
-//! The session token never crosses the wire again after `welcome`: the caller
+//! The session token is the login's session key ([`super::SessionKey`], hex),
+//! which both ends derive and which never crosses the wire: the caller
 //! proves it holds the token without showing it, so a stranger who answers or
 //! calls at the client's address learns nothing it could reuse. The client's fresh
 //! nonce makes a recorded proof worthless; the epoch and the device are bound in,

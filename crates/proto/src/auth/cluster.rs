@@ -354,14 +354,19 @@ mod tests {
         let k = key(1);
         let mut a1 = ClusterResponder::with_nonce(&k, Some(ServerId(1)), [0x11; 32]);
         let first1 = AuthMsg::ServerChallenge {
-            version: 1,
+            version: crate::PROTOCOL_VERSION,
             purpose: Purpose::Link,
             id: Some(ServerId(1)),
             nonce: hex_encode(&[0x22; 32]),
         };
         let Ok(Step::Send(AuthMsg::ServerResponse { nonce: y, .. })) = a1.step(first1) else { panic!() };
         let mut a2 = ClusterResponder::with_nonce(&k, Some(ServerId(1)), [0x33; 32]);
-        let first2 = AuthMsg::ServerChallenge { version: 1, purpose: Purpose::Link, id: Some(ServerId(1)), nonce: y };
+        let first2 = AuthMsg::ServerChallenge {
+            version: crate::PROTOCOL_VERSION,
+            purpose: Purpose::Link,
+            id: Some(ServerId(1)),
+            nonce: y,
+        };
         let Ok(Step::Send(AuthMsg::ServerResponse { mac: mac2, .. })) = a2.step(first2) else { panic!() };
         let e = a1.step(AuthMsg::ServerProof { mac: mac2 }).unwrap_err();
         assert!(matches!(e, AuthError::KeyMismatch { .. }), "{e}");
@@ -370,8 +375,12 @@ mod tests {
     #[test]
     fn an_echoed_nonce_is_refused_on_both_sides() {
         let mut a = ClusterResponder::with_nonce(&key(1), None, [5; 32]);
-        let first =
-            AuthMsg::ServerChallenge { version: 1, purpose: Purpose::Link, id: None, nonce: hex_encode(&[5; 32]) };
+        let first = AuthMsg::ServerChallenge {
+            version: crate::PROTOCOL_VERSION,
+            purpose: Purpose::Link,
+            id: None,
+            nonce: hex_encode(&[5; 32]),
+        };
         assert!(matches!(a.step(first), Err(AuthError::ReflectedNonce)));
         let (mut c, _) = ClusterInitiator::with_nonce(&key(1), None, Purpose::Link, [6; 32]);
         let echo = AuthMsg::ServerResponse { id: None, nonce: hex_encode(&[6; 32]), mac: hex_encode(&[0; 32]) };
@@ -404,7 +413,7 @@ mod tests {
         // An on-path rewrite of the purpose: A answers for a link, C expects fetch.
         let mut a = ClusterResponder::with_nonce(&k, Some(ServerId(1)), [2; 32]);
         let rewritten = AuthMsg::ServerChallenge {
-            version: 1,
+            version: crate::PROTOCOL_VERSION,
             purpose: Purpose::Link,
             id: Some(ServerId(2)),
             nonce: nonce.clone(),
@@ -414,14 +423,24 @@ mod tests {
         // A rewritten claimed id.
         let (mut c, _) = ClusterInitiator::with_nonce(&k, Some(ServerId(2)), Purpose::Fetch, [1; 32]);
         let mut a = ClusterResponder::with_nonce(&k, Some(ServerId(1)), [2; 32]);
-        let rewritten = AuthMsg::ServerChallenge { version: 1, purpose: Purpose::Fetch, id: Some(ServerId(9)), nonce };
+        let rewritten = AuthMsg::ServerChallenge {
+            version: crate::PROTOCOL_VERSION,
+            purpose: Purpose::Fetch,
+            id: Some(ServerId(9)),
+            nonce,
+        };
         let Ok(Step::Send(response)) = a.step(rewritten) else { panic!() };
         assert!(matches!(c.step(response), Err(AuthError::KeyMismatch { .. })));
         // Another version is refused before any MAC.
         let mut a = ClusterResponder::with_nonce(&k, None, [2; 32]);
-        let v2 = AuthMsg::ServerChallenge { version: 2, purpose: Purpose::Link, id: None, nonce: hex_encode(&[1; 32]) };
+        let v2 = AuthMsg::ServerChallenge {
+            version: crate::PROTOCOL_VERSION + 1,
+            purpose: Purpose::Link,
+            id: None,
+            nonce: hex_encode(&[1; 32]),
+        };
         let e = a.step(v2).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks protocol version 2; we speak 1");
+        assert_eq!(e.to_string(), "the peer speaks protocol version 3; we speak 2");
     }
 
     #[test]
@@ -431,7 +450,12 @@ mod tests {
         let e = a.step(AuthMsg::ServerProof { mac: hex_encode(&[0; 32]) }).unwrap_err();
         assert_eq!(e.to_string(), "the peer sent server_proof where the handshake expects server_challenge");
         let mut a = ClusterResponder::with_nonce(&k, None, [2; 32]);
-        let short = AuthMsg::ServerChallenge { version: 1, purpose: Purpose::Link, id: None, nonce: "abcd".into() };
+        let short = AuthMsg::ServerChallenge {
+            version: crate::PROTOCOL_VERSION,
+            purpose: Purpose::Link,
+            id: None,
+            nonce: "abcd".into(),
+        };
         assert!(matches!(a.step(short), Err(AuthError::Malformed(_))));
         let (mut c, _) = ClusterInitiator::with_nonce(&k, None, Purpose::Link, [1; 32]);
         let bad_mac = AuthMsg::ServerResponse { id: None, nonce: hex_encode(&[2; 32]), mac: "zz".into() };

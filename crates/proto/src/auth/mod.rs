@@ -15,6 +15,8 @@
 //!   server proves itself back.
 //! - [`throttle`]: a growing per-user delay after failed logins.
 //! - [`callback`]: the proof a new primary shows when it calls a client back.
+//! - [`frames`]: [`Frames`], the [`Transport`] over `Msg::Auth` frames that the
+//!   binaries use.
 //! - this file: the messages of all of them ([`AuthMsg`]), their error
 //!   ([`AuthError`]), and the [`Transport`] the drivers run over.
 //!
@@ -32,6 +34,7 @@
 pub mod callback;
 pub mod cluster;
 mod encoding;
+pub mod frames;
 pub mod key;
 pub mod scram;
 pub mod throttle;
@@ -43,6 +46,7 @@ use std::fmt;
 
 pub use callback::{callback_proof, verify_callback_proof};
 pub use cluster::{accept_server, connect_to_server, AuthenticatedServer, ClusterInitiator, ClusterResponder, Purpose};
+pub use frames::Frames;
 pub use key::{fresh_nonce, ClusterKey, KeyError, Nonce};
 pub use scram::{login, LoggedIn, Password, ScramClient, ScramServer, ServerStep, SessionKey, StoredCredentials};
 pub use throttle::{Admission, LoginThrottle};
@@ -341,7 +345,7 @@ impl AuthError {
     }
 
     /// The error for a [`AuthMsg::Failed`] that arrived, with its text bounded.
-    fn from_refusal(why: Refusal, mut detail: String) -> Self {
+    pub(crate) fn from_refusal(why: Refusal, mut detail: String) -> Self {
         if detail.len() > MAX_DETAIL {
             let mut cut = MAX_DETAIL;
             while !detail.is_char_boundary(cut) {
@@ -362,25 +366,8 @@ impl AuthError {
     }
 }
 
-/// A connection that carries [`AuthMsg`]s, one per frame. Tests use an in-memory
-/// pipe and a local stand-in codec over TCP. Once `Msg::Auth(AuthMsg)` exists, the
-/// frame-based one is a few lines:
-///
-/// ```text
-/// struct Frames<'a, S> { stream: &'a mut S, epoch: Epoch }
-/// impl<S: Read + Write> Transport for Frames<'_, S> {
-///     fn send(&mut self, msg: AuthMsg) -> Result<(), AuthError> {
-///         Ok(write_frame(self.stream, self.epoch, &Msg::Auth(msg), &[])?)
-///     }
-///     fn recv(&mut self) -> Result<AuthMsg, AuthError> {
-///         match read_frame(self.stream)? {
-///             None => Err(AuthError::Closed),
-///             Some(Frame { msg: Msg::Auth(m), payload, .. }) if payload.is_empty() => Ok(m),
-///             Some(f) => Err(AuthError::Unexpected { expected: "an auth message", got: kind of f.msg }),
-///         }
-///     }
-/// }
-/// ```
+/// A connection that carries [`AuthMsg`]s, one per frame: [`Frames`] in the
+/// binaries; an in-memory pipe and a stand-in codec over TCP in this module's tests.
 pub trait Transport {
     /// Sends one message (and flushes it).
     fn send(&mut self, msg: AuthMsg) -> Result<(), AuthError>;

@@ -328,6 +328,10 @@ pub struct ScramClient<'a> {
     allow_create: bool,
     nonce: String,
     created: bool,
+    /// The salt of the credentials this login registered, if it did: a
+    /// server-first with another salt means another login created the account
+    /// first (two devices of a new user at once), and this one did not.
+    registered: Option<Vec<u8>>,
     state: ClientState,
 }
 
@@ -361,6 +365,7 @@ impl<'a> ScramClient<'a> {
             allow_create,
             nonce,
             created: false,
+            registered: None,
             state: ClientState::AwaitServerFirst,
         };
         Ok((machine, first))
@@ -380,6 +385,7 @@ impl<'a> ScramClient<'a> {
                 }
                 let credentials = self.password.credentials()?;
                 self.created = true;
+                self.registered = Some(credentials.salt.clone());
                 self.state = ClientState::AwaitServerFirst;
                 Ok(Step::Send(AuthMsg::ScramRegister { credentials }))
             }
@@ -410,6 +416,9 @@ impl<'a> ScramClient<'a> {
         }
         let salt = b64_decode(&salt_b64).ok_or(AuthError::Malformed("the salt is not base64"))?;
         check_parameters(salt.len(), iterations).map_err(AuthError::WeakParameters)?;
+        if self.registered.as_ref().is_some_and(|r| *r != salt) {
+            self.created = false;
+        }
         let salted = self.password.salted(&salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         let stored_key = sha256(&client_key);
@@ -465,6 +474,8 @@ pub struct ScramServer {
     user: String,
     client_nonce: String,
     nonce: String,
+    /// The client registered an account in this login.
+    registered: bool,
     state: ServerState,
 }
 
@@ -492,7 +503,13 @@ impl ScramServer {
             return Err(AuthError::Malformed("the client nonce must be 16 to 128 printable characters without ','"));
         }
         let combined = format!("{nonce}{suffix}");
-        Ok(ScramServer { user, client_nonce: nonce, nonce: combined, state: ServerState::AwaitAccount })
+        Ok(ScramServer {
+            user,
+            client_nonce: nonce,
+            nonce: combined,
+            registered: false,
+            state: ServerState::AwaitAccount,
+        })
     }
 
     /// The user who is logging in: look up their account with it.
@@ -516,6 +533,17 @@ impl ScramServer {
         })
     }
 
+    /// After [`ServerStep::CreateAccount`], when the account could not be created
+    /// because another login created it meanwhile (two devices of a new user at
+    /// once): the server-first message for that account instead, whose password
+    /// this login must then prove.
+    pub fn challenge_existing(&mut self, account: StoredCredentials) -> Result<AuthMsg, AuthError> {
+        match self.state {
+            ServerState::AwaitClientFinal { .. } if self.registered => Ok(self.server_first(account)),
+            _ => Err(AuthError::Unexpected { expected: "a step", got: "a challenge without a registration".into() }),
+        }
+    }
+
     fn server_first(&mut self, credentials: StoredCredentials) -> AuthMsg {
         let salt = b64_encode(&credentials.salt);
         let iterations = credentials.iterations;
@@ -531,6 +559,7 @@ impl ScramServer {
         match (std::mem::replace(&mut self.state, ServerState::Finished), msg) {
             (ServerState::AwaitRegister, AuthMsg::ScramRegister { credentials }) => {
                 credentials.validate()?;
+                self.registered = true;
                 let reply = self.server_first(credentials.clone());
                 Ok(ServerStep::CreateAccount { credentials, reply })
             }
@@ -790,6 +819,43 @@ mod tests {
         let json = serde_json::to_string(&stored).unwrap();
         assert!(!json.contains("s3cret"));
         assert_eq!(serde_json::from_str::<StoredCredentials>(&json).unwrap(), stored);
+    }
+
+    #[test]
+    fn two_first_logins_at_once_end_on_one_account_and_only_its_password() {
+        let creds = |pw: &str, salt: &[u8; 16]| StoredCredentials::derive(pw, salt, MIN_ITERATIONS).unwrap();
+        let register = |c: StoredCredentials| AuthMsg::ScramRegister { credentials: c };
+        // The first device created the account with "same" (salt 1).
+        let existing = creds("same", b"salt-number-one!");
+        for (password, ok) in [("same", true), ("other", false)] {
+            let mut pw = Password::new(password);
+            let (mut client, first) = ScramClient::start("dora", &mut pw, true).unwrap();
+            let mut server = ScramServer::new(first).unwrap();
+            assert_eq!(server.challenge(None).unwrap(), AuthMsg::ScramNoAccount);
+            // The client's own registration (driven by hand, with a cheap count).
+            assert!(matches!(client.step(AuthMsg::ScramNoAccount), Ok(Step::Send(AuthMsg::ScramRegister { .. }))));
+            client.registered = Some(b"salt-number-two!".to_vec());
+            let step = server.step(register(creds(password, b"salt-number-two!"))).unwrap();
+            assert!(matches!(step, ServerStep::CreateAccount { .. }));
+            // The account exists by now: the login goes on against it.
+            let reply = server.challenge_existing(existing.clone()).unwrap();
+            let client_final = send(client.step(reply));
+            match server.step(client_final) {
+                Ok(ServerStep::LoggedIn { reply, .. }) => {
+                    assert!(ok, "{password}");
+                    let Ok(Step::Done(None, done)) = client.step(reply) else { panic!() };
+                    assert!(!done.created, "this login did not create the account");
+                }
+                Err(AuthError::WrongPassword { .. }) => assert!(!ok, "{password}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Only after a registration.
+        let mut pw = Password::new("x");
+        let (_, first) = ScramClient::start("dora", &mut pw, true).unwrap();
+        let mut server = ScramServer::new(first).unwrap();
+        let _ = server.challenge(Some(existing.clone())).unwrap();
+        assert!(server.challenge_existing(existing).is_err());
     }
 
     #[test]
