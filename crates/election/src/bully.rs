@@ -80,6 +80,9 @@ pub enum Reply {
     },
     /// I follow you as the primary of the announced epoch.
     Accepted,
+    /// My history goes further than yours and I may not stand: no promise (a
+    /// majority election must not be won by a server behind a voter).
+    Ahead,
 }
 
 /// How the server answering an election sees itself.
@@ -99,6 +102,11 @@ pub struct View {
     /// election over, its own round does not wait for that one beyond the
     /// deadline (as if it had suspected it first).
     pub suspect: Option<Id>,
+    /// Elections need a majority (`--quorum majority`): a server whose history
+    /// goes further than a candidate's never promises it (it answers Ok when it
+    /// may stand, [`Reply::Ahead`] otherwise), so that no majority elects a
+    /// server that lacks what a majority acknowledged.
+    pub majority: bool,
 }
 
 /// A server's relation to a primary, when it answers an election.
@@ -169,6 +177,15 @@ pub enum Setback {
     NoCoordinator,
     /// A server knows of a later epoch than this one.
     Behind(u64),
+    /// A server's history goes further than this one's, and it may not stand.
+    Ahead(Id),
+    /// Too few servers promised for a majority of the membership.
+    NoMajority {
+        /// Promises heard (this server's own not counted).
+        promises: usize,
+        /// Promises needed.
+        needed: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +205,8 @@ enum Phase {
         deadline: u64,
         exempt: Option<Id>,
         heard: BTreeMap<Id, Option<Heard>>,
+        /// Promises needed from the others (a majority election; 0 otherwise).
+        need: usize,
     },
     /// A higher-ranked server took over (or this one promised): wait for its
     /// coordinator until the deadline.
@@ -236,6 +255,11 @@ impl Bully {
         }
     }
 
+    /// The epoch this server last promised, and to whom.
+    pub fn promise(&self) -> Option<(u64, Id)> {
+        self.promised
+    }
+
     /// Why the last round did not end with a primary.
     pub fn last_setback(&self) -> Option<&Setback> {
         self.last_setback.as_ref()
@@ -263,6 +287,12 @@ impl Bully {
     /// old primary, if any) is not waited for. Does nothing while a round runs or a
     /// back-off lasts.
     pub fn stand(&mut self, now: u64, epoch: u64, others: &[Id], suspect: Option<Id>) -> Vec<Out> {
+        self.stand_needing(now, epoch, others, suspect, 0)
+    }
+
+    /// [`Bully::stand`], for a majority election: the round is won only once
+    /// `need` of the others have promised (besides everything `stand` asks).
+    pub fn stand_needing(&mut self, now: u64, epoch: u64, others: &[Id], suspect: Option<Id>, need: usize) -> Vec<Out> {
         if !self.may_stand(now) {
             return Vec::new();
         }
@@ -270,7 +300,7 @@ impl Bully {
         let heard: BTreeMap<Id, Option<Heard>> =
             others.iter().copied().filter(|id| *id != self.me).map(|id| (id, None)).collect();
         let asks = heard.keys().map(|&to| Out::Ask { to, target }).collect();
-        self.phase = Phase::Electing { target, deadline: now + self.timeout_ms, exempt: suspect, heard };
+        self.phase = Phase::Electing { target, deadline: now + self.timeout_ms, exempt: suspect, heard, need };
         let mut out: Vec<Out> = asks;
         out.extend(self.decide(now, false));
         out
@@ -320,9 +350,10 @@ impl Bully {
 
     /// Looks at the answers so far (and, past the deadline, at the silences).
     fn decide(&mut self, now: u64, timed_out: bool) -> Vec<Out> {
-        let Phase::Electing { target, exempt, heard, .. } = &self.phase else { return Vec::new() };
-        let (target, exempt) = (*target, *exempt);
+        let Phase::Electing { target, exempt, heard, need, .. } = &self.phase else { return Vec::new() };
+        let (target, exempt, need) = (*target, *exempt, *need);
         let mut members = Vec::new();
+        let mut promises = 0;
         let mut waiting = None;
         let mut failed = None;
         let mut behind = None;
@@ -338,10 +369,16 @@ impl Bully {
                     self.phase = Phase::Deferred { deadline: now + 2 * self.timeout_ms };
                     return Vec::new();
                 }
-                Some(Heard::Reply(Reply::Promise { member: true })) => members.push(id),
-                // A promise from a server that may not stand, or a process that is
-                // down: neither can be a candidate for this epoch.
-                Some(Heard::Reply(Reply::Promise { member: false })) | Some(Heard::Down) => {}
+                Some(Heard::Reply(Reply::Promise { member: true })) => {
+                    members.push(id);
+                    promises += 1;
+                }
+                // A promise from a server that may not stand: it cannot be a
+                // candidate for this epoch, but its promise counts towards a majority.
+                Some(Heard::Reply(Reply::Promise { member: false })) => promises += 1,
+                Some(Heard::Reply(Reply::Ahead)) => failed = Some(Setback::Ahead(id)),
+                // A process that is down: it can be neither a candidate nor a vote.
+                Some(Heard::Down) => {}
                 Some(Heard::Reply(Reply::Stale { epoch })) => {
                     behind = Some(behind.map_or(*epoch, |b: u64| b.max(*epoch)));
                 }
@@ -379,6 +416,13 @@ impl Bully {
             }
             return Vec::new();
         }
+        if promises < need {
+            // Every server answered or was given up on, and too few promised: a
+            // minority may not elect a primary.
+            self.highest = self.highest.max(target);
+            self.fail(now, Setback::NoMajority { promises, needed: need });
+            return Vec::new();
+        }
         // Everyone that may be alive promised: this server takes `target`. Its own
         // promise goes to itself, so that it refuses any other candidate for it.
         self.promised = Some((target, self.me));
@@ -401,6 +445,9 @@ impl Bully {
             Status::Primary(addr) => return (Reply::Primary { addr: addr.clone(), epoch: view.epoch }, Vec::new()),
             Status::Following(addr) => return (Reply::Following { addr: addr.clone(), epoch: view.epoch }, Vec::new()),
             Status::Lost => {}
+        }
+        if view.majority && !view.eligible && (view.rank.epoch, view.rank.pos) > (rank.epoch, rank.pos) {
+            return (Reply::Ahead, Vec::new());
         }
         if view.eligible && view.rank > rank {
             // Take the election over, unless a round already runs (it asks `from`
@@ -458,7 +505,7 @@ mod tests {
     }
 
     fn lost(rank: Rank, epoch: u64) -> View {
-        View { rank, epoch, eligible: true, member: true, status: Status::Lost, suspect: None }
+        View { rank, epoch, eligible: true, member: true, status: Status::Lost, suspect: None, majority: false }
     }
 
     #[test]
@@ -530,11 +577,33 @@ mod tests {
             member: false,
             status: Status::Lost,
             suspect: None,
+            majority: false,
         };
         let (answer, out) =
             joining.on_election(0, &view, &Candidate { from: 2, from_epoch: 3, target: 4, rank: rank(3, 1, 2) }, &[2]);
         assert_eq!(answer, Reply::Promise { member: false });
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_majority_election_needs_promises_and_no_voter_ahead_of_the_candidate() {
+        // Three members: a candidate needs one promise besides its own.
+        let mut b3 = Bully::new(3, 100);
+        b3.stand_needing(0, 1, &[1, 2], Some(1), 1);
+        assert!(b3.unreachable(1, 2, true).is_empty(), "2 is down: no promise yet");
+        assert!(b3.tick(100).is_empty(), "the suspect's silence alone leaves no majority");
+        assert!(matches!(b3.last_setback(), Some(Setback::NoMajority { promises: 0, needed: 1 })));
+        // A server that holds more than the candidate and may not stand refuses.
+        let mut b2 = Bully::new(2, 100);
+        let view = View { eligible: false, member: false, majority: true, ..lost(rank(1, 9, 2), 1) };
+        let (answer, _) =
+            b2.on_election(0, &view, &Candidate { from: 3, from_epoch: 1, target: 2, rank: rank(1, 8, 3) }, &[1, 3]);
+        assert_eq!(answer, Reply::Ahead);
+        // Without a majority quorum it promises, as before.
+        let view = View { majority: false, ..view };
+        let (answer, _) =
+            b2.on_election(0, &view, &Candidate { from: 3, from_epoch: 1, target: 2, rank: rank(1, 8, 3) }, &[1, 3]);
+        assert_eq!(answer, Reply::Promise { member: false });
     }
 
     #[test]
@@ -547,6 +616,7 @@ mod tests {
             member: true,
             status: Status::Primary("p".into()),
             suspect: None,
+            majority: false,
         };
         assert_eq!(
             p.on_election(0, &view, &Candidate { from: 3, from_epoch: 4, target: 5, rank: rank(4, 7, 3) }, &[]).0,
