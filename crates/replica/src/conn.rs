@@ -1,15 +1,18 @@
-//! One thread per connection: the handshake, then a client's requests.
+//! One thread per connection: the opening (a server's cluster handshake, a
+//! client's hello and password login, a status query), then what follows it.
 //!
 //! The reader thread owns the socket's read side. Frames going out share the write
 //! side behind a mutex, so a download streamed by the reader and a push written by
 //! the connection's writer thread interleave only at frame boundaries.
 
-use crate::core::{ask, ConnId, CoreRequest, Event, Route, Welcome};
+use crate::cluster::ClusterAuth;
+use crate::core::{ask, AccountOutcome, ConnId, CoreRequest, Event, Route, Welcome};
 use crate::link::{DataSender, LinkOut};
 use crossbeam_channel::{unbounded, Sender};
+use replibox_proto::auth::{accept_server, Admission, Frames, Refusal, ScramServer, ServerStep, SessionKey};
 use replibox_proto::{
-    read_frame, validate_path, validate_username, write_frame, DeviceId, Epoch, Frame, Hasher, Msg, Op, OpResult,
-    ProtoError, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
+    read_frame, validate_path, validate_username, write_frame, AuthError, AuthMsg, DeviceId, Epoch, Frame, Hasher, Msg,
+    Op, OpResult, ProtoError, Purpose, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -24,6 +27,11 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write may block before the peer is considered stuck.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one whole frame may take to arrive once its first byte has (after
+/// the hello): a peer trickling a byte now and then, each within
+/// [`READ_TIMEOUT`], cannot hold a connection's threads for ever. A frame is at
+/// most 64 KiB of header and 1 MiB of payload, so this asks for about 35 KB/s.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The write side of a connection, shared by the threads that send on it.
 #[derive(Clone)]
@@ -43,6 +51,17 @@ impl FrameWriter {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut *s, Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
     }
+
+    /// Another handle on the socket (to shut it down from elsewhere).
+    pub fn stream(&self) -> Option<TcpStream> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner()).try_clone().ok()
+    }
+
+    /// Shuts the connection down, both ways.
+    pub fn shutdown(&self) {
+        let s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = s.shutdown(Shutdown::Both);
+    }
 }
 
 /// Reads from a socket until a deadline for all the reads together.
@@ -60,6 +79,95 @@ impl Read for Deadline<'_> {
         self.stream.set_read_timeout(Some(left))?;
         let mut s = self.stream;
         s.read(buf)
+    }
+}
+
+/// Where a connection's frames come from, one whole frame at a time.
+pub trait FrameSource {
+    /// The next frame; `Ok(None)` when the stream ends between frames.
+    fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError>;
+    /// Why the last `next_frame` failed, when the source itself gave up (a frame
+    /// that did not arrive whole in time), rather than the stream.
+    fn gave_up(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<R: Read> FrameSource for std::io::BufReader<R> {
+    fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        read_frame(self)
+    }
+}
+
+/// A socket read with two bounds: [`READ_TIMEOUT`] of silence between two
+/// reads, and [`FRAME_TIMEOUT`] for a whole frame from its first byte.
+struct Paced {
+    stream: TcpStream,
+    /// When the frame under way must be complete (None between frames).
+    until: Option<Instant>,
+    overdue: bool,
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let wait = match self.until {
+            None => READ_TIMEOUT,
+            Some(t) => {
+                let left = t.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.overdue = true;
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                left.min(READ_TIMEOUT)
+            }
+        };
+        self.stream.set_read_timeout(Some(wait))?;
+        let n = match (&self.stream).read(buf) {
+            // The wait was the frame's deadline, not the silence bound: the
+            // frame is overdue (else the log would name a bare i/o timeout).
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                    && wait < READ_TIMEOUT =>
+            {
+                self.overdue = true;
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            other => other?,
+        };
+        if n > 0 && self.until.is_none() {
+            self.until = Some(Instant::now() + FRAME_TIMEOUT);
+        }
+        Ok(n)
+    }
+}
+
+/// The read side of a logged-in client's (or a fetching backup's) connection:
+/// buffered, and with a deadline for each whole frame (see [`FRAME_TIMEOUT`]).
+pub struct FrameReader {
+    inner: std::io::BufReader<Paced>,
+}
+
+impl FrameReader {
+    /// Reads frames from `stream` (which must hold no frame read in part).
+    pub fn new(stream: TcpStream) -> FrameReader {
+        FrameReader {
+            inner: std::io::BufReader::with_capacity(64 * 1024, Paced { stream, until: None, overdue: false }),
+        }
+    }
+}
+
+impl FrameSource for FrameReader {
+    fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        // Bytes already buffered belong to the next frame: it has begun.
+        let begun = !self.inner.buffer().is_empty();
+        let paced = self.inner.get_mut();
+        paced.until = begun.then(|| Instant::now() + FRAME_TIMEOUT);
+        paced.overdue = false;
+        read_frame(&mut self.inner)
+    }
+
+    fn gave_up(&self) -> Option<String> {
+        self.inner.get_ref().overdue.then(|| format!("a frame did not arrive whole within {FRAME_TIMEOUT:?}"))
     }
 }
 
@@ -82,6 +190,9 @@ pub struct Ctx {
     pub bound_to_any: bool,
     /// The port it listens on.
     pub port: u16,
+    /// The cluster key and this server's id, for the handshake that opens every
+    /// server-to-server connection.
+    pub cluster: Arc<ClusterAuth>,
 }
 
 /// Why a client connection ended.
@@ -116,9 +227,11 @@ impl From<ProtoError> for End {
     }
 }
 
-/// Serves one accepted connection until it ends.
+/// Serves one accepted connection until it ends. Its first frame says who
+/// speaks: a server opens with the cluster key's challenge (`auth`
+/// `server_challenge`), anyone else with a `hello` (a client's is followed by the
+/// first step of its password login).
 pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
-    let core = ctx.core.clone();
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -129,42 +242,143 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
             return;
         }
     };
-    // The hello is read unbuffered against one deadline for the whole frame, so a
-    // peer trickling a byte at a time cannot hold this thread.
-    let hello = match read_frame(&mut Deadline { stream: &stream, until: Instant::now() + HELLO_TIMEOUT }) {
-        Ok(Some(f)) => f,
-        Ok(None) => return,
-        Err(e) if e.is_timeout() => {
-            log::warn!("closing connection peer={peer}: no complete hello within {HELLO_TIMEOUT:?}");
-            return;
-        }
-        Err(e) => {
-            log::warn!("closing connection peer={peer}: bad hello: {e}");
-            return;
-        }
+    // The opening frames are read unbuffered against one deadline for all of
+    // them, so a peer trickling a byte at a time cannot hold this thread.
+    let until = Instant::now() + HELLO_TIMEOUT;
+    let first = match read_opening(&stream, until, &peer, "hello") {
+        Some(f) => f,
+        None => return,
     };
-    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
-    let hello_epoch = hello.epoch;
-    let (version, who) = match hello.msg {
-        Msg::Hello { version, who } => (version, who),
-        other => {
-            log::warn!("closing connection peer={peer}: first frame is {} not hello", other.kind());
-            let _ = writer.send(&Msg::Refused { reason: "the first frame must be a hello".into() }, &[]);
+    match first.msg {
+        Msg::Auth(challenge @ AuthMsg::ServerChallenge { .. }) => {
+            serve_server(stream, writer, ctx, challenge, until, peer);
             return;
         }
-    };
-    if version != PROTOCOL_VERSION {
-        log::warn!("closing connection peer={peer}: protocol version {version}, want {PROTOCOL_VERSION}");
-        let reason = format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}");
-        let _ = writer.send(&Msg::Refused { reason }, &[]);
-        return;
-    }
-    match who {
-        Who::Status => {
-            if let Some(status) = ask(&core, |reply| Event::Status { reply }) {
+        Msg::Hello { version, .. } if version != PROTOCOL_VERSION => {
+            log::warn!("closing connection peer={peer}: protocol version {version}, want {PROTOCOL_VERSION}");
+            let reason = format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}");
+            let _ = writer.send(&Msg::Refused { reason }, &[]);
+        }
+        Msg::Hello { who: Who::Status, .. } => {
+            if let Some(status) = ask(&ctx.core, |reply| Event::Status { reply }) {
                 let _ = writer.send(&Msg::Status { status }, &[]);
             }
         }
+        Msg::Hello { who: Who::Client { user, device, callback_port }, .. } => {
+            let refusal = validate_username(&user).map_err(|e| e.to_string()).and_then(|_| device.validate());
+            if let Err(reason) = refusal {
+                log::warn!("refused client peer={peer}: {reason}");
+                let _ = writer.send(&Msg::Refused { reason }, &[]);
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            // A client sends its first login step right behind a valid hello:
+            // read it before answering anything else, so that no answer is
+            // written while a frame of the client's sits unread (closing then
+            // would reset the connection, and the client could lose the answer).
+            let Some(next) = read_opening(&stream, until, &peer, "first login step") else { return };
+            let hello = ClientHello { user, device, callback_port };
+            // A login step may take the client a while (it derives a key from
+            // the password, slow on purpose); then its session's pings pace it.
+            // Each frame has FRAME_TIMEOUT to arrive whole once begun.
+            let mut reader = FrameReader::new(stream);
+            serve_client(&mut reader, &writer, conn, &ctx, hello, next.msg, peer);
+            writer.shutdown();
+            return;
+        }
+        Msg::Hello { who: Who::Primary { .. }, .. } => {
+            let reason = "a server calls clients back; it is not called back".to_string();
+            let _ = writer.send(&Msg::Refused { reason }, &[]);
+        }
+        Msg::Hello { who, .. } => {
+            // A server role without the cluster handshake first: a server of
+            // another version, or a stranger. It reads nothing.
+            log::warn!(
+                "refused an unauthenticated server connection peer={peer} role={}: servers open with the cluster key's handshake",
+                role(&who)
+            );
+            let reason = "server connections must open with the cluster key's handshake".to_string();
+            let _ = writer.send(&Msg::Refused { reason }, &[]);
+        }
+        other => {
+            log::warn!("closing connection peer={peer}: first frame is {} not hello", other.kind());
+            let _ = writer.send(&Msg::Refused { reason: "the first frame must be a hello".into() }, &[]);
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Reads one of a connection's opening frames before the deadline; None (logged)
+/// when the connection ends or fails first.
+fn read_opening(stream: &TcpStream, until: Instant, peer: &str, what: &str) -> Option<Frame> {
+    match read_frame(&mut Deadline { stream, until }) {
+        Ok(Some(f)) => Some(f),
+        Ok(None) => None,
+        Err(e) if e.is_timeout() => {
+            log::warn!("closing connection peer={peer}: no complete {what} within {HELLO_TIMEOUT:?}");
+            None
+        }
+        Err(e) => {
+            log::warn!("closing connection peer={peer}: bad {what}: {e}");
+            None
+        }
+    }
+}
+
+/// A hello's role, for logs.
+fn role(who: &Who) -> &'static str {
+    match who {
+        Who::Client { .. } => "client",
+        Who::Status => "status",
+        Who::Server { .. } => "server",
+        Who::Peer { .. } => "peer",
+        Who::Primary { .. } => "primary",
+        Who::Fetch { .. } => "fetch",
+    }
+}
+
+/// Another server: the cluster handshake, then its hello, which must be for the
+/// purpose and the id the handshake proved; then its link, fetches or election
+/// message. Nothing is read or sent before the handshake but the handshake.
+fn serve_server(stream: TcpStream, writer: FrameWriter, ctx: Ctx, challenge: AuthMsg, until: Instant, peer: String) {
+    let epoch = Epoch(ctx.epoch.load(Ordering::Relaxed));
+    let mut t = Frames { reader: Deadline { stream: &stream, until }, writer: &stream, epoch };
+    let proven = match accept_server(&mut t, &ctx.cluster.key, ctx.cluster.me(), challenge) {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("refused a server connection peer={peer}: {e}");
+            return;
+        }
+    };
+    let Some(hello) = read_opening(&stream, until, &peer, "hello after the cluster handshake") else { return };
+    let hello_epoch = hello.epoch;
+    let who = match hello.msg {
+        Msg::Hello { who, .. } => who,
+        other => {
+            log::warn!("closing server connection peer={peer}: {} instead of a hello", other.kind());
+            return;
+        }
+    };
+    let matches = match (&who, proven.purpose) {
+        (Who::Server { id, .. }, Purpose::Link) => *id == proven.id,
+        (Who::Fetch { id }, Purpose::Fetch) | (Who::Peer { id }, Purpose::Election) => Some(*id) == proven.id,
+        _ => false,
+    };
+    if !matches {
+        log::warn!(
+            "refused a server connection peer={peer}: its hello (role {}) is not what its handshake proved \
+             (purpose {}, id {:?})",
+            role(&who),
+            proven.purpose.as_str(),
+            proven.id
+        );
+        let reason = "the hello does not match the cluster handshake".to_string();
+        let _ = writer.send(&Msg::Refused { reason }, &[]);
+        return;
+    }
+    let core = ctx.core.clone();
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    match who {
         Who::Server { id, ip, port, pos, last_epoch, member } => {
             match ask(&core, |reply| Event::Route { reply }) {
                 Some(Route::Here) => {}
@@ -193,77 +407,220 @@ pub fn serve(stream: TcpStream, conn: ConnId, ctx: Ctx) {
             crate::peer::serve(&mut reader, &writer, &core, id, &peer);
         }
         Who::Fetch { id } => {
-            let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
-            let Ok(peer_ip) = reader.get_ref().peer_addr().map(|a| a.ip()) else { return };
-            serve_fetch(&mut reader, &writer, &core, id, &peer, peer_ip);
-        }
-        Who::Primary { .. } => {
-            let reason = "a server calls clients back; it is not called back".to_string();
-            let _ = writer.send(&Msg::Refused { reason }, &[]);
-        }
-        Who::Client { user, device, callback_port } => {
-            match ask(&core, |reply| Event::Route { reply }) {
-                None => return,
-                Some(Route::Here) => {}
-                Some(Route::At(primary)) => {
-                    log::info!("redirecting client user={user} peer={peer} to primary={primary}");
-                    let _ = writer.send(&Msg::Redirect { primary }, &[]);
-                    return;
-                }
-                Some(Route::Unknown) => {
-                    let reason =
-                        "this server knows no primary right now (an election may be under way); try again".to_string();
-                    let _ = writer.send(&Msg::Refused { reason }, &[]);
-                    return;
-                }
+            if let Ok(peer_ip) = reader.get_ref().peer_addr().map(|a| a.ip()) {
+                let mut reader = FrameReader::new(reader.into_inner());
+                serve_fetch(&mut reader, &writer, &core, id, &peer, peer_ip);
             }
-            let refusal = validate_username(&user).map_err(|e| e.to_string()).and_then(|_| device.validate());
-            if let Err(reason) = refusal {
-                log::warn!("refused client peer={peer}: {reason}");
-                let _ = writer.send(&Msg::Refused { reason }, &[]);
-                return;
-            }
-            let ip = reader.get_ref().peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-            let client = Client {
-                conn,
-                user,
-                device,
-                core: core.clone(),
-                writer: writer.clone(),
-                peer,
-                ack_timeout: ctx.ack_timeout,
-            };
-            let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
-            let stream = reader.get_ref().try_clone().ok();
-            let (out_tx, out_rx) = unbounded::<Msg>();
-            let login = |reply| Event::Login {
-                conn,
-                user: client.user.clone(),
-                device: client.device.clone(),
-                ip,
-                callback_port,
-                out: out_tx,
-                stream,
-                reply,
-            };
-            let end = match ask(&core, login) {
-                None => End::CoreGone,
-                Some(Err(reason)) => {
-                    let _ = client.send(&Msg::Refused { reason: reason.clone() });
-                    End::Refused(reason)
-                }
-                Some(Ok(Welcome { token, devices, last_seq })) => {
-                    match client.send(&Msg::Welcome { token, devices, last_seq }) {
-                        Err(e) => e,
-                        Ok(()) => client.serve(&mut reader, out_rx),
-                    }
-                }
-            };
-            client.ended(&end);
+        }
+        // `matches` above admits no other role.
+        Who::Client { .. } | Who::Status | Who::Primary { .. } => {}
+    }
+    writer.shutdown();
+}
+
+/// What a client's hello says.
+struct ClientHello {
+    user: String,
+    device: DeviceId,
+    callback_port: u16,
+}
+
+/// A client: its password login (the first step of which came behind its hello),
+/// then its session.
+fn serve_client<R: FrameSource>(
+    reader: &mut R,
+    writer: &FrameWriter,
+    conn: ConnId,
+    ctx: &Ctx,
+    hello: ClientHello,
+    first: Msg,
+    peer: String,
+) {
+    let core = &ctx.core;
+    let ClientHello { user, device, callback_port } = hello;
+    let refuse = |reason: String| {
+        let _ = writer.send(&Msg::Refused { reason }, &[]);
+    };
+    let first = match first {
+        Msg::Auth(first @ AuthMsg::ScramClientFirst { .. }) => first,
+        other => {
+            log::warn!("refused client peer={peer}: {} after its hello, not a password login", other.kind());
+            return refuse("a client's hello must be followed by scram_client_first (a password login)".into());
+        }
+    };
+    match ask(core, |reply| Event::Route { reply }) {
+        None => return,
+        Some(Route::Here) => {}
+        Some(Route::At(primary)) => {
+            log::info!("redirecting client user={user} peer={peer} to primary={primary}");
+            let _ = writer.send(&Msg::Redirect { primary }, &[]);
+            return;
+        }
+        Some(Route::Unknown) => {
+            return refuse("this server knows no primary right now (an election may be under way); try again".into());
         }
     }
-    let _ = reader.get_ref().shutdown(Shutdown::Both);
+    let Some(session_key) = password_login(reader, writer, core, &user, first, &peer) else { return };
+    let ip = match peer.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().to_string(),
+        Err(_) => String::new(),
+    };
+    let client =
+        Client { conn, user, device, core: core.clone(), writer: writer.clone(), peer, ack_timeout: ctx.ack_timeout };
+    let (out_tx, out_rx) = unbounded::<Msg>();
+    let login = |reply| Event::Login {
+        conn,
+        user: client.user.clone(),
+        device: client.device.clone(),
+        ip,
+        callback_port,
+        token: session_key.to_hex(),
+        out: out_tx,
+        stream: writer.stream(),
+        reply,
+    };
+    let end = match ask(core, login) {
+        None => End::CoreGone,
+        Some(Err(reason)) => {
+            let _ = client.send(&Msg::Refused { reason: reason.clone() });
+            End::Refused(reason)
+        }
+        Some(Ok(Welcome { devices, last_seq })) => match client.send(&Msg::Welcome { devices, last_seq }) {
+            Err(e) => e,
+            Ok(()) => client.serve(reader, out_rx),
+        },
+    };
+    client.ended(&end);
 }
+
+/// The server's side of a password login (SCRAM-SHA-256 style; see
+/// `replibox_proto::auth::scram`): a new user's account is created (replicated)
+/// before the login goes on; an existing one's proof is checked no sooner than the
+/// failed-login throttle allows, and a wrong one is counted there and logged. The
+/// session key when the password is proven (the server's proof is sent); None when
+/// the login ended (the client was told why).
+fn password_login<R: FrameSource>(
+    reader: &mut R,
+    writer: &FrameWriter,
+    core: &Sender<Event>,
+    user: &str,
+    first: AuthMsg,
+    peer: &str,
+) -> Option<SessionKey> {
+    let tell = |msg: AuthMsg| {
+        let _ = writer.send(&Msg::Auth(msg), &[]);
+    };
+    let fail = |e: &AuthError| {
+        if let Some(refusal) = e.refusal() {
+            tell(refusal);
+        }
+    };
+    let mut login = match ScramServer::new(first) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("refused login peer={peer}: {e}");
+            fail(&e);
+            return None;
+        }
+    };
+    if login.user() != user {
+        log::warn!("refused login peer={peer}: its hello names user {user}, its login {}", login.user());
+        let e = AuthError::InvalidUser("the hello and the login name two different users".into());
+        fail(&e);
+        return None;
+    }
+    let start = ask(core, |reply| Event::LoginStart { user: user.to_string(), reply })?;
+    let verify_at = match start.admission {
+        Admission::Busy(wait) => {
+            log::warn!(
+                "refused login user={user} peer={peer}: too many failed logins ({} in a row); the next may come in {} ms",
+                start.failures,
+                wait.as_millis()
+            );
+            let secs = wait.as_secs_f64().ceil().max(1.0);
+            tell(AuthMsg::Failed {
+                why: Refusal::TryLater,
+                detail: format!("too many failed logins of user {user} just now; try again in {secs} s"),
+            });
+            return None;
+        }
+        Admission::After(wait) => {
+            if !wait.is_zero() {
+                log::info!(
+                    "delaying login user={user} peer={peer} by {} ms after {} failed logins",
+                    wait.as_millis(),
+                    start.failures
+                );
+            }
+            Instant::now() + wait
+        }
+    };
+    let challenge = match login.challenge(start.account) {
+        Ok(m) => m,
+        Err(e) => {
+            fail(&e);
+            return None;
+        }
+    };
+    tell(challenge);
+    loop {
+        let msg = match reader.next_frame() {
+            Ok(Some(Frame { msg: Msg::Auth(m), .. })) => m,
+            Ok(Some(f)) => {
+                log::warn!("login of user={user} peer={peer} ended: {} in the middle of it", f.msg.kind());
+                return None;
+            }
+            Ok(None) => return None,
+            Err(e) => {
+                log::warn!("login of user={user} peer={peer} ended: {e}");
+                return None;
+            }
+        };
+        if matches!(msg, AuthMsg::ScramClientFinal { .. }) {
+            // The throttle's delay falls between the guess and its verdict.
+            std::thread::sleep(verify_at.saturating_duration_since(Instant::now()));
+        }
+        match login.step(msg) {
+            Ok(ServerStep::CreateAccount { credentials, reply }) => {
+                let made = ask(core, |r| Event::CreateAccount { user: user.to_string(), credentials, reply: r })?;
+                match made {
+                    Ok(AccountOutcome::Created) => tell(reply),
+                    Ok(AccountOutcome::Exists(existing)) => match login.challenge_existing(existing) {
+                        Ok(challenge) => {
+                            log::info!("account user={user} was created by another login meanwhile; peer={peer} goes on against it");
+                            tell(challenge)
+                        }
+                        Err(e) => {
+                            fail(&e);
+                            return None;
+                        }
+                    },
+                    Err(reason) => {
+                        log::warn!("refused login user={user} peer={peer}: cannot create the account: {reason}");
+                        tell(AuthMsg::Failed { why: Refusal::Unavailable, detail: reason });
+                        return None;
+                    }
+                }
+            }
+            Ok(ServerStep::LoggedIn { reply, session_key }) => {
+                tell(reply);
+                return Some(session_key);
+            }
+            Err(e) => {
+                if let AuthError::WrongPassword { .. } = e {
+                    let _ = core.send(Event::LoginFailed { user: user.to_string(), peer: peer.to_string() });
+                } else {
+                    log::warn!("login of user={user} peer={peer} failed: {e}");
+                }
+                fail(&e);
+                return None;
+            }
+        }
+    }
+}
+
+/// Where a connection's changing requests wait for their answers, in order.
+type Pending = crossbeam_channel::Sender<(Seq, crossbeam_channel::Receiver<OpResult>)>;
 
 /// A logged-in client's connection (or a called-back one, once resumed).
 pub struct Client {
@@ -285,8 +642,8 @@ pub struct Client {
 
 /// Serves a backup's fetches: each names a user's file, answered like a download
 /// (seq 0): the metadata, the chunks, the end with the hash.
-fn serve_fetch<R: Read>(
-    reader: &mut R,
+fn serve_fetch(
+    reader: &mut FrameReader,
     writer: &FrameWriter,
     core: &Sender<Event>,
     id: replibox_proto::ServerId,
@@ -294,11 +651,12 @@ fn serve_fetch<R: Read>(
     peer_ip: std::net::IpAddr,
 ) {
     loop {
-        let frame = match read_frame(reader) {
+        let frame = match reader.next_frame() {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
-                log::warn!("fetch connection of backup id={id} peer={peer} closed: {e}");
+                let why = reader.gave_up().unwrap_or_else(|| e.to_string());
+                log::warn!("fetch connection of backup id={id} peer={peer} closed: {why}");
                 return;
             }
         };
@@ -386,7 +744,7 @@ impl Client {
 
     /// Serves a logged-in session: pushes from the core go out through their own
     /// thread (the core never waits on this socket); requests are read here.
-    pub fn serve<R: Read>(&self, reader: &mut R, out_rx: crossbeam_channel::Receiver<Msg>) -> End {
+    pub fn serve<R: FrameSource>(&self, reader: &mut R, out_rx: crossbeam_channel::Receiver<Msg>) -> End {
         let w = self.writer.clone();
         let name = format!("conn-{}-push", self.conn);
         let _ = std::thread::Builder::new().name(name).spawn(move || {
@@ -396,16 +754,43 @@ impl Client {
                 }
             }
         });
+        // Changing requests are answered by their own thread, in order, once the
+        // core has stored them everywhere: meanwhile this thread reads the next
+        // request, so a device may keep several in flight (a window) and their
+        // replication overlaps. Bounded, so that a client that sends without
+        // reading waits here instead of piling up work.
+        let (pending, answers) = crossbeam_channel::bounded::<(Seq, crossbeam_channel::Receiver<OpResult>)>(
+            4 * crate::state::REQUEST_WINDOW as usize,
+        );
+        let w = self.writer.clone();
+        let name = format!("conn-{}-replies", self.conn);
+        let _ = std::thread::Builder::new().name(name).spawn(move || {
+            for (seq, answer) in answers {
+                match answer.recv() {
+                    Ok(result) => {
+                        if w.send(&Msg::Reply { seq, result }, &[]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        // The core dropped the request (it stepped down, or stops):
+                        // the client resends it elsewhere once the connection is gone.
+                        w.shutdown();
+                        break;
+                    }
+                }
+            }
+        });
         loop {
-            let frame = match read_frame(reader) {
+            let frame = match reader.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => return End::Clean,
-                Err(e) => return End::Proto(e),
+                Err(e) => return reader.gave_up().map_or(End::Proto(e), End::Violation),
             };
             let result = match frame.msg {
                 Msg::Ping => self.send(&Msg::Pong),
                 Msg::Bye => return End::Bye,
-                Msg::Request { seq, op } => self.request(reader, seq, op),
+                Msg::Request { seq, op } => self.request(reader, &pending, seq, op),
                 other => Err(End::Violation(format!("unexpected {} outside a request", other.kind()))),
             };
             if let Err(end) = result {
@@ -418,10 +803,24 @@ impl Client {
         self.send(&Msg::Reply { seq, result })
     }
 
-    fn request<R: Read>(&self, reader: &mut R, seq: Seq, op: Op) -> Result<(), End> {
+    /// Asks the core for a change and leaves its answer to the replies thread.
+    fn ask_later(
+        &self,
+        pending: &Pending,
+        seq: Seq,
+        make: impl FnOnce(Sender<OpResult>) -> CoreRequest,
+    ) -> Result<(), End> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.core.send(Event::Request { conn: self.conn, seq, req: make(tx) }).map_err(|_| End::CoreGone)?;
+        pending.send((seq, rx)).map_err(|_| End::Violation("the replies thread ended".into()))
+    }
+
+    fn request<R: FrameSource>(&self, reader: &mut R, pending: &Pending, seq: Seq, op: Op) -> Result<(), End> {
         let paths: Vec<&str> = match &op {
-            Op::List { .. } => vec![],
-            Op::Upload { path, .. } | Op::Download { path } | Op::Delete { path, .. } => vec![path],
+            Op::List { .. } | Op::Passwd { .. } => vec![],
+            Op::Upload { path, .. } | Op::Download { path } | Op::Delete { path, .. } | Op::Mkdir { path, .. } => {
+                vec![path]
+            }
             Op::Rename { from, to, .. } => vec![from, to],
         };
         for p in paths {
@@ -438,21 +837,24 @@ impl Client {
                 self.reply(seq, result)
             }
             Op::Delete { path, base } => {
-                let result = self.ask(seq, |reply| CoreRequest::Delete { path, base, reply })?;
-                self.reply(seq, result)
+                self.ask_later(pending, seq, |reply| CoreRequest::Delete { path, base, reply })
             }
+            Op::Mkdir { path, base } => self.ask_later(pending, seq, |reply| CoreRequest::Mkdir { path, base, reply }),
             Op::Rename { from, to, base } => {
-                let result = self.ask(seq, |reply| CoreRequest::Rename { from, to, base, reply })?;
-                self.reply(seq, result)
+                self.ask_later(pending, seq, |reply| CoreRequest::Rename { from, to, base, reply })
+            }
+            // A change like the others: answered in order by the replies thread.
+            Op::Passwd { credentials } => {
+                self.ask_later(pending, seq, |reply| CoreRequest::Passwd { credentials, reply })
             }
             Op::Download { path } => match self.ask(seq, |reply| CoreRequest::Open { path, reply })? {
                 Err(result) => self.reply(seq, result),
                 Ok((meta, file)) => self.download(seq, meta, file),
             },
-            Op::Upload { path, size, mtime_ms, base } => {
+            Op::Upload { path, size, mtime_ms, base, exec } => {
                 match self.ask(seq, |reply| CoreRequest::BeginUpload { path: path.clone(), base, reply })? {
                     Err(result) => self.reply(seq, result),
-                    Ok(backups) => self.upload(reader, seq, path, size, mtime_ms, base, backups),
+                    Ok(backups) => self.upload(reader, pending, seq, path, size, (mtime_ms, exec), base, backups),
                 }
             }
         }
@@ -466,20 +868,22 @@ impl Client {
     /// forwards it to every backup (never storing the whole file before passing
     /// it on); then asks the core to commit it.
     #[allow(clippy::too_many_arguments)]
-    fn upload<R: Read>(
+    fn upload<R: FrameSource>(
         &self,
         reader: &mut R,
+        pending: &Pending,
         seq: Seq,
         path: String,
         size: u64,
-        mtime_ms: i64,
+        (mtime_ms, exec): (i64, bool),
         base: Option<replibox_proto::Version>,
         mut backups: Vec<DataSender>,
     ) -> Result<(), End> {
-        let (xfer, mut file) = {
+        let (xfer, mut file, _) = {
             match ask(&self.core, |reply| Event::NewTemp { reply }).ok_or(End::CoreGone)? {
                 Ok(t) => t,
-                Err(message) => return self.reply(seq, OpResult::Error { message }),
+                // No Proceed was sent: the client sends no chunks.
+                Err(message) => return self.reply(seq, OpResult::Unavailable { message }),
             }
         };
         // The core tells every backup (on the control queue, which never drops a
@@ -492,15 +896,19 @@ impl Client {
             return Err(abandon(e));
         }
         let mut receipt = Receipt::new(size);
+        // Set when this server cannot store the bytes (its disk is full): the
+        // rest of the upload is read and dropped, so that the session stays in
+        // step, and the client is told why instead of losing its connection.
+        let mut trouble: Option<String> = None;
         let sent_hash = loop {
-            let frame: Frame = match read_frame(reader) {
+            let frame: Frame = match reader.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     let got = receipt.got();
                     let why = End::Violation(format!("closed mid-upload of {path} ({got} of {size} bytes)"));
                     return Err(abandon(why));
                 }
-                Err(e) => return Err(abandon(End::Proto(e))),
+                Err(e) => return Err(abandon(reader.gave_up().map_or(End::Proto(e), End::Violation))),
             };
             match frame.msg {
                 Msg::Ping => {
@@ -512,10 +920,14 @@ impl Client {
                     if let Err(e) = receipt.add(&frame.payload) {
                         return Err(abandon(End::Violation(format!("upload of {path} is {e}"))));
                     }
+                    if trouble.is_some() {
+                        continue;
+                    }
                     if let Err(e) = file.write_all(&frame.payload) {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
-                        let why = End::Violation(format!("server cannot store the upload: {e}"));
-                        return Err(abandon(why));
+                        trouble = Some(crate::store::storage_trouble(&e));
+                        let _ = abandon(End::Clean);
+                        continue;
                     }
                     let chunk = Arc::new(frame.payload);
                     backups.retain(|b| {
@@ -538,6 +950,9 @@ impl Client {
                 }
             }
         };
+        if let Some(message) = trouble {
+            return self.reply(seq, OpResult::Unavailable { message });
+        }
         let hash = match receipt.finish(sent_hash) {
             Ok(hash) => hash,
             Err(e) => {
@@ -547,16 +962,21 @@ impl Client {
                 return self.reply(seq, OpResult::Error { message });
             }
         };
-        if let Err(e) = file.sync_all() {
-            let _ = abandon(End::Clean);
-            return self.reply(seq, OpResult::Error { message: format!("server cannot sync the upload: {e}") });
-        }
+        // Its bytes are synced with the group its entry joins (`Store::flush`),
+        // many files at once: this thread goes on to the next upload.
         drop(file);
         for b in &backups {
             let _ = b.tx.send_timeout(LinkOut::msg(Msg::XferEnd { xfer: xfer.clone(), size, hash }), self.ack_timeout);
         }
-        let result =
-            self.ask(seq, |reply| CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply })?;
-        self.reply(seq, result)
+        self.ask_later(pending, seq, |reply| CoreRequest::CommitUpload {
+            path,
+            base,
+            xfer,
+            size,
+            mtime_ms,
+            exec,
+            hash,
+            reply,
+        })
     }
 }

@@ -8,15 +8,18 @@
 //! runs, so every send, ack and answer that depends on an entry follows it. It
 //! never blocks on a socket: frames go through queues that other threads drain.
 
+use crate::cluster::ClusterAuth;
 use crate::follow::{self, FollowerHandle, JoinHello};
 use crate::link::{DataSender, LinkOut};
-use crate::node::{Config as NodeConfig, JoinRequest, LinkNo, Node, Output, Phase, Ticket};
+use crate::node::{Config as NodeConfig, JoinRequest, LinkNo, Node, Output, Phase, Quorum, Ticket};
 use crate::peer;
 use crate::state::{Change, Entry, LastRequest, Session, State, MAX_DEVICES};
 use crate::store::{self, new_meta, CommitError, Store};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use replibox_proto::auth::{Admission, LoginThrottle};
 use replibox_proto::{
-    Answer, ContentHash, DeviceId, Epoch, FileMeta, LogPos, Msg, Notice, OpResult, Seq, ServerId, Version,
+    Answer, ContentHash, DeviceId, Epoch, FileMeta, LogPos, Msg, Notice, OpResult, Seq, ServerId, StoredCredentials,
+    Version,
 };
 use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
@@ -55,6 +58,10 @@ pub struct Settings {
     pub seed: Option<String>,
     /// The data dir.
     pub data: PathBuf,
+    /// When a change may be acknowledged (`--quorum`).
+    pub quorum: Quorum,
+    /// The cluster key and this server's id, for every server-to-server connection.
+    pub cluster: Arc<ClusterAuth>,
 }
 
 impl Settings {
@@ -78,8 +85,6 @@ pub enum Fatal {
 /// What the core answers a client's login or resumed session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Welcome {
-    /// The session's secret.
-    pub token: String,
     /// Devices of this user connected now, this one included.
     pub devices: u32,
     /// The device's last answered request.
@@ -105,10 +110,48 @@ struct LinkHandle {
     stream: TcpStream,
 }
 
-/// What to do once an entry is stored on every backup.
+/// What to do once an entry is stored on every backup. (A ticket's size does not
+/// matter: one per request in flight.)
+#[allow(clippy::large_enum_variant)]
 enum Done {
-    Reply { reply: Sender<OpResult>, result: OpResult, push: Option<(ConnId, String, Notice)> },
-    Login { reply: Sender<Result<Welcome, String>>, answer: Welcome },
+    Reply {
+        reply: Sender<OpResult>,
+        result: OpResult,
+        push: Option<(ConnId, String, Notice)>,
+    },
+    /// An upload's start answered from the request table.
+    Begin {
+        reply: Sender<Result<Vec<DataSender>, OpResult>>,
+        answer: OpResult,
+    },
+    Login {
+        reply: Sender<Result<Welcome, String>>,
+        answer: Welcome,
+    },
+    Account {
+        reply: Sender<Result<AccountOutcome, String>>,
+    },
+}
+
+/// What became of a first login's account.
+#[derive(Debug)]
+pub enum AccountOutcome {
+    /// This login created it.
+    Created,
+    /// Another login of the same new user created it meanwhile (two devices
+    /// started at once): this login goes on against that account, whose
+    /// password it must prove.
+    Exists(StoredCredentials),
+}
+
+/// What the core answers a login's first step.
+pub struct LoginStart {
+    /// The user's account (None: the user has none yet, and may create it).
+    pub account: Option<StoredCredentials>,
+    /// When the login's proof may be checked (the failed-login throttle).
+    pub admission: Admission,
+    /// The user's failed logins in a row, for the log.
+    pub failures: u32,
 }
 
 /// What a connection, a link, the follower or a peer asks of the core.
@@ -125,12 +168,39 @@ pub enum Event {
         ip: String,
         /// Its callback port.
         callback_port: u16,
+        /// The session's secret: the key the password login derived (hex), which
+        /// a new primary proves it holds when it calls the client back.
+        token: String,
         /// Where the core sends pushes for this connection.
         out: Sender<Msg>,
         /// The socket, to shut it down if this server steps down.
         stream: Option<TcpStream>,
         /// The answer, or a refusal.
         reply: Sender<Result<Welcome, String>>,
+    },
+    /// A client's login begins (its username is valid): the user's account, and
+    /// when its proof may be checked.
+    LoginStart {
+        /// The user.
+        user: String,
+        /// The answer.
+        reply: Sender<LoginStart>,
+    },
+    /// A login's proof was wrong: count it in the throttle, and log it.
+    LoginFailed {
+        /// The user.
+        user: String,
+        /// The client's address, for the log.
+        peer: String,
+    },
+    /// A first login creates the user's account (replicated before the answer).
+    CreateAccount {
+        /// The user.
+        user: String,
+        /// The account's credentials, derived on the client.
+        credentials: StoredCredentials,
+        /// Stored (or found made by another login), or why not.
+        reply: Sender<Result<AccountOutcome, String>>,
     },
     /// A client accepted this (new) primary's call: the connection becomes its
     /// session, which the replicated session table already holds.
@@ -171,8 +241,8 @@ pub enum Event {
     },
     /// Create a temporary file for an incoming upload.
     NewTemp {
-        /// Its id and handle, or why not.
-        reply: Sender<Result<(String, File), String>>,
+        /// Its id, handle and path, or why not.
+        reply: Sender<Result<(String, File, PathBuf), String>>,
     },
     /// An upload will not be committed: remove its temporary file here and on
     /// every backup.
@@ -256,15 +326,32 @@ pub enum Event {
     PeerUnreachable {
         /// The server.
         to: ServerId,
-        /// Its port refused (its process is down).
-        down: bool,
+        /// Refused (its process is down), broken, or silent.
+        how: crate::node::Unreached,
     },
     /// Stop the core.
     Shutdown,
 }
 
-/// An answer read from the state, waiting for the position it was read at to be
-/// committed (see [`Core::answer_committed`]).
+/// How long the core waits for more entries before a group commit, in a burst.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// A change this soon after the last group commit ended is part of a burst. A
+/// device's changes one at a time (a user saving files) come further apart than
+/// this, and must not pay the linger on every server they cross.
+const BURST: Duration = Duration::from_millis(10);
+
+/// Something held back until the group commit under way is durable.
+enum Later {
+    /// A message or an answer the node produced.
+    Out(Box<Output>),
+    /// An answer read from the state.
+    Answer(Held),
+    /// A backup's entry applied (the follower waits for this before it may read
+    /// the files that entry changed).
+    Applied(Sender<Result<(), String>>, Result<(), String>),
+}
+
 enum Held {
     /// A listing, a refusal, or a request's stored result.
     Result(Sender<OpResult>, OpResult),
@@ -295,6 +382,9 @@ impl Event {
     fn kind(&self) -> &'static str {
         match self {
             Event::Login { .. } => "login",
+            Event::LoginStart { .. } => "login start",
+            Event::LoginFailed { .. } => "login failed",
+            Event::CreateAccount { .. } => "create account",
             Event::Resumed { .. } => "resumed",
             Event::CallbackFailed { .. } => "callback failed",
             Event::Disconnect { .. } => "disconnect",
@@ -380,10 +470,19 @@ pub enum FollowerEvent {
         /// The message.
         msg: Msg,
     },
+    /// The server at the address does not hold this cluster's key (the session
+    /// ended).
+    KeyMismatch {
+        /// Why, as the handshake found it.
+        why: String,
+    },
     /// The session ended.
     Down {
         /// Why.
         why: String,
+        /// Because this server could not write what it received (its disk is
+        /// full, say).
+        storage: bool,
     },
 }
 
@@ -440,6 +539,8 @@ pub enum CoreRequest {
         size: u64,
         /// Modification time to record.
         mtime_ms: i64,
+        /// The file is executable.
+        exec: bool,
         /// Their hash.
         hash: ContentHash,
         /// The answer.
@@ -454,6 +555,15 @@ pub enum CoreRequest {
         /// The answer.
         reply: Sender<OpResult>,
     },
+    /// Create a folder.
+    Mkdir {
+        /// Path.
+        path: String,
+        /// Base version (of a file the folder replaces).
+        base: Option<Version>,
+        /// The answer.
+        reply: Sender<OpResult>,
+    },
     /// Rename a file.
     Rename {
         /// Old path.
@@ -462,6 +572,13 @@ pub enum CoreRequest {
         to: String,
         /// Base version.
         base: Option<Version>,
+        /// The answer.
+        reply: Sender<OpResult>,
+    },
+    /// Change the user's password.
+    Passwd {
+        /// The new credentials.
+        credentials: StoredCredentials,
         /// The answer.
         reply: Sender<OpResult>,
     },
@@ -506,6 +623,14 @@ struct Applying {
     lacking: Option<(String, String)>,
 }
 
+impl Applying {
+    /// Its content needs disk work beyond the entry's own action (a fetched copy
+    /// to place, a stale one to drop): committed on its own, not in a group.
+    fn needs_disk(&self) -> bool {
+        self.refetch.is_some() || self.lacking.is_some()
+    }
+}
+
 /// The core's state.
 pub struct Core {
     settings: Settings,
@@ -521,6 +646,12 @@ pub struct Core {
     /// each with the position it was read at: sent once that position is
     /// committed, dropped if this server steps down (the client asks again).
     held: VecDeque<(LogPos, Held)>,
+    /// What waits for the group commit under way (see [`Store::flush`]): every
+    /// message and answer produced while entries are logged but not yet fsynced,
+    /// in order.
+    later: VecDeque<Later>,
+    /// When the last group commit ended (see [`Core::linger`]).
+    last_flush: Option<Instant>,
     next_ticket: u64,
     follower: Option<FollowerHandle>,
     next_session: u64,
@@ -540,7 +671,17 @@ pub struct Core {
     persist_error: Option<String>,
     fatal: Option<Fatal>,
     stopping: Option<Instant>,
+    /// As primary: the most live backups it has had in this term, and since when
+    /// (and when it last said so) it runs with fewer.
+    most_backups: usize,
+    fewer_since: Option<Instant>,
+    fewer_said: Option<Instant>,
+    /// Failed logins per user (only the primary checks passwords).
+    throttle: LoginThrottle,
 }
+
+/// How often a primary running with fewer backups than it had says so again.
+const FEWER_BACKUPS_REPEAT: Duration = Duration::from_secs(30);
 
 fn refusal(message: impl Into<String>) -> OpResult {
     OpResult::Error { message: message.into() }
@@ -563,6 +704,7 @@ impl Core {
             election_timeout_ms: ms(settings.election_timeout),
             fence_timeout_ms: (3 * failure).max(ms(settings.ack_timeout)),
             seed: settings.seed.clone(),
+            quorum: settings.quorum,
         };
         let seen = store::load_epoch_seen(store.root());
         let epoch = Arc::new(AtomicU64::new(state.epoch.0.max(seen.0)));
@@ -582,6 +724,8 @@ impl Core {
             links: BTreeMap::new(),
             tickets: BTreeMap::new(),
             held: VecDeque::new(),
+            later: VecDeque::new(),
+            last_flush: None,
             next_ticket: 1,
             follower: None,
             next_session: 0,
@@ -594,12 +738,21 @@ impl Core {
             persist_error: None,
             fatal: None,
             stopping: None,
+            most_backups: 0,
+            fewer_since: None,
+            fewer_said: None,
+            throttle: LoginThrottle::new(),
         }
     }
 
     /// How long a backup may take to acknowledge (`--ack-timeout-ms`).
     pub fn ack_timeout(&self) -> Duration {
         self.settings.ack_timeout
+    }
+
+    /// The cluster key and this server's id, shared with the connection threads.
+    pub fn cluster(&self) -> Arc<ClusterAuth> {
+        self.settings.cluster.clone()
     }
 
     /// The epoch shared with the connection threads, which stamp it on every frame.
@@ -631,6 +784,7 @@ impl Core {
         if start == Start::Primary {
             self.adopt_files();
         }
+        self.flush();
         loop {
             if let Some(f) = self.fatal.take() {
                 self.stop_threads();
@@ -667,7 +821,11 @@ impl Core {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
+            self.linger(&rx);
+            // One fsync for every entry this round of events logged.
+            self.flush();
             self.timers();
+            self.flush();
         }
         self.stop_threads();
         log::info!("core stopped pos={} longest_stall_ms={}", self.node.state().pos, self.longest_stall.as_millis());
@@ -695,8 +853,43 @@ impl Core {
     }
 
     /// Work a stopping server turns away (its connections close; clients resend).
+    /// In a burst of changes, waits up to [`LINGER`] for more entries before the
+    /// group commit: a device's uploads come one after the other (each waits for
+    /// the core's answers on its way), so without the wait every group would hold
+    /// one entry. A change after a quiet spell is flushed at once.
+    fn linger(&mut self, rx: &Receiver<Event>) {
+        let burst = self.last_flush.is_some_and(|t| t.elapsed() < BURST);
+        if !self.store.has_pending() || !burst || self.stopping.is_some() {
+            return;
+        }
+        let until = Instant::now() + LINGER;
+        while self.store.can_grow() && self.fatal.is_none() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(Event::Shutdown) => {
+                    log::info!("shutting down: {} requests still replicating", self.tickets.len());
+                    self.stopping.get_or_insert(Instant::now() + self.settings.ack_timeout);
+                    break;
+                }
+                Ok(event) => self.timed(event),
+                Err(_) => break,
+            }
+        }
+    }
+
     fn new_work(event: &Event) -> bool {
-        matches!(event, Event::Login { .. } | Event::Request { .. } | Event::LinkUp { .. } | Event::Resumed { .. })
+        matches!(
+            event,
+            Event::Login { .. }
+                | Event::LoginStart { .. }
+                | Event::Request { .. }
+                | Event::LinkUp { .. }
+                | Event::Resumed { .. }
+                | Event::CreateAccount { .. }
+        )
     }
 
     fn stop_threads(&mut self) {
@@ -719,6 +912,7 @@ impl Core {
     }
 
     fn timers(&mut self) {
+        self.throttle.prune(Instant::now());
         let now = self.now_ms();
         let out = self.node.tick(now);
         self.execute(out);
@@ -732,6 +926,51 @@ impl Core {
             }
         }
         self.epoch.store(self.node.epoch().0, Ordering::Relaxed);
+        self.watch_backups();
+    }
+
+    /// A primary that runs with fewer live backups than it has had in this term
+    /// (one left with a full disk, or was dropped) says so loudly, at once and
+    /// every [`FEWER_BACKUPS_REPEAT`] while it lasts: every change is stored on
+    /// fewer servers than before. `--status` shows it in its `note`.
+    fn watch_backups(&mut self) {
+        if !self.node.is_primary() {
+            self.most_backups = 0;
+            self.fewer_since = None;
+            return;
+        }
+        let live = self.node.live_backups().len();
+        if live >= self.most_backups {
+            if let Some(since) = self.fewer_since.take() {
+                log::info!("all {live} backups are live again after {:?}", since.elapsed());
+            }
+            self.most_backups = live;
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.fewer_since.get_or_insert(now);
+        if self.fewer_said.is_none_or(|t| now.duration_since(t) >= FEWER_BACKUPS_REPEAT) || since == now {
+            self.fewer_said = Some(now);
+            log::warn!(
+                "running with {live} of the {} backups this primary had (for {:?}): every change is stored on {} \
+                 servers only",
+                self.most_backups,
+                since.elapsed(),
+                live + 1
+            );
+        }
+    }
+
+    /// What `--status` says of a primary with fewer backups than it had.
+    fn fewer_backups_note(&self) -> Option<String> {
+        let since = self.fewer_since?;
+        let live = self.node.live_backups().len();
+        Some(format!(
+            "running with {live} of the {} backups it had, for {} s: changes are stored on {} servers only",
+            self.most_backups,
+            since.elapsed().as_secs(),
+            live + 1
+        ))
     }
 
     fn end_session(&mut self, device: &DeviceId, why: &str) {
@@ -750,6 +989,11 @@ impl Core {
                 return;
             }
         };
+        // Hashing every file found (hundreds of MiB, on a busy machine) can take
+        // longer than the failure timeout: the node must not take its own start-up
+        // work for a pause and step down (it then waited for a primary for ever).
+        let now = self.now_ms();
+        self.node.busy_until(now);
         for (user, meta) in found {
             self.propose(Store::adoption(user, meta), None, None);
         }
@@ -761,6 +1005,24 @@ impl Core {
     fn execute(&mut self, out: Vec<Output>) {
         let mut queue: VecDeque<Output> = out.into();
         while let Some(o) = queue.pop_front() {
+            if self.store.has_pending() {
+                match o {
+                    Output::Persist(_) | Output::Log(..) | Output::SawEpoch(_) => {}
+                    Output::ToLink { .. }
+                    | Output::SnapshotTo { .. }
+                    | Output::CloseLink { .. }
+                    | Output::ToPrimary(_)
+                    | Output::ToPeer { .. }
+                    | Output::Complete(_)
+                    | Output::Abort(_) => {
+                        // Depends on, or comes after, an entry not yet durable.
+                        self.later.push_back(Later::Out(Box::new(o)));
+                        continue;
+                    }
+                    // A role change, an install, ...: the group first.
+                    _ => self.flush(),
+                }
+            }
             match o {
                 Output::Persist(entry) => queue.extend(self.persist(entry)),
                 Output::Install(state) => {
@@ -805,7 +1067,8 @@ impl Core {
                             Msg::Fence { .. } => self.settings.failure_timeout,
                             _ => self.settings.election_timeout,
                         };
-                        peer::send(events.clone(), self.node.id(), to, addr, self.epoch.clone(), msg, timeout);
+                        let cluster = self.settings.cluster.clone();
+                        peer::send(events.clone(), cluster, to, addr, self.epoch.clone(), msg, timeout);
                     }
                 }
                 Output::Complete(t) => self.complete(t),
@@ -817,6 +1080,7 @@ impl Core {
                         log::error!("cannot record server id={id}: {e}");
                     }
                     self.settings.id = id;
+                    self.settings.cluster.id.store(id.0, Ordering::Relaxed);
                 }
                 Output::Incomplete(true) => {
                     if let Err(e) = self.store.mark_incomplete() {
@@ -840,7 +1104,47 @@ impl Core {
         }
         let now = self.now_ms();
         self.node.busy_until(now);
-        if !self.held.is_empty() {
+        if !self.held.is_empty() && !self.store.has_pending() {
+            self.release_held();
+        }
+    }
+
+    /// Ends the group commit under way: its entries durable and their actions
+    /// done ([`Store::flush`]), what waited for them goes out. On failure the
+    /// core stops, and nothing that waited is sent.
+    fn flush(&mut self) {
+        if !self.store.has_pending() {
+            return;
+        }
+        let started = Instant::now();
+        let entries = self.store.pending_len();
+        if let Err(e) = self.store.flush(self.node.state()) {
+            log::error!("stopping: cannot make logged entries durable: {e}");
+            self.fatal = Some(Fatal::Disk(e.to_string()));
+            self.later.clear();
+            return;
+        }
+        log::debug!("group commit of {entries} entries took {} us", started.elapsed().as_micros());
+        self.last_flush = Some(Instant::now());
+        self.store.maybe_compact(self.node.state());
+        // The flush is the core's own work, not a silence of its peers.
+        let now = self.now_ms();
+        self.node.busy_until(now);
+        while let Some(l) = self.later.pop_front() {
+            match l {
+                Later::Out(o) => self.execute(vec![*o]),
+                Later::Answer(h) => self.answer_committed(h),
+                Later::Applied(reply, result) => {
+                    let _ = reply.send(result);
+                }
+            }
+            if self.store.has_pending() {
+                // What went out began a new group (an answer that logs an
+                // entry): the rest waits for it, in order.
+                break;
+            }
+        }
+        if !self.held.is_empty() && !self.store.has_pending() {
             self.release_held();
         }
     }
@@ -852,18 +1156,27 @@ impl Core {
     fn persist(&mut self, entry: Entry) -> Vec<Output> {
         let now = self.now_ms();
         let pos = entry.pos;
+        let refetching = self.applying.as_ref().is_some_and(|a| a.pos == pos && a.needs_disk());
+        if !refetching && self.fatal.is_none() && self.store.can_defer(&entry.change) {
+            // Group commit: logged now, made durable (and its action done) by the
+            // flush that ends this round of events; what depends on it waits.
+            return match self.store.append_deferred(self.node.state(), &entry) {
+                Ok(()) => self.node.persisted(now, pos, Vec::new()),
+                Err(CommitError::Unlogged(e)) => self.unlogged(now, pos, e),
+                Err(e @ CommitError::Logged(_)) => {
+                    log::error!("stopping: {e}");
+                    self.fatal = Some(Fatal::Disk(e.to_string()));
+                    Vec::new()
+                }
+            };
+        }
+        self.flush();
+        if self.fatal.is_some() {
+            return Vec::new();
+        }
         match self.store.persist(self.node.state(), &entry) {
             Ok(()) => {}
-            Err(CommitError::Unlogged(e)) => {
-                log::error!("cannot store entry pos={pos}: {e}");
-                self.persist_error = Some(if e.source.raw_os_error() == Some(28) {
-                    "the server is out of space".to_string()
-                } else {
-                    "the server cannot store changes right now".to_string()
-                });
-                let out = self.node.persist_failed(now, pos, &e.to_string());
-                return out;
-            }
+            Err(CommitError::Unlogged(e)) => return self.unlogged(now, pos, e),
             Err(e @ CommitError::Logged(_)) => {
                 log::error!("stopping: {e}");
                 self.fatal = Some(Fatal::Disk(e.to_string()));
@@ -885,7 +1198,7 @@ impl Core {
                     log::info!(
                         "dropping local copy of user={user} path={path}: the primary no longer has that version"
                     );
-                    self.store.drop_content(user, path);
+                    self.store.drop_content(self.node.state(), user, path);
                 }
             } else {
                 self.applying = Some(a);
@@ -893,6 +1206,19 @@ impl Core {
         }
         let out = self.node.persisted(now, pos, lacks);
         self.store.maybe_compact(self.node.state());
+        out
+    }
+
+    /// An entry did not reach the log: nothing changed, its request is refused.
+    fn unlogged(&mut self, now: u64, pos: LogPos, e: store::StoreError) -> Vec<Output> {
+        log::error!("cannot store entry pos={pos}: {e}");
+        self.persist_error = Some(store::storage_trouble(&e.source));
+        let mut out = self.node.persist_failed(now, pos, &e.to_string());
+        if !self.node.is_primary() {
+            // A backup that cannot store its primary's entries leaves
+            // (and joins again later) rather than fail every entry.
+            out.extend(self.node.storage_failed(now, &e.to_string()));
+        }
         out
     }
 
@@ -932,11 +1258,17 @@ impl Core {
             Some(Done::Login { reply, answer }) => {
                 let _ = reply.send(Ok(answer));
             }
+            Some(Done::Account { reply }) => {
+                let _ = reply.send(Ok(AccountOutcome::Created));
+            }
             Some(Done::Reply { reply, result, push }) => {
                 let _ = reply.send(result);
                 if let Some((conn, user, notice)) = push {
                     self.push(conn, &user, notice);
                 }
+            }
+            Some(Done::Begin { reply, answer }) => {
+                let _ = reply.send(Err(answer));
             }
             None => {}
         }
@@ -946,10 +1278,16 @@ impl Core {
         let Some(done) = self.tickets.remove(&t) else { return };
         match (&self.persist_error, done) {
             (Some(e), Done::Reply { reply, .. }) => {
-                let _ = reply.send(refusal(e.clone()));
+                let _ = reply.send(OpResult::Unavailable { message: e.clone() });
             }
             (Some(e), Done::Login { reply, .. }) => {
                 let _ = reply.send(Err(format!("{e}: cannot store the session")));
+            }
+            (Some(e), Done::Begin { reply, .. }) => {
+                let _ = reply.send(Err(refusal(e.clone())));
+            }
+            (Some(e), Done::Account { reply }) => {
+                let _ = reply.send(Err(format!("{e}: cannot store the account")));
             }
             // Stepped down: dropping the reply channel closes the client's
             // connection, and it resends to the new primary.
@@ -1000,7 +1338,8 @@ impl Core {
             failure_timeout: self.settings.failure_timeout,
             data: self.settings.data.clone(),
         };
-        self.follower = follow::start(self.next_session, cfg, hello, events, self.epoch.clone());
+        let cluster = self.settings.cluster.clone();
+        self.follower = follow::start(self.next_session, cfg, hello, events, self.epoch.clone(), cluster);
     }
 
     // -----------------------------------------------------------------------
@@ -1010,9 +1349,31 @@ impl Core {
         let now = self.now_ms();
         match event {
             Event::Shutdown => {}
-            Event::Login { conn, user, device, ip, callback_port, out, stream, reply } => {
-                self.login(conn, user, device, ip, callback_port, out, stream, reply)
+            Event::Login { conn, user, device, ip, callback_port, token, out, stream, reply } => {
+                let session = Session { user, device, ip, callback_port, token };
+                self.login(conn, session, out, stream, reply)
             }
+            Event::LoginStart { user, reply } => {
+                let account = self.node.state().accounts.get(&user).cloned();
+                // Only a proof against an account can be a guess worth slowing.
+                let admission = match account {
+                    Some(_) => self.throttle.admit(&user, Instant::now()),
+                    None => Admission::After(Duration::ZERO),
+                };
+                let failures = self.throttle.failures(&user);
+                let _ = reply.send(LoginStart { account, admission, failures });
+            }
+            Event::LoginFailed { user, peer } => {
+                self.throttle.failed(&user, Instant::now());
+                let failures = self.throttle.failures(&user);
+                let next = self.throttle.delay(failures);
+                log::warn!(
+                    "failed login user={user} peer={peer}: wrong password ({failures} in a row; the next attempt \
+                     waits {} ms)",
+                    next.as_millis()
+                );
+            }
+            Event::CreateAccount { user, credentials, reply } => self.create_account(user, credentials, reply),
             Event::Resumed { conn, device, out, stream, reply } => {
                 let answer = self.resumed(conn, device, out, stream);
                 let _ = reply.send(answer);
@@ -1027,13 +1388,13 @@ impl Core {
             Event::Disconnect { conn, clean } => self.disconnect(conn, clean),
             Event::Request { conn, seq, req } => self.request(conn, seq, req),
             Event::NewTemp { reply } => {
-                let _ = reply.send(self.store.create_temp().map_err(|e| {
+                let made = self.store.create_temp().map(|(xfer, file)| {
+                    let path = store::tmp_file(self.store.root(), &xfer);
+                    (xfer, file, path)
+                });
+                let _ = reply.send(made.map_err(|e| {
                     log::error!("cannot create temporary file: {e}");
-                    if e.source.raw_os_error() == Some(28) {
-                        "the server is out of space".to_string()
-                    } else {
-                        "the server cannot store uploads right now".to_string()
-                    }
+                    store::storage_trouble(&e.source)
                 }));
             }
             Event::AbandonUpload { xfer } => self.abandon_upload(&xfer),
@@ -1064,6 +1425,7 @@ impl Core {
                 self.execute(out);
             }
             Event::OpenFor { id, peer_ip, user, path, reply } => {
+                self.flush();
                 // Only a server this primary is replicating to (from the host its
                 // link comes from) may read users' files this way.
                 let allowed =
@@ -1097,14 +1459,19 @@ impl Core {
                 let out = self.node.peer_answer(now, to, epoch, answer);
                 self.execute(out);
             }
-            Event::PeerUnreachable { to, down } => {
-                let out = self.node.peer_unreachable(now, to, down);
+            Event::PeerUnreachable { to, how } => {
+                let out = self.node.peer_unreachable(now, to, how);
                 self.execute(out);
             }
         }
     }
 
     fn follower_event(&mut self, now: u64, session: u64, event: FollowerEvent) {
+        if !matches!(event, FollowerEvent::Apply { .. } | FollowerEvent::Msg { .. }) {
+            // Installs, fetched files placed, a session's end: on a disk and a
+            // state that hold the whole group.
+            self.flush();
+        }
         let current = self.follower.as_ref().is_some_and(|f| f.session == session);
         if !current {
             // An old session's last words: answer whoever waits, and ignore them.
@@ -1124,6 +1491,9 @@ impl Core {
         }
         match event {
             FollowerEvent::Joined { epoch, id, primary, addr, snapshot, member } => {
+                // Accepted by a primary that holds this key: keep it, so that a
+                // restart (or a takeover as primary) needs no --key-file.
+                self.settings.cluster.keep();
                 let out = self.node.joined(now, epoch, id, primary, addr, snapshot, member);
                 self.execute(out);
             }
@@ -1142,7 +1512,7 @@ impl Core {
             }
             FollowerEvent::Installed { lacks } => {
                 for (user, path) in &lacks {
-                    self.store.drop_content(user, path);
+                    self.store.drop_content(self.node.state(), user, path);
                 }
                 let out = self.node.installed(now, lacks);
                 self.execute(out);
@@ -1154,15 +1524,39 @@ impl Core {
                 self.execute(out);
                 self.applying = None;
                 let ok = self.node.state().pos >= pos;
-                let _ = reply.send(if ok { Ok(()) } else { Err(format!("entry pos={pos} was not applied")) });
+                let result = if ok { Ok(()) } else { Err(format!("entry pos={pos} was not applied")) };
+                if self.store.has_pending() {
+                    self.later.push_back(Later::Applied(reply, result));
+                } else {
+                    let _ = reply.send(result);
+                }
             }
             FollowerEvent::Msg { epoch, msg } => {
                 let out = self.node.from_primary(now, epoch, msg);
                 self.execute(out);
             }
-            FollowerEvent::Down { why } => {
+            FollowerEvent::KeyMismatch { why } if !self.settings.cluster.kept.load(Ordering::Relaxed) => {
+                // Never accepted with this key: the operator gave the wrong one
+                // (or none matching); waiting would not fix it.
+                log::error!("{why}");
+                self.follower = None;
+                self.fatal = Some(Fatal::Refused(format!(
+                    "{why}; start this server with --key-file PATH naming the cluster's key (the primary's \
+                     DATA/cluster.key)"
+                )));
+            }
+            FollowerEvent::KeyMismatch { why } => {
+                // This server holds the cluster's key: whoever answered at that
+                // address is not a member. Not a reason to stop; look again.
+                log::warn!("{why}; not following it");
                 self.follower = None;
                 let out = self.node.follower_down(now, &why);
+                self.execute(out);
+            }
+            FollowerEvent::Down { why, storage } => {
+                self.follower = None;
+                let out =
+                    if storage { self.node.storage_failed(now, &why) } else { self.node.follower_down(now, &why) };
                 self.execute(out);
             }
         }
@@ -1199,12 +1593,26 @@ impl Core {
             "seq": state.pos.0,
             "sessions": state.sessions.len(),
             "phase": phase,
-            "note": self.node.election_note(),
+            // May this server stand in an election now (it holds every change
+            // acknowledged so far); the primary counts as able to go on.
+            "eligible": self.node.is_primary() || self.node.eligible(),
+            "note": self.node.election_note().or_else(|| self.fewer_backups_note()),
         })
     }
 
     // -----------------------------------------------------------------------
     // Clients
+
+    /// Answers a request from the request table once everything logged so far is
+    /// stored as an entry's answer would be (see [`Node::barrier`]).
+    fn answer_when_stored(&mut self, done: Done) {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, done);
+        let now = self.now_ms();
+        let out = self.node.barrier(now, ticket);
+        self.execute(out);
+    }
 
     fn propose(&mut self, change: Change, request: Option<(DeviceId, LastRequest)>, done: Option<Done>) {
         let ticket = Ticket(self.next_ticket);
@@ -1219,22 +1627,22 @@ impl Core {
         self.persist_error = None;
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A client whose password is proven logs in as `session` (its device, the
+    /// address to call it back at, and its token).
     fn login(
         &mut self,
         conn: ConnId,
-        user: String,
-        device: DeviceId,
-        ip: String,
-        callback_port: u16,
+        session: Session,
         out: Sender<Msg>,
         stream: Option<TcpStream>,
         reply: Sender<Result<Welcome, String>>,
     ) {
+        let (user, device) = (session.user.clone(), session.device.clone());
         if !self.node.is_primary() {
             let _ = reply.send(Err("this server is not the primary".into()));
             return;
         }
+        self.throttle.succeeded(&user);
         // Only devices connected now count; a session that outlives its
         // connection (its lease, kept for a new primary's call) gives way.
         let mut connected: Vec<&DeviceId> =
@@ -1261,29 +1669,47 @@ impl Core {
             self.leases.remove(&old);
             self.end_session(&old, "another device of its user logs in while it is away");
         }
-        let token = match replibox_proto::random_hex(16) {
-            Ok(t) => t,
-            Err(e) => {
-                log::error!("refused login user={user} device={device}: no session token: /dev/urandom: {e}");
-                let _ = reply.send(Err("the server cannot make a session token right now".to_string()));
-                return;
-            }
-        };
         // The same device logging in again (a restarted client whose old connection
-        // is not yet known to be dead) replaces its old connection.
+        // is not yet known to be dead) replaces its old connection: it has just
+        // proven the user's password, as any takeover of a session must.
         let stale: Vec<ConnId> = self.live.iter().filter(|(_, l)| l.device == device).map(|(c, _)| *c).collect();
         for c in stale {
             log::info!("replacing old connection conn={c} of device={device}");
             self.live.remove(&c);
         }
         self.leases.remove(&device);
-        let session = Session { user: user.clone(), device: device.clone(), ip, callback_port, token: token.clone() };
         self.live.insert(conn, Live { user: user.clone(), device: device.clone(), out, stream });
         let devices = self.node.state().devices_of(&user, &device) as u32 + 1;
         let last_seq = self.node.state().requests.get(&device).map(|l| l.seq).unwrap_or_default();
         log::info!("logged in user={user} device={device} conn={conn} devices={devices}");
-        let answer = Welcome { token, devices, last_seq };
+        let answer = Welcome { devices, last_seq };
         self.propose(Change::Login { session }, None, Some(Done::Login { reply, answer }));
+    }
+
+    /// A first login creates its user's account, stored on every backup before
+    /// the login goes on.
+    fn create_account(
+        &mut self,
+        user: String,
+        credentials: StoredCredentials,
+        reply: Sender<Result<AccountOutcome, String>>,
+    ) {
+        if !self.node.is_primary() {
+            let _ = reply.send(Err("this server is not the primary".into()));
+            return;
+        }
+        if let Some(existing) = self.node.state().accounts.get(&user) {
+            // Two first logins of one name at once: the first one made it. No
+            // dirty read: this login's own entry comes after that one in the log.
+            let _ = reply.send(Ok(AccountOutcome::Exists(existing.clone())));
+            return;
+        }
+        if let Err(e) = credentials.validate() {
+            let _ = reply.send(Err(e.to_string()));
+            return;
+        }
+        log::info!("created account user={user}");
+        self.propose(Change::Account { user, credentials }, None, Some(Done::Account { reply }));
     }
 
     fn resumed(
@@ -1308,7 +1734,7 @@ impl Core {
         let devices = self.node.state().devices_of(&session.user, &device) as u32 + 1;
         let last_seq = self.node.state().requests.get(&device).map(|l| l.seq).unwrap_or_default();
         log::info!("called back user={} device={device} conn={conn}: session resumed", session.user);
-        Ok((session.user, Welcome { token: session.token, devices, last_seq }))
+        Ok((session.user, Welcome { devices, last_seq }))
     }
 
     fn disconnect(&mut self, conn: ConnId, clean: bool) {
@@ -1336,6 +1762,7 @@ impl Core {
     fn open(&self, user: &str, path: &str) -> Result<(FileMeta, File), OpResult> {
         match self.node.state().live(user, path) {
             None => Err(refusal(format!("no such file on the server: {path}"))),
+            Some(meta) if meta.dir => Err(refusal(format!("{path} is a folder on the server, not a file"))),
             Some(meta) => self.store.open_file(user, path).map(|f| (meta.clone(), f)).map_err(|e| {
                 log::error!("cannot open stored file user={user}: {e}");
                 refusal(format!("the server cannot read {path}"))
@@ -1349,13 +1776,31 @@ impl Core {
             return;
         };
         let (user, device) = (live.user.clone(), live.device.clone());
+        // A listing reads every file's times, and a download the file's content:
+        // what the waiting group's actions change. A download of a file the group
+        // leaves alone is opened now, and answered with the group (its answer
+        // waits for the commit anyway): a burst's downloads do not cut its groups
+        // short.
+        let reads_group = match &req {
+            CoreRequest::List { .. } => true,
+            CoreRequest::Open { path, .. } => self.store.touches_pending(&user, path),
+            _ => false,
+        };
+        if reads_group {
+            self.flush();
+        }
         let state = self.node.state();
         let answered = state.already_answered(&device, seq);
         match req {
             CoreRequest::List { after, reply } => {
                 let (mut files, more) = state.listing_page(&user, after.as_deref());
                 for m in files.iter_mut().filter(|m| !m.deleted) {
-                    (m.atime_ms, m.ctime_ms) = self.store.times(&user, &m.path);
+                    let t = self.store.all_times(&user, &m.path);
+                    (m.atime_ms, m.ctime_ms) = (t.atime_ms, t.ctime_ms);
+                    if m.dir {
+                        // A folder's mtime does not sync: the server's own is shown.
+                        m.mtime_ms = t.mtime_ms;
+                    }
                 }
                 self.answer_committed(Held::Result(reply, OpResult::Listing { files, more }));
             }
@@ -1364,7 +1809,11 @@ impl Core {
                 self.answer_committed(Held::Open(reply, opened));
             }
             CoreRequest::BeginUpload { path, base, reply } => {
-                match answered.or_else(|| state.check_upload(&user, &path, base).err()) {
+                if let Some(answer) = answered {
+                    self.answer_when_stored(Done::Begin { reply, answer });
+                    return;
+                }
+                match state.check_upload(&user, &path, base).err() {
                     Some(r) => self.answer_committed(Held::Begin(reply, r)),
                     None => {
                         let live: Vec<ServerId> = self.node.live_backups();
@@ -1378,13 +1827,18 @@ impl Core {
                     }
                 }
             }
-            CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, hash, reply } => {
-                if let Some(answer) = answered.or_else(|| state.check_upload(&user, &path, base).err()) {
+            CoreRequest::CommitUpload { path, base, xfer, size, mtime_ms, exec, hash, reply } => {
+                if let Some(answer) = answered {
+                    self.abandon_upload(&xfer);
+                    self.answer_when_stored(Done::Reply { reply, result: answer, push: None });
+                    return;
+                }
+                if let Some(answer) = state.check_upload(&user, &path, base).err() {
                     self.abandon_upload(&xfer);
                     self.answer_committed(Held::Result(reply, answer));
                     return;
                 }
-                let meta = new_meta(&path, state.next_version(&user, &path), size, mtime_ms, hash);
+                let meta = FileMeta { exec, ..new_meta(&path, state.next_version(&user, &path), size, mtime_ms, hash) };
                 let result = OpResult::Done { meta: meta.clone() };
                 log::info!("stored user={user} path={path} version={} size={size} device={device}", meta.version);
                 let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: xfer.clone() };
@@ -1399,7 +1853,7 @@ impl Core {
             }
             CoreRequest::Delete { path, base, reply } => {
                 if let Some(answer) = answered {
-                    self.answer_committed(Held::Result(reply, answer));
+                    self.answer_when_stored(Done::Reply { reply, result: answer, push: None });
                     return;
                 }
                 match state.check_delete(&user, &path, base) {
@@ -1414,9 +1868,51 @@ impl Core {
                     }
                 }
             }
+            CoreRequest::Mkdir { path, base, reply } => {
+                if let Some(answer) = answered {
+                    self.answer_when_stored(Done::Reply { reply, result: answer, push: None });
+                    return;
+                }
+                match state.check_mkdir(&user, &path, base) {
+                    Err(answer) => self.answer_committed(Held::Result(reply, answer)),
+                    // There already: nothing changes, the folder's entry answers.
+                    Ok(None) => {
+                        let current = state.live_dir(&user, &path).cloned();
+                        let answer = current.map_or_else(
+                            || refusal(format!("no folder {path} on the server")),
+                            |meta| OpResult::Done { meta },
+                        );
+                        self.answer_committed(Held::Result(reply, answer));
+                    }
+                    Ok(Some(meta)) => {
+                        log::info!("made folder user={user} path={path} version={} device={device}", meta.version);
+                        let result = OpResult::Done { meta: meta.clone() };
+                        // No content: the transfer name is never a temporary file.
+                        let change = Change::Put { user: user.clone(), meta: meta.clone(), xfer: "dir".into() };
+                        let request = Some((device, LastRequest { seq, result: result.clone() }));
+                        let push = Some((conn, user, Notice::Put { meta }));
+                        self.propose(change, request, Some(Done::Reply { reply, result, push }));
+                    }
+                }
+            }
+            CoreRequest::Passwd { credentials, reply } => {
+                if let Some(answer) = answered {
+                    self.answer_when_stored(Done::Reply { reply, result: answer, push: None });
+                    return;
+                }
+                if let Err(e) = credentials.validate() {
+                    self.answer_committed(Held::Result(reply, refusal(e.to_string())));
+                    return;
+                }
+                log::info!("changed password user={user} device={device}");
+                let result = OpResult::PasswordChanged;
+                let change = Change::Account { user: user.clone(), credentials };
+                let request = Some((device, LastRequest { seq, result: result.clone() }));
+                self.propose(change, request, Some(Done::Reply { reply, result, push: None }));
+            }
             CoreRequest::Rename { from, to, base, reply } => {
                 if let Some(answer) = answered {
-                    self.answer_committed(Held::Result(reply, answer));
+                    self.answer_when_stored(Done::Reply { reply, result: answer, push: None });
                     return;
                 }
                 match state.check_rename(&user, &from, &to, base) {
@@ -1439,10 +1935,18 @@ impl Core {
     /// a download or a refusal must not show an entry that a failover could still
     /// lose (the primary applies entries before its backups have them).
     fn answer_committed(&mut self, held: Held) {
+        if self.store.has_pending() {
+            self.later.push_back(Later::Answer(held));
+            return;
+        }
         let read_at = self.node.state().pos;
         match self.node.committed() {
             Some(c) if c < read_at => self.held.push_back((read_at, held)),
-            _ => held.send(),
+            Some(_) => held.send(),
+            // No longer primary (it stepped down while the answer waited for a
+            // flush): what it read may not be on the backups; the client asks
+            // the next primary, as for the answers `release_held` drops.
+            None => {}
         }
     }
 

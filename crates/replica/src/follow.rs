@@ -1,7 +1,8 @@
 //! The backup's side of a replication link: plain transport, which the core
 //! starts (to follow a primary at an address) and stops.
 //!
-//! A follower session connects, says hello as a server, follows a redirect to the
+//! A follower session connects, proves the cluster key (and has the other side
+//! prove it) before anything else, says hello as a server, follows a redirect to the
 //! primary, and then reports to the core everything the primary sends, with the
 //! frame's epoch: the core's [`crate::node::Node`] decides what it means (a stale
 //! epoch ends the session, acks are the node's outputs). What stays here is the
@@ -11,18 +12,19 @@
 //! primary on a connection of their own, so that a long fetch never delays the
 //! link; every user and path is checked before it touches the disk.
 
+use crate::cluster::{self, ClusterAuth, ConnectError};
 use crate::core::{ask, Event, FollowerEvent};
 use crate::state::{Change, State};
-use crate::store::{tmp_file, user_file};
+use crate::store::{sync_temp, tmp_file, user_file};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, Damaged, Epoch, FileMeta, Frame, Hasher, LogPos, Msg,
-    OpResult, ProtoError, Receipt, ServerId, Who, PROTOCOL_VERSION,
+    OpResult, ProtoError, Purpose, Receipt, ServerId, Who, PROTOCOL_VERSION,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Write};
-use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,6 +98,7 @@ pub fn start(
     hello: JoinHello,
     core: Sender<Event>,
     epoch: Arc<AtomicU64>,
+    cluster: Arc<ClusterAuth>,
 ) -> Option<FollowerHandle> {
     let (out_tx, out_rx) = unbounded();
     let stop = Arc::new(AtomicBool::new(false));
@@ -113,32 +116,28 @@ pub fn start(
             fetcher: None,
             id: hello.id.unwrap_or_default(),
             target: String::new(),
+            storage: false,
+            cluster,
+            key_mismatch: false,
+            applying: VecDeque::new(),
         };
         let why = f.run(hello, out_rx);
         f.cleanup();
         if !f.stop.load(Ordering::SeqCst) {
-            let _ = f.core.send(Event::Follower { session, event: FollowerEvent::Down { why } });
+            let storage = f.storage;
+            let event =
+                if f.key_mismatch { FollowerEvent::KeyMismatch { why } } else { FollowerEvent::Down { why, storage } };
+            let _ = f.core.send(Event::Follower { session, event });
         }
     });
     match spawned {
         Ok(_) => Some(FollowerHandle { session, out: out_tx, stop, stream }),
         Err(e) => {
             let why = format!("cannot start a follower thread: {e}");
-            let _ = core.send(Event::Follower { session, event: FollowerEvent::Down { why } });
+            let _ = core.send(Event::Follower { session, event: FollowerEvent::Down { why, storage: false } });
             None
         }
     }
-}
-
-fn connect(addr: &str) -> Result<TcpStream, String> {
-    let sock = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {addr}"))?;
-    let s = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(|e| format!("cannot reach {addr}: {e}"))?;
-    let _ = s.set_nodelay(true);
-    Ok(s)
 }
 
 /// Checks the names an entry would touch on disk: a backup does not rely on the
@@ -152,6 +151,10 @@ pub fn check_names(change: &Change) -> Result<(), String> {
         Change::Put { user, meta, .. } | Change::Delete { user, meta } => check(user, &[&meta.path]),
         Change::Rename { user, from, to } => check(user, &[&from.path, &to.path]),
         Change::Login { session } => check(&session.user, &[]),
+        Change::Account { user, credentials } => {
+            check(user, &[])?;
+            credentials.validate().map_err(|e| e.to_string())
+        }
         _ => Ok(()),
     }
 }
@@ -180,11 +183,45 @@ struct Follower {
     id: ServerId,
     /// The primary's address, after redirects.
     target: String,
+    /// The session ended because this server could not write what it received
+    /// (its disk is full, say): it leaves, and joins again later.
+    storage: bool,
+    /// The key and this server's id, for the handshakes.
+    cluster: Arc<ClusterAuth>,
+    /// The session ended because the server reached does not hold our key.
+    key_mismatch: bool,
+    /// Entries handed to the core whose answer has not been read yet: the core
+    /// answers once their group commit is durable, so that many entries share
+    /// one fsync (see `store`'s group commit).
+    applying: VecDeque<(LogPos, Receiver<Result<(), String>>)>,
 }
+
+/// The most entries a follower hands to its core before it waits for the oldest.
+const APPLYING_MAX: usize = 128;
 
 impl Follower {
     fn report(&self, event: FollowerEvent) -> Result<(), String> {
         self.core.send(Event::Follower { session: self.session, event }).map_err(|_| "the core stopped".to_string())
+    }
+
+    /// Reads the answers to applied entries until at most `keep` are outstanding
+    /// (and any that already came); an entry the core could not apply ends the
+    /// session.
+    fn settle_applies(&mut self, keep: usize) -> Result<(), String> {
+        while let Some((pos, rx)) = self.applying.front() {
+            let answer = if self.applying.len() > keep {
+                rx.recv().map_err(|_| format!("the core stopped before applying entry pos={pos}"))?
+            } else {
+                match rx.try_recv() {
+                    Ok(a) => a,
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(_) => return Err(format!("the core stopped before applying entry pos={pos}")),
+                }
+            };
+            self.applying.pop_front();
+            answer?;
+        }
+        Ok(())
     }
 
     fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> FollowerEvent) -> Result<T, String> {
@@ -205,7 +242,17 @@ impl Follower {
         let mut target = self.cfg.target.clone();
         let mut hops = 0;
         let (stream, first) = loop {
-            let stream = connect(&target)?;
+            // Nothing is sent or read before both sides have proven the key.
+            let epoch = Epoch(self.epoch.load(Ordering::Relaxed));
+            let timeout = self.cfg.failure_timeout.max(CONNECT_TIMEOUT);
+            let (stream, _) = match cluster::connect(&self.cluster, hello.id, &target, Purpose::Link, epoch, timeout) {
+                Ok(x) => x,
+                Err(ConnectError::KeyMismatch(why)) => {
+                    self.key_mismatch = true;
+                    return Err(why);
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -303,9 +350,16 @@ impl Follower {
                 ok.map_err(|e| format!("refusing the primary's snapshot: {e}"))?;
             }
         }
-        let needed = self
-            .ask(|reply| FollowerEvent::Snapshot { epoch, state: Box::new(state), reply })?
-            .map_err(|e| format!("cannot install the snapshot: {e}"))?;
+        for (user, credentials) in &state.accounts {
+            validate_username(user).map_err(|e| format!("refusing the primary's snapshot: {e}"))?;
+            credentials.validate().map_err(|e| format!("refusing the primary's snapshot: account {user}: {e}"))?;
+        }
+        let needed =
+            self.ask(|reply| FollowerEvent::Snapshot { epoch, state: Box::new(state), reply })?.map_err(|e| {
+                // Writing the snapshot and clearing the log are this disk's work.
+                self.storage = true;
+                format!("cannot install the snapshot: {e}")
+            })?;
         log::info!("installed the snapshot of {} at pos={pos}; fetching {} files", self.target, needed.len());
         let (mut placed, mut size) = (0, 0);
         let mut lacks = Vec::new();
@@ -316,7 +370,10 @@ impl Follower {
                     let bytes = got.size;
                     let ok = self
                         .ask(|reply| FollowerEvent::PlaceFetched { user: user.clone(), meta: got, xfer, reply })?
-                        .map_err(|e| format!("cannot place a fetched file: {e}"))?;
+                        .map_err(|e| {
+                            self.storage = true;
+                            format!("cannot place a fetched file: {e}")
+                        })?;
                     if ok {
                         size += bytes;
                     }
@@ -343,7 +400,10 @@ impl Follower {
                 return Err(format!("invalid transfer name {xfer:?}"));
             }
             let path = tmp_file(&self.cfg.data, xfer);
-            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let file = File::create(&path).map_err(|e| {
+                self.storage = true;
+                format!("cannot create {}: {e}", path.display())
+            })?;
             self.xfers.insert(xfer.to_string(), Incoming { file, hash: Hasher::new(), complete: false });
         }
         self.xfers.get_mut(xfer).ok_or_else(|| format!("transfer {xfer} vanished"))
@@ -355,16 +415,21 @@ impl Follower {
             Msg::XferChunk { xfer } => {
                 let inc = self.incoming(&xfer)?;
                 inc.hash.update(&frame.payload);
-                inc.file.write_all(&frame.payload).map_err(|e| format!("cannot write transfer {xfer}: {e}"))?;
+                if let Err(e) = inc.file.write_all(&frame.payload) {
+                    self.storage = true;
+                    return Err(format!("cannot write transfer {xfer}: {e}"));
+                }
             }
             Msg::XferEnd { xfer, size, hash } => {
                 // Created here for an empty upload, which has no chunks.
                 let inc = self.incoming(&xfer)?;
                 let got = inc.hash.bytes_hashed();
-                if got == size && inc.hash.finish() == hash && inc.file.sync_all().is_ok() {
-                    inc.complete = true;
-                } else {
+                if got != size || inc.hash.finish() != hash {
                     log::warn!("transfer {xfer} arrived incomplete ({got} of {size} bytes); will fetch it");
+                } else {
+                    // Its bytes are synced with the group its entry joins
+                    // (`Store::flush`), before the entry is acknowledged.
+                    inc.complete = true;
                 }
             }
             Msg::XferAbort { xfer } => {
@@ -376,12 +441,21 @@ impl Follower {
                 check_names(&entry.change)
                     .map_err(|e| format!("refusing entry pos={} from the primary: {e}", entry.pos))?;
                 let mut lacking = None;
-                if let Change::Put { user, meta, xfer } = &entry.change {
+                // A folder has no content to wait for or fetch.
+                let content = match &entry.change {
+                    Change::Put { user, meta, xfer } if !meta.dir => Some((user, meta, xfer)),
+                    _ => None,
+                };
+                if let Some((user, meta, xfer)) = content {
                     let ready = self.xfers.remove(xfer).is_some_and(|inc| inc.complete);
                     if !ready {
                         if !valid_xfer(xfer) {
                             return Err(format!("invalid transfer name {xfer:?}"));
                         }
+                        // Entries before it may still wait for their group commit,
+                        // and one may place a file of the same transfer name
+                        // (every adopted file's is "adopted"): they go first.
+                        self.settle_applies(0)?;
                         // The chunks never came (the upload began before this backup
                         // was live): fetch the content before applying.
                         let _ = std::fs::remove_file(tmp_file(&self.cfg.data, xfer));
@@ -400,6 +474,9 @@ impl Follower {
                 // destination's content, to be placed once the entry is applied.
                 let mut refetch = None;
                 if let Change::Rename { user, from, to } = &entry.change {
+                    // What earlier entries moved into place is on the disk once
+                    // they are answered.
+                    self.settle_applies(0)?;
                     if !user_file(&self.cfg.data, user, &from.path).exists() {
                         let xfer = format!("r{}-{}-{}", std::process::id(), self.session, entry.pos);
                         match self.fetch(user, &to.path, &xfer)? {
@@ -408,7 +485,11 @@ impl Follower {
                         }
                     }
                 }
-                self.ask(|reply| FollowerEvent::Apply { epoch, entry, refetch, lacking, reply })??;
+                let pos = entry.pos;
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                self.report(FollowerEvent::Apply { epoch, entry, refetch, lacking, reply })?;
+                self.applying.push_back((pos, answer));
+                self.settle_applies(APPLYING_MAX)?;
             }
             msg @ (Msg::Heartbeat { .. } | Msg::Ping | Msg::Refused { .. }) => {
                 self.report(FollowerEvent::Msg { epoch, msg })?;
@@ -427,12 +508,19 @@ impl Follower {
         for attempt in 0..2 {
             if self.fetcher.is_none() {
                 let epoch = self.epoch.load(Ordering::Relaxed);
-                self.fetcher = Some(Fetcher::open(&self.target, self.id, epoch, self.cfg.failure_timeout)?);
+                let f = Fetcher::open(&self.cluster, &self.target, self.id, epoch, self.cfg.failure_timeout)?;
+                self.fetcher = Some(f);
             }
             let Some(f) = self.fetcher.as_mut() else { return Err("no fetch connection".into()) };
             match f.fetch(user, path, &dest) {
                 Ok(got) => return Ok(got),
-                Err(e) => {
+                Err(FetchError::Local(e)) => {
+                    // Another attempt would meet the same disk.
+                    self.storage = true;
+                    let _ = std::fs::remove_file(&dest);
+                    return Err(e);
+                }
+                Err(FetchError::Remote(e)) => {
                     self.fetcher = None;
                     let _ = std::fs::remove_file(&dest);
                     if attempt == 1 {
@@ -477,6 +565,24 @@ fn spawn_writer(session: u64, stream: TcpStream, out: Receiver<Msg>, epoch: Arc<
 }
 
 /// A backup's connection for fetching file contents.
+/// Why a fetch failed: this server's own disk, or the primary and the link.
+enum FetchError {
+    Local(String),
+    Remote(String),
+}
+
+impl From<String> for FetchError {
+    fn from(e: String) -> FetchError {
+        FetchError::Remote(e)
+    }
+}
+
+impl From<&str> for FetchError {
+    fn from(e: &str) -> FetchError {
+        FetchError::Remote(e.to_string())
+    }
+}
+
 struct Fetcher {
     stream: BufReader<TcpStream>,
     out: TcpStream,
@@ -484,16 +590,23 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    fn open(target: &str, id: ServerId, epoch: u64, timeout: Duration) -> Result<Fetcher, String> {
-        let stream = connect(target)?;
-        let _ = stream.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
+    fn open(
+        cluster: &ClusterAuth,
+        target: &str,
+        id: ServerId,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<Fetcher, String> {
+        let timeout = timeout.max(Duration::from_secs(5));
+        let (stream, _) = cluster::connect(cluster, Some(id), target, Purpose::Fetch, Epoch(epoch), timeout)
+            .map_err(|e| format!("cannot open a fetch connection: {e}"))?;
         let mut out = stream.try_clone().map_err(|e| e.to_string())?;
         write_frame(&mut out, Epoch(epoch), &Msg::Hello { version: PROTOCOL_VERSION, who: Who::Fetch { id } }, &[])
             .map_err(|e| format!("cannot open a fetch connection to {target}: {e}"))?;
         Ok(Fetcher { stream: BufReader::with_capacity(256 * 1024, stream), out, epoch })
     }
 
-    fn fetch(&mut self, user: &str, path: &str, dest: &std::path::Path) -> Result<Option<FileMeta>, String> {
+    fn fetch(&mut self, user: &str, path: &str, dest: &std::path::Path) -> Result<Option<FileMeta>, FetchError> {
         let broken = |e: ProtoError| format!("fetch of {path} of user {user} failed: {e}");
         write_frame(&mut self.out, Epoch(self.epoch), &Msg::Fetch { user: user.into(), path: path.into() }, &[])
             .map_err(broken)?;
@@ -507,11 +620,12 @@ impl Fetcher {
             // Anything else (a refusal, a read error) says nothing about the file:
             // keep what this server has and start the session again.
             Msg::Reply { result, .. } => {
-                return Err(format!("the primary would not send {path} of user {user}: {result:?}"))
+                return Err(format!("the primary would not send {path} of user {user}: {result:?}").into())
             }
-            other => return Err(format!("unexpected {} answering a fetch", other.kind())),
+            other => return Err(format!("unexpected {} answering a fetch", other.kind()).into()),
         };
-        let mut file = File::create(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+        let local = |what: &str, e: std::io::Error| FetchError::Local(format!("cannot {what} {}: {e}", dest.display()));
+        let mut file = File::create(dest).map_err(|e| local("create", e))?;
         let mut receipt = Receipt::of_version(meta.size, meta.hash);
         let damaged = |e: Damaged| format!("fetch of {path} of user {user} arrived damaged: {e}");
         loop {
@@ -519,14 +633,14 @@ impl Fetcher {
             match f.msg {
                 Msg::Chunk { .. } => {
                     receipt.add(&f.payload).map_err(damaged)?;
-                    file.write_all(&f.payload).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                    file.write_all(&f.payload).map_err(|e| local("write", e))?;
                 }
                 Msg::DownloadEnd { hash: sent, .. } => {
                     receipt.finish(sent).map_err(damaged)?;
-                    file.sync_all().map_err(|e| format!("cannot sync {}: {e}", dest.display()))?;
+                    sync_temp(&file).map_err(|e| local("sync", e))?;
                     return Ok(Some(meta));
                 }
-                other => return Err(format!("unexpected {} during a fetch", other.kind())),
+                other => return Err(format!("unexpected {} during a fetch", other.kind()).into()),
             }
         }
     }

@@ -15,10 +15,14 @@
 //!   (join, snapshot, fetches, the live stream's content).
 //! - [`peer`]: election, coordinator and fence messages between servers; a new
 //!   primary calling its clients back.
-//! - [`conn`]: one thread per connection: handshake, requests, transfers.
+//! - [`cluster`]: server-to-server connections: from this server's own address,
+//!   opened with the cluster key's mutual handshake.
+//! - [`conn`]: one thread per connection: the opening (a server's cluster
+//!   handshake, a client's password login), requests, transfers.
 //! - [`server`]: the listener and the threads' start-up.
 //! - [`status`]: the `--status` query.
 
+pub mod cluster;
 pub mod conn;
 pub mod core;
 pub mod follow;

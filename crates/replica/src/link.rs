@@ -131,7 +131,34 @@ pub fn serve_link(stream: TcpStream, ctx: Ctx, hello_epoch: Epoch, request: Hell
     let Hello { id, ip, port, pos, last_epoch, member } = request;
     let no: LinkNo = ctx.links.fetch_add(1, Ordering::Relaxed) + 1;
     let (Ok(peer_addr), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return };
-    let ip = ip.and_then(|s| s.parse::<IpAddr>().ok()).filter(|i| !i.is_unspecified()).unwrap_or(peer_addr.ip());
+    // A member's address is where its authenticated connection comes from: one it
+    // merely claims could send a real backup's share of the traffic (elections,
+    // fences) elsewhere. Servers connect from the address they listen on.
+    let claimed = ip.map(|s| s.parse::<IpAddr>().map_err(|_| s)).transpose();
+    let ip = match claimed {
+        Ok(Some(ip)) if ip.is_unspecified() || ip == peer_addr.ip() => peer_addr.ip(),
+        Ok(None) => peer_addr.ip(),
+        Ok(Some(ip)) => {
+            return refuse_link(
+                &stream,
+                &peer,
+                Epoch(ctx.epoch.load(Ordering::Relaxed)),
+                format!(
+                    "the joining server says it listens on {ip}, but its connection comes from {}; a server must \
+                 connect from the address it listens on",
+                    peer_addr.ip()
+                ),
+            )
+        }
+        Err(text) => {
+            return refuse_link(
+                &stream,
+                &peer,
+                Epoch(ctx.epoch.load(Ordering::Relaxed)),
+                format!("the joining server's address {text:?} is not an IP"),
+            )
+        }
+    };
     let addr = SocketAddr::new(ip, port).to_string();
     let (ctl_tx, ctl_rx) = unbounded();
     let (data_tx, data_rx) = bounded(DATA_QUEUE);
@@ -174,6 +201,13 @@ pub fn serve_link(stream: TcpStream, ctx: Ctx, hello_epoch: Epoch, request: Hell
         }
     };
     let _ = ctx.core.send(Event::LinkDown { no, why });
+}
+
+/// Refuses a join before it reaches the core (logged, and told to the joiner).
+fn refuse_link(stream: &TcpStream, peer: &str, epoch: Epoch, reason: String) {
+    log::warn!("refused a joining server peer={peer}: {reason}");
+    let mut w = stream;
+    let _ = write_frame(&mut w, epoch, &Msg::Refused { reason }, &[]);
 }
 
 /// What a joining server's hello says.

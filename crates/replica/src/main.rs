@@ -1,13 +1,17 @@
 //! `replibox-server`: a replibox server, or a status query to one.
 
 use clap::{ArgGroup, Parser};
-use replibox_proto::ServerId;
+use replibox_proto::{ClusterKey, KeyError, ServerId};
+use replibox_replica::cluster::ClusterAuth;
 use replibox_replica::core::{Core, Event, Fatal, Settings, Start};
+use replibox_replica::node::Quorum;
 use replibox_replica::store::{self, Store};
 use replibox_replica::{probe, server, status};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The replibox server.
@@ -41,6 +45,11 @@ struct Args {
     /// Data directory: users' files under DATA/users/, the server's own state beside it.
     #[arg(long, value_name = "DIR", default_value = "./replibox-data")]
     data: PathBuf,
+    /// The cluster key file (one line of 64 hex digits, mode 0600). -p without it
+    /// uses DATA/cluster.key, and creates it the first time; a backup needs it
+    /// until a primary has accepted it, and then keeps a copy in DATA/cluster.key.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
     /// How often the primary sends a heartbeat to each backup, in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 100)]
     heartbeat_ms: u64,
@@ -56,11 +65,33 @@ struct Args {
     /// (a primary whose host vanished is waited for this long), in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 150)]
     election_timeout_ms: u64,
+    /// When the primary acknowledges a change: `live` once every backup it counts
+    /// on holds it (a primary cut off from all its backups goes on alone after
+    /// fencing them, and may acknowledge what a new primary never sees);
+    /// `majority` also only once a majority of the membership holds it (nothing
+    /// acknowledged is lost under a partition; with a majority down, nothing is
+    /// acknowledged). Give every server of a cluster the same value.
+    #[arg(long, value_enum, default_value = "live")]
+    quorum: QuorumArg,
+    /// How many connections (clients, backups, status queries) are served at once;
+    /// one more is told the server is busy and closed. The default fits the
+    /// process's open-file limit (4 descriptors per connection, 64 kept aside).
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// With -p: start even though a server this data dir remembers did not
     /// answer, runs on without it, or holds a later history (this data dir
     /// becomes the truth; servers that join it drop what it lacks).
     #[arg(long, requires = "primary")]
     force: bool,
+}
+
+/// `--quorum`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum QuorumArg {
+    /// Every live backup (the default).
+    Live,
+    /// Also a majority of the membership.
+    Majority,
 }
 
 /// How the process ends: 0 after a clean stop, 1 when it could not start or was
@@ -110,6 +141,86 @@ fn check_join_address(join: &str, listen: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// The key file's name in the data dir.
+const KEY_FILE: &str = "cluster.key";
+
+/// The keys a start is given: `--key-file`'s and the data dir's, each if any.
+struct Keys {
+    given: Option<ClusterKey>,
+    kept: Option<ClusterKey>,
+}
+
+/// Reads the cluster key files and refuses what cannot work, before the data dir
+/// is touched: two different keys, or a backup with none.
+fn read_keys(args: &Args) -> Result<Keys, String> {
+    let key_path = args.data.join(KEY_FILE);
+    let given = match &args.key_file {
+        Some(p) => Some(ClusterKey::load(p).map_err(|e| format!("--key-file: {e}"))?),
+        None => None,
+    };
+    let kept = match ClusterKey::load(&key_path) {
+        Ok(k) => Some(k),
+        Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.to_string()),
+    };
+    if let (Some(g), Some(k), Some(p)) = (&given, &kept, &args.key_file) {
+        if g != k {
+            return Err(format!(
+                "the key does not match: --key-file {} holds key {}, but this data dir belongs to the cluster of \
+                 key {} ({}); give that cluster's key, or another data dir",
+                p.display(),
+                g.fingerprint(),
+                k.fingerprint(),
+                key_path.display()
+            ));
+        }
+    }
+    if args.backup.is_some() && given.is_none() && kept.is_none() {
+        return Err(format!(
+            "a backup needs the cluster's key, and {} holds none: start it with --key-file PATH, PATH being a \
+             copy of the primary's DATA/{KEY_FILE} (the primary logs the command when it creates the key)",
+            args.data.display()
+        ));
+    }
+    Ok(Keys { given, kept })
+}
+
+/// The key this server runs with, and whether its data dir holds it. A primary
+/// keeps its key in its data dir (creating one the first time, and saying how to
+/// start a backup with it); a backup keeps it once a primary has accepted it.
+fn keep_key(args: &Args, keys: Keys, listen: SocketAddr) -> Result<(ClusterKey, bool), String> {
+    let key_path = args.data.join(KEY_FILE);
+    match (keys.kept, keys.given) {
+        (Some(kept), _) => {
+            log::info!("cluster key {} (fingerprint {})", key_path.display(), kept.fingerprint());
+            Ok((kept, true))
+        }
+        (None, Some(given)) if args.primary => {
+            given.save_new(&key_path).map_err(|e| e.to_string())?;
+            log::info!("kept the cluster key in {} (fingerprint {})", key_path.display(), given.fingerprint());
+            Ok((given, true))
+        }
+        (None, Some(given)) => Ok((given, false)),
+        (None, None) => {
+            let (key, created) = ClusterKey::load_or_create(&key_path).map_err(|e| e.to_string())?;
+            if created {
+                let shown = std::fs::canonicalize(&key_path).unwrap_or(key_path.clone());
+                let at =
+                    if listen.ip().is_unspecified() { format!("HOST:{}", listen.port()) } else { listen.to_string() };
+                log::info!(
+                    "created the cluster key {} (fingerprint {}); only servers holding it can join. Start each \
+                     backup with: replibox-server -b {at} --key-file {} (plus its own --id, --bind, --port and \
+                     --data); copy the file to another machine over a trusted channel, mode 0600",
+                    shown.display(),
+                    key.fingerprint(),
+                    shown.display()
+                );
+            }
+            Ok((key, true))
+        }
+    }
+}
+
 fn run(args: Args) -> Result<(), Exit> {
     if let Some(addr) = &args.status {
         let status = status::query(addr, Duration::from_secs(5)).map_err(Exit::Start)?;
@@ -126,6 +237,9 @@ fn run(args: Args) -> Result<(), Exit> {
     {
         return Err(fail("--heartbeat-ms must be positive and below --ack-timeout-ms and --failure-timeout-ms".into()));
     }
+    if args.max_connections == Some(0) {
+        return Err(fail("--max-connections must be at least 1".into()));
+    }
     if args.election_timeout_ms == 0 || args.election_timeout_ms >= args.failure_timeout_ms {
         return Err(fail("--election-timeout-ms must be positive and below --failure-timeout-ms".into()));
     }
@@ -134,6 +248,7 @@ fn run(args: Args) -> Result<(), Exit> {
         check_join_address(join, listen).map_err(fail)?;
     }
     let data = &args.data;
+    let keys = read_keys(&args).map_err(fail)?;
     let stored = store::load_id(data).map_err(|e| fail(e.to_string()))?;
     let id = match (args.id.map(ServerId), stored) {
         (Some(given), Some(kept)) if given != kept => {
@@ -148,6 +263,9 @@ fn run(args: Args) -> Result<(), Exit> {
     // Bind before touching the data dir: a port in use must not leave one behind.
     let listener = TcpListener::bind(listen).map_err(|e| fail(format!("cannot listen on {listen}: {e}")))?;
     let listen = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+    // Held until the process ends: a second server on this data dir is refused
+    // before it reads or writes anything in it.
+    let _lock = store::lock_data_dir(data).map_err(fail)?;
     let (store, state, recent) =
         Store::open(data).map_err(|e| fail(format!("cannot open data dir {}: {e}", data.display())))?;
     let start = if args.primary { Start::Primary } else { Start::Backup };
@@ -171,7 +289,7 @@ fn run(args: Args) -> Result<(), Exit> {
             }
             Err(why) => return Err(fail(format!("not starting as primary: {why}"))),
         };
-        if floor > store::load_epoch_seen(data) {
+        if floor > heard_of {
             store::save_epoch_seen(data, floor).map_err(|e| fail(e.to_string()))?;
         }
     }
@@ -180,6 +298,7 @@ fn run(args: Args) -> Result<(), Exit> {
     if start == Start::Primary {
         store::save_id(data, my_id).map_err(|e| fail(e.to_string()))?;
     }
+    let cluster = keep_key(&args, keys, listen).map_err(fail)?;
     let settings = Settings {
         id: my_id,
         listen,
@@ -189,9 +308,23 @@ fn run(args: Args) -> Result<(), Exit> {
         election_timeout: Duration::from_millis(args.election_timeout_ms),
         seed: args.backup.clone(),
         data: data.clone(),
+        quorum: match args.quorum {
+            QuorumArg::Live => Quorum::Live,
+            QuorumArg::Majority => Quorum::Majority,
+        },
+        cluster: Arc::new(ClusterAuth {
+            key: cluster.0,
+            id: AtomicU64::new(my_id.0),
+            bind: Some(listen.ip()).filter(|ip| !ip.is_unspecified()),
+            key_path: data.join(KEY_FILE),
+            kept: AtomicBool::new(cluster.1),
+        }),
     };
     let core = Core::new(store, state, recent, settings);
-    let running = server::start(listener, core, start, Duration::from_millis(args.heartbeat_ms))
+    let fd_limit = server::raise_fd_limit();
+    let max_connections = args.max_connections.unwrap_or_else(|| server::default_max_connections(fd_limit));
+    log::info!("serving at most {max_connections} connections at once (open-file limit {fd_limit})");
+    let running = server::start(listener, core, start, Duration::from_millis(args.heartbeat_ms), max_connections)
         .map_err(|e| fail(format!("cannot start threads: {e}")))?;
     match &args.backup {
         Some(join) => log::info!("serving as backup addr={listen} data={} joining={join}", data.display()),

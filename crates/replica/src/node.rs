@@ -31,6 +31,32 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// is a prefix of this one's catches up with entries instead of a snapshot.
 pub const TAIL_ENTRIES: usize = 10_000;
 
+/// When a primary may acknowledge an entry (`--quorum`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Quorum {
+    /// Once every backup it counts on (the live ones) holds it ("backups first").
+    /// A backup that does not answer is fenced and then left out: a primary cut
+    /// off from every backup goes on alone after the fence timeout, and what it
+    /// acknowledges from then on is lost if the others elected a new primary
+    /// meanwhile (docs/reliability.md, "Partitions").
+    #[default]
+    Live,
+    /// Also only once a majority of the membership (itself included) holds it.
+    /// The membership does not shrink when a backup is dropped, elections need a
+    /// majority of promises, and a server that holds more than a candidate never
+    /// promises it: nothing acknowledged is lost under any partition, and a
+    /// primary that hears no majority for the fence timeout steps down. The price:
+    /// with a majority of the servers down or cut off, nothing is acknowledged.
+    Majority,
+}
+
+/// How often a new primary tells a server that its `coordinator` message did not
+/// reach (its host cut off, not its process down) that there is a new epoch. A
+/// primary cut off without a FIN goes on as primary of its old epoch, and once its
+/// host is back nothing else would tell it: this is how it learns, steps down and
+/// rejoins.
+pub const ANNOUNCE_RETRY_MS: u64 = 1000;
+
 /// Identifies a proposal whose completion the caller waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ticket(pub u64);
@@ -58,6 +84,8 @@ pub struct Config {
     pub fence_timeout_ms: u64,
     /// The address given with `-b`, tried when no primary is known.
     pub seed: Option<String>,
+    /// When an entry may be acknowledged.
+    pub quorum: Quorum,
 }
 
 /// A server asking to join (or rejoin) as a backup, as its link's hello says.
@@ -157,6 +185,30 @@ pub enum Output {
     Log(log::Level, String),
 }
 
+/// Why another server could not be asked (see [`Node::peer_unreachable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreached {
+    /// Its port refused the connection: its process is not running.
+    Refused,
+    /// The connection reached it and broke (reset, closed, garbage): its host
+    /// answered, so it is not cut off, but its process could not answer (it is
+    /// dying, stopping, or out of threads). A later try tells which.
+    Broken,
+    /// No answer in time: it is down, or cut off and perhaps alive.
+    Silent,
+}
+
+/// How a fence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FenceEnd {
+    /// The backup answered that it knows it was dropped.
+    Answered,
+    /// Its port refused: its process is down.
+    Down,
+    /// No answer within the fence timeout: down, or cut off.
+    Silent,
+}
+
 /// A primary's view of one backup's link.
 #[derive(Clone, Debug)]
 struct LinkInfo {
@@ -178,6 +230,9 @@ struct Fence {
     started: u64,
     /// When to ask again (None while a fence message waits for its answer).
     retry_at: Option<u64>,
+    /// A fence message got no answer in time: the backup may be cut off, not
+    /// down, and a refused port later says nothing of what it did meanwhile.
+    silent: bool,
 }
 
 #[derive(Debug)]
@@ -196,6 +251,28 @@ struct PrimaryRole {
     /// hear of at once, not at the next heartbeat: until they do, a new member
     /// may not stand in an election.
     announce_at: Option<LogPos>,
+    /// The last position each backup is known to hold in this primary's log (its
+    /// acks, its caught-up, the prefix it came back with): the majority count.
+    held: BTreeMap<ServerId, LogPos>,
+    /// When each backup was last heard on its link (majority mode steps down
+    /// when no majority has been heard for the fence timeout).
+    heard: BTreeMap<ServerId, u64>,
+    /// When this server became primary.
+    since: u64,
+    /// Servers this primary went on without, unheard (a fence that got no answer,
+    /// or a port that refused), and when to call on them next. Each is told
+    /// again, every fence timeout, that this server is primary of its epoch
+    /// (a `coordinator`), until it follows or answers: a cut-off host that healed
+    /// may have elected a later primary meanwhile, and nobody else would tell this
+    /// one (issue 11's simulation: a stale primary served on after the heal).
+    strays: BTreeMap<ServerId, (String, u64)>,
+    /// Answers that wait until every entry up to a position is stored on every
+    /// backup it waited for (see [`Node::barrier`]).
+    barriers: Vec<(LogPos, Ticket)>,
+    /// Servers of the membership this primary took over that its `coordinator`
+    /// has not reached yet (their host did not answer), with where they listen
+    /// and when to try again (None while a try waits for its outcome).
+    unannounced: BTreeMap<ServerId, (String, Option<u64>)>,
 }
 
 /// Where a backup stands with its primary.
@@ -226,6 +303,9 @@ struct BackupRole {
     retries: u32,
     /// The last entry acknowledged: every entry up to it is here with its content.
     acked: LogPos,
+    /// An install ended with files missing: the primary still waits for this
+    /// server's `caught_up`, which the first ack once they are settled must be.
+    owes_caught_up: bool,
 }
 
 #[derive(Debug)]
@@ -261,6 +341,10 @@ pub struct Node {
     /// member again. The epoch comes first: a later primary's log may be shorter.
     dropped: bool,
     fenced_at: (Epoch, LogPos),
+    /// The last join of this server that counted (its primary's epoch and the
+    /// entry's position): a fence from before it is a stale copy (see
+    /// [`Node::fence`]).
+    joined_at: (Epoch, LogPos),
     /// The position of the `Join` that made this server a member, until the
     /// primary says it is stored on every member (then every server that may
     /// stand knows of this one, and asks it in an election).
@@ -269,9 +353,26 @@ pub struct Node {
     missing: BTreeSet<(String, String)>,
     /// Servers that refused to follow this primary's epoch, by what they said.
     notes: Vec<String>,
+    /// Every other server this one has known of (members past and present), by
+    /// id: where a backup that may not stand looks for a primary. A primary that
+    /// stepped down after dropping every backup holds a membership of itself
+    /// alone, and would otherwise look nowhere (issue 11's simulation).
+    contacts: BTreeMap<ServerId, String>,
     /// The time of the last input, to notice that this process was paused.
     last_now: u64,
+    /// Times in a row this backup could not store what its primary sent, and
+    /// when it last happened (see [`Node::storage_failed`]).
+    storage_failures: u32,
+    storage_failed_at: u64,
 }
+
+/// The first pause before a backup that could not store an entry joins again;
+/// it doubles with each failure in a row, up to [`STORAGE_PAUSE_MAX_MS`].
+pub const STORAGE_PAUSE_FIRST_MS: u64 = 1_000;
+/// The longest pause between two joins of a backup whose disk stays full.
+pub const STORAGE_PAUSE_MAX_MS: u64 = 60_000;
+/// Failures further apart than this are not "in a row": the pause starts over.
+const STORAGE_FAILURES_FORGOTTEN_MS: u64 = 10 * 60_000;
 
 fn rank_of(r: &Rank) -> BullyRank {
     BullyRank { epoch: r.epoch.0, pos: r.pos.0, id: r.id.0 }
@@ -286,6 +387,7 @@ fn answer_of(r: Reply) -> Answer {
         Reply::Stale { .. } => Answer::Stale,
         Reply::Promised { to } => Answer::Promised { to: ServerId(to) },
         Reply::Accepted => Answer::Accepted,
+        Reply::Ahead => Answer::Ahead,
     }
 }
 
@@ -297,6 +399,7 @@ fn reply_of(a: Answer, epoch: Epoch) -> Reply {
         Answer::Following { addr } => Reply::Following { addr, epoch: epoch.0 },
         Answer::Stale => Reply::Stale { epoch: epoch.0 },
         Answer::Promised { to } => Reply::Promised { to: to.0 },
+        Answer::Ahead => Reply::Ahead,
         // Not an answer to an election: the Bully counts it as silence.
         Answer::Accepted | Answer::Fenced => Reply::Accepted,
     }
@@ -329,6 +432,7 @@ impl Node {
         let epoch = state.epoch;
         let failure = cfg.failure_timeout_ms;
         let bully = Bully::new(cfg.id.0, cfg.election_timeout_ms);
+        let contacts = state.members.values().filter(|m| m.id != cfg.id).map(|m| (m.id, m.addr.clone())).collect();
         Node {
             role: Role::Backup(BackupRole {
                 phase: Phase::Detached,
@@ -339,6 +443,7 @@ impl Node {
                 retry_at: now,
                 retries: 0,
                 acked: state.pos,
+                owes_caught_up: false,
             }),
             cfg,
             epoch,
@@ -351,10 +456,14 @@ impl Node {
             verified: false,
             dropped: false,
             fenced_at: (Epoch(0), LogPos(0)),
+            joined_at: (Epoch(0), LogPos(0)),
             pending_join: None,
             missing: BTreeSet::new(),
             notes: Vec::new(),
+            contacts,
             last_now: now,
+            storage_failures: 0,
+            storage_failed_at: 0,
         }
     }
 
@@ -458,13 +567,33 @@ impl Node {
 
     /// May this server stand in an election: a caught-up member of the membership
     /// it holds, confirmed by a primary in this run, not dropped, missing nothing.
+    ///
+    /// Under `--quorum majority` neither a confirmation nor a fence matters (a
+    /// majority election, in which no server promises a candidate behind it,
+    /// keeps whatever a majority acknowledged): a member that holds the content
+    /// its state describes may stand.
     pub fn eligible(&self) -> bool {
-        self.verified
-            && !self.dropped
+        let vouched = self.majority() || (self.verified && !self.dropped);
+        vouched
+            && !self.want_snapshot
             && self.missing.is_empty()
             && self.cfg.id.0 > 0
             && self.state.members.contains_key(&self.cfg.id)
             && !matches!(self.phase(), Some(Phase::Installing))
+    }
+
+    /// True under `--quorum majority`.
+    pub fn majority(&self) -> bool {
+        self.cfg.quorum == Quorum::Majority
+    }
+
+    /// How many servers (this one included) a majority of the membership is.
+    fn majority_of_members(&self) -> usize {
+        let mut n = self.state.members.len();
+        if !self.state.members.contains_key(&self.cfg.id) {
+            n += 1;
+        }
+        n / 2 + 1
     }
 
     /// An epoch heard of before this process started (recorded on disk).
@@ -609,6 +738,17 @@ impl Node {
         if epoch > self.epoch {
             self.epoch = epoch;
             out.push(Output::SawEpoch(epoch));
+            if !self.is_primary() && self.verified && self.bully.promise().is_none_or(|(e, _)| e != epoch.0) {
+                // A later epoch this server did not promise: elected without it,
+                // by servers it may not have heard (a silent partition). Its
+                // history may lack what that epoch acknowledged, and its own
+                // primary may be stale: it stands again only once a primary of
+                // that epoch has counted it (issue 11's simulation: a member of a
+                // stale primary's stood and would have won the same epoch twice).
+                info(out, format!("heard of epoch={epoch} without having promised it; may not stand until it rejoins"));
+                self.verified = false;
+                self.pending_join = None;
+            }
             if self.is_primary() {
                 warn(out, format!("stepping down: heard of epoch={epoch}, later than ours"));
                 self.become_backup(now, None, out);
@@ -632,6 +772,7 @@ impl Node {
         self.epoch = self.epoch.max(epoch);
         self.bully.saw_epoch(epoch.0);
         self.bully.settle();
+        self.learn_own_addr(&mut out);
         let mut acks = Acks::new(self.cfg.ack_timeout_ms);
         let me = Member { id: self.cfg.id, addr: self.cfg.addr.clone() };
         let mut list = vec![me];
@@ -639,6 +780,15 @@ impl Node {
             if let Some(m) = self.state.members.get(id) {
                 acks.add(*id);
                 list.push(m.clone());
+            }
+        }
+        if self.majority() {
+            // The membership stays whole: a majority is counted over every member,
+            // those that did not promise (down, cut off) included.
+            for m in self.state.members.values() {
+                if !list.iter().any(|l| l.id == m.id) {
+                    list.push(m.clone());
+                }
             }
         }
         let announce: Vec<Member> = self.state.members.values().filter(|m| m.id != self.cfg.id).cloned().collect();
@@ -650,6 +800,12 @@ impl Node {
             fencing: BTreeMap::new(),
             committed: self.state.pos,
             announce_at: None,
+            held: BTreeMap::new(),
+            heard: BTreeMap::new(),
+            since: now,
+            strays: BTreeMap::new(),
+            barriers: Vec::new(),
+            unannounced: announce.iter().map(|m| (m.id, (m.addr.clone(), None))).collect(),
         });
         self.dropped = false;
         self.verified = true;
@@ -671,6 +827,25 @@ impl Node {
         out
     }
 
+    /// A server listening on every address (`--bind` left at 0.0.0.0, as on a
+    /// workstation) does not know the address others reach it at; the membership
+    /// does: its primary recorded the IP its link came from. A backup taking over
+    /// adopts it before it announces itself, else it would tell everyone to follow
+    /// "0.0.0.0:4000", which every other server takes for itself (found in the
+    /// five-host lab: the other backup followed itself and stood again and again).
+    fn learn_own_addr(&mut self, out: &mut Vec<Output>) {
+        let unspecified = self.cfg.addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_unspecified());
+        if !unspecified {
+            return;
+        }
+        if let Some(m) = self.state.members.get(&self.cfg.id) {
+            if m.addr != self.cfg.addr {
+                info(out, format!("listening on {}; others reach this server at {}", self.cfg.addr, m.addr));
+                self.cfg.addr = m.addr.clone();
+            }
+        }
+    }
+
     /// Makes this server a backup: of the primary at `primary` when known (it
     /// follows it), or looking for one. A primary stepping down fails what waits
     /// for acks (the clients resend to the new primary) and closes its links.
@@ -678,6 +853,9 @@ impl Node {
         if let Role::Primary(p) = &mut self.role {
             while let Some((_, ticket)) = p.acks.pop_front() {
                 out.extend(ticket.map(Output::Abort));
+            }
+            for (_, t) in p.barriers.drain(..) {
+                out.push(Output::Abort(t));
             }
             for link in p.links.keys() {
                 out.push(Output::CloseLink { link: *link });
@@ -693,6 +871,7 @@ impl Node {
             retry_at: now,
             retries: 0,
             acked: self.state.pos,
+            owes_caught_up: false,
         });
         if let Some(addr) = primary {
             self.follow(now, addr, out);
@@ -746,6 +925,25 @@ impl Node {
         out
     }
 
+    /// Completes `ticket` once every entry proposed so far is stored on every
+    /// backup it waited for (and, under a majority quorum, on a majority); aborts
+    /// it if this server steps down first. A request answered again from the
+    /// request table waits here: its entry may be one this primary inherited from
+    /// the one before, not yet on its backups, and an answer promises that the
+    /// change survives (issue 11).
+    pub fn barrier(&mut self, now: u64, ticket: Ticket) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.clock(now, &mut out);
+        let upto = self.unpersisted.back().map_or(self.state.pos, |(e, _)| e.pos);
+        let Role::Primary(p) = &mut self.role else {
+            out.push(Output::Abort(ticket));
+            return out;
+        };
+        p.barriers.push((upto, ticket));
+        self.settle(&mut out);
+        out
+    }
+
     fn propose_internal(&mut self, _now: u64, change: Change, out: &mut Vec<Output>) -> LogPos {
         self.push_entry(change, None, None, out)
     }
@@ -783,6 +981,9 @@ impl Node {
             return out;
         }
         self.remember(entry.clone());
+        for m in self.state.members.values().filter(|m| m.id != self.cfg.id) {
+            self.contacts.insert(m.id, m.addr.clone());
+        }
         match &mut self.role {
             Role::Primary(p) => {
                 p.reserving.remove(&pos);
@@ -807,6 +1008,7 @@ impl Node {
                         && entry.epoch == self.epoch
                     {
                         self.dropped = false;
+                        self.joined_at = (entry.epoch, entry.pos);
                         if !self.verified {
                             self.pending_join = Some((entry.pos, entry.epoch));
                         }
@@ -860,13 +1062,31 @@ impl Node {
 
     /// Completes every entry at the front that waits for nobody.
     fn settle(&mut self, out: &mut Vec<Output>) {
+        let me = self.cfg.id;
+        let quorum: Option<(Vec<ServerId>, usize)> = self
+            .majority()
+            .then(|| (self.state.members.keys().copied().filter(|id| *id != me).collect(), self.majority_of_members()));
         if let Role::Primary(p) = &mut self.role {
-            for (pos, ticket) in p.acks.settle() {
+            let held = &p.held;
+            let enough = |pos: LogPos| match &quorum {
+                None => true,
+                Some((others, need)) => {
+                    1 + others.iter().filter(|id| held.get(id).is_some_and(|h| *h >= pos)).count() >= *need
+                }
+            };
+            for (pos, ticket) in p.acks.settle_while(enough) {
                 p.committed = p.committed.max(pos);
                 if let Some(t) = ticket {
                     out.push(Output::Complete(t));
                 }
             }
+            let committed = p.committed;
+            p.barriers.retain(|(pos, t)| {
+                if *pos <= committed {
+                    out.push(Output::Complete(*t));
+                }
+                *pos > committed
+            });
             if p.announce_at.is_some_and(|at| p.committed >= at) {
                 p.announce_at = None;
                 for no in p.links.keys() {
@@ -903,6 +1123,33 @@ impl Node {
                         .collect();
                     for id in due {
                         self.send_fence(id, &mut out);
+                    }
+                    self.call_strays(now, &mut out);
+                    self.announce_again(now, &mut out);
+                }
+                if self.cfg.quorum == Quorum::Majority {
+                    let window = self.cfg.fence_timeout_ms;
+                    let need = self.majority_of_members();
+                    let me = self.cfg.id;
+                    let Role::Primary(p) = &self.role else { return out };
+                    let recent = self
+                        .state
+                        .members
+                        .keys()
+                        .filter(|id| **id != me && p.heard.get(id).is_some_and(|t| t + window >= now))
+                        .count();
+                    if now >= p.since + window && 1 + recent < need {
+                        warn(
+                            &mut out,
+                            format!(
+                                "stepping down: heard {recent} of the other members within {window} ms, fewer than a \
+                                 majority needs (--quorum majority)"
+                            ),
+                        );
+                        let epoch = self.epoch;
+                        self.become_backup(now, None, &mut out);
+                        out.push(Output::SteppedDown { epoch });
+                        return out;
                     }
                 }
                 // Dropping the backups that hold up the oldest entry may reveal the
@@ -991,7 +1238,8 @@ impl Node {
                     self.state.pos
                 ),
             );
-            let outs = self.bully.stand(now, self.epoch.0, &others, suspect.map(|s| s.0));
+            let need = if self.majority() { self.majority_of_members() - 1 } else { 0 };
+            let outs = self.bully.stand_needing(now, self.epoch.0, &others, suspect.map(|s| s.0), need);
             out.extend(self.bully_outputs(now, outs));
             return out;
         }
@@ -1003,7 +1251,9 @@ impl Node {
         targets.extend(b.primary.as_ref().map(|(_, a)| a.clone()));
         targets.extend(self.cfg.seed.clone());
         targets.extend(self.state.members.values().filter(|m| m.id != self.cfg.id).map(|m| m.addr.clone()));
-        targets.dedup();
+        targets.extend(self.contacts.values().cloned());
+        let mut seen = BTreeSet::new();
+        targets.retain(|t| seen.insert(t.clone()));
         if targets.is_empty() {
             return out;
         }
@@ -1109,7 +1359,6 @@ impl Node {
         // cannot be told here: they come on different connections). Entries that
         // waited for it still do: it answers them on the new link, or is fenced
         // like any silent backup.
-        let _ = existing;
         if let Some(mine) = req.local_addr.clone() {
             if self.state.members.get(&me).is_some_and(|m| m.addr != mine) {
                 self.cfg.addr = mine.clone();
@@ -1121,8 +1370,25 @@ impl Node {
             reserved = Some(self.propose_internal(now, Change::ReserveId { id }, &mut out));
         }
         let fencing = matches!(&self.role, Role::Primary(p) if p.fencing.contains_key(&id));
+        // A stray (gone on without after a silent fence) missed what was
+        // acknowledged meanwhile, whatever it claims: it comes back as a newcomer.
+        let stray = match &mut self.role {
+            Role::Primary(p) => p.strays.remove(&id).is_some(),
+            Role::Backup(_) => false,
+        };
         let mut member = self.state.members.contains_key(&id) && !fencing;
-        if member && !req.member {
+        let counted = matches!(&self.role, Role::Primary(p) if p.acks.is_live(id));
+        if member && (!req.member || stray) && counted && !existing.is_empty() {
+            // It is a live member on another link still: which of its two hellos
+            // is the newer cannot be told, and closing the other link alone would
+            // leave it sure it is a member (it never hears its Leave) while it lacks
+            // what is acknowledged without it (issue 11's simulation, seed 2027: a
+            // hello delayed by a pause came after the server's next one). It is
+            // dropped like a silent backup: its links close and it is fenced, so it
+            // knows before anything goes on without it, then joins again.
+            self.drop_backup(now, id, "it joined again on another connection", &mut out);
+            member = false;
+        } else if member && (!req.member || stray) {
             // A member back with no claim to stand (it restarted, or was paused):
             // it is not standing, so nothing needs to wait for it any more, and it
             // joins again as a newcomer.
@@ -1162,7 +1428,11 @@ impl Node {
                 }
                 if member {
                     p.acks.add(id);
+                    // Its last entry is ours: it holds our log up to there.
+                    let h = p.held.entry(id).or_default();
+                    *h = (*h).max(req.pos);
                 }
+                p.heard.insert(id, now);
                 let live = p.acks.is_live(id);
                 p.links.insert(link, LinkInfo { id, addr: req.addr, live, caught_up: member });
             }
@@ -1179,6 +1449,7 @@ impl Node {
                 // A member coming back through a snapshot stays waited for: it
                 // acknowledges once installed, or is fenced when that takes too long.
                 let live = p.acks.is_live(id);
+                p.heard.insert(id, now);
                 p.links.insert(link, LinkInfo { id, addr: req.addr, live, caught_up: false });
             }
         }
@@ -1207,6 +1478,11 @@ impl Node {
         }
         let Role::Primary(p) = &mut self.role else { return out };
         let Some(info_) = p.links.get(&link).cloned() else { return out };
+        p.heard.insert(info_.id, now);
+        if let Msg::Ack { pos } | Msg::CaughtUp { pos } = &msg {
+            let h = p.held.entry(info_.id).or_default();
+            *h = (*h).max(*pos);
+        }
         match msg {
             Msg::Ack { pos } => {
                 p.acks.ack(info_.id, pos);
@@ -1219,6 +1495,17 @@ impl Node {
                         l.caught_up = true;
                     }
                     p.acks.ack(info_.id, pos);
+                    // An install leaves a backup unsure it may stand; it may once it
+                    // stores a Join of itself by this primary (issue 11's simulation,
+                    // seed 1806 with cuts: a member that promised the new primary and
+                    // came back through a snapshot followed it for good, never
+                    // eligible, one standby fewer).
+                    // (Not while it is fenced: the fence's end makes it live with a
+                    // Join of its own, after it leaves the acks.)
+                    if !p.fencing.contains_key(&info_.id) {
+                        let member = Member { id: info_.id, addr: info_.addr.clone() };
+                        self.propose_internal(now, Change::Join { member }, &mut out);
+                    }
                     self.settle(&mut out);
                     return out;
                 }
@@ -1290,8 +1577,40 @@ impl Node {
         };
         info(out, format!("fencing backup id={id} addr={addr}: entries wait until it knows it was dropped"));
         let pos = self.unpersisted.back().map_or(self.state.pos, |(e, _)| e.pos);
-        p.fencing.insert(id, Fence { addr, why: why.to_string(), pos, started: now, retry_at: Some(now) });
+        p.fencing
+            .insert(id, Fence { addr, why: why.to_string(), pos, started: now, retry_at: Some(now), silent: false });
         self.send_fence(id, out);
+    }
+
+    /// Tells each stray that is due (and has no link here) that this server is
+    /// primary: one that knows a later epoch answers `stale`, and this one steps
+    /// down; one of this epoch follows it.
+    fn call_strays(&mut self, now: u64, out: &mut Vec<Output>) {
+        let Role::Primary(p) = &mut self.role else { return };
+        let linked: BTreeSet<ServerId> = p.links.values().map(|l| l.id).collect();
+        p.strays.retain(|id, _| !linked.contains(id));
+        let msg = Msg::Coordinator { epoch: self.epoch, id: self.cfg.id, addr: self.cfg.addr.clone() };
+        for (id, (addr, at)) in p.strays.iter_mut() {
+            if now >= *at {
+                *at = now + self.cfg.fence_timeout_ms;
+                out.push(Output::ToPeer { to: *id, addr: addr.clone(), msg: msg.clone() });
+            }
+        }
+    }
+
+    /// Tells each server that the `coordinator` did not reach, whose retry is due,
+    /// again. One that follows this primary by now (it has a link) needs no more.
+    fn announce_again(&mut self, now: u64, out: &mut Vec<Output>) {
+        let Role::Primary(p) = &mut self.role else { return };
+        let links = &p.links;
+        p.unannounced.retain(|id, _| !links.values().any(|l| l.id == *id));
+        for (id, (addr, retry_at)) in p.unannounced.iter_mut() {
+            if retry_at.is_some_and(|t| now >= t) {
+                *retry_at = None;
+                let msg = Msg::Coordinator { epoch: self.epoch, id: self.cfg.id, addr: self.cfg.addr.clone() };
+                out.push(Output::ToPeer { to: *id, addr: addr.clone(), msg });
+            }
+        }
     }
 
     fn send_fence(&mut self, id: ServerId, out: &mut Vec<Output>) {
@@ -1305,21 +1624,30 @@ impl Node {
     /// A fence is over: `id` knows it was dropped, or is down. Entries stop
     /// waiting for it, and it leaves the membership (or, if it came back and
     /// caught up meanwhile, it is live again at once).
-    fn fenced(&mut self, now: u64, id: ServerId, how: &str, out: &mut Vec<Output>) {
+    fn fenced(&mut self, now: u64, id: ServerId, how: &str, end: FenceEnd, out: &mut Vec<Output>) {
         let Role::Primary(p) = &mut self.role else { return };
-        if p.fencing.remove(&id).is_none() {
+        let Some(fence) = p.fencing.remove(&id) else {
             return;
+        };
+        if end != FenceEnd::Answered {
+            p.strays.insert(id, (fence.addr.clone(), now + self.cfg.fence_timeout_ms));
         }
         info(out, format!("fenced backup id={id}: {how}"));
         p.acks.remove(id);
-        // A link it opened again meanwhile was made live from the membership it
-        // had then: it is a newcomer now, and counts once it has caught up.
+        // Nothing waits for it now, on any link: a link it opened while it was
+        // being fenced (a snapshot join counts as live while its acks are still
+        // waited for) would otherwise take its `caught_up` for a member's ack and
+        // never make it a member again.
         for l in p.links.values_mut().filter(|l| l.id == id) {
             l.live = false;
         }
         let back: Option<(LinkNo, String)> =
             p.links.iter().find(|(_, l)| l.id == id && l.caught_up).map(|(n, l)| (*n, l.addr.clone()));
-        if self.state.members.contains_key(&id) {
+        // A silent backup stays in the membership (elections on this side must
+        // still ask it: it may have elected a primary of its own beyond a cut,
+        // and a candidate here that left it out could take that very epoch
+        // again); it leaves once it comes back (it joins again as a newcomer).
+        if self.state.members.contains_key(&id) && (end != FenceEnd::Silent || back.is_some()) {
             self.propose_leave(now, id, out);
         }
         if let Some((no, addr)) = back {
@@ -1333,6 +1661,11 @@ impl Node {
     }
 
     fn propose_leave(&mut self, now: u64, id: ServerId, out: &mut Vec<Output>) {
+        if self.majority() {
+            // The majority is of the whole membership: a member dropped or down
+            // stays counted (and asked in elections) until it is back.
+            return;
+        }
         if !self.unpersisted.iter().any(|(e, _)| e.change == (Change::Leave { id })) {
             self.propose_internal(now, Change::Leave { id }, out);
         }
@@ -1365,6 +1698,14 @@ impl Node {
         if from_epoch < self.epoch || self.is_primary() {
             warn(&mut out, format!("fence from id={from} of epoch={from_epoch} refused: ours is {}", self.epoch));
             return (Answer::Stale, out);
+        }
+        if self.joined_at > (from_epoch, pos) {
+            // A copy of a fence that ended before this server joined again (a
+            // retry delivered late): the primary has counted it since. Taking it
+            // would leave it following, never eligible again (issue 11's
+            // simulation, seed 8996 with cuts).
+            info(&mut out, format!("fence from id={from} at pos={pos} predates this server's join; it stays a member"));
+            return (Answer::Fenced, out);
         }
         warn(
             &mut out,
@@ -1410,6 +1751,7 @@ impl Node {
         b.primary = Some((primary, addr.clone()));
         b.suspect = None;
         b.retries = 0;
+        b.owes_caught_up = false;
         b.detector = Detector::new(self.cfg.failure_timeout_ms, now);
         self.bully.settle();
         if snapshot {
@@ -1476,6 +1818,9 @@ impl Node {
             self.caught_up(&mut out);
         } else {
             info(&mut out, format!("holding acks: {} files await a later entry", self.missing.len()));
+            if let Role::Backup(b) = &mut self.role {
+                b.owes_caught_up = true;
+            }
         }
         out
     }
@@ -1483,6 +1828,7 @@ impl Node {
     fn caught_up(&mut self, out: &mut Vec<Output>) {
         if let Role::Backup(b) = &mut self.role {
             b.acked = self.state.pos;
+            b.owes_caught_up = false;
             info(out, format!("caught up to pos={}", self.state.pos));
             out.push(Output::ToPrimary(Msg::CaughtUp { pos: self.state.pos }));
         }
@@ -1543,6 +1889,12 @@ impl Node {
         if !self.missing.is_empty() {
             return;
         }
+        if b.owes_caught_up {
+            // The primary counts this server once it says it caught up, not on
+            // an ack (issue 11's chaos run: such a joiner stayed out for good).
+            self.caught_up(out);
+            return;
+        }
         let was = b.acked;
         b.acked = self.state.pos;
         if was < self.state.pos || self.state.pos == LogPos(0) {
@@ -1585,6 +1937,43 @@ impl Node {
                 out.extend(self.follower_down(now, &why));
             }
         }
+        out
+    }
+
+    /// This backup could not store what its primary sent (an entry, a transfer, a
+    /// fetched file: its disk is full, most often). Taking that for a lost primary
+    /// would rejoin at once and fail again, several times a second, while the
+    /// primary drops it each time. Instead it leaves: it stops following, may not
+    /// stand in an election (it could not store what it would have to), and joins
+    /// again after a pause that doubles with each failure in a row, from
+    /// [`STORAGE_PAUSE_FIRST_MS`] to [`STORAGE_PAUSE_MAX_MS`].
+    pub fn storage_failed(&mut self, now: u64, why: &str) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.clock(now, &mut out);
+        let Role::Backup(b) = &mut self.role else { return out };
+        if self.storage_failures > 0 && now.saturating_sub(self.storage_failed_at) > STORAGE_FAILURES_FORGOTTEN_MS {
+            self.storage_failures = 0;
+        }
+        let pause = STORAGE_PAUSE_FIRST_MS.saturating_mul(1 << self.storage_failures.min(16)).min(STORAGE_PAUSE_MAX_MS);
+        self.storage_failures = self.storage_failures.saturating_add(1);
+        self.storage_failed_at = now;
+        if b.phase != Phase::Detached {
+            out.push(Output::Unfollow);
+        }
+        b.phase = Phase::Detached;
+        b.retry_at = now + pause;
+        self.unpersisted.clear();
+        self.verified = false;
+        self.pending_join = None;
+        out.push(Output::Log(
+            log::Level::Error,
+            format!(
+                "leaving the cluster: this server cannot store what the primary sends ({why}); \
+                 joining again in {} s (failure {} in a row)",
+                pause / 1000,
+                self.storage_failures
+            ),
+        ));
         out
     }
 
@@ -1660,6 +2049,7 @@ impl Node {
             member: self.eligible(),
             status,
             suspect,
+            majority: self.majority(),
         }
     }
 
@@ -1682,6 +2072,14 @@ impl Node {
         let (reply, outs) = self.bully.on_election(now, &view, &candidate, &others);
         info(&mut out, format!("election from id={from} for epoch={target}: answering {reply:?}"));
         out.extend(self.bully_outputs(now, outs));
+        if self.majority() && matches!(reply, Reply::Promise { .. }) {
+            // A promise of `target` is a vote in it: from now on nothing from an
+            // older primary is taken (its entries would go to a majority that no
+            // longer elects it; issue 11's simulation: a promiser applied and
+            // acknowledged the old primary's entries after promising, and the
+            // winner lacked them).
+            self.see_epoch(now, target, &mut out);
+        }
         (answer_of(reply), out)
     }
 
@@ -1691,7 +2089,11 @@ impl Node {
         self.clock(now, &mut out);
         let reply = self.bully.on_coordinator(self.epoch.0, from.0, epoch.0);
         if reply != Reply::Accepted {
-            warn(&mut out, format!("not following id={from} as primary of epoch={epoch}: {reply:?}"));
+            let why = match &reply {
+                Reply::Stale { epoch: later } => format!("this server knows the later epoch {later}"),
+                other => format!("{other:?}"),
+            };
+            warn(&mut out, format!("not following id={from} as primary of epoch={epoch}: {why}"));
             return (answer_of(reply), out);
         }
         if self.is_primary() && epoch == self.epoch {
@@ -1701,6 +2103,7 @@ impl Node {
             return (Answer::Stale, out);
         }
         info(&mut out, format!("new primary id={from} at {addr} epoch={epoch}; following it"));
+        self.contacts.insert(from, addr.clone());
         self.see_epoch(now, epoch, &mut out);
         if let Role::Backup(b) = &mut self.role {
             b.primary = Some((from, addr.clone()));
@@ -1717,16 +2120,29 @@ impl Node {
         if answer == Answer::Stale || answer == Answer::Accepted || matches!(answer, Answer::Primary { .. }) {
             self.see_epoch(now, epoch, &mut out);
         }
+        if let Role::Primary(p) = &mut self.role {
+            // Whatever it answered, the coordinator reached it.
+            p.unannounced.remove(&from);
+        }
         if self.is_primary() {
             if answer == Answer::Fenced {
-                self.fenced(now, from, "it knows it was dropped", &mut out);
+                self.fenced(now, from, "it knows it was dropped", FenceEnd::Answered, &mut out);
                 return out;
             }
             // Answers to our coordinator message.
-            if answer != Answer::Accepted {
+            if answer == Answer::Accepted {
+                if let Role::Primary(p) = &mut self.role {
+                    p.strays.remove(&from);
+                }
+            } else {
                 let note = format!("id={from} did not accept this primary: {answer:?} (its epoch={epoch})");
-                warn(&mut out, note.clone());
-                self.notes.push(note);
+                if !self.notes.contains(&note) {
+                    warn(&mut out, note.clone());
+                    self.notes.push(note);
+                    if self.notes.len() > 16 {
+                        self.notes.remove(0);
+                    }
+                }
             }
             return out;
         }
@@ -1735,26 +2151,59 @@ impl Node {
         out
     }
 
-    /// Server `from` could not be asked: `down` when its port refused (its process
-    /// is not running), false when it did not answer in time.
-    pub fn peer_unreachable(&mut self, now: u64, from: ServerId, down: bool) -> Vec<Output> {
+    /// Server `from` could not be asked, for the reason `how`.
+    pub fn peer_unreachable(&mut self, now: u64, from: ServerId, how: Unreached) -> Vec<Output> {
+        let down = how == Unreached::Refused;
         let mut out = Vec::new();
         self.clock(now, &mut out);
         if let Role::Primary(p) = &mut self.role {
+            if let Some((_, retry_at)) = p.unannounced.get_mut(&from) {
+                if down {
+                    // Its process is not running: restarted, it joins with -b
+                    // (or -p finds this cluster running and refuses).
+                    p.unannounced.remove(&from);
+                } else if retry_at.is_none() {
+                    *retry_at = Some(now + ANNOUNCE_RETRY_MS);
+                }
+            }
             let Some(f) = p.fencing.get_mut(&from) else { return out };
-            if down {
-                self.fenced(now, from, "its port refuses connections: it is down", &mut out);
+            let risk = if self.cfg.quorum == Quorum::Majority {
+                "changes still wait for a majority of the membership (--quorum majority)"
+            } else {
+                "if it is alive but cut off, changes acknowledged from now on could be lost should it become primary"
+            };
+            if down && f.silent {
+                // Down now, but silent before: it may have been cut off, alive,
+                // and elected a primary of its own before it died (issue 11's
+                // simulation). Going on is as blind as after a timeout.
+                let waited = now - f.started;
+                warn(
+                    &mut out,
+                    format!(
+                        "going on without backup id={from}: its port refuses connections now, after {waited} ms \
+                         without an answer to its fence; {risk}"
+                    ),
+                );
+                self.fenced(now, from, "down after a silence (treated as cut off)", FenceEnd::Silent, &mut out);
+            } else if down {
+                self.fenced(now, from, "its port refuses connections: it is down", FenceEnd::Down, &mut out);
             } else if now >= f.started + self.cfg.fence_timeout_ms {
                 warn(
                     &mut out,
                     format!(
-                        "going on without backup id={from}: no answer to its fence for {} ms; if it is alive but cut \
-                         off, changes acknowledged from now on could be lost should it become primary",
+                        "going on without backup id={from}: no answer to its fence for {} ms; {risk}",
                         now - f.started
                     ),
                 );
-                self.fenced(now, from, "no answer (treated as down)", &mut out);
+                self.fenced(now, from, "no answer (treated as down)", FenceEnd::Silent, &mut out);
             } else {
+                // Only silence may hide a cut: a connection that reached the
+                // backup and broke (a process dying under SIGKILL resets the
+                // handshake it had accepted) says its host answers, so a refusal
+                // after it says no more than a refusal at the first try.
+                if how == Unreached::Silent {
+                    f.silent = true;
+                }
                 f.retry_at = Some(now + self.cfg.election_timeout_ms.max(1));
             }
             return out;
@@ -1780,6 +2229,7 @@ mod tests {
             election_timeout_ms: 100,
             fence_timeout_ms: 900,
             seed: Some("s1".into()),
+            quorum: Quorum::Live,
         }
     }
 
@@ -1793,6 +2243,8 @@ mod tests {
             deleted: false,
             atime_ms: 0,
             ctime_ms: 0,
+            exec: false,
+            dir: false,
         };
         Change::Put { user: "u".into(), meta, xfer: "x".into() }
     }
@@ -1881,25 +2333,24 @@ mod tests {
         assert_eq!(applies, (p.state().pos.0 - state_at.pos.0) as usize, "exactly the entries it lacks");
     }
 
+    /// Server 2 (at "s2") joining with nothing: no log, never a member.
+    fn fresh_join() -> JoinRequest {
+        JoinRequest {
+            id: Some(ServerId(2)),
+            addr: "s2".into(),
+            pos: LogPos(0),
+            last_epoch: Epoch(0),
+            epoch: Epoch(0),
+            local_addr: None,
+            member: false,
+        }
+    }
+
     #[test]
     fn a_primary_that_hears_of_a_later_epoch_steps_down_and_fails_what_waits() {
         let mut p = Node::new(cfg(1), State::default(), Vec::new(), 0);
         step(&mut p, 0, |n| n.start_primary(0));
-        step(&mut p, 0, |n| {
-            n.link_join(
-                0,
-                10,
-                JoinRequest {
-                    id: Some(ServerId(2)),
-                    addr: "s2".into(),
-                    pos: LogPos(0),
-                    last_epoch: Epoch(0),
-                    epoch: Epoch(0),
-                    local_addr: None,
-                    member: false,
-                },
-            )
-        });
+        step(&mut p, 0, |n| n.link_join(0, 10, fresh_join()));
         step(&mut p, 1, |n| n.link_msg(1, 10, Epoch(1), Msg::CaughtUp { pos: LogPos(2) }));
         let out = step(&mut p, 2, |n| n.propose(2, put("a", 1), None, Ticket(1)));
         assert!(!out.contains(&Output::Complete(Ticket(1))), "waits for backup 2");
@@ -1910,6 +2361,202 @@ mod tests {
         assert!(out.contains(&Output::Follow { addr: "s3".into() }));
         assert!(!p.is_primary());
         assert!(!p.eligible(), "a stepped-down primary stands again only once it caught up");
+    }
+
+    /// A request answered again from the request table (a resend after a
+    /// failover) is answered only once what is logged is stored on the backups:
+    /// the entry holding its answer may be one this primary has not replicated yet.
+    #[test]
+    fn a_barrier_completes_only_once_the_backups_hold_everything_logged() {
+        let mut p = Node::new(cfg(1), State::default(), Vec::new(), 0);
+        step(&mut p, 0, |n| n.start_primary(0));
+        let join = fresh_join();
+        step(&mut p, 0, |n| n.link_join(0, 10, join));
+        step(&mut p, 1, |n| n.link_msg(1, 10, Epoch(1), Msg::CaughtUp { pos: LogPos(2) }));
+        step(&mut p, 2, |n| n.propose(2, put("a", 1), None, Ticket(1)));
+        let out = step(&mut p, 3, |n| n.barrier(3, Ticket(2)));
+        assert!(!out.contains(&Output::Complete(Ticket(2))), "backup 2 holds nothing yet: {out:?}");
+        let pos = p.state().pos;
+        let out = step(&mut p, 4, |n| n.link_msg(4, 10, Epoch(1), Msg::Ack { pos }));
+        assert!(out.contains(&Output::Complete(Ticket(1))) && out.contains(&Output::Complete(Ticket(2))), "{out:?}");
+        let out = step(&mut p, 5, |n| n.barrier(5, Ticket(3)));
+        assert!(out.contains(&Output::Complete(Ticket(3))), "nothing waits: at once: {out:?}");
+    }
+
+    /// Regression (issue 11's chaos run): a joiner whose snapshot install lacked a
+    /// file held its acks until a later entry settled the path, as it should,
+    /// but then sent an ack where the primary waited for `caught_up`: the
+    /// primary never counted it, and it never became a member again.
+    #[test]
+    fn a_joiner_missing_files_reports_caught_up_once_a_later_entry_settles_them() {
+        let mut b = Node::new(cfg(2), State::default(), Vec::new(), 0);
+        b.start_backup(0);
+        step(&mut b, 1, |n| n.joined(1, Epoch(1), ServerId(2), ServerId(1), "s1".into(), true, false));
+        let primary_state = State { pos: LogPos(3), epoch: Epoch(1), ..Default::default() };
+        step(&mut b, 2, |n| n.snapshot(2, Epoch(1), primary_state.clone()));
+        let out = step(&mut b, 3, |n| n.installed(3, vec![("u".into(), "a".into())]));
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::ToPrimary(_))),
+            "nothing said while a file is missing: {out:?}"
+        );
+        let entry = Entry { pos: LogPos(4), epoch: Epoch(1), change: put("a", 5), request: None };
+        let out = step(&mut b, 4, |n| n.apply(4, Epoch(1), entry));
+        assert!(
+            out.contains(&Output::ToPrimary(Msg::CaughtUp { pos: LogPos(4) })),
+            "the entry settled the missing file: the primary must hear caught_up: {out:?}"
+        );
+        let out =
+            step(&mut b, 5, |n| n.from_primary(5, Epoch(1), Msg::Heartbeat { pos: LogPos(4), committed: LogPos(4) }));
+        assert!(out.contains(&Output::ToPrimary(Msg::Ack { pos: LogPos(4) })), "then plain acks: {out:?}");
+    }
+
+    /// The coordinators a batch of outputs sends, as (to, epoch).
+    fn coordinators(out: &[Output]) -> Vec<(u64, u64)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::ToPeer { to, msg: Msg::Coordinator { epoch, .. }, .. } => Some((to.0, epoch.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Regression (issue 10, the five-host lab): a primary cut off without a FIN
+    /// ran on as primary of its old epoch after its host came back, because the
+    /// new primary's one `coordinator` had not reached it and nothing else ever
+    /// told it. The new primary tells it again until it answers; a server whose
+    /// port refuses (its process is down) is not asked again.
+    #[test]
+    fn a_new_primary_tells_a_server_its_coordinator_did_not_reach_again_until_it_answers() {
+        let mut state = State::default();
+        for id in 1..=4 {
+            state.members.insert(ServerId(id), Member { id: ServerId(id), addr: format!("s{id}") });
+        }
+        let mut p = Node::new(cfg(3), state, Vec::new(), 0);
+        let out = step(&mut p, 0, |n| n.become_primary(0, Epoch(2), &[ServerId(2)]));
+        assert_eq!(coordinators(&out), vec![(1, 2), (2, 2), (4, 2)]);
+        // Server 2 accepts, 1's host does not answer, 4's port refuses.
+        step(&mut p, 10, |n| n.peer_answer(10, ServerId(2), Epoch(2), Answer::Accepted));
+        step(&mut p, 20, |n| n.peer_unreachable(20, ServerId(4), Unreached::Refused));
+        step(&mut p, 160, |n| n.peer_unreachable(160, ServerId(1), Unreached::Silent));
+        let mut again = Vec::new();
+        for now in (200..=160 + ANNOUNCE_RETRY_MS + 100).step_by(100) {
+            again.extend(coordinators(&step(&mut p, now, |n| n.tick(now))));
+        }
+        assert_eq!(again, vec![(1, 2)], "only the server whose host did not answer is told again, once per retry");
+        // It is still cut off: told again after the next pause; then it answers.
+        let t = 160 + ANNOUNCE_RETRY_MS + 200;
+        step(&mut p, t, |n| n.peer_unreachable(t, ServerId(1), Unreached::Silent));
+        let mut again = Vec::new();
+        for now in (t..=t + ANNOUNCE_RETRY_MS + 100).step_by(100) {
+            again.extend(coordinators(&step(&mut p, now, |n| n.tick(now))));
+        }
+        assert_eq!(again, vec![(1, 2)]);
+        let t = t + ANNOUNCE_RETRY_MS + 200;
+        step(&mut p, t, |n| n.peer_answer(t, ServerId(1), Epoch(2), Answer::Accepted));
+        let mut after = Vec::new();
+        for now in (t..=t + 3 * ANNOUNCE_RETRY_MS).step_by(100) {
+            after.extend(coordinators(&step(&mut p, now, |n| n.tick(now))));
+        }
+        assert_eq!(after, vec![], "an answer ends the retries");
+    }
+
+    /// Regression (issue 10, the five-host lab): a backup started without
+    /// `--bind` took over and announced "0.0.0.0:4000"; the other backup took
+    /// that for itself and never followed. It announces the address the
+    /// membership holds for it.
+    #[test]
+    fn a_backup_listening_on_every_address_takes_over_under_the_address_the_membership_holds() {
+        let mut state = State::default();
+        for id in 1..=3 {
+            state.members.insert(ServerId(id), Member { id: ServerId(id), addr: format!("10.213.0.{id}:4000") });
+        }
+        let mut c = cfg(3);
+        c.addr = "0.0.0.0:4000".into();
+        let mut p = Node::new(c, state, Vec::new(), 0);
+        let out = step(&mut p, 0, |n| n.become_primary(0, Epoch(2), &[ServerId(2)]));
+        let announced: Vec<&str> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::ToPeer { msg: Msg::Coordinator { addr, .. }, .. } => Some(addr.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(announced, vec!["10.213.0.3:4000", "10.213.0.3:4000"]);
+        assert_eq!(p.addr(), "10.213.0.3:4000");
+        assert_eq!(p.primary_addr().as_deref(), Some("10.213.0.3:4000"));
+    }
+
+    /// Regression (issue 10, kill_primary_mid_upload): a backup dropped during a
+    /// big upload came back with a snapshot join while the primary was still
+    /// fencing it; its `caught_up` was taken for a live member's ack, and it never
+    /// became a member again (one backup fewer until its link broke).
+    #[test]
+    fn a_backup_that_rejoins_while_it_is_fenced_becomes_a_member_once_caught_up() {
+        let join = |pos: u64, last_epoch: u64, epoch: u64| JoinRequest {
+            id: Some(ServerId(2)),
+            addr: "s2".into(),
+            pos: LogPos(pos),
+            last_epoch: Epoch(last_epoch),
+            epoch: Epoch(epoch),
+            local_addr: None,
+            member: false,
+        };
+        let mut p = Node::new(cfg(1), State::default(), Vec::new(), 0);
+        step(&mut p, 0, |n| n.start_primary(0));
+        step(&mut p, 0, |n| n.link_join(0, 10, join(0, 0, 0)));
+        step(&mut p, 1, |n| n.link_msg(1, 10, Epoch(1), Msg::CaughtUp { pos: LogPos(1) }));
+        assert_eq!(p.live_backups(), vec![ServerId(2)]);
+        // Backup 2 acknowledges nothing: dropped and fenced after the ack bound.
+        step(&mut p, 5, |n| n.propose(5, put("a", 1), None, Ticket(1)));
+        let mut out = Vec::new();
+        for now in (100..=1100).step_by(100) {
+            out.extend(step(&mut p, now, |n| n.tick(now)));
+        }
+        assert!(out.iter().any(|o| matches!(o, Output::ToPeer { msg: Msg::Fence { .. }, .. })), "{out:?}");
+        // It comes back on a new link, with a history of its own: a snapshot.
+        let out = step(&mut p, 1110, |n| n.link_join(1110, 11, join(1, 7, 1)));
+        assert!(out.iter().any(|o| matches!(o, Output::SnapshotTo { link: 11, .. })), "{out:?}");
+        step(&mut p, 1120, |n| n.peer_answer(1120, ServerId(2), Epoch(1), Answer::Fenced));
+        assert_eq!(p.live_backups(), Vec::<ServerId>::new());
+        let pos = p.state().pos;
+        let out = step(&mut p, 1200, |n| n.link_msg(1200, 11, Epoch(1), Msg::CaughtUp { pos }));
+        let joined = out.iter().any(|o| {
+            matches!(o, Output::ToLink { link: 11, msg: Msg::Apply { entry } }
+                if matches!(&entry.change, Change::Join { member } if member.id == ServerId(2)))
+        });
+        assert!(joined, "no Join of backup 2 after it caught up: {out:?}");
+        assert_eq!(p.live_backups(), vec![ServerId(2)]);
+    }
+
+    /// Regression (CI, `a_killed_backup_restarted_with_b_catches_up`): a backup
+    /// killed with SIGKILL closed its link; the first fence reached its dying
+    /// process and was reset, the second was refused. The reset was taken for
+    /// silence, so the refusal was read as "perhaps cut off" and the dead backup
+    /// stayed a member for good. Only a fence that got no answer in time may
+    /// keep it.
+    #[test]
+    fn a_fence_reset_then_refused_is_a_dead_backup_and_only_silence_keeps_it_a_member() {
+        for (first, stays) in [(Unreached::Broken, false), (Unreached::Silent, true), (Unreached::Refused, false)] {
+            let join = fresh_join();
+            let mut p = Node::new(cfg(1), State::default(), Vec::new(), 0);
+            step(&mut p, 0, |n| n.start_primary(0));
+            step(&mut p, 0, |n| n.link_join(0, 10, join));
+            step(&mut p, 1, |n| n.link_msg(1, 10, Epoch(1), Msg::CaughtUp { pos: LogPos(1) }));
+            assert!(p.state().members.contains_key(&ServerId(2)));
+            let out = step(&mut p, 10, |n| n.link_down(10, 10, "closed by the backup"));
+            assert!(out.iter().any(|o| matches!(o, Output::ToPeer { msg: Msg::Fence { .. }, .. })), "{out:?}");
+            let mut out = step(&mut p, 11, |n| n.peer_unreachable(11, ServerId(2), first));
+            if first != Unreached::Refused {
+                for now in (20..=400).step_by(20) {
+                    out.extend(step(&mut p, now, |n| n.tick(now)));
+                }
+                let asked = out.iter().any(|o| matches!(o, Output::ToPeer { msg: Msg::Fence { .. }, .. }));
+                assert!(asked, "{first:?}: the fence was not sent again: {out:?}");
+                step(&mut p, 401, |n| n.peer_unreachable(401, ServerId(2), Unreached::Refused));
+            }
+            assert_eq!(p.live_backups(), Vec::<ServerId>::new(), "{first:?}");
+            assert_eq!(p.state().members.contains_key(&ServerId(2)), stays, "{first:?} then refused");
+        }
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! Connections between servers outside the replication link: one election,
 //! coordinator or fence message and its answer per connection (rare, so a
-//! connection each is simpler than keeping one open); and a new primary calling
-//! its clients back.
+//! connection each is simpler than keeping one open), each authenticated both
+//! ways with the cluster key first; and a new primary calling its clients back.
 
+use crate::cluster::{self, unreached, ClusterAuth, ConnectError};
 use crate::conn::{Client, Ctx, FrameWriter};
 use crate::core::{ask, Event};
+use crate::node::Unreached;
 use crate::state::Session;
 use crossbeam_channel::{unbounded, Sender};
 use replibox_proto::auth::callback::callback_proof_hex;
 use replibox_proto::auth::AuthMsg;
-use replibox_proto::{read_frame, write_frame, Answer, Epoch, Msg, ServerId, Who, PROTOCOL_VERSION};
-use std::io::{ErrorKind, Read};
+use replibox_proto::{read_frame, write_frame, Answer, Epoch, Msg, Purpose, ServerId, Who, PROTOCOL_VERSION};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,20 +50,11 @@ fn resolve(addr: &str) -> Option<SocketAddr> {
     addr.to_socket_addrs().ok()?.next()
 }
 
-/// True when an error says the peer's process is not running: its port refused
-/// the connection, so nothing there can act on our message. Anything else (a
-/// reset, a close without an answer, a timeout) may come from a live process
-/// that could not answer (out of threads, stopping) and that may still stand in
-/// an election: it counts as silence, and a later try finds out.
-fn is_down(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::ConnectionRefused)
-}
-
 /// Sends `msg` to server `to` at `addr` on a connection of its own, from a thread
 /// of its own, and reports its answer (or that it could not be asked) to the core.
 pub fn send(
     core: Sender<Event>,
-    me: ServerId,
+    cluster: Arc<ClusterAuth>,
     to: ServerId,
     addr: String,
     epoch: Arc<AtomicU64>,
@@ -70,11 +63,11 @@ pub fn send(
 ) {
     let kind = msg.kind();
     let spawned = std::thread::Builder::new().name(format!("peer-{kind}-{to}")).spawn(move || {
-        let event = match exchange(me, &addr, &epoch, &msg, timeout) {
+        let event = match exchange(&cluster, to, &addr, &epoch, &msg, timeout) {
             Ok((epoch, answer)) => Event::PeerAnswer { to, epoch, answer },
-            Err((down, why)) => {
+            Err((how, why)) => {
                 log::info!("could not reach server id={to} at {addr} with {}: {why}", msg.kind());
-                Event::PeerUnreachable { to, down }
+                Event::PeerUnreachable { to, how }
             }
         };
         let _ = core.send(event);
@@ -84,35 +77,47 @@ pub fn send(
     }
 }
 
+/// One message and its answer, on a connection authenticated both ways with the
+/// cluster key: an answer from a server that cannot prove the key (or that is
+/// not server `to`) is never taken into account.
 fn exchange(
-    me: ServerId,
+    cluster: &ClusterAuth,
+    to: ServerId,
     addr: &str,
     epoch: &AtomicU64,
     msg: &Msg,
     timeout: Duration,
-) -> Result<(Epoch, Answer), (bool, String)> {
-    let sock = resolve(addr).ok_or((false, format!("cannot resolve {addr}")))?;
-    let stream = TcpStream::connect_timeout(&sock, timeout).map_err(|e| (is_down(&e), e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(timeout));
-    let _ = stream.set_write_timeout(Some(timeout));
-    let mut w = &stream;
+) -> Result<(Epoch, Answer), (Unreached, String)> {
+    let me = cluster.me().unwrap_or_default();
     let now = Epoch(epoch.load(Ordering::Relaxed));
+    let (stream, proven) =
+        cluster::connect(cluster, Some(me), addr, Purpose::Election, now, timeout).map_err(|e| match e {
+            ConnectError::Unreachable { how, why } => (how, why),
+            other => (Unreached::Silent, other.to_string()),
+        })?;
+    if proven.id != Some(to) {
+        let why = format!("the server at {addr} proves the key as id {:?}, not id={to}", proven.id);
+        return Err((Unreached::Silent, why));
+    }
+    let io_error = |e: &replibox_proto::ProtoError| match e {
+        replibox_proto::ProtoError::Io(io) => unreached(io),
+        _ => Unreached::Broken,
+    };
+    let mut w = &stream;
     let hello = Msg::Hello { version: PROTOCOL_VERSION, who: Who::Peer { id: me } };
     let sent = write_frame(&mut w, now, &hello, &[]).and_then(|_| write_frame(&mut w, now, msg, &[]));
-    sent.map_err(|e| (matches!(&e, replibox_proto::ProtoError::Io(io) if is_down(io)), e.to_string()))?;
+    sent.map_err(|e| (io_error(&e), e.to_string()))?;
     let mut r = &stream;
     match read_frame(&mut r) {
         Ok(Some(f)) => match f.msg {
             Msg::Answer { answer } => Ok((f.epoch, answer)),
-            other => Err((false, format!("answered with {}", other.kind()))),
+            other => Err((Unreached::Broken, format!("answered with {}", other.kind()))),
         },
         // Closed without an answer: it may have died on the way, or be alive
         // and unable to answer. The next try tells (a dead one refuses).
-        Ok(None) => Err((false, "closed without an answer".into())),
-        Err(e) if e.is_timeout() => Err((false, format!("no answer within {timeout:?}"))),
-        Err(replibox_proto::ProtoError::Io(e)) => Err((is_down(&e), e.to_string())),
-        Err(e) => Err((false, e.to_string())),
+        Ok(None) => Err((Unreached::Broken, "closed without an answer".into())),
+        Err(e) if e.is_timeout() => Err((Unreached::Silent, format!("no answer within {timeout:?}"))),
+        Err(e) => Err((io_error(&e), e.to_string())),
     }
 }
 
@@ -200,7 +205,7 @@ fn callback(
         peer: target,
         ack_timeout: ctx.ack_timeout,
     };
-    let welcome = Msg::Welcome { token: String::new(), devices: welcome.devices, last_seq: welcome.last_seq };
+    let welcome = Msg::Welcome { devices: welcome.devices, last_seq: welcome.last_seq };
     let end = match client.send(&welcome) {
         Err(e) => e,
         Ok(()) => {

@@ -79,6 +79,18 @@ impl<D> Acks<D> {
         out
     }
 
+    /// Like [`Acks::settle`], but an entry also waits until `enough` says so of
+    /// its position (a majority holds it, say): it stops at the first that is not.
+    pub fn settle_while(&mut self, enough: impl Fn(LogPos) -> bool) -> Vec<(LogPos, D)> {
+        let mut out = Vec::new();
+        while self.pending.front().is_some_and(|p| p.waiting.is_empty() && enough(p.pos)) {
+            if let Some(p) = self.pending.pop_front() {
+                out.push((p.pos, p.done));
+            }
+        }
+        out
+    }
+
     /// Backups holding up the oldest entry past its deadline.
     pub fn overdue(&self, now_ms: u64) -> Vec<ServerId> {
         match self.pending.front() {

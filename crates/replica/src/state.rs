@@ -7,9 +7,11 @@
 //! never change it. Nothing here touches a disk, a socket or a clock.
 
 pub use replibox_proto::repl::{Change, Entry, LastRequest, Member, Session};
-use replibox_proto::{ContentHash, DeviceId, Epoch, FileMeta, LogPos, OpResult, Seq, ServerId, Version};
+use replibox_proto::{
+    ContentHash, DeviceId, Epoch, FileMeta, LogPos, OpResult, Seq, ServerId, StoredCredentials, Version,
+};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Most devices one user may have connected at once.
 pub const MAX_DEVICES: usize = 2;
@@ -27,6 +29,19 @@ fn encoded_bound(meta: &FileMeta) -> usize {
     6 * meta.path.len() + 256
 }
 
+pub use replibox_proto::REQUEST_WINDOW;
+
+/// Tombstones kept per user: past this many (checked every [`PRUNE_EVERY`]
+/// entries, so up to that many more), the oldest are forgotten. A tombstone is
+/// what tells a device that was away that a file it still holds was deleted; a
+/// device away across more deletions than this sends such a file back up as a new
+/// one (nothing is lost; a deleted file may come back). Without a bound, a user's
+/// deletions grew the state, every snapshot and every full listing for ever.
+pub const TOMBSTONES_KEPT: usize = 10_000;
+/// Tombstones are counted (a walk over every user's files) once every this many
+/// entries: at an entry position, so every server prunes at the same entry.
+pub const PRUNE_EVERY: u64 = 1024;
+
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -39,6 +54,12 @@ pub struct State {
     pub sessions: BTreeMap<DeviceId, Session>,
     /// Last changing request of each device.
     pub requests: BTreeMap<DeviceId, LastRequest>,
+    /// The changing requests each device made before its last one, oldest first,
+    /// at most [`REQUEST_WINDOW`] - 1 of them: a device may have that many
+    /// requests in flight, and any of them may be resent after a lost connection
+    /// or a failover.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub earlier: BTreeMap<DeviceId, VecDeque<LastRequest>>,
     /// The current epoch (0 before any primary started one).
     #[serde(default)]
     pub epoch: Epoch,
@@ -52,6 +73,15 @@ pub struct State {
     /// id is never reused for another server.
     #[serde(default)]
     pub max_id: ServerId,
+    /// Per user, the highest version of a tombstone forgotten by pruning: a path
+    /// created again gets a version above it, so a device that still holds the
+    /// forgotten version never takes the new file for the one it has.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pruned: BTreeMap<String, Version>,
+    /// Every user's account: what a login's proof is checked against (derived
+    /// keys, never a password). Replicated, so a new primary knows every account.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, StoredCredentials>,
 }
 
 /// Why an entry cannot be applied: the history has a gap or goes back.
@@ -82,6 +112,11 @@ impl State {
         self.get(user, path).filter(|m| !m.deleted)
     }
 
+    /// A live folder entry ([`FileMeta::dir`]).
+    pub fn live_dir(&self, user: &str, path: &str) -> Option<&FileMeta> {
+        self.live(user, path).filter(|m| m.dir)
+    }
+
     /// A file or its tombstone.
     pub fn get(&self, user: &str, path: &str) -> Option<&FileMeta> {
         self.files.get(user).and_then(|f| f.get(path))
@@ -95,6 +130,7 @@ impl State {
     /// version it holds.
     pub fn next_version(&self, user: &str, path: &str) -> Version {
         let current = self.get(user, path).map_or(0, |m| m.version.0);
+        let current = current.max(self.pruned.get(user).map_or(0, |v| v.0));
         Version(current.max(self.epoch.0.saturating_mul(1 << 32)).saturating_add(1))
     }
 
@@ -125,18 +161,35 @@ impl State {
         (page, more)
     }
 
-    /// The stored answer to a resent request, or an error for one older than the last.
+    /// The stored answer to a resent request; None for one never applied, which
+    /// is served as new; an error for one older than the window.
+    ///
+    /// Exact: the device's seqs only grow, and the table holds its last
+    /// [`REQUEST_WINDOW`] changing requests, so any applied request within the
+    /// window below the last one is in it; a seq in the window that is not was
+    /// never applied (refused, or never arrived), and is served now. A device
+    /// never has more than the window in flight, so what it resends is never
+    /// older than that.
     pub fn already_answered(&self, device: &DeviceId, seq: Seq) -> Option<OpResult> {
         let last = self.requests.get(device)?;
         if last.seq == seq {
-            Some(last.result.clone())
-        } else if seq < last.seq {
-            Some(OpResult::Error {
-                message: format!("request seq={seq} is older than the last one answered (seq={})", last.seq),
-            })
-        } else {
-            None
+            return Some(last.result.clone());
         }
+        if seq > last.seq {
+            return None;
+        }
+        if let Some(e) = self.earlier.get(device).and_then(|e| e.iter().find(|e| e.seq == seq)) {
+            return Some(e.result.clone());
+        }
+        if seq.0 + REQUEST_WINDOW > last.seq.0 {
+            return None;
+        }
+        Some(OpResult::Error {
+            message: format!(
+                "request seq={seq} is older than the last {REQUEST_WINDOW} answered (the last is seq={})",
+                last.seq
+            ),
+        })
     }
 
     /// Applies the next entry of the history.
@@ -175,11 +228,43 @@ impl State {
                 self.members.remove(id);
             }
             Change::ReserveId { id } => self.max_id = self.max_id.max(*id),
+            Change::Account { user, credentials } => {
+                self.accounts.insert(user.clone(), credentials.clone());
+            }
         }
         if let Some((device, last)) = &entry.request {
-            self.requests.insert(device.clone(), last.clone());
+            if let Some(before) = self.requests.insert(device.clone(), last.clone()) {
+                let earlier = self.earlier.entry(device.clone()).or_default();
+                earlier.push_back(before);
+                while earlier.len() as u64 >= REQUEST_WINDOW {
+                    earlier.pop_front();
+                }
+            }
+        }
+        if entry.pos.0.is_multiple_of(PRUNE_EVERY) {
+            self.prune_tombstones();
         }
         Ok(())
+    }
+
+    /// Forgets each user's oldest tombstones beyond [`TOMBSTONES_KEPT`] (lowest
+    /// versions first), raising that user's `pruned` version. Deterministic: it
+    /// depends on the state alone.
+    fn prune_tombstones(&mut self) {
+        for (user, files) in self.files.iter_mut() {
+            let count = files.values().filter(|m| m.deleted).count();
+            if count <= TOMBSTONES_KEPT {
+                continue;
+            }
+            let mut tombs: Vec<(Version, String)> =
+                files.values().filter(|m| m.deleted).map(|m| (m.version, m.path.clone())).collect();
+            tombs.sort();
+            let floor = self.pruned.entry(user.clone()).or_default();
+            for (version, path) in tombs.into_iter().take(count - TOMBSTONES_KEPT) {
+                files.remove(&path);
+                *floor = (*floor).max(version);
+            }
+        }
     }
 
     /// Refuses a path that would need a live file to be a folder, or a folder to be
@@ -187,7 +272,7 @@ impl State {
     pub fn check_name_free(&self, user: &str, path: &str) -> Result<(), OpResult> {
         for (i, _) in path.match_indices('/') {
             let ancestor = &path[..i];
-            if self.live(user, ancestor).is_some() {
+            if self.live(user, ancestor).is_some_and(|m| !m.dir) {
                 return Err(OpResult::Error { message: format!("{ancestor} is a file on the server, not a folder") });
             }
         }
@@ -200,6 +285,38 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The entry a [`Op::Mkdir`](replibox_proto::Op::Mkdir) of `path` makes:
+    /// `Ok(None)` when the folder exists already (nothing to change: two devices
+    /// that made the same folder agree). A live file there is replaced when the
+    /// device saw it at `base` (it made a folder of that name), a conflict
+    /// otherwise; a live file on the folder's way is refused, as for an upload.
+    pub fn check_mkdir(&self, user: &str, path: &str, base: Option<Version>) -> Result<Option<FileMeta>, OpResult> {
+        for (i, _) in path.match_indices('/') {
+            let ancestor = &path[..i];
+            if self.live(user, ancestor).is_some_and(|m| !m.dir) {
+                return Err(OpResult::Error { message: format!("{ancestor} is a file on the server, not a folder") });
+            }
+        }
+        match self.live(user, path) {
+            Some(current) if current.dir => Ok(None),
+            Some(current) if Some(current.version) != base => {
+                Err(OpResult::Conflict { current: Some(current.clone()) })
+            }
+            _ => Ok(Some(FileMeta {
+                path: path.to_string(),
+                version: self.next_version(user, path),
+                size: 0,
+                mtime_ms: 0,
+                hash: ContentHash::default(),
+                deleted: false,
+                atime_ms: 0,
+                ctime_ms: 0,
+                exec: false,
+                dir: true,
+            })),
+        }
     }
 
     /// Whether an upload of `path` on top of `base` may go ahead.
@@ -238,6 +355,10 @@ impl State {
         let current = self
             .live(user, from)
             .ok_or_else(|| OpResult::Error { message: format!("no such file on the server: {from}") })?;
+        if current.dir {
+            // A folder is renamed as a delete and a create (docs/sync.md).
+            return Err(OpResult::Error { message: format!("{from} is a folder; rename only moves a file") });
+        }
         if base.is_some_and(|b| b != current.version) {
             return Err(OpResult::Conflict { current: Some(current.clone()) });
         }
@@ -250,7 +371,8 @@ impl State {
     }
 }
 
-/// The tombstone, at `version`, that replaces a live file.
+/// The tombstone, at `version`, that replaces a live file or folder (a folder's
+/// tombstone says it was a folder).
 pub fn tombstone(current: &FileMeta, version: Version) -> FileMeta {
     FileMeta {
         path: current.path.clone(),
@@ -261,6 +383,8 @@ pub fn tombstone(current: &FileMeta, version: Version) -> FileMeta {
         deleted: true,
         atime_ms: 0,
         ctime_ms: 0,
+        exec: false,
+        dir: current.dir,
     }
 }
 
@@ -278,6 +402,8 @@ mod tests {
             deleted: false,
             atime_ms: 0,
             ctime_ms: 0,
+            exec: false,
+            dir: false,
         }
     }
 
@@ -292,6 +418,16 @@ mod tests {
             },
             request: None,
         }
+    }
+
+    /// The entry that logs tombstone `meta` of user u.
+    fn delete_entry(s: &State, meta: FileMeta) -> Entry {
+        Entry { pos: s.pos.next(), epoch: s.epoch, change: Change::Delete { user: "u".into(), meta }, request: None }
+    }
+
+    /// The entry that deletes u's `path`, whatever its version.
+    fn delete(s: &State, path: &str) -> Entry {
+        delete_entry(s, s.check_delete("u", path, None).unwrap())
     }
 
     #[test]
@@ -317,13 +453,7 @@ mod tests {
         let t = s.check_delete("u", "a", Some(Version(1))).unwrap();
         assert_eq!(t.version, Version(2));
         assert!(t.deleted);
-        s.apply(&Entry {
-            pos: s.pos.next(),
-            epoch: s.epoch,
-            change: Change::Delete { user: "u".into(), meta: t },
-            request: None,
-        })
-        .unwrap();
+        s.apply(&delete_entry(&s, t)).unwrap();
         // Recreating over a tombstone is not a conflict, and the version keeps growing.
         assert!(s.check_upload("u", "a", None).is_ok());
         assert_eq!(s.next_version("u", "a"), Version(3));
@@ -353,14 +483,7 @@ mod tests {
         assert!(s.check_upload("u", "d/y", None).is_ok());
         assert!(s.check_upload("u", "d.txt", None).is_ok());
         // Once d/x is deleted, d may become a file.
-        let t = s.check_delete("u", "d/x", None).unwrap();
-        s.apply(&Entry {
-            pos: s.pos.next(),
-            epoch: s.epoch,
-            change: Change::Delete { user: "u".into(), meta: t },
-            request: None,
-        })
-        .unwrap();
+        s.apply(&delete(&s, "d/x")).unwrap();
         assert!(s.check_upload("u", "d", None).is_ok());
     }
 
@@ -376,14 +499,7 @@ mod tests {
         for p in &paths {
             s.apply(&put(&s, p)).unwrap();
         }
-        let t = s.check_delete("u", "f00007.txt", None).unwrap();
-        s.apply(&Entry {
-            pos: s.pos.next(),
-            epoch: s.epoch,
-            change: Change::Delete { user: "u".into(), meta: t },
-            request: None,
-        })
-        .unwrap();
+        s.apply(&delete(&s, "f00007.txt")).unwrap();
         let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
         loop {
             let (page, more) = s.listing_page("u", after.as_deref());
@@ -412,9 +528,25 @@ mod tests {
         let answer = OpResult::Done { meta: meta("a", 1) };
         e.request = Some((dev.clone(), LastRequest { seq: Seq(4), result: answer.clone() }));
         s.apply(&e).unwrap();
-        assert_eq!(s.already_answered(&dev, Seq(4)), Some(answer));
-        assert!(matches!(s.already_answered(&dev, Seq(3)), Some(OpResult::Error { .. })));
+        assert_eq!(s.already_answered(&dev, Seq(4)), Some(answer.clone()));
+        // Seq 3 was never applied (refused, or never arrived), and is within the
+        // window: served as new. A seq below the window gets an error.
+        assert_eq!(s.already_answered(&dev, Seq(3)), None);
         assert_eq!(s.already_answered(&dev, Seq(5)), None);
+        for seq in 5..=12 {
+            let mut e = session("alice", "00000009");
+            e.pos = s.pos.next();
+            let result = OpResult::Done { meta: meta("a", seq) };
+            e.request = Some((dev.clone(), LastRequest { seq: Seq(seq), result }));
+            s.apply(&e).unwrap();
+        }
+        // The last REQUEST_WINDOW (8) requests, 5 to 12, answer as they first did.
+        for seq in 5..=12 {
+            assert_eq!(s.already_answered(&dev, Seq(seq)), Some(OpResult::Done { meta: meta("a", seq) }), "{seq}");
+        }
+        assert!(matches!(s.already_answered(&dev, Seq(4)), Some(OpResult::Error { .. })), "4 is out of the window");
+        assert!(matches!(s.already_answered(&dev, Seq(1)), Some(OpResult::Error { .. })));
+        assert_eq!(s.earlier[&dev].len() as u64, REQUEST_WINDOW - 1);
         // Another device's table is its own.
         assert_eq!(s.already_answered(&DeviceId("00000002".into()), Seq(4)), None);
     }
@@ -510,20 +642,96 @@ mod tests {
         assert_eq!(s.primary_addr(), None);
     }
 
+    /// Tombstones beyond [`TOMBSTONES_KEPT`] are forgotten, the oldest first, at
+    /// an entry position every server shares; the user's live files and the
+    /// newest tombstones stay; a forgotten path created again gets a version above
+    /// its forgotten tombstone; the pruned version survives a snapshot (JSON).
+    #[test]
+    fn the_oldest_tombstones_beyond_the_bound_are_forgotten() {
+        let mut s = State::default();
+        let extra = 50;
+        let deleted = TOMBSTONES_KEPT + extra;
+        let e = put(&s, "live");
+        apply(&mut s, e);
+        for i in 0..deleted {
+            let path = format!("d{i:06}");
+            let e = put(&s, &path);
+            apply(&mut s, e);
+            let e = delete(&s, &path);
+            apply(&mut s, e);
+        }
+        // Up to PRUNE_EVERY entries after the bound is passed, then pruned.
+        while !s.pos.0.is_multiple_of(PRUNE_EVERY) {
+            apply(&mut s, session("u", "dev"));
+        }
+        let files = &s.files["u"];
+        let tombs = files.values().filter(|m| m.deleted).count();
+        assert_eq!(tombs, TOMBSTONES_KEPT, "tombstones kept");
+        assert!(files.get("live").is_some_and(|m| !m.deleted), "a live file is never pruned");
+        assert!(files.get("d000000").is_none(), "the oldest tombstone is forgotten");
+        let newest = format!("d{:06}", deleted - 1);
+        assert!(files.get(&newest).is_some_and(|m| m.deleted), "the newest tombstone is kept");
+        let forgotten = Version(2); // d000000: put at 1, deleted at 2
+        assert!(s.pruned["u"] >= forgotten);
+        assert!(s.next_version("u", "d000000") > s.pruned["u"], "a path created again goes above what was forgotten");
+        let copy: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(copy, s, "the pruned versions travel in a snapshot");
+    }
+
+    fn mkdir(s: &State, path: &str, base: Option<Version>) -> Entry {
+        let meta = s.check_mkdir("u", path, base).unwrap().expect("a new folder");
+        Entry {
+            pos: s.pos.next(),
+            epoch: s.epoch,
+            change: Change::Put { user: "u".into(), meta, xfer: "dir".into() },
+            request: None,
+        }
+    }
+
+    /// Folders are entries like files: made once (a second mkdir finds it there),
+    /// deleted to a folder tombstone, never renamed (delete and create), holding
+    /// files without being in their way, and replacing or replaced by a file only
+    /// from the version the device saw.
+    #[test]
+    fn folders_are_entries_that_files_live_in() {
+        let mut s = State::default();
+        s.apply(&mkdir(&s, "d", None)).unwrap();
+        let d = s.live_dir("u", "d").unwrap().clone();
+        assert!(d.dir && !d.deleted && d.size == 0);
+        assert_eq!(s.check_mkdir("u", "d", None), Ok(None), "an existing folder is no conflict");
+        // Files and folders inside it.
+        assert!(s.check_upload("u", "d/x", None).is_ok(), "a folder entry is no file in the way");
+        s.apply(&put(&s, "d/x")).unwrap();
+        s.apply(&mkdir(&s, "d/e", None)).unwrap();
+        assert!(s.check_mkdir("u", "d/x/y", None).is_err(), "d/x is a file");
+        // A file where a folder with things inside is: refused; an empty one: from its version.
+        assert!(matches!(s.check_upload("u", "d", Some(d.version)), Err(OpResult::Error { .. })));
+        assert!(matches!(s.check_upload("u", "d/e", None), Err(OpResult::Conflict { .. })));
+        let e = s.live_dir("u", "d/e").unwrap().version;
+        assert!(s.check_upload("u", "d/e", Some(e)).is_ok());
+        // And a folder where a file is: from the file's version only.
+        let x = s.live("u", "d/x").unwrap().version;
+        assert!(matches!(s.check_mkdir("u", "d/x", None), Err(OpResult::Conflict { .. })));
+        assert!(matches!(s.check_mkdir("u", "d/x", Some(x)), Ok(Some(m)) if m.dir && m.version > x));
+        // Deleting a folder leaves a folder tombstone; its files stay entries.
+        let t = s.check_delete("u", "d", Some(d.version)).unwrap();
+        assert!(t.deleted && t.dir);
+        s.apply(&delete_entry(&s, t)).unwrap();
+        assert!(s.live_dir("u", "d").is_none() && s.live("u", "d/x").is_some());
+        assert!(s.check_upload("u", "d/new", None).is_ok(), "a file may go in a deleted folder (it wins)");
+        assert!(matches!(s.check_rename("u", "d/e", "f", None), Err(OpResult::Error { .. })), "folders never move");
+        // A recreated folder continues its path's versions.
+        let again = s.check_mkdir("u", "d", None).unwrap().unwrap();
+        assert!(again.version > d.version);
+    }
+
     /// A rename gives the destination the next version of *that* path (which may
     /// have a history of its own), keeping the size, mtime and hash.
     #[test]
     fn a_rename_continues_the_destinations_own_versions() {
         let mut s = State::default();
         s.apply(&put(&s, "b")).unwrap();
-        let t = s.check_delete("u", "b", None).unwrap();
-        s.apply(&Entry {
-            pos: s.pos.next(),
-            epoch: s.epoch,
-            change: Change::Delete { user: "u".into(), meta: t },
-            request: None,
-        })
-        .unwrap();
+        s.apply(&delete(&s, "b")).unwrap();
         s.apply(&put(&s, "a")).unwrap();
         let (_, moved) = s.check_rename("u", "a", "b", Some(Version(1))).unwrap();
         assert_eq!(moved.version, Version(3), "b was at version 2 (its tombstone)");

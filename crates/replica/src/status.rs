@@ -38,7 +38,7 @@ fn ask(addr: &str, timeout: Duration) -> Result<serde_json::Value, (bool, String
         .next()
         .ok_or_else(|| (false, format!("cannot resolve {addr}")))?;
     let mut stream = TcpStream::connect_timeout(&sock, timeout)
-        .map_err(|e| (e.kind() == std::io::ErrorKind::ConnectionRefused, format!("cannot reach {addr}: {e}")))?;
+        .map_err(|e| (crate::cluster::is_down(&e), format!("cannot reach {addr}: {e}")))?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     write_frame(&mut stream, Epoch(0), &Msg::Hello { version: PROTOCOL_VERSION, who: Who::Status }, &[])

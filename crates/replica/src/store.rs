@@ -1,21 +1,33 @@
 //! The durable store: users' files byte for byte, and the history that explains them.
 //!
 //! Layout under the data dir:
-//! - `users/<user>/<path>`: each user's current files, exactly as uploaded;
+//! - `users/<user>/<path>`: each user's current files, exactly as uploaded, and
+//!   their folder entries as directories (an empty folder is an empty directory);
 //! - `meta/snapshot.json`: the [`State`] at some position (written atomically);
 //! - `meta/log.jsonl`: one [`Entry`] per line after the snapshot, fsynced before its
 //!   file-system action runs (write-ahead);
 //! - `tmp/`: uploads in flight, named by transfer id.
 //!
 //! Commit order for every entry: append it to the log and fsync, then perform its
-//! file-system action (rename a temporary file into place, remove, move), then
-//! apply it to the in-memory state. Entries are committed one at a time, so after a
-//! crash only the last entry of the log can have an unfinished action; start-up
-//! redoes it, and every action is written so that redoing a finished one is a no-op.
+//! file-system action (rename a temporary file into place, remove, move, make or
+//! remove a folder entry's directory), then
+//! apply it to the in-memory state.
+//!
+//! Group commit: entries that arrive together are appended one after the other
+//! and made durable by one fsync ([`Store::append_deferred`], [`Store::flush`]);
+//! then their actions run in order, and each folder they changed is fsynced once.
+//! The core holds back every message that depends on them until the flush. A group
+//! touches each path at most once and holds at most [`GROUP_MAX`] entries, so after
+//! a crash only the entries of the last group can have unfinished actions, in any
+//! state of completion, and redoing them in order is safe: start-up walks back from
+//! the log's end while paths stay distinct (which covers the whole last group) and
+//! redoes those entries. Every action is written so that redoing a finished one is
+//! a no-op, and within such a window no later entry touches its paths.
 
 use crate::state::{Change, Entry, State};
 use replibox_proto::times::{from_ms, to_ms, FileTimes};
 use replibox_proto::{ContentHash, Epoch, FileMeta, ServerId, Version};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -25,6 +37,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// After this many log entries the state is written to a snapshot and the log emptied.
 const COMPACT_AFTER: usize = 10_000;
+
+/// The most entries one group commit holds (see the module's doc): start-up redoes
+/// at most this many entries at the log's end.
+pub const GROUP_MAX: usize = 256;
 
 /// A store operation that failed, with what it was doing.
 #[derive(Debug)]
@@ -49,9 +65,10 @@ impl std::error::Error for StoreError {
 
 /// Walks `users/` depth first without following symlinks (a link to a folder
 /// elsewhere is an entry, never entered), calling `visit(user, rel, entry, type)`
-/// for everything but folders in each valid user's folder, and `stray(entry)` for
-/// anything else directly in `users/` (a file, a link, a folder whose name is not
-/// a valid username).
+/// for everything but folders in each valid user's folder, and for each folder
+/// that holds nothing (an empty folder is part of the user's tree), and
+/// `stray(entry)` for anything else directly in `users/` (a file, a link, a
+/// folder whose name is not a valid username).
 fn walk_users(
     users: &Path,
     mut stray: impl FnMut(&fs::DirEntry),
@@ -71,7 +88,8 @@ fn walk_users(
             for e in fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))? {
                 let e = e.context(|| format!("listing {}", dir.display()))?;
                 let ft = e.file_type().context(|| format!("inspecting {}", e.path().display()))?;
-                if ft.is_dir() {
+                let empty_dir = ft.is_dir() && fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
+                if ft.is_dir() && !empty_dir {
                     stack.push(e.path());
                     continue;
                 }
@@ -87,6 +105,22 @@ fn walk_users(
 /// Where a data dir keeps a user's file: `DATA/users/USER/PATH`.
 pub fn user_file(data: &Path, user: &str, path: &str) -> PathBuf {
     data.join("users").join(user).join(path)
+}
+
+/// Makes a temporary file's bytes durable (a fetched copy about to be placed).
+/// The temporary files that entries place are synced by the store instead, many
+/// at once, with their group ([`Store::flush`]).
+pub fn sync_temp(file: &File) -> io::Result<()> {
+    file.sync_all()
+}
+
+/// Fsyncs the bytes of every file in `paths`, several at once
+/// ([`replibox_proto::durable`]).
+fn sync_files(paths: &[PathBuf]) -> Result<(), StoreError> {
+    replibox_proto::durable::sync_all(paths, |p| {
+        File::open(p).and_then(|f| f.sync_data()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+    })
+    .context(|| "syncing temporary files".into())
 }
 
 /// Where a data dir keeps an incoming transfer until it is placed: `DATA/tmp/XFER`.
@@ -114,6 +148,29 @@ impl fmt::Display for CommitError {
 
 impl std::error::Error for CommitError {}
 
+/// The disk (or the quota) is full: ENOSPC or EDQUOT.
+pub fn is_full(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|n| n == Errno::ENOSPC as i32 || n == Errno::EDQUOT as i32)
+}
+
+/// The file system (or mount) is read-only: EROFS.
+pub fn is_read_only(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(nix::errno::Errno::EROFS as i32)
+}
+
+/// What a client is told when the server cannot store its change: `the server
+/// is out of space` for a full disk (or quota), a general sentence otherwise.
+pub fn storage_trouble(e: &io::Error) -> String {
+    if is_full(e) {
+        "the server is out of space".to_string()
+    } else if is_read_only(e) {
+        "the server's data dir is read-only".to_string()
+    } else {
+        "the server cannot store changes right now".to_string()
+    }
+}
+
 /// Adds context to an I/O result.
 pub trait Context<T> {
     /// Wraps the error with a description of the failed step.
@@ -135,6 +192,21 @@ pub struct Store {
     /// lower it).
     compact_after: usize,
     next_xfer: AtomicU64,
+    /// Entries appended but not yet fsynced: their actions, in log order.
+    pending: Vec<Change>,
+    /// The paths (user, path) the pending entries touch.
+    pending_paths: HashSet<(String, String)>,
+}
+
+/// The paths (user, path) a change's file-system action touches.
+fn paths_of(change: &Change) -> Vec<(String, String)> {
+    match change {
+        Change::Put { user, meta, .. } | Change::Delete { user, meta } => vec![(user.clone(), meta.path.clone())],
+        Change::Rename { user, from, to } => {
+            vec![(user.clone(), from.path.clone()), (user.clone(), to.path.clone())]
+        }
+        _ => Vec::new(),
+    }
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -253,9 +325,34 @@ impl Store {
             log_entries,
             compact_after: COMPACT_AFTER,
             next_xfer: AtomicU64::new(0),
+            pending: Vec::new(),
+            pending_paths: HashSet::new(),
         };
-        if let Some(entry) = recent.last() {
-            store.act(&entry.change)?;
+        // The last group's actions may be unfinished (see the module's doc).
+        let mut seen = HashSet::new();
+        let mut window = 0;
+        for entry in recent.iter().rev().take(GROUP_MAX) {
+            if !paths_of(&entry.change).into_iter().all(|p| seen.insert(p)) {
+                break;
+            }
+            window += 1;
+        }
+        let window = &recent[recent.len() - window..];
+        let file_xfer = |c: &Change| match c {
+            Change::Put { meta, xfer, .. } if !meta.dir => Some(xfer.clone()),
+            _ => None,
+        };
+        for (k, entry) in window.iter().enumerate() {
+            // A transfer name that a later entry of the window uses again
+            // ("adopted": a backup fetches each adopted file under that name, one
+            // at a time, once the one before is in place) holds that later
+            // entry's bytes: this one was carried out before them.
+            if let Some(x) = file_xfer(&entry.change) {
+                if window[k + 1..].iter().any(|e| file_xfer(&e.change).as_ref() == Some(&x)) {
+                    continue;
+                }
+            }
+            store.act(&state, &entry.change)?;
         }
         store.clear_tmp()?;
         Ok((store, state, recent))
@@ -325,24 +422,149 @@ impl Store {
     /// durable but its action failed, so disk and state disagree; the caller must
     /// stop (start-up redoes the action).
     pub fn persist(&mut self, state: &State, entry: &Entry) -> Result<(), CommitError> {
-        if let Change::Put { xfer, .. } = &entry.change {
-            // The temporary file's name must be durable before the entry is: redo
-            // after a power loss takes a missing temporary file for a finished move.
-            if self.tmp_path(xfer).exists() {
-                let tmp = self.root.join("tmp");
-                fsync_dir(&tmp)
-                    .context(|| format!("syncing directory {}", tmp.display()))
-                    .map_err(CommitError::Unlogged)?;
+        self.flush(state).map_err(CommitError::Logged)?;
+        if self.prepare(entry)? {
+            if let Change::Put { xfer, .. } = &entry.change {
+                sync_files(&[self.tmp_path(xfer)]).map_err(CommitError::Unlogged)?;
             }
+            self.sync_tmp_dir().map_err(CommitError::Unlogged)?;
         }
-        self.append(state, entry).map_err(CommitError::Unlogged)?;
-        self.act(&entry.change).map_err(CommitError::Logged)
+        self.append(state, entry, true).map_err(CommitError::Unlogged)?;
+        // The state before the entry serves: it differs from the state after it
+        // only at the entry's own path, and folders are kept by their ancestors'.
+        self.act(state, &entry.change).map_err(CommitError::Logged)
+    }
+
+    /// Whether entries wait for [`Store::flush`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Whether an entry waiting for [`Store::flush`] touches `path` of `user`.
+    pub fn touches_pending(&self, user: &str, path: &str) -> bool {
+        self.pending_paths.contains(&(user.to_string(), path.to_string()))
+    }
+
+    /// How many entries wait for [`Store::flush`].
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the group waiting for [`Store::flush`] has room for more entries.
+    pub fn can_grow(&self) -> bool {
+        self.pending.len() < GROUP_MAX
+    }
+
+    /// Whether `change` may join the group waiting for [`Store::flush`]: the group
+    /// has room, and touches none of its paths.
+    pub fn can_defer(&self, change: &Change) -> bool {
+        self.pending.len() < GROUP_MAX && paths_of(change).iter().all(|p| !self.pending_paths.contains(p))
+    }
+
+    /// Appends `entry` to the log without an fsync: it joins the group that
+    /// [`Store::flush`] makes durable, and its action waits for that flush. The
+    /// caller checked [`Store::can_defer`], and holds back everything that
+    /// depends on the entry until the flush. `Err` is always `Unlogged`.
+    pub fn append_deferred(&mut self, state: &State, entry: &Entry) -> Result<(), CommitError> {
+        self.prepare(entry)?;
+        self.append(state, entry, false).map_err(CommitError::Unlogged)?;
+        self.pending_paths.extend(paths_of(&entry.change));
+        self.pending.push(entry.change.clone());
+        Ok(())
+    }
+
+    /// Makes the waiting group durable, then carries out its actions: the
+    /// temporary files the entries move into place are fsynced (several at once),
+    /// then `tmp/` (their names), then the log; then the actions run in log order
+    /// and each folder they changed is fsynced once. An error leaves entries
+    /// logged whose actions may not have run: the caller must stop (start-up
+    /// redoes them). `state` holds the group's entries (applied after each was
+    /// appended): it tells which folders are entries that the actions keep.
+    pub fn flush(&mut self, state: &State) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_paths.clear();
+        let temps: Vec<PathBuf> = pending
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put { xfer, meta, .. } if !meta.dir => Some(self.tmp_path(xfer)),
+                _ => None,
+            })
+            .filter(|p| p.exists())
+            .collect();
+        if !temps.is_empty() {
+            sync_files(&temps)?;
+            self.sync_tmp_dir()?;
+        }
+        let log_path = self.root.join("meta/log.jsonl");
+        self.log.sync_data().context(|| format!("syncing {}", log_path.display()))?;
+        let mut dirs = BTreeSet::new();
+        for change in &pending {
+            self.act_into(state, change, &mut dirs)?;
+        }
+        for dir in dirs {
+            fsync_dir(&dir).context(|| format!("syncing directory {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn sync_tmp_dir(&self) -> Result<(), StoreError> {
+        let tmp = self.root.join("tmp");
+        fsync_dir(&tmp).context(|| format!("syncing directory {}", tmp.display()))
+    }
+
+    /// What must happen before an entry is logged; true when it places a
+    /// temporary file (whose name must be durable first).
+    fn prepare(&self, entry: &Entry) -> Result<bool, CommitError> {
+        // A data dir that became read-only (a file system remounted so after an
+        // error, a read-only mount) is found here, before the log, where the
+        // change can still be refused: the log file, open from before, may still
+        // take the line while the file action would fail after it (at the flush,
+        // for a deferred entry), which stops the server. Both paths to the log,
+        // `persist` and `append_deferred`, come through here.
+        self.writable().map_err(CommitError::Unlogged)?;
+        match &entry.change {
+            // A folder entry places no temporary file (its transfer name is none).
+            Change::Put { user, meta, .. } if meta.dir => {
+                self.make_parent_early(user, &meta.path)?;
+                Ok(false)
+            }
+            Change::Put { user, meta, xfer } if self.tmp_path(xfer).exists() => {
+                // The temporary file, bytes and name, must be durable before the
+                // entry is (redo after a power loss takes a missing temporary file
+                // for a finished move): the caller syncs it and `tmp/` before the
+                // log.
+                self.make_parent_early(user, &meta.path)?;
+                Ok(true)
+            }
+            Change::Rename { user, from, to } if self.user_path(user, &from.path).exists() => {
+                self.make_parent_early(user, &to.path)?;
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Fails with EROFS when the data dir cannot be written (a read-only file
+    /// system or mount; root included). One access(2) call per entry: cheap
+    /// beside the log line itself and the group's fsync.
+    fn writable(&self) -> Result<(), StoreError> {
+        use nix::unistd::{access, AccessFlags};
+        match access(&self.root, AccessFlags::W_OK) {
+            Err(nix::errno::Errno::EROFS) => Err(io::Error::from_raw_os_error(nix::errno::Errno::EROFS as i32)),
+            _ => Ok(()),
+        }
+        .context(|| format!("writing to {}", self.root.display()))
     }
 
     /// Writes the state to a snapshot and empties the log once the log holds
     /// enough entries. A failed compaction leaves the log whole: not fatal.
     pub fn maybe_compact(&mut self, state: &State) {
-        if self.log_entries >= self.compact_after {
+        // Not while a group waits: its actions must run before the log that
+        // would redo them is emptied.
+        if self.log_entries >= self.compact_after && self.pending.is_empty() {
             if let Err(e) = self.compact(state) {
                 log::error!("cannot compact the log: {e}");
             }
@@ -361,9 +583,9 @@ impl Store {
         Ok(())
     }
 
-    /// Appends an entry to the log and fsyncs it; on failure the log is cut back
-    /// to where it was, so no torn line is left before later entries.
-    fn append(&mut self, state: &State, entry: &Entry) -> Result<(), StoreError> {
+    /// Appends an entry to the log, and fsyncs it when `sync`; on failure the log
+    /// is cut back to where it was, so no torn line is left before later entries.
+    fn append(&mut self, state: &State, entry: &Entry, sync: bool) -> Result<(), StoreError> {
         if entry.pos != state.pos.next() {
             return Err(StoreError {
                 context: format!("committing entry pos={}", entry.pos),
@@ -374,7 +596,7 @@ impl Store {
         line.push(b'\n');
         let log_path = self.root.join("meta/log.jsonl");
         let before = self.log.metadata().map(|m| m.len()).context(|| format!("inspecting {}", log_path.display()))?;
-        let written = self.log.write_all(&line).and_then(|_| self.log.sync_data());
+        let written = self.log.write_all(&line).and_then(|_| if sync { self.log.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             let _ = self.log.set_len(before);
             return Err(e).context(|| format!("appending to {}", log_path.display()));
@@ -403,34 +625,80 @@ impl Store {
     }
 
     /// The file-system side of a change. Redoing a finished action changes nothing.
-    fn act(&self, change: &Change) -> Result<(), StoreError> {
+    /// `state` tells which folders are entries of their own, which a file's
+    /// removal must not take with it (see [`Store::act_into`]).
+    fn act(&self, state: &State, change: &Change) -> Result<(), StoreError> {
+        let mut dirs = BTreeSet::new();
+        self.act_into(state, change, &mut dirs)?;
+        for dir in dirs {
+            fsync_dir(&dir).context(|| format!("syncing directory {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::act`], leaving the fsyncs of the folders it changed to the caller
+    /// (added to `dirs`), so that a group syncs each folder once.
+    ///
+    /// `state` is the state after the change and after every other change of its
+    /// group (or, at start-up, after the whole log; or, for an entry committed on
+    /// its own, just before it). Which folders are entries is
+    /// read there, not in the state just before the change: a group touches each
+    /// path once, so a folder entry made or deleted by another change of the same
+    /// group is made or removed by that change's own action, and the group ends
+    /// with the same tree in either order.
+    fn act_into(&self, state: &State, change: &Change, dirs: &mut BTreeSet<PathBuf>) -> Result<(), StoreError> {
+        let parent = |p: &Path| p.parent().unwrap_or(&self.root).to_path_buf();
         match change {
+            // Durable on its own (each folder it makes is synced in its parent),
+            // as the folders a file's move makes are.
+            Change::Put { user, meta, .. } if meta.dir => self.make_dir(user, &meta.path)?,
             Change::Put { user, meta, xfer } => {
                 if !self.tmp_path(xfer).exists() {
                     return Ok(()); // already moved into place
                 }
-                self.place_temp(user, meta, xfer)?;
+                let dest = self.move_temp(user, meta, xfer)?;
+                dirs.insert(parent(&dest));
+            }
+            Change::Delete { user, meta } if meta.dir => {
+                let path = self.user_path(user, &meta.path);
+                match fs::remove_dir(&path) {
+                    Ok(()) => {
+                        dirs.insert(self.prune_empty_dirs(state, user, &path));
+                    }
+                    // Files (or folders) still inside keep it: they are entries
+                    // of their own, and it goes once they are gone.
+                    Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotADirectory => {}
+                    Err(e) => return Err(e).context(|| format!("removing folder {}", path.display())),
+                }
             }
             Change::Delete { user, meta } => {
                 let path = self.user_path(user, &meta.path);
                 match fs::remove_file(&path) {
                     Ok(()) => {
-                        self.sync_parent(&path)?;
-                        self.prune_empty_dirs(user, &path);
+                        dirs.insert(self.prune_empty_dirs(state, user, &path));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    // No file there: gone already, or, when a start-up redoes an
+                    // old entry, a later entry made a folder of that name (or a
+                    // file of a folder on its way).
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::NotFound | io::ErrorKind::IsADirectory | io::ErrorKind::NotADirectory
+                        ) => {}
                     Err(e) => return Err(e).context(|| format!("removing {}", path.display())),
                 }
             }
             Change::Rename { user, from, to } => {
                 let src = self.user_path(user, &from.path);
                 let dest = self.user_path(user, &to.path);
-                if src.exists() {
+                // Only a file is moved: when a start-up redoes a finished rename,
+                // its source may be a folder a later entry made since.
+                if fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
                     self.make_parent(user, &dest)?;
                     fs::rename(&src, &dest).context(|| format!("moving {} to {}", src.display(), dest.display()))?;
-                    self.sync_parent(&dest)?;
-                    self.sync_parent(&src)?;
-                    self.prune_empty_dirs(user, &src);
+                    dirs.insert(parent(&dest));
+                    dirs.insert(self.prune_empty_dirs(state, user, &src));
                 }
             }
             Change::Login { .. }
@@ -439,9 +707,21 @@ impl Store {
             | Change::NewEpoch { .. }
             | Change::Join { .. }
             | Change::Leave { .. }
-            | Change::ReserveId { .. } => {}
+            | Change::ReserveId { .. }
+            | Change::Account { .. } => {}
         }
         Ok(())
+    }
+
+    /// Makes the folders of `path` before its entry is logged: on a full disk,
+    /// making one fails here, where the change can still be refused, instead of
+    /// after the entry is logged (which stops the server). Any other failure is
+    /// left to the action itself, which meets it again after the log.
+    fn make_parent_early(&self, user: &str, path: &str) -> Result<(), CommitError> {
+        match self.make_parent(user, &self.user_path(user, path)) {
+            Err(e) if is_full(&e.source) => Err(CommitError::Unlogged(e)),
+            _ => Ok(()),
+        }
     }
 
     fn make_parent(&self, user: &str, dest: &Path) -> Result<(), StoreError> {
@@ -454,16 +734,37 @@ impl Store {
         fsync_dir(parent).context(|| format!("syncing directory {}", parent.display()))
     }
 
-    /// Removes directories left empty below the user's directory.
-    fn prune_empty_dirs(&self, user: &str, removed: &Path) {
+    /// Removes directories left empty below the user's directory, up to the
+    /// first that is a folder entry of its own in `state` (an empty folder the
+    /// user made stays, as on the devices). Returns the folder the removals
+    /// ended in, which still exists and changed (the one that held `removed`, or
+    /// the last pruned folder's parent): it must be synced.
+    fn prune_empty_dirs(&self, state: &State, user: &str, removed: &Path) -> PathBuf {
         let top = self.root.join("users").join(user);
         let mut dir = removed.parent();
         while let Some(d) = dir {
-            if d == top || !d.starts_with(&top) || fs::remove_dir(d).is_err() {
-                break;
+            let kept = d
+                .strip_prefix(&top)
+                .ok()
+                .and_then(|rel| rel.to_str())
+                .is_some_and(|rel| state.live_dir(user, rel).is_some());
+            if d == top || !d.starts_with(&top) || kept || fs::remove_dir(d).is_err() {
+                return d.to_path_buf();
             }
             dir = d.parent();
         }
+        self.root.clone()
+    }
+
+    /// Makes the folder entry `path` exist: its folders made durably, a file in
+    /// its place removed first (a file that became a folder: the entry replaced
+    /// it). Redoing it changes nothing.
+    fn make_dir(&self, user: &str, path: &str) -> Result<(), StoreError> {
+        let dest = self.user_path(user, path);
+        if fs::symlink_metadata(&dest).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(&dest).context(|| format!("removing {} to make a folder there", dest.display()))?;
+        }
+        create_dirs_durably(&dest).context(|| format!("creating folder {} for user {user}", dest.display()))
     }
 
     /// Opens a user's file for reading. The handle keeps reading the version it
@@ -475,12 +776,16 @@ impl Store {
 
     /// Access and status-change times of a user's file, in ms.
     pub fn times(&self, user: &str, path: &str) -> (i64, i64) {
+        let t = self.all_times(user, path);
+        (t.atime_ms, t.ctime_ms)
+    }
+
+    /// Modification, access and status-change times of a user's file or folder
+    /// (zeros when it cannot be read).
+    pub fn all_times(&self, user: &str, path: &str) -> FileTimes {
         match fs::metadata(self.user_path(user, path)) {
-            Ok(m) => {
-                let t = FileTimes::of(&m);
-                (t.atime_ms, t.ctime_ms)
-            }
-            Err(_) => (0, 0),
+            Ok(m) => FileTimes::of(&m),
+            Err(_) => FileTimes { mtime_ms: 0, atime_ms: 0, ctime_ms: 0 },
         }
     }
 
@@ -492,6 +797,21 @@ impl Store {
         let mut found = Vec::new();
         let stray = |e: &fs::DirEntry| log::warn!("ignoring stray entry in users/: {}", e.path().display());
         walk_users(&self.root.join("users"), stray, |user, rel, e, ft| {
+            if ft.is_dir() {
+                // An empty folder: a folder entry unless the state knows it.
+                if state.live_dir(user, &rel).is_some() || state.check_name_free(user, &rel).is_err() {
+                    return Ok(()); // known, or the folder of files the state holds
+                }
+                if replibox_proto::validate_path(&rel).is_err() {
+                    log::warn!("ignoring folder with an invalid name {}", e.path().display());
+                    return Ok(());
+                }
+                log::warn!("adopting empty folder found on disk user={user} path={rel}");
+                let version = state.next_version(user, &rel);
+                let meta = FileMeta { dir: true, ..new_meta(&rel, version, 0, 0, ContentHash::default()) };
+                found.push((user.to_string(), meta));
+                return Ok(());
+            }
             if !ft.is_file() {
                 log::warn!("ignoring non-regular file {}", e.path().display());
                 return Ok(());
@@ -503,7 +823,7 @@ impl Store {
             let md = e.metadata().context(|| format!("inspecting {}", e.path().display()))?;
             let mtime = md.modified().map(to_ms).unwrap_or(0);
             let known = state.live(user, &rel);
-            if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime) {
+            if known.is_some_and(|m| m.size == md.len() && m.mtime_ms == mtime && m.exec == is_exec(&md)) {
                 return Ok(());
             }
             let hash = ContentHash::of_file(&e.path()).context(|| format!("hashing {}", e.path().display()))?;
@@ -518,13 +838,22 @@ impl Store {
                 deleted: false,
                 atime_ms: 0,
                 ctime_ms: 0,
+                exec: is_exec(&md),
+                dir: false,
             };
             found.push((user.to_string(), meta));
             Ok(())
         })?;
         for (user, files) in &state.files {
             for meta in files.values().filter(|m| !m.deleted) {
-                if !self.user_path(user, &meta.path).is_file() {
+                let p = self.user_path(user, &meta.path);
+                if meta.dir && !p.is_dir() {
+                    log::error!(
+                        "folder missing from the store user={user} path={} version={}",
+                        meta.path,
+                        meta.version
+                    );
+                } else if !meta.dir && !p.is_file() {
                     log::error!("file missing from the store user={user} path={} version={}", meta.path, meta.version);
                 }
             }
@@ -561,6 +890,11 @@ impl Store {
         let mut needed = Vec::new();
         for (user, files) in &new.files {
             for meta in files.values().filter(|m| !m.deleted) {
+                if meta.dir {
+                    // A folder has no content to fetch.
+                    self.make_dir(user, &meta.path)?;
+                    continue;
+                }
                 let disk = self.user_path(user, &meta.path);
                 let same = if interrupted {
                     // The old state came from an unfinished install: only the
@@ -570,7 +904,10 @@ impl Store {
                     old.live(user, &meta.path).is_some_and(|o| o.version == meta.version && o.hash == meta.hash)
                 };
                 let on_disk = fs::metadata(&disk).is_ok_and(|md| {
-                    md.is_file() && md.len() == meta.size && md.modified().map(to_ms).ok() == Some(meta.mtime_ms)
+                    md.is_file()
+                        && md.len() == meta.size
+                        && md.modified().map(to_ms).ok() == Some(meta.mtime_ms)
+                        && is_exec(&md) == meta.exec
                 });
                 if !(same && on_disk) {
                     needed.push((user.clone(), meta.clone()));
@@ -585,12 +922,12 @@ impl Store {
             // remove_dir_all removes a symlink itself, never what it points to.
             let _ = if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
         };
-        walk_users(&self.root.join("users"), stray, |user, rel, e, _| {
+        walk_users(&self.root.join("users"), stray, |user, rel, e, ft| {
             if new.live(user, &rel).is_none() {
                 let p = e.path();
-                log::info!("removing file the primary does not hold: {}", p.display());
-                let _ = fs::remove_file(&p);
-                self.prune_empty_dirs(user, &p);
+                log::info!("removing what the primary does not hold: {}", p.display());
+                let _ = if ft.is_dir() { fs::remove_dir(&p) } else { fs::remove_file(&p) };
+                self.prune_empty_dirs(new, user, &p);
             }
             Ok(())
         })?;
@@ -624,12 +961,12 @@ impl Store {
 
     /// Removes a user's file without a log entry (a backup's copy whose content it
     /// could not get: the state keeps describing it until a later entry).
-    pub fn drop_content(&self, user: &str, path: &str) {
+    pub fn drop_content(&self, state: &State, user: &str, path: &str) {
         let p = self.user_path(user, path);
         if fs::remove_file(&p).is_ok() {
             // Durable before anything that relies on it (the marker's removal).
             let _ = self.sync_parent(&p);
-            self.prune_empty_dirs(user, &p);
+            self.prune_empty_dirs(state, user, &p);
         }
     }
 
@@ -637,15 +974,96 @@ impl Store {
     /// renamed, directory synced). Also used without a log entry for a file a backup
     /// fetched: the state already describes it; only its content was missing.
     pub fn place_temp(&self, user: &str, meta: &FileMeta, xfer: &str) -> Result<(), StoreError> {
+        let dest = self.move_temp(user, meta, xfer)?;
+        self.sync_parent(&dest)
+    }
+
+    /// [`Store::place_temp`] but for the folder's fsync, left to the caller;
+    /// returns where the file went.
+    fn move_temp(&self, user: &str, meta: &FileMeta, xfer: &str) -> Result<PathBuf, StoreError> {
         let tmp = self.tmp_path(xfer);
         let dest = self.user_path(user, &meta.path);
         self.make_parent(user, &dest)?;
+        if fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+            // A folder that became a file: the state holds nothing inside it
+            // (the upload was refused otherwise), so it is empty.
+            fs::remove_dir(&dest).context(|| format!("removing folder {} to put a file there", dest.display()))?;
+        }
         let f = File::options().write(true).open(&tmp).context(|| format!("opening {}", tmp.display()))?;
         let _ = f.set_modified(from_ms(meta.mtime_ms));
-        f.sync_all().context(|| format!("syncing {}", tmp.display()))?;
+        set_exec(&f, meta.exec).context(|| format!("setting the mode of {}", tmp.display()))?;
+        // No fsync of the file here: whoever wrote it synced its bytes before
+        // asking for this (the upload's end, a forwarded transfer's end, a
+        // fetch's end). The mtime and the mode just set are metadata, which the
+        // directory's fsync below commits with the rename (the journal keeps their
+        // order). One fsync less per file stored, on every server.
         fs::rename(&tmp, &dest).context(|| format!("moving {} to {}", tmp.display(), dest.display()))?;
-        self.sync_parent(&dest)
+        Ok(dest)
     }
+}
+
+/// An exclusive `flock` on `DATA/lock`, held for as long as the server runs: two
+/// servers on one data dir would append two histories to one log.
+///
+/// flock rather than a pid file: the kernel drops the lock when the process ends
+/// in any way (SIGKILL included), so a stale lock never blocks a restart. The pid
+/// written inside is only for the message a second server prints.
+pub struct DataDirLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes the lock of data dir `root` (creating the folder if need be), without
+/// waiting. Err says why, naming the other server's pid when it is known.
+pub fn lock_data_dir(root: &Path) -> Result<DataDirLock, String> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::{Read, Seek};
+    create_dirs_durably(root).map_err(|e| format!("cannot create data dir {}: {e}", root.display()))?;
+    let path = root.join("lock");
+    // Not truncated on open: the pid inside belongs to the holder until the lock
+    // is ours.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(lock, "{}", std::process::id());
+            let _ = lock.flush();
+            Ok(DataDirLock { _lock: lock })
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let who = match holder.trim().parse::<u32>() {
+                Ok(pid) => format!("another replibox-server (pid {pid})"),
+                Err(_) => "another replibox-server".to_string(),
+            };
+            Err(format!(
+                "data dir {} is in use by {who}; one server per data dir (give this one its own --data)",
+                root.display()
+            ))
+        }
+        Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// Gives a stored file mode 0755 when `exec`, else 0644: the execute bit is
+/// the only part of a file's mode that syncs, and the data dir holds each
+/// user's files as they are on the devices.
+fn set_exec(f: &File, exec: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }))
+}
+
+/// True when the file's owner may execute it.
+fn is_exec(md: &fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    md.permissions().mode() & 0o100 != 0
 }
 
 /// Reads the server id recorded in a data dir.
@@ -702,7 +1120,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// Metadata for a new version of `path`.
 pub fn new_meta(path: &str, version: Version, size: u64, mtime_ms: i64, hash: ContentHash) -> FileMeta {
-    FileMeta { path: path.to_string(), version, size, mtime_ms, hash, deleted: false, atime_ms: 0, ctime_ms: 0 }
+    FileMeta {
+        path: path.to_string(),
+        version,
+        size,
+        mtime_ms,
+        hash,
+        deleted: false,
+        atime_ms: 0,
+        ctime_ms: 0,
+        exec: false,
+        dir: false,
+    }
 }
 
 #[cfg(test)]
@@ -730,12 +1159,7 @@ mod tests {
         let (xfer, mut f) = store.create_temp().unwrap();
         f.write_all(bytes).unwrap();
         let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));
-        let entry = Entry {
-            pos: state.pos.next(),
-            epoch: state.epoch,
-            change: Change::Put { user: "u".into(), meta, xfer },
-            request: None,
-        };
+        let entry = next_entry(state, Change::Put { user: "u".into(), meta, xfer });
         store.commit(state, entry).unwrap();
     }
 
@@ -747,12 +1171,7 @@ mod tests {
         put(&mut store, &mut state, "a/b.txt", b"hello again");
         put(&mut store, &mut state, "c", b"");
         let t = tombstone(state.live("u", "c").unwrap(), state.next_version("u", "c"));
-        let entry = Entry {
-            pos: state.pos.next(),
-            epoch: state.epoch,
-            change: Change::Delete { user: "u".into(), meta: t },
-            request: None,
-        };
+        let entry = next_entry(&state, Change::Delete { user: "u".into(), meta: t });
         store.commit(&mut state, entry).unwrap();
         drop(store);
         let (store2, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
@@ -899,12 +1318,7 @@ mod tests {
         put(&mut store, &mut state, "d/gone.txt", b"to be deleted");
         put(&mut store, &mut state, "kept", b"stays");
         let t = tombstone(state.live("u", "d/gone.txt").unwrap(), state.next_version("u", "d/gone.txt"));
-        let entry = Entry {
-            pos: state.pos.next(),
-            epoch: state.epoch,
-            change: Change::Delete { user: "u".into(), meta: t },
-            request: None,
-        };
+        let entry = next_entry(&state, Change::Delete { user: "u".into(), meta: t });
         log_only(&mut store, &entry);
         state.apply(&entry).unwrap();
         assert!(store.user_path("u", "d/gone.txt").exists(), "the crash came before the file was removed");
@@ -923,12 +1337,7 @@ mod tests {
         let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "a/from.txt", b"moving");
         let (from, to) = state.check_rename("u", "a/from.txt", "b/c/to.txt", None).unwrap();
-        let entry = Entry {
-            pos: state.pos.next(),
-            epoch: state.epoch,
-            change: Change::Rename { user: "u".into(), from, to },
-            request: None,
-        };
+        let entry = next_entry(&state, Change::Rename { user: "u".into(), from, to });
         log_only(&mut store, &entry);
         state.apply(&entry).unwrap();
         drop(store);
@@ -942,6 +1351,175 @@ mod tests {
         let (store, state3, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state3, state);
         assert_eq!(fs::read(store.user_path("u", "b/c/to.txt")).unwrap(), b"moving");
+    }
+
+    /// A Put entry for `bytes` at `path`, its temporary file written and synced.
+    fn put_entry(store: &Store, state: &State, path: &str, bytes: &[u8]) -> Entry {
+        let (xfer, mut f) = store.create_temp().unwrap();
+        f.write_all(bytes).unwrap();
+        sync_temp(&f).unwrap();
+        let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));
+        next_entry(state, Change::Put { user: "u".into(), meta, xfer })
+    }
+
+    /// The next entry of `state` with `change`, no request.
+    fn next_entry(state: &State, change: Change) -> Entry {
+        Entry { pos: state.pos.next(), epoch: state.epoch, change, request: None }
+    }
+
+    fn delete_entry(state: &State, path: &str) -> Entry {
+        let t = tombstone(state.live("u", path).unwrap(), state.next_version("u", path));
+        next_entry(state, Change::Delete { user: "u".into(), meta: t })
+    }
+
+    /// Group commit: entries appended together wait, then one flush makes them
+    /// durable and carries out their actions; a group never touches a path twice.
+    #[test]
+    fn a_group_is_logged_then_carried_out_by_one_flush() {
+        let dir = TempDir::new("group");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "old", b"to be deleted");
+        for (path, bytes) in [("a/1", &b"one"[..]), ("a/2", b"two"), ("b/3", b"three")] {
+            let e = put_entry(&store, &state, path, bytes);
+            assert!(store.can_defer(&e.change));
+            store.append_deferred(&state, &e).unwrap();
+            state.apply(&e).unwrap();
+        }
+        let d = delete_entry(&state, "old");
+        store.append_deferred(&state, &d).unwrap();
+        state.apply(&d).unwrap();
+        assert!(store.has_pending());
+        assert!(!store.user_path("u", "a/1").exists(), "an action ran before its group was durable");
+        assert!(store.user_path("u", "old").exists());
+        let again = put_entry(&store, &state, "a/2", b"two, again");
+        assert!(!store.can_defer(&again.change), "a group may not touch a path twice");
+        store.discard_temp(match &again.change {
+            Change::Put { xfer, .. } => xfer,
+            _ => unreachable!(),
+        });
+        store.flush(&state).unwrap();
+        assert!(!store.has_pending());
+        assert_eq!(fs::read(store.user_path("u", "b/3")).unwrap(), b"three");
+        assert!(!store.user_path("u", "old").exists());
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    /// A crash after a group's fsync, in the middle of its actions: start-up
+    /// redoes the whole group, not only the last entry.
+    #[test]
+    fn a_group_cut_short_by_a_crash_is_redone_whole_at_start() {
+        let dir = TempDir::new("group-crash");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "d/old", b"to be deleted");
+        let mut group = Vec::new();
+        for (path, bytes) in [("x/1", &b"one"[..]), ("x/2", b"two"), ("y", b"three")] {
+            let e = put_entry(&store, &state, path, bytes);
+            state.apply(&e).unwrap();
+            group.push(e);
+        }
+        let d = delete_entry(&state, "d/old");
+        state.apply(&d).unwrap();
+        group.push(d);
+        // The crash: every entry logged and synced, only the first action done.
+        for e in &group {
+            log_only(&mut store, e);
+        }
+        store.log.sync_data().unwrap();
+        store.act(&state, &group[0].change).unwrap();
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(fs::read(store.user_path("u", "x/1")).unwrap(), b"one");
+        assert_eq!(fs::read(store.user_path("u", "x/2")).unwrap(), b"two", "the group was not redone whole");
+        assert_eq!(fs::read(store.user_path("u", "y")).unwrap(), b"three");
+        assert!(!store.user_path("u", "d/old").exists());
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    /// Redoing more than the last entry must never undo a later one: a file
+    /// deleted, then uploaded again under the same name (two groups), keeps its
+    /// new content across a restart.
+    #[test]
+    fn start_up_redo_never_undoes_a_later_entry_on_the_same_path() {
+        let dir = TempDir::new("group-same-path");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "p", b"first");
+        let gone = delete_entry(&state, "p");
+        store.append_deferred(&state, &gone).unwrap();
+        state.apply(&gone).unwrap();
+        let other = put_entry(&store, &state, "q", b"other");
+        store.append_deferred(&state, &other).unwrap();
+        state.apply(&other).unwrap();
+        let again = put_entry(&store, &state, "p", b"second");
+        assert!(!store.can_defer(&again.change), "p's delete is in the group: its upload starts the next one");
+        store.flush(&state).unwrap();
+        store.append_deferred(&state, &again).unwrap();
+        state.apply(&again).unwrap();
+        store.flush(&state).unwrap();
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(fs::read(store.user_path("u", "p")).unwrap(), b"second", "a redone delete removed the new upload");
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    /// Start-up redoes the log's last entries of distinct paths, finished or not:
+    /// an old delete of a file `a`, or an old rename away from `r`, meets the
+    /// folder of that name a later entry made. Both are done already; the server
+    /// must start (it refused to: EISDIR) and move nothing.
+    #[test]
+    fn start_up_redo_of_an_old_delete_or_rename_meets_a_folder_made_since() {
+        let dir = TempDir::new("redo-folder-since");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "a", b"a file");
+        put(&mut store, &mut state, "r", b"renamed away");
+        let gone = delete_entry(&state, "a");
+        store.commit(&mut state, gone).unwrap();
+        let (from, to) = state.check_rename("u", "r", "c", None).unwrap();
+        let moved = next_entry(&state, Change::Rename { user: "u".into(), from, to });
+        store.commit(&mut state, moved).unwrap();
+        put(&mut store, &mut state, "a/b", b"in the folder a");
+        put(&mut store, &mut state, "r/x", b"in the folder r");
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(fs::read(store.user_path("u", "a/b")).unwrap(), b"in the folder a");
+        assert_eq!(fs::read(store.user_path("u", "r/x")).unwrap(), b"in the folder r", "the folder r was moved");
+        assert_eq!(fs::read(store.user_path("u", "c")).unwrap(), b"renamed away");
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    /// Every adopted file a backup fetches uses the transfer name "adopted", one
+    /// at a time. After a crash, `tmp/adopted` holds the last one's bytes: redo
+    /// places them under the last adopted path only, never an earlier one's.
+    #[test]
+    fn start_up_redo_gives_a_reused_transfer_name_to_its_last_entry_only() {
+        let dir = TempDir::new("redo-adopted");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        let adopted = |store: &mut Store, state: &mut State, path: &str, bytes: &[u8], finish: bool| {
+            let tmp = store.tmp_path("adopted");
+            fs::write(&tmp, bytes).unwrap();
+            let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));
+            let e = next_entry(state, Store::adoption("u".into(), meta));
+            if finish {
+                store.commit(state, e).unwrap();
+            } else {
+                log_only(store, &e);
+                store.log.sync_data().unwrap();
+                state.apply(&e).unwrap();
+            }
+        };
+        adopted(&mut store, &mut state, "first", b"first's bytes", true);
+        adopted(&mut store, &mut state, "second", b"second's bytes", false);
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(fs::read(store.user_path("u", "first")).unwrap(), b"first's bytes", "second's bytes went to first");
+        assert_eq!(fs::read(store.user_path("u", "second")).unwrap(), b"second's bytes");
+        assert!(store.check_against(&state2).unwrap().is_empty());
     }
 
     /// A crash after the snapshot was written and before the log was emptied
@@ -967,6 +1545,150 @@ mod tests {
         assert_eq!(fs::read(store.user_path("u", "c")).unwrap(), b"3");
     }
 
+    fn commit_change(store: &mut Store, state: &mut State, change: Change) {
+        let entry = Entry { pos: state.pos.next(), epoch: state.epoch, change, request: None };
+        store.commit(state, entry).unwrap();
+    }
+
+    fn mkdir_change(state: &State, path: &str) -> Change {
+        let meta = state.check_mkdir("u", path, None).unwrap().unwrap();
+        Change::Put { user: "u".into(), meta, xfer: "dir".into() }
+    }
+
+    /// A folder entry is an empty folder in `users/u/`: made, kept when the last
+    /// file in it goes, removed by its delete (and the empty folders above it
+    /// that are no entries), and a crash between the log and the action redoes
+    /// either.
+    #[test]
+    fn folder_entries_are_folders_on_disk_and_are_redone_after_a_crash() {
+        let dir = TempDir::new("folders");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        let change = mkdir_change(&state, "a/empty");
+        commit_change(&mut store, &mut state, change);
+        assert!(dir.0.join("users/u/a/empty").is_dir());
+        put(&mut store, &mut state, "a/empty/f", b"x");
+        let t = tombstone(state.live("u", "a/empty/f").unwrap(), state.next_version("u", "a/empty/f"));
+        commit_change(&mut store, &mut state, Change::Delete { user: "u".into(), meta: t });
+        assert!(dir.0.join("users/u/a/empty").is_dir(), "a folder entry outlives the last file in it");
+        assert!(store.check_against(&state).unwrap().is_empty(), "a known empty folder is not adopted again");
+        // Logged, not carried out: start-up removes it, and a, which is no entry.
+        let t = tombstone(state.live("u", "a/empty").unwrap(), state.next_version("u", "a/empty"));
+        let entry = next_entry(&state, Change::Delete { user: "u".into(), meta: t });
+        log_only(&mut store, &entry);
+        state.apply(&entry).unwrap();
+        drop(store);
+        let (mut store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert!(!dir.0.join("users/u/a").exists(), "the folder's delete was not redone");
+        // A mkdir logged, not carried out, is redone too.
+        let entry = next_entry(&state, mkdir_change(&state, "b/c"));
+        log_only(&mut store, &entry);
+        state.apply(&entry).unwrap();
+        drop(store);
+        let (store, state3, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state3, state);
+        assert!(dir.0.join("users/u/b/c").is_dir(), "the mkdir was not redone");
+        // An empty folder dropped in by hand is adopted as a folder entry.
+        fs::create_dir_all(dir.0.join("users/u/by hand/inner")).unwrap();
+        let found = store.check_against(&state3).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].1.dir && found[0].1.path == "by hand/inner");
+    }
+
+    /// A file that becomes a folder and a folder that becomes a file: each
+    /// replaces the other on disk.
+    #[test]
+    fn a_folder_entry_replaces_a_file_and_the_reverse() {
+        let dir = TempDir::new("folder-file");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "x", b"file");
+        let v = state.live("u", "x").unwrap().version;
+        let meta = state.check_mkdir("u", "x", Some(v)).unwrap().unwrap();
+        commit_change(&mut store, &mut state, Change::Put { user: "u".into(), meta, xfer: "dir".into() });
+        assert!(dir.0.join("users/u/x").is_dir());
+        put(&mut store, &mut state, "x", b"a file again");
+        assert_eq!(fs::read(dir.0.join("users/u/x")).unwrap(), b"a file again");
+    }
+
+    fn entry_of(state: &State, change: Change) -> Entry {
+        Entry { pos: state.pos.next(), epoch: state.epoch, change, request: None }
+    }
+
+    /// Folder entries in a group commit: a mkdir is logged and waits for the
+    /// flush like a file, and the flush's actions keep the folders that are
+    /// entries (by the state after the group) while pruning those that are not.
+    #[test]
+    fn a_group_makes_and_removes_folder_entries_at_its_flush() {
+        let dir = TempDir::new("group-folders");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        let change = mkdir_change(&state, "kept");
+        commit_change(&mut store, &mut state, change);
+        put(&mut store, &mut state, "kept/f", b"in a folder entry");
+        put(&mut store, &mut state, "plain/f", b"in a folder of files");
+        let change = mkdir_change(&state, "gone/inner");
+        commit_change(&mut store, &mut state, change);
+        let mkdir = entry_of(&state, mkdir_change(&state, "new/deep"));
+        assert!(store.can_defer(&mkdir.change));
+        store.append_deferred(&state, &mkdir).unwrap();
+        state.apply(&mkdir).unwrap();
+        for path in ["kept/f", "plain/f", "gone/inner"] {
+            let d = delete_entry(&state, path);
+            assert!(store.can_defer(&d.change), "{path}");
+            store.append_deferred(&state, &d).unwrap();
+            state.apply(&d).unwrap();
+        }
+        assert!(!dir.0.join("users/u/new/deep").exists(), "a mkdir ran before its group was durable");
+        assert!(dir.0.join("users/u/gone/inner").is_dir());
+        let again = delete_entry(&state, "new/deep");
+        assert!(!store.can_defer(&again.change), "a group may not touch a folder twice");
+        store.flush(&state).unwrap();
+        assert!(dir.0.join("users/u/new/deep").is_dir(), "the mkdir was not carried out by the flush");
+        assert!(dir.0.join("users/u/kept").is_dir(), "a folder entry went with its last file");
+        assert!(!dir.0.join("users/u/plain").exists(), "a folder that is no entry outlived its last file");
+        assert!(!dir.0.join("users/u/gone").exists(), "a deleted folder entry (or its empty parent) stayed");
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    /// A crash after a group's fsync, before any of its actions: start-up redoes
+    /// the group's mkdir and folder delete along with its files, and keeps a
+    /// folder entry that a redone delete of its last file empties.
+    #[test]
+    fn a_mkdir_in_a_group_cut_short_by_a_crash_is_redone_at_start() {
+        let dir = TempDir::new("group-mkdir-crash");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        let change = mkdir_change(&state, "kept");
+        commit_change(&mut store, &mut state, change);
+        put(&mut store, &mut state, "kept/f", b"in a folder entry");
+        let change = mkdir_change(&state, "gone");
+        commit_change(&mut store, &mut state, change);
+        let mut group = vec![put_entry(&store, &state, "x/1", b"one")];
+        state.apply(&group[0]).unwrap();
+        let m = entry_of(&state, mkdir_change(&state, "m/n"));
+        state.apply(&m).unwrap();
+        group.push(m);
+        for path in ["gone", "kept/f"] {
+            let d = delete_entry(&state, path);
+            state.apply(&d).unwrap();
+            group.push(d);
+        }
+        for e in &group {
+            log_only(&mut store, e);
+        }
+        store.log.sync_data().unwrap();
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
+        assert_eq!(fs::read(store.user_path("u", "x/1")).unwrap(), b"one");
+        assert!(dir.0.join("users/u/m/n").is_dir(), "the group's mkdir was not redone");
+        assert!(!dir.0.join("users/u/gone").exists(), "the group's folder delete was not redone");
+        assert!(!dir.0.join("users/u/kept/f").exists());
+        assert!(dir.0.join("users/u/kept").is_dir(), "a redone delete took a folder entry with it");
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
     #[test]
     fn files_dropped_in_by_hand_are_adopted() {
         let dir = TempDir::new("adopt");
@@ -976,8 +1698,7 @@ mod tests {
         let found = store.check_against(&state).unwrap();
         assert_eq!(found.len(), 1);
         for (user, meta) in found {
-            let entry =
-                Entry { pos: state.pos.next(), epoch: state.epoch, change: Store::adoption(user, meta), request: None };
+            let entry = next_entry(&state, Store::adoption(user, meta));
             store.commit(&mut state, entry).unwrap();
         }
         assert_eq!(state.live("u", "d/new.txt").unwrap().hash, ContentHash::of(b"by hand"));
