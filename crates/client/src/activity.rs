@@ -37,6 +37,10 @@ pub enum Done {
     RenamedThere,
     /// A rename made on another device was carried out here.
     RenamedHere,
+    /// A local folder was made on the server.
+    MadeThere,
+    /// A folder made on another device was made here.
+    MadeHere,
 }
 
 impl Done {
@@ -49,6 +53,8 @@ impl Done {
             Done::DeletedHere => format!("deleted {what} (deleted on another device)"),
             Done::RenamedThere => format!("renamed {what} on the server"),
             Done::RenamedHere => format!("renamed {what} (renamed on another device)"),
+            Done::MadeThere => format!("made folder {what} on the server"),
+            Done::MadeHere => format!("made folder {what} (made on another device)"),
         }
     }
 
@@ -64,6 +70,8 @@ impl Done {
             Done::DeletedHere => format!("deleted {files} (deleted on another device)"),
             Done::RenamedThere => format!("renamed {files} on the server"),
             Done::RenamedHere => format!("renamed {files} (renamed on another device)"),
+            Done::MadeThere => format!("made {n} folder{} on the server", plural(n)),
+            Done::MadeHere => format!("made {n} folder{} (made on another device)", plural(n)),
         };
         let named: Vec<&str> = items.iter().take(NAMED).map(|(w, _)| w.as_str()).collect();
         format!("{head}: {} and {} more", named.join(", "), n - named.len())

@@ -14,6 +14,7 @@ use crossbeam_channel::{bounded, Sender};
 use replibox_frontend::Frontend;
 use replibox_proto::times::FileTimes;
 use replibox_proto::{FileMeta, OpResult};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub enum Cmd {
     GetSyncDir,
     /// `status`
     Status,
+    /// `passwd [FILE]`
+    Passwd(Option<PathBuf>),
     /// `exit` or `quit`
     Exit,
     /// `help`
@@ -52,6 +55,7 @@ impl Cmd {
             Cmd::ListClient => "list_client",
             Cmd::GetSyncDir => "get_sync_dir",
             Cmd::Status => "status",
+            Cmd::Passwd(_) => "passwd",
             Cmd::Exit => "exit",
             Cmd::Help => "help",
         }
@@ -64,10 +68,12 @@ pub const HELP: &str = "commands:
   download NAME   copy a file from the server into the current directory (that copy is not synced);
                   a file already there keeps its name, and the copy gets a free one: NAME (1).EXT
   delete NAME     delete a file from the server and from every device
-  list_server     list the files on the server (name, size, mtime, atime, ctime)
+  list_server     list the files on the server (name, size, mtime, atime, ctime); empty folders: NAME/
   list_client     list the files in this device's sync dir (ignored files left out)
   get_sync_dir    bring the sync dir and the server into agreement now
   status          in sync or not, what waits and why, the server, its epoch and this device
+  passwd [FILE]   change the password: asked twice (no echo) on a terminal, or the first line of FILE;
+                  every device logs in with the new one from then on
   help            this list
   exit, quit      log out and quit (end of input and Ctrl-C at the prompt do the same)
 A name with spaces can be typed as it is (upload /tmp/my notes.txt) or quoted as in a
@@ -120,6 +126,7 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, String> {
         "list_client" => none(Cmd::ListClient),
         "get_sync_dir" => none(Cmd::GetSyncDir),
         "status" => none(Cmd::Status),
+        "passwd" => Ok(Some(Cmd::Passwd(arg.map(PathBuf::from)))),
         "exit" | "quit" => none(Cmd::Exit),
         "help" | "?" => none(Cmd::Help),
         other => Err(format!("unknown command {other:?}; type help for the list")),
@@ -140,15 +147,36 @@ pub struct Shell {
     pub status: Status,
 }
 
-fn table(rows: Vec<(String, u64, i64, i64, i64)>) -> String {
+/// One row of a listing: name, size (None for a folder), mtime, atime, ctime.
+type Row = (String, Option<u64>, i64, i64, i64);
+
+/// The rows of `entries` (path, is a folder, size, times): every file, and the
+/// folders that hold nothing (shown as `name/`): a folder with files in it
+/// shows in their paths already.
+fn rows(entries: Vec<(String, bool, u64, i64, i64, i64)>) -> Vec<Row> {
+    let paths: BTreeSet<String> = entries.iter().map(|e| e.0.clone()).collect();
+    let holds_something = |dir: &str| {
+        let prefix = format!("{dir}/");
+        paths.range(prefix.clone()..).next().is_some_and(|p| p.starts_with(&prefix))
+    };
+    entries
+        .into_iter()
+        .filter(|e| !e.1 || !holds_something(&e.0))
+        .map(|(p, dir, size, m, a, c)| if dir { (format!("{p}/"), None, m, a, c) } else { (p, Some(size), m, a, c) })
+        .collect()
+}
+
+fn table(rows: Vec<Row>) -> String {
     let width = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(4).max(4);
     let mut out = format!(
         "{:<width$}  {:>12}  {:<19}  {:<19}  {:<19}\n",
         "NAME", "SIZE", "MTIME (UTC)", "ATIME (UTC)", "CTIME (UTC)"
     );
-    let n = rows.len();
+    let folders = rows.iter().filter(|r| r.1.is_none()).count();
+    let n = rows.len() - folders;
     for (name, size, m, a, c) in rows {
         let pad = width - name.chars().count();
+        let size = size.map_or_else(|| "-".to_string(), |s| s.to_string());
         out.push_str(&format!(
             "{name}{}  {size:>12}  {}  {}  {}\n",
             " ".repeat(pad),
@@ -158,6 +186,9 @@ fn table(rows: Vec<(String, u64, i64, i64, i64)>) -> String {
         ));
     }
     out.push_str(&format!("{n} file{}", if n == 1 { "" } else { "s" }));
+    if folders > 0 {
+        out.push_str(&format!(", {folders} empty folder{}", if folders == 1 { "" } else { "s" }));
+    }
     out
 }
 
@@ -175,30 +206,40 @@ impl Shell {
             Cmd::Delete(name) => self.ask(|reply| Command::Delete { name, reply }),
             Cmd::GetSyncDir => self.ask(|reply| Command::SyncAll { reply }),
             Cmd::Download(name) => self.download(&name),
-            Cmd::ListServer => Ok(table(
+            Cmd::ListServer => Ok(table(rows(
                 self.front
                     .list_all()
                     .map_err(|e| e.to_string())?
                     .into_iter()
                     .filter(|m: &FileMeta| !m.deleted)
-                    .map(|m| (m.path, m.size, m.mtime_ms, m.atime_ms, m.ctime_ms))
+                    .map(|m| (m.path, m.dir, m.size, m.mtime_ms, m.atime_ms, m.ctime_ms))
                     .collect(),
-            )),
+            ))),
             Cmd::ListClient => {
                 // The rules as they are on disk now: the engine may not have
                 // looked at them yet.
                 let rules = Rules::load(&self.root);
-                let rows = scan::scan(&self.root, &rules)
-                    .into_keys()
-                    .filter_map(|p| {
+                let entries = scan::scan(&self.root, &rules)
+                    .into_iter()
+                    .filter_map(|(p, l)| {
                         let md = fs::symlink_metadata(self.root.join(&p)).ok()?;
                         let t = FileTimes::of(&md);
-                        Some((p, md.len(), t.mtime_ms, t.atime_ms, t.ctime_ms))
+                        Some((p, l.dir, md.len(), t.mtime_ms, t.atime_ms, t.ctime_ms))
                     })
                     .collect();
-                Ok(table(rows))
+                Ok(table(rows(entries)))
             }
             Cmd::Status => Ok(self.status.report(&self.console)),
+            Cmd::Passwd(file) => {
+                let new = crate::password::new_password(file.as_deref())?;
+                match self.front.change_password(&new).map_err(|e| e.to_string())? {
+                    OpResult::PasswordChanged => {
+                        Ok("password changed; log in with the new one from now on, on every device".into())
+                    }
+                    OpResult::Error { message } => Err(message),
+                    other => Err(format!("unexpected answer: {other:?}")),
+                }
+            }
             Cmd::Help => Ok(HELP.to_string()),
             Cmd::Exit => Ok("bye".into()),
         }
@@ -308,6 +349,7 @@ mod tests {
             "list_client",
             "get_sync_dir",
             "status",
+            "passwd",
             "help",
             "exit",
             "quit",

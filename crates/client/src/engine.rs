@@ -15,6 +15,7 @@
 use crate::activity::{Batch, Done};
 use crate::console::Console;
 use crate::index::{Index, Synced};
+use crate::pass;
 use crate::progress::{self, Progress};
 use crate::reconcile::{conflicted_name, decide, locally_changed, Action};
 use crate::rules::{Rules, RULES_FILE};
@@ -24,7 +25,7 @@ use crate::syncdir::Marker;
 use crate::timefmt;
 use crate::watcher::WatchEvent;
 use crossbeam_channel::{select, Receiver, Sender};
-use replibox_frontend::{FrontError, FrontEvent, Frontend};
+use replibox_frontend::{DownloadItem, FrontError, FrontEvent, Frontend, UploadItem};
 use replibox_proto::{ContentHash, FileMeta, Notice, Op, OpResult, Version};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -32,6 +33,20 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The index is written at most this often. Writing it is a whole file and two
+/// fsyncs: after every received file, 10,000 files arriving one by one cost
+/// minutes (the file grows with each). An index that lags by this much after a
+/// crash is harmless: reconciliation compares by content what it does not know,
+/// as it does for a device that lost its index.
+const INDEX_SAVE_EVERY: Duration = Duration::from_millis(500);
+/// Files smaller than this go up and come down in batches, several requests in
+/// flight at once.
+const BATCH_FILE_MAX: u64 = 1 << 20;
+/// Files per batch of uploads or downloads.
+const BATCH_FILES: usize = 64;
+/// Notices taken off the queue at once, so that a burst's files come down in
+/// batches instead of one round trip and one fsync after another.
+const NOTICES_AT_ONCE: usize = 4 * BATCH_FILES;
 /// Quiet time after the last watcher event before the sync dir is scanned.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Longest a scan waits after the first event it is for, however many follow (a
@@ -45,6 +60,11 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(10);
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// A full rescan runs this often even without events, in case any were lost.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// The pause before a failed pass is tried again; it doubles after each failure
+/// in a row, up to [`RETRY_MAX`], and a pass that succeeds starts it over.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// The longest pause between two passes that fail.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Local deletions are sent only once no new one has been seen for this long.
 /// `rm -rf` of a whole sync dir removes `.replibox/` (the marker) at some point of
 /// its walk, possibly last: while files keep vanishing, the engine waits, and
@@ -176,6 +196,13 @@ pub struct Engine {
     closed: BTreeSet<String>,
     /// Paths not synced because a folder on their way is a symlink (reported once).
     unconfined: BTreeSet<String>,
+    /// Folders deleted on another device that could not be removed here because
+    /// something is still inside (files this device has not synced, ignored
+    /// files, or synced files whose deletes have not arrived yet). Their index
+    /// entry stays, so that they are not sent back up as new folders; they go
+    /// when the last thing inside goes ([`Engine::prune`]), or stay for good
+    /// when what is inside does.
+    doomed: BTreeSet<String>,
     /// When the next local pass is due.
     pass_due: Option<Instant>,
     /// The first watcher event the next pass is for.
@@ -185,21 +212,70 @@ pub struct Engine {
     last_full: Instant,
     /// How often a full reconciliation runs when nothing else is due.
     rescan_every: Duration,
+    /// Passes that failed in a row: the next retry waits longer.
+    failed_passes: u32,
+    /// When the index was last written (or, after a failure, a later time that
+    /// puts the next try off).
+    index_saved: Instant,
+    /// Why the index could not be saved, said once, until it can again.
+    index_trouble: Option<String>,
 }
 
+/// `what path: error`, said as `this device is out of space: ...` when it is.
 fn io_err(what: &str, path: &Path, e: io::Error) -> String {
-    format!("{what} {}: {e}", path.display())
+    let out = if replibox_frontend::out_of_space(&e) { "this device is out of space: " } else { "" };
+    format!("{out}{what} {}: {e}", path.display())
+}
+
+/// The log target of [`acknowledged`]: one line per change of this device that
+/// the server reported stored, for fault-injection tests that keep a ledger of
+/// them (`RUST_LOG=replibox::ledger=debug`). Activity lines are no ledger: they
+/// are batched and summarised.
+pub const LEDGER_TARGET: &str = "replibox::ledger";
+
+/// Logs (at debug, under [`LEDGER_TARGET`]) that the server acknowledged `op` on
+/// a path with `meta` as its new metadata.
+fn acknowledged(op: &str, meta: &FileMeta) {
+    log::debug!(
+        target: LEDGER_TARGET,
+        "acknowledged op={op} path={:?} version={} deleted={} size={} hash={}",
+        meta.path,
+        meta.version,
+        meta.deleted,
+        meta.size,
+        meta.hash
+    );
 }
 
 fn mtime_ms_of(ns: i128) -> i64 {
     (ns.div_euclid(1_000_000)) as i64
 }
 
-/// True when `a` and `b` cannot both be live files: the same path, or one a folder
-/// on the way to the other.
-fn names_collide(a: &str, b: &str) -> bool {
-    let under = |x: &str, y: &str| x.len() > y.len() && x.starts_with(y) && x.as_bytes()[y.len()] == b'/';
-    a == b || under(a, b) || under(b, a)
+/// Counts the outcomes of uploads in a pass (and what is left to send); the first
+/// failure stops the pass, after every outcome before and after it is counted (a
+/// batch's later files may be stored although an earlier one could not be).
+fn count_outcomes(
+    engine: &mut Engine,
+    uploads: &mut usize,
+    to_send: &mut usize,
+    outcomes: Vec<Result<Option<bool>, FrontError>>,
+) -> Result<(), FrontError> {
+    let mut first_error = None;
+    for outcome in outcomes {
+        match outcome {
+            Ok(Some(true)) => *uploads += 1,
+            Ok(Some(false)) => engine.status.update_local(|s| s.refused += 1),
+            Ok(None) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        }
+        *to_send = to_send.saturating_sub(1);
+    }
+    let left = *to_send;
+    engine.status.update_local(|s| s.to_send = left);
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Checks a path the server sent before it is joined to the sync dir.
@@ -248,10 +324,14 @@ impl Engine {
             closed: BTreeSet::new(),
             dirty_since: None,
             unconfined: BTreeSet::new(),
+            doomed: BTreeSet::new(),
             pass_due: None,
             need_full: false,
             last_full: Instant::now(),
             rescan_every: rescan_period(),
+            failed_passes: 0,
+            index_saved: Instant::now(),
+            index_trouble: None,
         })
     }
 
@@ -275,24 +355,41 @@ impl Engine {
             if let Some(at) = self.batch.due() {
                 wait = wait.min(at.saturating_duration_since(now));
             }
+            if self.index.is_dirty() {
+                let at = self.index_saved + INDEX_SAVE_EVERY;
+                if at <= now {
+                    self.save_index();
+                } else {
+                    wait = wait.min(at - now);
+                }
+            }
             select! {
                 recv(commands) -> cmd => match cmd {
                     Ok(Command::Stop) | Err(_) => break,
                     Ok(cmd) => self.command(cmd),
                 },
                 recv(front) -> ev => match ev {
-                    Ok(FrontEvent::Notice(n)) => self.notice(n),
-                    // The relay in status.rs has told the user already.
-                    Ok(FrontEvent::Lost(_)) => {}
-                    Ok(FrontEvent::NoPrimary { .. }) => {}
-                    Ok(FrontEvent::Reconnected { .. }) => {
-                        self.need_full = true;
-                        // Now, unless a failed pass set a back-off: a request that
-                        // failed part-way drops the connection, and its retry must
-                        // not come back at once to fail again.
-                        let now = Instant::now();
-                        self.pass_due = Some(self.pass_due.map_or(now, |due| due.max(now)));
+                    Ok(FrontEvent::Notice(n)) => {
+                        // A burst's notices are taken together: its files come
+                        // down in batches.
+                        let mut notices = vec![n];
+                        let mut next = None;
+                        while notices.len() < NOTICES_AT_ONCE {
+                            match front.try_recv() {
+                                Ok(FrontEvent::Notice(n)) => notices.push(n),
+                                Ok(ev) => {
+                                    next = Some(ev);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.notices(notices);
+                        if let Some(ev) = next {
+                            self.front_event(ev);
+                        }
                     }
+                    Ok(ev) => self.front_event(ev),
                     Err(_) => {}
                 },
                 recv(watch) -> ev => if let Ok(ev) = ev { self.watched(ev) },
@@ -304,6 +401,10 @@ impl Engine {
                     self.reload_rules();
                     if self.need_full || self.pass_due.is_none() {
                         if let Err(e) = self.sync_all() {
+                            // The retry is a full pass again: a local pass would
+                            // not fetch what this one could not (and, succeeding,
+                            // would cut the back-off short).
+                            self.need_full = true;
                             self.postponed(e);
                         }
                     } else {
@@ -312,14 +413,49 @@ impl Engine {
                     }
                 }
             }
-            if self.stop.is_none() {
-                if let Err(e) = self.index.save() {
-                    log::error!("cannot save the index: {e}");
-                }
-            }
         }
         self.flush_activity();
         let _ = self.index.save();
+    }
+
+    /// Handles what the front-end says besides notices.
+    fn front_event(&mut self, ev: FrontEvent) {
+        match ev {
+            FrontEvent::Notice(n) => self.notices(vec![n]),
+            // The relay in status.rs has told the user already.
+            FrontEvent::Lost(_) | FrontEvent::NoPrimary { .. } => {}
+            FrontEvent::Reconnected { .. } => {
+                self.need_full = true;
+                // Now, unless a failed pass set a back-off: a request that
+                // failed part-way drops the connection, and its retry must
+                // not come back at once to fail again.
+                let now = Instant::now();
+                self.pass_due = Some(self.pass_due.map_or(now, |due| due.max(now)));
+            }
+        }
+    }
+
+    /// Writes the index now (it is written at most every [`INDEX_SAVE_EVERY`]).
+    /// A failure is said once (again only if it changes), and tried again after
+    /// [`RETRY_MAX`] rather than every [`INDEX_SAVE_EVERY`]: a full disk must not
+    /// fill the log with one line every half second.
+    fn save_index(&mut self) {
+        self.index_saved = Instant::now();
+        match self.index.save() {
+            Ok(()) => {
+                if self.index_trouble.take().is_some() {
+                    log::info!("the index is saved again");
+                }
+            }
+            Err(e) => {
+                let why = io_err("cannot save the index", self.index.file(), e);
+                if self.index_trouble.as_ref() != Some(&why) {
+                    log::error!("{why}; trying again every {} s", RETRY_MAX.as_secs());
+                    self.index_trouble = Some(why);
+                }
+                self.index_saved += RETRY_MAX.saturating_sub(INDEX_SAVE_EVERY);
+            }
+        }
     }
 
     /// Prints the routine activity lines collected so far.
@@ -329,14 +465,23 @@ impl Engine {
         }
     }
 
-    /// A pass could not finish (the server unreachable, most often): it is tried
-    /// again 2 s later, and the local changes stay where they are.
+    /// A pass could not finish (the server unreachable or out of space, most
+    /// often): the local changes stay where they are, and it is tried again
+    /// after a pause that doubles with each failure in a row.
     fn postponed(&mut self, e: FrontError) {
         if self.stop.is_some() {
             return;
         }
-        self.console.activity(format!("sync postponed: {e}"));
-        self.pass_due = Some(Instant::now() + Duration::from_secs(2));
+        let pause = self.retry_pause();
+        self.console.activity(format!("sync postponed: {e}; trying again in {:.1} s", pause.as_secs_f64()));
+        self.pass_due = Some(Instant::now() + pause);
+    }
+
+    /// The pause before the next try after one more failure in a row.
+    fn retry_pause(&mut self) -> Duration {
+        let pause = RETRY_FIRST.saturating_mul(1 << self.failed_passes.min(8)).min(RETRY_MAX);
+        self.failed_passes = self.failed_passes.saturating_add(1);
+        pause
     }
 
     /// True while the sync dir is the one the client started on. Otherwise it
@@ -384,6 +529,17 @@ impl Engine {
                     return;
                 }
                 self.writing.remove(&p);
+                let indexed =
+                    self.index.get(&p).is_some_and(|i| scan::stat(&self.root, &p).is_some_and(|l| i.matches(&l)));
+                if indexed {
+                    // Nothing to send: most often the hint of a file the engine
+                    // itself renamed into place, which the index holds already.
+                    // A pass for it would rescan the whole sync dir, once per
+                    // received file: a burst of n files cost n scans of n files.
+                    // (Not a path the index does not hold: a folder moved in
+                    // gives one hint, for the folder.)
+                    return;
+                }
                 self.closed.insert(p);
             }
             WatchEvent::Changed | WatchEvent::RulesChanged => {}
@@ -450,10 +606,34 @@ impl Engine {
     fn deleted_here(&self, local: &BTreeMap<String, LocalFile>) -> BTreeSet<String> {
         self.index
             .entries
-            .keys()
-            .filter(|p| !local.contains_key(*p) && !self.rules.ignores(p, false))
-            .cloned()
+            .iter()
+            .filter(|(p, i)| !local.contains_key(*p) && !self.rules.ignores(p, i.dir))
+            .map(|(p, _)| p.clone())
             .collect()
+    }
+
+    /// Leaves out of a scan the folders that sync as their contents only: a
+    /// folder with something in it exists everywhere because of what is in it,
+    /// so it becomes an entry of its own only when it is empty (a folder the
+    /// user made, or emptied), or when it is one already (in the index, or on
+    /// the server: `server`). A folder made here to hold a received file thus
+    /// never goes back up as a new folder.
+    fn folders_that_sync(&self, local: &mut BTreeMap<String, LocalFile>, server: Option<&BTreeMap<String, FileMeta>>) {
+        let holding: Vec<String> = local
+            .iter()
+            .filter(|(p, l)| {
+                let prefix = format!("{p}/");
+                l.dir && local.range(prefix.clone()..).next().is_some_and(|(q, _)| q.starts_with(&prefix))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in holding {
+            let known = self.index.get(&p).is_some_and(|i| i.dir)
+                || server.and_then(|s| s.get(&p)).is_some_and(|m| m.dir && !m.deleted);
+            if !known {
+                local.remove(&p);
+            }
+        }
     }
 
     fn abs(&self, rel: &str) -> PathBuf {
@@ -465,10 +645,12 @@ impl Engine {
         // The scan comes first: a vanished sync dir is found before the server is
         // asked anything, and `status` can count local changes while the listing
         // waits for a server that does not answer.
-        let local = scan::scan(&self.root, &self.rules);
+        let scanned = scan::scan(&self.root, &self.rules);
         if !self.guard() {
             return Err(FrontError::Local(self.stop.clone().unwrap_or_default()));
         }
+        let mut local = scanned.clone();
+        self.folders_that_sync(&mut local, None);
         let deleted = self.deleted_here(&local);
         self.note_missing(&deleted);
         let changed = local.iter().filter(|(p, l)| locally_changed(Some(l), self.index.get(p))).count();
@@ -480,14 +662,17 @@ impl Engine {
         // could reach outside the sync dir is ignored. So is one the rules ignore.
         let server: BTreeMap<String, FileMeta> = files
             .into_iter()
-            .filter(|m| trusted_path(&m.path) && !self.rules.ignores(&m.path, false))
+            .filter(|m| trusted_path(&m.path) && !self.rules.ignores(&m.path, m.dir))
             .map(|m| (m.path.clone(), m))
             .collect();
+        // The listing may know folders that the index does not yet.
+        let mut local = scanned;
+        self.folders_that_sync(&mut local, Some(&server));
         // An ignored path's entry is forgotten: if the rules change back, the path
         // is compared afresh (by content), and nothing deleted while it was
         // ignored is ever deleted anywhere else.
         let ignored: Vec<String> =
-            self.index.entries.keys().filter(|p| self.rules.ignores(p, false)).cloned().collect();
+            self.index.entries.iter().filter(|(p, i)| self.rules.ignores(p, i.dir)).map(|(p, _)| p.clone()).collect();
         for p in ignored {
             self.index.remove(&p);
         }
@@ -498,10 +683,13 @@ impl Engine {
         // Deletes first, so that a file replaced by a folder (or the reverse) frees
         // its name before the new content needs it.
         let mut later = Vec::new();
+        // Folders to remove here, removed after the files in them, deepest first.
+        let mut folders_gone = Vec::new();
         for path in paths {
             let action = decide(server.get(&path), local.get(&path), self.index.get(&path));
             match action {
                 Action::DeleteRemote { .. } if hold_deletes.is_some() => tally.deferred += 1,
+                Action::DeleteLocal if local.get(&path).is_some_and(|l| l.dir) => folders_gone.push(path),
                 Action::DeleteRemote { .. } | Action::DeleteLocal | Action::ForgetIndex => {
                     self.carry_out(&path, action, server.get(&path), &mut tally)?
                 }
@@ -509,8 +697,23 @@ impl Engine {
                 _ => later.push((path, action)),
             }
         }
+        for path in folders_gone.into_iter().rev() {
+            self.carry_out(&path, Action::DeleteLocal, server.get(&path), &mut tally)?;
+        }
+        // Small files to fetch come down in batches, after the rest (a folder is
+        // made, never fetched).
+        let mut fetches = Vec::new();
         for (path, action) in later {
-            self.carry_out(&path, action, server.get(&path), &mut tally)?;
+            match action {
+                Action::Download if server.get(&path).is_some_and(|m| !m.dir && m.size < BATCH_FILE_MAX) => {
+                    fetches.push(path)
+                }
+                _ => self.carry_out(&path, action, server.get(&path), &mut tally)?,
+            }
+        }
+        for batch in fetches.chunks(BATCH_FILES) {
+            self.fetch_many(batch)?;
+            tally.downloaded += batch.len();
         }
         if let Some(wait) = hold_deletes.filter(|_| tally.deferred > 0) {
             self.pass_due = Some(Instant::now() + wait);
@@ -535,6 +738,13 @@ impl Engine {
             Action::Nothing => {}
             Action::ForgetIndex => {
                 self.index.remove(path);
+                self.doomed.remove(path);
+            }
+            Action::Adopt => {
+                if let Some(s) = server {
+                    self.doomed.remove(path);
+                    self.index.set(path, Synced::of(s.version, s.hash, &LocalFile::DIR));
+                }
             }
             Action::Upload { base } => match self.upload(path, base)? {
                 Some(true) => t.uploaded += 1,
@@ -546,7 +756,10 @@ impl Engine {
                 t.deleted_remote += 1;
             }
             Action::Download => {
-                self.fetch(path)?;
+                match server.filter(|s| s.dir) {
+                    Some(folder) => self.make_dir_here(folder),
+                    None => self.fetch(path)?,
+                }
                 t.downloaded += 1;
             }
             Action::DeleteLocal => {
@@ -569,12 +782,13 @@ impl Engine {
 
     /// Looks for local changes and sends them. Returns how many uploads were made.
     fn local_pass(&mut self) -> usize {
-        let local = scan::scan(&self.root, &self.rules);
+        let mut local = scan::scan(&self.root, &self.rules);
         // After the scan: a sync dir removed meanwhile scans as empty, and must not
         // be taken for a user who deleted everything.
         if !self.guard() {
             return 0;
         }
+        self.folders_that_sync(&mut local, None);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
         let deleted = self.deleted_here(&local);
         self.note_missing(&deleted);
@@ -625,49 +839,51 @@ impl Engine {
             s.refused = refused;
         });
         let mut uploads = 0;
-        let mut deleted_left = deleted;
+        let hold = hold_deletes.is_some();
+        let root = self.root.clone();
+        let mut plan = pass::plan(&changed, &deleted, &local, &self.index.entries, hold, |p| {
+            ContentHash::of_file(&root.join(p)).ok()
+        });
         let result = (|| -> Result<(), FrontError> {
-            // A new file with the size, mtime and content of a vanished one is that
-            // file, moved: rename it on the server instead of sending it again.
-            let mut fresh = Vec::new();
-            for path in changed {
-                if self.index.get(&path).is_none() {
-                    if let Some(from) = self.moved_from(&path, &local[&path], &deleted_left) {
-                        deleted_left.remove(&from);
-                        if self.rename_remote(&from, &path)? {
-                            to_send = to_send.saturating_sub(2);
-                            self.status.update_local(|s| s.to_send = to_send);
-                            continue;
-                        }
-                        deleted_left.insert(from);
-                    }
-                }
-                fresh.push(path);
-            }
-            if hold_deletes.is_none() {
-                for path in std::mem::take(&mut deleted_left) {
-                    let base = self.index.get(&path).map(|i| i.version);
-                    self.delete_remote(&path, base)?;
-                    to_send = to_send.saturating_sub(1);
-                    self.status.update_local(|s| s.to_send = to_send);
-                }
-            }
-            for path in fresh {
-                // A file where a held-back deletion frees the name (a file that
-                // became a folder, or the reverse) waits for that deletion: sent
-                // first, the server would refuse it for good.
-                if hold_deletes.is_some() && deleted_left.iter().any(|d| names_collide(d, &path)) {
-                    continue;
-                }
+            // Folders first, parents before children (the order of the scan): a
+            // file may go in them after.
+            for path in std::mem::take(&mut plan.folders) {
                 let base = self.index.get(&path).map(|i| i.version);
-                match self.upload(&path, base)? {
-                    Some(true) => uploads += 1,
-                    Some(false) => self.status.update_local(|s| s.refused += 1),
-                    None => {}
+                let outcome = self.mkdir_remote(&path, base);
+                count_outcomes(self, &mut uploads, &mut to_send, vec![outcome])?;
+            }
+            for (from, to) in std::mem::take(&mut plan.moves) {
+                if self.rename_remote(&from, &to)? {
+                    to_send = to_send.saturating_sub(2);
+                    self.status.update_local(|s| s.to_send = to_send);
+                } else {
+                    plan.move_refused(&from, &to, hold);
                 }
+            }
+            for path in std::mem::take(&mut plan.deletes) {
+                let base = self.index.get(&path).map(|i| i.version);
+                self.delete_remote(&path, base)?;
                 to_send = to_send.saturating_sub(1);
                 self.status.update_local(|s| s.to_send = to_send);
             }
+            // Small files go up in batches, several in flight at once; a big one
+            // alone, with its progress shown.
+            let mut small: Vec<String> = Vec::new();
+            for path in std::mem::take(&mut plan.uploads) {
+                if local.get(&path).is_some_and(|l| l.size < BATCH_FILE_MAX) {
+                    small.push(path);
+                    if small.len() >= BATCH_FILES {
+                        let outcomes = self.upload_batch(std::mem::take(&mut small));
+                        count_outcomes(self, &mut uploads, &mut to_send, outcomes)?;
+                    }
+                    continue;
+                }
+                let base = self.index.get(&path).map(|i| i.version);
+                let outcome = self.upload(&path, base);
+                count_outcomes(self, &mut uploads, &mut to_send, vec![outcome])?;
+            }
+            let outcomes = self.upload_batch(small);
+            count_outcomes(self, &mut uploads, &mut to_send, outcomes)?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -675,11 +891,12 @@ impl Engine {
             // A retry waits for the mtime to settle rather than trust old closes.
             self.closed.clear();
         } else {
+            self.failed_passes = 0;
             let mut wait: Option<Duration> = None;
             if postponed > 0 {
                 wait = Some(recheck.unwrap_or(SETTLE));
             }
-            if let Some(hold) = hold_deletes.filter(|_| !deleted_left.is_empty()) {
+            if let Some(hold) = hold_deletes.filter(|_| !plan.held.is_empty()) {
                 wait = Some(wait.map_or(hold, |w| w.min(hold)));
             }
             if let Some(w) = wait {
@@ -693,14 +910,46 @@ impl Engine {
         uploads
     }
 
-    fn moved_from(&self, path: &str, l: &LocalFile, candidates: &BTreeSet<String>) -> Option<String> {
-        let matching: Vec<&String> =
-            candidates.iter().filter(|c| self.index.get(c).is_some_and(|i| i.matches(l))).collect();
-        if matching.is_empty() {
-            return None;
+    /// Sends small files with several requests in flight (see
+    /// [`Frontend::upload_batch`]); one outcome per path, as [`Engine::upload`]
+    /// gives them (those with nothing to send last), or a single error for a
+    /// batch the connection lost.
+    fn upload_batch(&mut self, paths: Vec<String>) -> Vec<Result<Option<bool>, FrontError>> {
+        let mut items = Vec::new();
+        let mut locals = Vec::new();
+        // A path with nothing to send (vanished, or no longer a regular file)
+        // has the outcome `upload` gives it: Ok(None), so that it is counted.
+        let mut nothing = Vec::new();
+        for path in paths {
+            let opened = File::open(self.abs(&path)).and_then(|f| f.metadata().map(|md| (f, md)));
+            let (file, md) = match opened {
+                Ok((f, md)) if md.is_file() => (f, md),
+                _ => {
+                    nothing.push(Ok(None));
+                    continue;
+                }
+            };
+            let l = LocalFile::of(&md);
+            let base = self.index.get(&path).map(|i| i.version);
+            items.push(UploadItem {
+                path: path.clone(),
+                file,
+                size: l.size,
+                mtime_ms: mtime_ms_of(l.mtime_ns),
+                exec: l.exec,
+                base,
+            });
+            locals.push((path, l));
         }
-        let hash = ContentHash::of_file(&self.abs(path)).ok()?;
-        matching.into_iter().find(|c| self.index.get(c).is_some_and(|i| i.hash == hash)).cloned()
+        if items.is_empty() {
+            return nothing;
+        }
+        let mut outcomes = match self.front.upload_batch(&mut items) {
+            Err(e) => vec![Err(e)],
+            Ok(answers) => locals.into_iter().zip(answers).map(|((path, l), a)| self.uploaded(&path, l, a)).collect(),
+        };
+        outcomes.extend(nothing);
+        outcomes
     }
 
     /// Sends the local file at `path`. Some(true): stored; Some(false): refused;
@@ -709,16 +958,26 @@ impl Engine {
         let abs = self.abs(path);
         let Ok(mut file) = File::open(&abs) else { return Ok(None) };
         let Ok(md) = file.metadata() else { return Ok(None) };
+        if md.is_dir() && scan::stat_any(&self.root, path).is_some_and(|l| l.dir) {
+            return self.mkdir_remote(path, base);
+        }
         if !md.is_file() {
             return Ok(None);
         }
-        let l = LocalFile { size: md.len(), mtime_ns: scan::mtime_ns(&md) };
+        let l = LocalFile::of(&md);
         let mut progress = Progress::new(&self.console, format!("uploading {path}"), l.size);
-        let result =
-            self.front.upload(path, &mut file, l.size, mtime_ms_of(l.mtime_ns), base, &mut |n| progress.update(n));
+        let result = self
+            .front
+            .upload(path, &mut file, l.size, mtime_ms_of(l.mtime_ns), base, l.exec, &mut |n| progress.update(n));
         progress.finish();
-        match result? {
+        self.uploaded(path, l, result?)
+    }
+
+    /// Records the server's answer to the upload of `path` (as `l` was sent).
+    fn uploaded(&mut self, path: &str, l: LocalFile, answer: OpResult) -> Result<Option<bool>, FrontError> {
+        match answer {
             OpResult::Done { meta } => {
+                acknowledged("upload", &meta);
                 self.refused.remove(path);
                 self.index.set(path, Synced::of(meta.version, meta.hash, &l));
                 self.batch.add(Done::Uploaded, path.to_string(), l.size);
@@ -728,6 +987,8 @@ impl Engine {
                 self.conflict(path, &current)?;
                 Ok(None)
             }
+            // Not a refusal of this file: the pass stops and is tried again later.
+            OpResult::Unavailable { message } => Err(FrontError::Busy(message)),
             OpResult::Error { message } => {
                 self.console.activity(format!("the server refused {path}: {message}"));
                 self.refused.insert(path.to_string(), l);
@@ -745,7 +1006,8 @@ impl Engine {
             return Err(FrontError::Local(self.stop.clone().unwrap_or_default()));
         }
         match self.front.request(Op::Delete { path: path.to_string(), base })? {
-            OpResult::Done { .. } => {
+            OpResult::Done { meta } => {
+                acknowledged("delete", &meta);
                 self.index.remove(path);
                 self.batch.add(Done::DeletedThere, path.to_string(), 0);
             }
@@ -754,6 +1016,7 @@ impl Engine {
                 self.index.remove(path);
                 self.fetch(path)?;
             }
+            OpResult::Unavailable { message } => return Err(FrontError::Busy(message)),
             _ => {
                 self.index.remove(path);
             }
@@ -768,11 +1031,13 @@ impl Engine {
         let Some(l) = scan::stat(&self.root, to) else { return Ok(false) };
         match self.front.request(Op::Rename { from: from.to_string(), to: to.to_string(), base })? {
             OpResult::Done { meta } => {
+                acknowledged(&format!("rename from={from:?}"), &meta);
                 self.index.remove(from);
                 self.index.set(to, Synced::of(meta.version, meta.hash, &l));
                 self.batch.add(Done::RenamedThere, format!("{from} to {to}"), l.size);
                 Ok(true)
             }
+            OpResult::Unavailable { message } => Err(FrontError::Busy(message)),
             _ => Ok(false),
         }
     }
@@ -784,8 +1049,41 @@ impl Engine {
         if current.deleted {
             return Ok(false);
         }
+        match (scan::stat_any(&self.root, path).map(|l| l.dir), current.dir) {
+            (Some(true), true) => {
+                self.index.set(path, Synced::of(current.version, current.hash, &LocalFile::DIR));
+                return Ok(false);
+            }
+            // A folder here, a file there: the file comes in if the folder is
+            // empty; what is in it is never removed for it.
+            (Some(true), false) => {
+                if let Err(e) = fs::remove_dir(&abs) {
+                    self.console.activity(format!(
+                        "cannot receive {path}: a folder of that name here still holds files ({e}); rename one of them"
+                    ));
+                    return Ok(false);
+                }
+                self.index.remove(path);
+                self.fetch(path)?;
+                return Ok(true);
+            }
+            // A file here, a folder there: the file is kept as a conflicted copy.
+            (Some(false), true) => {
+                self.make_dir_here(current);
+                self.pass_due = Some(Instant::now());
+                return Ok(true);
+            }
+            _ => {}
+        }
         if let (Ok(hash), Some(l)) = (ContentHash::of_file(&abs), scan::stat(&self.root, path)) {
             if hash == current.hash {
+                // Equal bytes: the server's execute bit wins, as its version does.
+                if l.exec != current.exec {
+                    if let Err(e) = File::open(&abs).and_then(|f| scan::set_exec(&f, current.exec)) {
+                        log::warn!("cannot set the execute bit of {}: {e}", abs.display());
+                    }
+                }
+                let l = scan::stat(&self.root, path).unwrap_or(l);
                 self.index.set(path, Synced::of(current.version, hash, &l));
                 return Ok(false);
             }
@@ -823,11 +1121,7 @@ impl Engine {
 
     /// Fetches the server's version of `path` and puts it in place.
     fn fetch(&mut self, path: &str) -> Result<(), FrontError> {
-        if self.rules.ignores(path, false) {
-            return Ok(());
-        }
-        if !scan::confined(&self.root, path) {
-            self.not_confined(path);
+        if !self.may_receive(path) {
             return Ok(());
         }
         let tmp_path = self.tmp.join(format!("dl-{}", std::process::id()));
@@ -838,6 +1132,76 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// Whether `path` may be written here: not ignored, and no symlinked folder
+    /// on its way (said once).
+    fn may_receive(&mut self, path: &str) -> bool {
+        if self.rules.ignores(path, false) {
+            return false;
+        }
+        if !scan::confined(&self.root, path) {
+            self.not_confined(path);
+            return false;
+        }
+        true
+    }
+
+    /// Fetches several small files at once: their downloads pipelined on the
+    /// connection, their bytes synced together, then each moved into place in
+    /// order (as [`Engine::fetch`] does for one).
+    fn fetch_many(&mut self, paths: &[String]) -> Result<(), FrontError> {
+        let wanted: Vec<String> = paths.iter().filter(|p| self.may_receive(p)).cloned().collect();
+        let mut items = Vec::new();
+        let mut tmps = Vec::new();
+        let forget = |tmps: &[PathBuf]| {
+            for t in tmps {
+                let _ = fs::remove_file(t);
+            }
+        };
+        for (k, path) in wanted.into_iter().enumerate() {
+            let tmp = self.tmp.join(format!("dl-{}-{k}", std::process::id()));
+            match File::create(&tmp) {
+                Ok(file) => items.push(DownloadItem { path, file }),
+                Err(e) => {
+                    forget(&tmps);
+                    return Err(FrontError::local_io(format_args!("cannot create {}", tmp.display()), &e));
+                }
+            }
+            tmps.push(tmp);
+        }
+        let answers = match self.front.download_batch(&mut items) {
+            Ok(a) => a,
+            Err(e) => {
+                forget(&tmps);
+                return Err(e);
+            }
+        };
+        let mut received = Vec::new();
+        for (k, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(meta) => {
+                    progress::stamp(&items[k].file, &tmps[k], &meta);
+                    received.push((k, meta));
+                }
+                Err(refusal) => {
+                    log::info!("not fetching {}: {refusal:?}", items[k].path);
+                    let _ = fs::remove_file(&tmps[k]);
+                }
+            }
+        }
+        let files: Vec<&File> = received.iter().map(|(k, _)| &items[*k].file).collect();
+        if let Err(e) = replibox_proto::durable::sync_all(&files, |f| f.sync_all()) {
+            forget(&tmps);
+            return Err(FrontError::local_io(
+                format_args!("cannot write the files received into {}", self.tmp.display()),
+                &e,
+            ));
+        }
+        for (k, meta) in received {
+            self.place(&items[k].path, &tmps[k], &meta)?;
+        }
+        Ok(())
     }
 
     /// Says (once per path) that `path` is not touched because a folder on its way
@@ -859,7 +1223,7 @@ impl Engine {
             self.not_confined(path);
             return Ok(());
         }
-        if locally_changed(scan::stat(&self.root, path).as_ref(), self.index.get(path)) && dest.exists() {
+        if locally_changed(scan::stat_any(&self.root, path).as_ref(), self.index.get(path)) && dest.exists() {
             let same = ContentHash::of_file(&dest).map(|h| h == meta.hash).unwrap_or(false);
             if !same && self.set_aside(path).is_none() {
                 // Never replace a local version that could not be kept aside.
@@ -877,6 +1241,18 @@ impl Engine {
                 return Ok(());
             }
         }
+        if fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+            // A folder that became a file elsewhere: it goes if nothing is in it;
+            // what is in it (not synced yet, or ignored) is never removed for it.
+            if let Err(e) = fs::remove_dir(&dest) {
+                let _ = fs::remove_file(tmp_path);
+                self.console.activity(format!(
+                    "cannot receive {path}: a folder of that name here still holds files ({e}); rename one of them"
+                ));
+                return Ok(());
+            }
+            self.doomed.remove(path);
+        }
         if let Err(e) = fs::rename(tmp_path, &dest) {
             let _ = fs::remove_file(tmp_path);
             self.console.activity(format!("cannot receive {path}: {}", io_err("cannot write", &dest, e)));
@@ -891,11 +1267,13 @@ impl Engine {
 
     /// Deletes `path` here because it was deleted on another device.
     fn delete_local(&mut self, path: &str) {
-        if self.rules.ignores(path, false) {
+        let is_dir = scan::stat_any(&self.root, path).is_some_and(|l| l.dir);
+        if self.rules.ignores(path, is_dir) {
             return;
         }
         if self.remove_here(path) {
-            self.batch.add(Done::DeletedHere, path.to_string(), 0);
+            let shown = if is_dir { format!("{path}/") } else { path.to_string() };
+            self.batch.add(Done::DeletedHere, shown, 0);
         }
     }
 
@@ -907,6 +1285,25 @@ impl Engine {
             self.index.remove(path);
             self.not_confined(path);
             return false;
+        }
+        if fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
+            return match fs::remove_dir(&abs) {
+                Ok(()) => {
+                    self.index.remove(path);
+                    self.doomed.remove(path);
+                    self.prune(&abs);
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.index.remove(path);
+                    false
+                }
+                Err(_) => {
+                    // Something is inside: the folder stays while it does.
+                    self.doomed.insert(path.to_string());
+                    false
+                }
+            };
         }
         let removed = match fs::remove_file(&abs) {
             Ok(()) => true,
@@ -921,15 +1318,141 @@ impl Engine {
         removed
     }
 
-    /// Removes folders left empty by a delete, up to the sync dir.
-    fn prune(&self, removed: &Path) {
+    /// Removes folders left empty by a delete, up to the sync dir, stopping at a
+    /// synced folder (one the user has, which goes only by a delete of its own),
+    /// unless that folder's delete is waiting for it to be empty.
+    fn prune(&mut self, removed: &Path) {
         let mut dir = removed.parent();
         while let Some(d) = dir {
-            if d == self.root || !d.starts_with(&self.root) || fs::remove_dir(d).is_err() {
+            if d == self.root || !d.starts_with(&self.root) {
                 break;
+            }
+            let Some(rel) = d.strip_prefix(&self.root).ok().and_then(|r| r.to_str()).map(str::to_string) else {
+                break;
+            };
+            let kept = self.index.get(&rel).is_some_and(|i| i.dir) && !self.doomed.contains(&rel);
+            if kept || fs::remove_dir(d).is_err() {
+                break;
+            }
+            if self.doomed.remove(&rel) {
+                self.index.remove(&rel);
+                self.batch.add(Done::DeletedHere, format!("{rel}/"), 0);
             }
             dir = d.parent();
         }
+    }
+
+    /// Makes the folder `meta` (made on another device) here, replacing a file
+    /// of that name that is in sync, or setting aside one that was changed here.
+    fn make_dir_here(&mut self, meta: &FileMeta) {
+        let path = meta.path.as_str();
+        if self.rules.ignores(path, true) {
+            return;
+        }
+        if !scan::confined(&self.root, path) {
+            self.not_confined(path);
+            return;
+        }
+        let abs = self.abs(path);
+        if let Some(l) = scan::stat_any(&self.root, path).filter(|l| !l.dir) {
+            let kept = if locally_changed(Some(&l), self.index.get(path)) {
+                self.set_aside(path).is_some()
+            } else {
+                fs::remove_file(&abs).is_ok()
+            };
+            if !kept {
+                self.console.activity(format!("cannot make folder {path}: the file of that name here stays"));
+                return;
+            }
+        }
+        let existed = abs.is_dir();
+        if let Err(e) = fs::create_dir_all(&abs) {
+            self.console.activity(format!("cannot make folder {path}: {}", io_err("cannot create", &abs, e)));
+            return;
+        }
+        self.doomed.remove(path);
+        self.index.set(path, Synced::of(meta.version, meta.hash, &LocalFile::DIR));
+        if !existed {
+            self.batch.add(Done::MadeHere, format!("{path}/"), 0);
+        }
+    }
+
+    /// Makes the local folder `path` on the server (replacing the file the
+    /// device saw there at `base`, if any). Outcomes as [`Engine::upload`]'s.
+    fn mkdir_remote(&mut self, path: &str, base: Option<Version>) -> Result<Option<bool>, FrontError> {
+        match self.front.request(Op::Mkdir { path: path.to_string(), base })? {
+            OpResult::Done { meta } => {
+                acknowledged("mkdir", &meta);
+                self.refused.remove(path);
+                self.doomed.remove(path);
+                self.index.set(path, Synced::of(meta.version, meta.hash, &LocalFile::DIR));
+                self.batch.add(Done::MadeThere, format!("{path}/"), 0);
+                Ok(Some(true))
+            }
+            OpResult::Conflict { current: Some(current) } => {
+                self.conflict(path, &current)?;
+                Ok(None)
+            }
+            OpResult::Unavailable { message } => Err(FrontError::Busy(message)),
+            OpResult::Error { message } => {
+                self.console.activity(format!("the server refused folder {path}: {message}"));
+                self.refused.insert(path.to_string(), LocalFile::DIR);
+                Ok(Some(false))
+            }
+            other => Err(FrontError::Protocol(format!("mkdir answered with {other:?}"))),
+        }
+    }
+
+    /// Applies notices in order; files put by the other device that are small
+    /// enough come down in batches (a batch is fetched before any other notice is
+    /// applied, so the order holds).
+    fn notices(&mut self, notices: Vec<Notice>) {
+        let mut puts: Vec<String> = Vec::new();
+        for n in notices {
+            if let Notice::Put { meta } = &n {
+                if !meta.dir && meta.size < BATCH_FILE_MAX && self.wants(meta) {
+                    // A later put of the same path: the download gets the latest.
+                    if !puts.contains(&meta.path) {
+                        puts.push(meta.path.clone());
+                    }
+                    continue;
+                }
+            }
+            self.fetch_noticed(&mut puts);
+            self.notice(n);
+        }
+        self.fetch_noticed(&mut puts);
+    }
+
+    /// Whether a put notice of a file means fetching it (what [`Engine::notice`] and
+    /// [`Engine::remote_put`] check before they fetch).
+    fn wants(&mut self, meta: &FileMeta) -> bool {
+        self.guard()
+            && trusted_path(&meta.path)
+            && !self.rules.ignores(&meta.path, false)
+            && self.index.get(&meta.path).is_none_or(|i| i.version < meta.version)
+    }
+
+    /// Fetches the files of the put notices gathered so far.
+    fn fetch_noticed(&mut self, puts: &mut Vec<String>) {
+        if puts.is_empty() {
+            return;
+        }
+        let paths = std::mem::take(puts);
+        for batch in paths.chunks(BATCH_FILES) {
+            if let Err(e) = self.fetch_many(batch) {
+                self.could_not_apply(e);
+                return;
+            }
+        }
+    }
+
+    /// A notice could not be applied: a full pass catches up, after a pause.
+    fn could_not_apply(&mut self, e: FrontError) {
+        self.console.activity(format!("could not apply a change from the server: {e}; will catch up"));
+        self.need_full = true;
+        let pause = self.retry_pause();
+        self.pass_due = Some(Instant::now() + pause);
     }
 
     /// A change pushed by the server.
@@ -946,7 +1469,7 @@ impl Engine {
         }
         let result = match notice {
             // An ignored path is not received, nor deleted here.
-            Notice::Put { meta } | Notice::Delete { meta } if self.rules.ignores(&meta.path, false) => Ok(()),
+            Notice::Put { meta } | Notice::Delete { meta } if self.rules.ignores(&meta.path, meta.dir) => Ok(()),
             Notice::Put { meta } => self.remote_put(&meta),
             Notice::Delete { meta } => {
                 self.remote_delete(&meta);
@@ -955,14 +1478,16 @@ impl Engine {
             Notice::Rename { from, meta } => self.remote_rename(&from, &meta),
         };
         if let Err(e) = result {
-            self.console.activity(format!("could not apply a change from the server: {e}; will catch up"));
-            self.need_full = true;
-            self.pass_due = Some(Instant::now() + Duration::from_secs(1));
+            self.could_not_apply(e);
         }
     }
 
     fn remote_put(&mut self, meta: &FileMeta) -> Result<(), FrontError> {
         if self.index.get(&meta.path).is_some_and(|i| i.version >= meta.version) {
+            return Ok(());
+        }
+        if meta.dir {
+            self.make_dir_here(meta);
             return Ok(());
         }
         self.fetch(&meta.path)
@@ -979,7 +1504,7 @@ impl Engine {
     /// The server no longer holds `path` (deleted or renamed away), last in sync
     /// here as `i`: removes this device's copy, unless it was edited since.
     fn drop_local(&mut self, path: &str, i: &Synced) {
-        let l = scan::stat(&self.root, path);
+        let l = scan::stat_any(&self.root, path);
         if locally_changed(l.as_ref(), Some(i)) {
             // Edited here: the edit survives and goes back up as a new file.
             self.index.remove(path);
@@ -999,8 +1524,14 @@ impl Engine {
             }
             return if to_ignored { Ok(()) } else { self.remote_put(meta) };
         }
-        let unchanged =
-            self.index.get(from).is_some_and(|i| !locally_changed(scan::stat(&self.root, from).as_ref(), Some(i)));
+        // The file here must be the content that was renamed: a put of `from`
+        // this device has not fetched yet (its download refused, the path gone
+        // by then) leaves an older content here, which must not be recorded as
+        // the renamed version.
+        let unchanged = self
+            .index
+            .get(from)
+            .is_some_and(|i| i.hash == meta.hash && !locally_changed(scan::stat(&self.root, from).as_ref(), Some(i)));
         let to_free = scan::confined(&self.root, &meta.path)
             && scan::stat(&self.root, &meta.path).is_none()
             && self.index.get(&meta.path).is_none_or(|i| i.version < meta.version);
@@ -1010,7 +1541,8 @@ impl Engine {
                 dest.parent().map_or(Ok(()), fs::create_dir_all).and_then(|_| fs::rename(self.abs(from), &dest));
             if moved.is_ok() {
                 let old = self.index.remove(from);
-                self.prune(&self.abs(from));
+                let from_abs = self.abs(from);
+                self.prune(&from_abs);
                 if let (Some(l), Some(old)) = (scan::stat(&self.root, &meta.path), old) {
                     self.index.set(&meta.path, Synced::of(meta.version, old.hash, &l));
                 }
@@ -1053,12 +1585,17 @@ impl Engine {
         let meta = loop {
             let result = self
                 .front
-                .upload(&name, &mut file, md.len(), mtime_ms_of(mtime_ns), base, &mut |n| progress.update(n))
+                .upload(&name, &mut file, md.len(), mtime_ms_of(mtime_ns), base, LocalFile::of(&md).exec, &mut |n| {
+                    progress.update(n)
+                })
                 .map_err(|e| e.to_string())?;
             match result {
-                OpResult::Done { meta } => break meta,
+                OpResult::Done { meta } => {
+                    acknowledged("upload", &meta);
+                    break meta;
+                }
                 OpResult::Conflict { current: Some(c) } if base != Some(c.version) => base = Some(c.version),
-                OpResult::Error { message } => return Err(message),
+                OpResult::Error { message } | OpResult::Unavailable { message } => return Err(message),
                 other => return Err(format!("unexpected answer: {other:?}")),
             }
         };
@@ -1094,13 +1631,14 @@ impl Engine {
     fn delete_named(&mut self, name: &str) -> Result<String, String> {
         replibox_proto::validate_path(name).map_err(|e| e.to_string())?;
         match self.front.request(Op::Delete { path: name.to_string(), base: None }).map_err(|e| e.to_string())? {
-            OpResult::Done { .. } => {
+            OpResult::Done { meta } => {
+                acknowledged("delete", &meta);
                 // Typed here: the outcome line says it, not an activity line about
                 // another device.
                 self.remove_here(name);
                 Ok(format!("deleted {name}"))
             }
-            OpResult::Error { message } => Err(message),
+            OpResult::Error { message } | OpResult::Unavailable { message } => Err(message),
             other => Err(format!("unexpected answer: {other:?}")),
         }
     }

@@ -1,6 +1,6 @@
 //! The local index: for each synced path, the server version its local copy
-//! matches and the local file's size and mtime at that moment. A file whose size or
-//! mtime differs from its entry was changed locally; a path with an entry and no
+//! matches and the local file's size, mtime and execute bit at that moment. A file
+//! whose size, mtime or execute bit differs from its entry was changed locally; a path with an entry and no
 //! file was deleted locally; a file with no entry is new.
 
 use crate::scan::LocalFile;
@@ -21,17 +21,25 @@ pub struct Synced {
     pub mtime_ns: i128,
     /// Content hash.
     pub hash: ContentHash,
+    /// The local file's execute bit then (absent in an index from before it:
+    /// false, so an executable file there is sent once more, with its bit).
+    #[serde(default)]
+    pub exec: bool,
+    /// A folder (absent in an index from before folders synced: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dir: bool,
 }
 
 impl Synced {
     /// The local file `l` is in sync with server `version`, whose content is `hash`.
     pub fn of(version: Version, hash: ContentHash, l: &LocalFile) -> Synced {
-        Synced { version, size: l.size, mtime_ns: l.mtime_ns, hash }
+        Synced { version, size: l.size, mtime_ns: l.mtime_ns, hash, exec: l.exec, dir: l.dir }
     }
 
-    /// True when `l` is still the file this entry recorded (same size and mtime).
+    /// True when `l` is still the file this entry recorded (same size, mtime and
+    /// execute bit: a `chmod +x` changes no mtime, yet it is a change to sync).
     pub fn matches(&self, l: &LocalFile) -> bool {
-        self.size == l.size && self.mtime_ns == l.mtime_ns
+        self.size == l.size && self.mtime_ns == l.mtime_ns && self.exec == l.exec && self.dir == l.dir
     }
 }
 
@@ -78,6 +86,16 @@ impl Index {
         let old = self.entries.remove(path);
         self.dirty |= old.is_some();
         old
+    }
+
+    /// The file it is kept in.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// True when entries changed since the last save.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
     }
 
     /// Writes the index if it changed (temporary file, fsync, rename).

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`engine`]: the sync engine thread (index, reconciliation, live sync, notices).
 //! - [`reconcile`]: the pure per-path decision and conflicted-copy naming.
+//! - [`pass`]: the pure plan of a local pass (moves, deletes, uploads, in order).
 //! - [`index`]: what was last in sync, kept in `.replibox/index.json`.
 //! - [`scan`]: walking the sync dir.
 //! - [`rules`]: ignore rules (built-in defaults and `.replibox-ignore`).
@@ -11,6 +12,7 @@
 //! - [`session`]: reading commands (line editing on a terminal), running them,
 //!   ending on exit, end of input or a signal.
 //! - [`cli`]: parsing and running the commands.
+//! - [`password`]: where the password comes from (file, environment, prompt).
 //! - [`status`]: what the `status` command reports, and the relay that keeps it
 //!   current.
 //! - [`console`]: every line the user sees, progress lines and the prompt kept
@@ -22,6 +24,8 @@ pub mod cli;
 pub mod console;
 pub mod engine;
 pub mod index;
+pub mod pass;
+pub mod password;
 pub mod progress;
 pub mod reconcile;
 pub mod rules;

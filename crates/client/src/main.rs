@@ -7,8 +7,8 @@ use replibox_client::engine::{Command, Engine, Setup};
 use replibox_client::session::{self, Ended};
 use replibox_client::status::{self, Status};
 use replibox_client::syncdir::{self, SyncDirLock, META};
-use replibox_client::watcher;
-use replibox_frontend::{Config, FrontError, Frontend};
+use replibox_client::{password, watcher};
+use replibox_frontend::{Config, FrontError, Frontend, SharedPassword};
 use replibox_proto::{validate_username, DeviceId};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -23,10 +23,11 @@ use std::time::Duration;
 ///   download NAME   copy a file from the server into the current directory (not synced;
 ///                   never over an existing file: the copy gets a free name, NAME (1).EXT)
 ///   delete NAME     delete a file from the server and every device
-///   list_server     the server's files: name, size, mtime, atime, ctime
+///   list_server     the server's files: name, size, mtime, atime, ctime (empty folders: NAME/)
 ///   list_client     this device's files, the same way
 ///   get_sync_dir    reconcile the sync dir with the server now (runs by itself at login)
 ///   status          in sync or not, what waits and why, the server and its epoch
+///   passwd [FILE]   change the password (asked twice on a terminal, or read from FILE)
 ///   help            the list of commands
 ///   exit, quit      log out and quit (end of input, and Ctrl-C at the prompt, do the same)
 /// A name with spaces may be typed as it is or quoted as in a shell ("my notes.txt").
@@ -34,6 +35,10 @@ use std::time::Duration;
 /// Files matching the rules in SYNC_DIR/.replibox-ignore (gitignore syntax) or the
 /// built-in ones (*.swp, *~, .#*, .DS_Store, Thumbs.db, desktop.ini; undo one with
 /// !PATTERN) are neither sent, received nor deleted.
+///
+/// The password comes from --password-file, else the REPLIBOX_PASSWORD environment
+/// variable, else a prompt on the terminal. The first login of a user creates the
+/// account with it; it never crosses the network.
 #[derive(Parser, Debug)]
 #[command(name = "replibox-client", version, verbatim_doc_comment)]
 struct Args {
@@ -64,7 +69,14 @@ struct Args {
     /// before commands fail; local changes are kept and sent once one is back.
     #[arg(long, value_name = "N", default_value_t = 30)]
     failover_wait_s: u64,
+    /// A file whose first line is the user's password [default: the
+    /// REPLIBOX_PASSWORD environment variable, else a prompt on the terminal].
+    #[arg(long, value_name = "PATH")]
+    password_file: Option<PathBuf>,
 }
+
+/// The file in `.replibox/` that says this device has logged in (its user).
+const ACCOUNT_MARK: &str = "account";
 
 /// clap's check of `--device-name`.
 fn device_name(s: &str) -> Result<String, String> {
@@ -113,6 +125,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Some(name) => name,
         None => device.0[..8].to_string(),
     };
+    let password = password::for_login(args.password_file.as_deref(), &args.user)?;
+    // A device that has logged in before knows the account exists: a server
+    // that has none is not to be given a new one (see ACCOUNT_MARK).
+    let mark = root.join(META).join(ACCOUNT_MARK);
+    let known = mark.exists();
     // The front-end listens for a new primary's call on --bind, port
     // --callback-port, and announces the port at login.
     let cfg = Config {
@@ -122,12 +139,35 @@ fn run(args: Args) -> Result<ExitCode, String> {
         bind: args.bind,
         callback_port: args.callback_port,
         failover_wait: Duration::from_secs(args.failover_wait_s),
+        password: SharedPassword::new(password),
+        create_account: !known,
     };
     let (front, front_events, login) = match Frontend::connect(cfg) {
         Ok(x) => x,
-        Err(FrontError::Refused(reason)) => return Err(format!("login refused: {reason}")),
+        Err(FrontError::WrongPassword) => return Err("login refused: wrong password".into()),
+        Err(FrontError::NoAccount(reason)) if known => {
+            return Err(format!(
+                "login refused: {reason}; this device has logged in as {} before ({}), so the server should know \
+                 the account: it lost its data, or it is not the real server. If the cluster was started afresh, \
+                 delete that file to create the account again",
+                args.user,
+                mark.display()
+            ))
+        }
+        Err(FrontError::Refused(reason) | FrontError::NoAccount(reason)) => {
+            return Err(format!("login refused: {reason}"))
+        }
         Err(e) => return Err(e.to_string()),
     };
+    if !known {
+        let text = format!("{}\n", args.user);
+        if let Err(e) = replibox_client::index::write_atomically(&mark, text.as_bytes()) {
+            log::warn!("cannot write {}: {e}", mark.display());
+        }
+    }
+    if login.created {
+        eprintln!("created the account {} with the password given; log in with it from now on", args.user);
+    }
     eprintln!(
         "logged in as {} at {} (device {device_name}, id {}, {} of 2 devices connected); syncing {}",
         args.user,

@@ -88,14 +88,16 @@ fn line(label: &str, done: u64, total: u64, elapsed: Duration) -> String {
 
 /// Downloads `path` through `front` into a new file at `tmp`, showing progress on
 /// a terminal. Once it returns the server's metadata, the file is complete, synced
-/// and carries the server's mtime; in every other case it is removed.
+/// and carries the server's mtime and execute bit; in every other case it is
+/// removed.
 pub fn download_to(
     front: &Frontend,
     console: &Console,
     path: &str,
     tmp: &Path,
 ) -> Result<Result<FileMeta, OpResult>, FrontError> {
-    let mut file = File::create(tmp).map_err(|e| FrontError::Local(format!("cannot create {}: {e}", tmp.display())))?;
+    let mut file =
+        File::create(tmp).map_err(|e| FrontError::local_io(format_args!("cannot create {}", tmp.display()), &e))?;
     // The size is known only once the server answers: the line starts at the
     // first callback.
     let mut progress: Option<Progress> = None;
@@ -107,10 +109,10 @@ pub fn download_to(
     }
     let got = match got {
         Ok(Ok(meta)) => {
-            let _ = file.set_modified(from_ms(meta.mtime_ms));
+            stamp(&file, tmp, &meta);
             file.sync_all()
                 .map(|()| Ok(meta))
-                .map_err(|e| FrontError::Local(format!("cannot write {}: {e}", tmp.display())))
+                .map_err(|e| FrontError::local_io(format_args!("cannot write {}", tmp.display()), &e))
         }
         other => other,
     };
@@ -118,6 +120,15 @@ pub fn download_to(
         let _ = std::fs::remove_file(tmp);
     }
     got
+}
+
+/// Gives a received file (at `tmp`) the version's modification time and
+/// execute bit; the caller syncs it.
+pub fn stamp(file: &File, tmp: &Path, meta: &FileMeta) {
+    let _ = file.set_modified(from_ms(meta.mtime_ms));
+    if let Err(e) = crate::scan::set_exec(file, meta.exec) {
+        log::warn!("cannot set the execute bit of {}: {e}", tmp.display());
+    }
 }
 
 #[cfg(test)]

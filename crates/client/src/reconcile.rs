@@ -31,6 +31,10 @@ pub enum Action {
     DeleteLocal,
     /// Drop the index entry (gone on both sides).
     ForgetIndex,
+    /// Record the server's version in the index: the same thing is on both
+    /// sides (a folder here and a folder there; a folder has no content that
+    /// could differ).
+    Adopt,
     /// Both sides changed the file: keep the server's under the name and the
     /// local one as a conflicted copy (unless their contents are equal).
     Conflict,
@@ -48,6 +52,30 @@ pub fn locally_changed(local: Option<&LocalFile>, index: Option<&Synced>) -> boo
 /// Decides one path.
 pub fn decide(server: Option<&FileMeta>, local: Option<&LocalFile>, index: Option<&Synced>) -> Action {
     let live = server.filter(|m| !m.deleted);
+    if let (Some(s), Some(l)) = (live, local) {
+        if s.dir && l.dir {
+            let known = index.is_some_and(|i| i.dir && i.version == s.version);
+            return if known { Action::Nothing } else { Action::Adopt };
+        }
+    }
+    if let (Some(s), Some(i), Some(l)) = (server, index, local) {
+        // The server forgot what this device last synced: its version went back,
+        // or another content (or a delete) carries the very version. Only a
+        // failover after a partition does that: a primary cut off from its
+        // backups acknowledged it, and the other side's primary never had it
+        // (docs/reliability.md, "Partitions"). The unchanged local copy is that
+        // acknowledged change: it is sent again, or kept as a conflicted copy
+        // beside a different one, never overwritten (which would lose it on the
+        // device too, or leave the device and the server disagreeing for good).
+        if i.matches(l) {
+            if s.version < i.version || (s.version == i.version && s.deleted) {
+                return Action::Upload { base: live.map(|m| m.version) };
+            }
+            if s.version == i.version && s.hash != i.hash {
+                return Action::Conflict;
+            }
+        }
+    }
     let local_changed = locally_changed(local, index);
     let server_changed = match (server, index) {
         (Some(s), Some(i)) => s.version != i.version,
@@ -142,13 +170,73 @@ mod tests {
             deleted,
             atime_ms: 0,
             ctime_ms: 0,
+            exec: false,
+            dir: false,
         }
     }
     fn synced(v: u64) -> Synced {
-        Synced { version: Version(v), size: 1, mtime_ns: 10, hash: ContentHash::of(b"s") }
+        Synced { version: Version(v), size: 1, mtime_ns: 10, hash: ContentHash::of(b"s"), exec: false, dir: false }
     }
-    const SAME: LocalFile = LocalFile { size: 1, mtime_ns: 10 };
-    const EDITED: LocalFile = LocalFile { size: 2, mtime_ns: 20 };
+    const SAME: LocalFile = LocalFile { size: 1, mtime_ns: 10, exec: false, dir: false };
+    const EDITED: LocalFile = LocalFile { size: 2, mtime_ns: 20, exec: false, dir: false };
+
+    fn folder(v: u64, deleted: bool) -> FileMeta {
+        FileMeta { dir: true, size: 0, hash: ContentHash::default(), ..meta(v, deleted) }
+    }
+    fn synced_folder(v: u64) -> Synced {
+        Synced::of(Version(v), ContentHash::default(), &LocalFile::DIR)
+    }
+
+    /// Folders follow the files' rules (made, removed, the change winning over
+    /// a delete), except that a folder here and a folder there are always the
+    /// same: never a conflict, the server's version is recorded.
+    #[test]
+    fn folders() {
+        use Action::*;
+        let dir = LocalFile::DIR;
+        let (live, newer, gone) = (folder(3, false), folder(4, false), folder(4, true));
+        let file = meta(3, false);
+        type Case<'a> = (Option<&'a FileMeta>, Option<&'a LocalFile>, Option<Synced>, Action);
+        let cases: Vec<Case> = vec![
+            (Some(&live), Some(&dir), Some(synced_folder(3)), Nothing),
+            (None, Some(&dir), None, Upload { base: None }),
+            (Some(&gone), Some(&dir), None, Upload { base: None }),
+            (Some(&live), None, Some(synced_folder(3)), DeleteRemote { base: Version(3) }),
+            (Some(&gone), Some(&dir), Some(synced_folder(3)), DeleteLocal),
+            (Some(&live), Some(&dir), None, Adopt),
+            (Some(&newer), Some(&dir), Some(synced_folder(3)), Adopt),
+            (Some(&newer), None, Some(synced_folder(3)), Download),
+            (Some(&live), None, None, Download),
+            (Some(&gone), None, Some(synced_folder(3)), ForgetIndex),
+            // A file replaced by a folder here, and the reverse: sent over the
+            // version this device saw.
+            (Some(&file), Some(&dir), Some(synced(3)), Upload { base: Some(Version(3)) }),
+            (Some(&live), Some(&SAME), Some(synced_folder(3)), Upload { base: Some(Version(3)) }),
+            // A folder here where the server has a file nobody here saw: both kept.
+            (Some(&file), Some(&dir), None, Conflict),
+        ];
+        for (i, (s, l, idx, want)) in cases.into_iter().enumerate() {
+            assert_eq!(decide(s, l, idx.as_ref()), want, "case {i}");
+        }
+    }
+
+    /// After a partition the server may hold less than this device synced (a
+    /// blind primary acknowledged it, then was replaced): the device's copy is
+    /// sent again or kept beside the server's, never overwritten.
+    #[test]
+    fn a_server_that_forgot_what_was_synced_gets_it_again() {
+        let older = meta(2, false);
+        assert_eq!(decide(Some(&older), Some(&SAME), Some(&synced(3))), Action::Upload { base: Some(Version(2)) });
+        let older_tomb = meta(2, true);
+        assert_eq!(decide(Some(&older_tomb), Some(&SAME), Some(&synced(3))), Action::Upload { base: None });
+        let same_tomb = meta(3, true);
+        assert_eq!(decide(Some(&same_tomb), Some(&SAME), Some(&synced(3))), Action::Upload { base: None });
+        let mut other = meta(3, false);
+        other.hash = ContentHash::of(b"other side");
+        assert_eq!(decide(Some(&other), Some(&SAME), Some(&synced(3))), Action::Conflict);
+        // Edited here too: both survive, as for any change on both sides.
+        assert_eq!(decide(Some(&older), Some(&EDITED), Some(&synced(3))), Action::Conflict);
+    }
 
     #[test]
     fn every_case() {

@@ -1,6 +1,6 @@
-//! Walking the sync dir: every regular file with a valid name that the ignore
-//! rules do not exclude, never following symlinks, never entering the client's own
-//! `.replibox` entries.
+//! Walking the sync dir: every regular file and every folder with a valid name
+//! that the ignore rules do not exclude, never following symlinks, never entering
+//! the client's own `.replibox` entries.
 
 use crate::rules::Rules;
 use replibox_proto::names::is_reserved;
@@ -10,13 +10,43 @@ use std::fs;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
-/// A local file as the scanner saw it.
+/// A local file (or folder) as the scanner saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalFile {
     /// Size in bytes.
     pub size: u64,
     /// Modification time, ns since the Unix epoch.
     pub mtime_ns: i128,
+    /// Its owner's execute bit is set: the only part of the mode that syncs.
+    pub exec: bool,
+    /// A folder: size, mtime and mode are 0 and false (a folder's mtime changes
+    /// with what happens inside it; it does not sync).
+    pub dir: bool,
+}
+
+impl LocalFile {
+    /// The file whose metadata is `md`.
+    pub fn of(md: &fs::Metadata) -> LocalFile {
+        use std::os::unix::fs::PermissionsExt;
+        LocalFile { size: md.len(), mtime_ns: mtime_ns(md), exec: md.permissions().mode() & 0o100 != 0, dir: false }
+    }
+
+    /// A folder.
+    pub const DIR: LocalFile = LocalFile { size: 0, mtime_ns: 0, exec: false, dir: true };
+}
+
+/// Gives a file the mode a synced file has: read and write for its owner and
+/// what the umask leaves of read for others, plus execute for all who may read
+/// it when `exec`. Only the execute bit syncs; everything else is the local
+/// default, as Syncthing and Dropbox do.
+pub fn set_exec(file: &fs::File, exec: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file.metadata()?.permissions().mode() & 0o777;
+    let want = if exec { mode | ((mode & 0o444) >> 2) | 0o100 } else { mode & !0o111 };
+    if want != mode {
+        file.set_permissions(fs::Permissions::from_mode(want))?;
+    }
+    Ok(())
 }
 
 /// The mtime of a file's metadata in ns since the Unix epoch.
@@ -56,10 +86,23 @@ pub fn stat(root: &Path, rel: &str) -> Option<LocalFile> {
         return None;
     }
     let md = fs::symlink_metadata(root.join(rel)).ok()?;
-    md.file_type().is_file().then(|| LocalFile { size: md.len(), mtime_ns: mtime_ns(&md) })
+    md.file_type().is_file().then(|| LocalFile::of(&md))
 }
 
-/// Every syncable file under `root`, by relative path. An ignored folder is not
+/// Stats one path inside the sync dir like [`stat`], a folder included (as
+/// [`LocalFile::DIR`]).
+pub fn stat_any(root: &Path, rel: &str) -> Option<LocalFile> {
+    if !confined(root, rel) {
+        return None;
+    }
+    let md = fs::symlink_metadata(root.join(rel)).ok()?;
+    if md.file_type().is_dir() {
+        return Some(LocalFile::DIR);
+    }
+    md.file_type().is_file().then(|| LocalFile::of(&md))
+}
+
+/// Every syncable file and folder under `root`, by relative path. An ignored folder is not
 /// entered (gitignore's rule: nothing under an excluded folder can be included
 /// again), an ignored file is left out.
 pub fn scan(root: &Path, rules: &Rules) -> BTreeMap<String, LocalFile> {
@@ -88,9 +131,15 @@ pub fn scan(root: &Path, rules: &Rules) -> BTreeMap<String, LocalFile> {
             let Ok(md) = fs::symlink_metadata(entry.path()) else { continue };
             let ft = md.file_type();
             if ft.is_dir() {
-                if !rules.ignores_dir(&rel) {
-                    stack.push((entry.path(), rel));
+                if rules.ignores_dir(&rel) {
+                    continue;
                 }
+                if let Err(e) = validate_path(&rel) {
+                    log::warn!("not syncing folder {rel} nor anything in it: {e}");
+                    continue;
+                }
+                out.insert(rel.clone(), LocalFile::DIR);
+                stack.push((entry.path(), rel));
             } else if ft.is_file() {
                 if rules.ignores_file(&rel) {
                     continue;
@@ -99,7 +148,7 @@ pub fn scan(root: &Path, rules: &Rules) -> BTreeMap<String, LocalFile> {
                     log::warn!("not syncing {rel}: {e}");
                     continue;
                 }
-                out.insert(rel, LocalFile { size: md.len(), mtime_ns: mtime_ns(&md) });
+                out.insert(rel, LocalFile::of(&md));
             } else if ft.is_symlink() {
                 log::debug!("not following symlink {rel}");
             }
@@ -123,7 +172,8 @@ mod tests {
             fs::write(root.join(f), b"x").unwrap();
         }
         let found: Vec<String> = scan(&root, &Rules::load(&root)).into_keys().collect();
-        assert_eq!(found, ["keep.log", "src/main.rs"]);
+        assert_eq!(found, ["keep.log", "src", "src/main.rs"], "folders are found too, ignored ones are not");
+        assert!(scan(&root, &Rules::load(&root))["src"].dir);
         let _ = fs::remove_dir_all(&root);
     }
 

@@ -5,7 +5,7 @@
 
 use crate::rules::RULES_FILE;
 use crossbeam_channel::Sender;
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use replibox_proto::names::is_reserved;
 use std::path::{Path, PathBuf};
@@ -61,7 +61,7 @@ pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<Recommend
                 return;
             }
         };
-        for p in &event.paths {
+        for (i, p) in event.paths.iter().enumerate() {
             let rel = match subject(&base, p) {
                 Subject::Synced(rel) => rel,
                 Subject::Root => {
@@ -84,6 +84,11 @@ pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<Recommend
                     WatchEvent::Writing(rel)
                 }
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => WatchEvent::Closed(rel),
+                // A file renamed into place (the way editors save: written under
+                // another name, then renamed) is whole at once: a rename is atomic,
+                // so it need not wait for its mtime to settle.
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)) => WatchEvent::Closed(rel),
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if i == 1 => WatchEvent::Closed(rel),
                 EventKind::Access(_) => continue,
                 _ => WatchEvent::Changed,
             };
