@@ -3,13 +3,11 @@
 use crate::harness::files::{check_tree, put, seeded, tree};
 use crate::harness::raw::{frame_bytes, hello, refusal, Raw};
 use crate::harness::*;
-use replibox_proto::{write_frame, ContentHash, Epoch, Msg, Op, OpResult, Seq};
+use replibox_proto::{ContentHash, Msg, Op, OpResult, Seq, PROTOCOL_VERSION as V};
 use std::net::SocketAddr;
 
 fn encode(msg: &Msg, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_frame(&mut out, Epoch(0), msg, payload).unwrap();
-    out
+    crate::harness::raw::encode(0, msg, payload)
 }
 
 /// What the server must do with one connection.
@@ -119,15 +117,21 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
             Expect::Closed,
         ),
         ("a first frame that is not a hello", encode(&Msg::Ping, &[]), false, Expect::Refused("hello")),
-        ("protocol version 2", hello_with(2, "alice", "00000000000000a2"), false, Expect::Refused("version")),
+        (
+            "the next protocol version",
+            hello_with(V + 1, "alice", "00000000000000a2"),
+            false,
+            Expect::Refused("version"),
+        ),
+        ("protocol version 1", hello_with(1, "alice", "00000000000000a2"), false, Expect::Refused("version")),
         ("protocol version 0", hello_with(0, "alice", "00000000000000a2"), false, Expect::Refused("version")),
-        ("the username ../bob", hello_with(1, "../bob", "00000000000000a3"), false, Expect::Refused("username")),
-        ("an empty username", hello_with(1, "", "00000000000000a3"), false, Expect::Refused("username")),
-        ("a username starting with a dot", hello_with(1, ".alice", "00000000000000a3"), false, Expect::Refused("dot")),
-        ("a username with a slash", hello_with(1, "a/b", "00000000000000a3"), false, Expect::Refused("username")),
-        ("a username with NUL", hello_with(1, "al\0ice", "00000000000000a3"), false, Expect::Refused("username")),
-        ("a 65-byte username", hello_with(1, &"u".repeat(65), "00000000000000a3"), false, Expect::Refused("username")),
-        ("an invalid device id", hello_with(1, "alice", "../../x"), false, Expect::Refused("device")),
+        ("the username ../bob", hello_with(V, "../bob", "00000000000000a3"), false, Expect::Refused("username")),
+        ("an empty username", hello_with(V, "", "00000000000000a3"), false, Expect::Refused("username")),
+        ("a username starting with a dot", hello_with(V, ".alice", "00000000000000a3"), false, Expect::Refused("dot")),
+        ("a username with a slash", hello_with(V, "a/b", "00000000000000a3"), false, Expect::Refused("username")),
+        ("a username with NUL", hello_with(V, "al\0ice", "00000000000000a3"), false, Expect::Refused("username")),
+        ("a 65-byte username", hello_with(V, &"u".repeat(65), "00000000000000a3"), false, Expect::Refused("username")),
+        ("an invalid device id", hello_with(V, "alice", "../../x"), false, Expect::Refused("device")),
     ];
     let n_cases = cases.len();
     for (what, bytes, close_after, e) in cases {
@@ -167,14 +171,20 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     // a hash that does not match (refused, the connection goes on).
     let mut r = Raw::login(addr, "alice", device, "an upload longer than declared");
     let seq = r.next_seq();
-    r.send(&Msg::Request { seq, op: Op::Upload { path: "long.bin".into(), size: 10, mtime_ms: 0, base: None } });
+    r.send(&Msg::Request {
+        seq,
+        op: Op::Upload { path: "long.bin".into(), size: 10, mtime_ms: 0, base: None, exec: false },
+    });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload of long.bin not accepted");
     r.send_with(&Msg::Chunk { seq }, &[7u8; 20]);
     r.expect_closed();
 
     let mut r = Raw::login(addr, "alice", device, "an upload cut off halfway");
     let seq = r.next_seq();
-    r.send(&Msg::Request { seq, op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: None } });
+    r.send(&Msg::Request {
+        seq,
+        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: None, exec: false },
+    });
     // keep.txt exists at version 1: uploading without a base is a conflict. Use the base.
     let base = match r.recv().map(|f| f.msg) {
         Some(Msg::Reply { result: OpResult::Conflict { current: Some(current) }, .. }) => current.version,
@@ -183,7 +193,7 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     let seq = r.next_seq();
     r.send(&Msg::Request {
         seq,
-        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: Some(base) },
+        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: Some(base), exec: false },
     });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload over keep.txt not accepted");
     r.send_with(&Msg::Chunk { seq }, &[9u8; 500]);
@@ -192,7 +202,10 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
 
     let mut r = Raw::login(addr, "alice", device, "an upload with a wrong hash");
     let seq = r.next_seq();
-    r.send(&Msg::Request { seq, op: Op::Upload { path: "bad hash.bin".into(), size: 5, mtime_ms: 0, base: None } });
+    r.send(&Msg::Request {
+        seq,
+        op: Op::Upload { path: "bad hash.bin".into(), size: 5, mtime_ms: 0, base: None, exec: false },
+    });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload of bad hash.bin not accepted");
     r.send_with(&Msg::Chunk { seq }, b"hello");
     r.send(&Msg::UploadEnd { seq, hash: ContentHash::of(b"other") });
@@ -242,6 +255,10 @@ fn outside_users(data: &std::path::Path) -> Vec<String> {
 /// `download ../bob/x` prints an error and the next command works.
 #[test]
 fn paths_leaving_the_users_directory_are_refused_and_other_users_files_untouched() {
+    let error_of = |what: &str, result: OpResult| match result {
+        OpResult::Error { message } if !message.is_empty() => {}
+        other => fail(format!("{what} should be refused with an error, got {other:?}")),
+    };
     let t = TestDir::new("bad_input_confinement");
     let server = Server::primary(&t);
     let bob = Client::headless(&t, "bob", "bob", &server, DEVICE3_IP);
@@ -288,7 +305,10 @@ fn paths_leaving_the_users_directory_are_refused_and_other_users_files_untouched
         error("a rename to it", r.request(Op::Rename { from: "mine.txt".into(), to: path.into(), base: None }));
         error("a rename from it", r.request(Op::Rename { from: path.into(), to: "stolen".into(), base: None }));
         error("an upload", raw_upload(&mut r, path, b"overwrite"));
+        error("a mkdir", r.request(Op::Mkdir { path: path.into(), base: None }));
     }
+    // Nor through a file: a folder under a file is refused.
+    error_of("a mkdir under a file", r.request(Op::Mkdir { path: "mine.txt/sub".into(), base: None }));
     match r.request(Op::List { after: None }) {
         OpResult::Listing { files, .. } => {
             let names: Vec<_> = files.iter().map(|m| m.path.as_str()).collect();

@@ -201,9 +201,11 @@ fn command_line_contract() {
         (vec!["-p", "--id", "-3"], "a negative id"),
         (vec!["-p", "--frobnicate"], "an unknown option"),
     ] {
-        let out = std::process::Command::new(server_bin()).args(&args).current_dir(&t.path).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "replibox-server with {what} should exit with 2");
-        assert!(!out.stderr.is_empty(), "replibox-server with {what} should say why on stderr");
+        let mut cmd = std::process::Command::new(server_bin());
+        cmd.args(&args).current_dir(&t.path);
+        let (status, _, err) = run_bounded(&t, "bad-server-args", cmd);
+        assert_eq!(status.code(), Some(2), "replibox-server with {what} should exit with 2");
+        assert!(!err.is_empty(), "replibox-server with {what} should say why on stderr");
     }
     assert!(!t.join("replibox-data").exists(), "a command line that does not parse made a data dir");
 
@@ -223,17 +225,20 @@ fn command_line_contract() {
 
     // Nothing listens on this port: the client cannot start.
     let nobody = free_port(SERVER_IP).to_string();
-    for (args, what) in [
-        (vec!["../bob", "127.0.0.1", "1"], "an invalid username"),
-        (vec![".alice", "127.0.0.1", "1"], "a username starting with a dot"),
-        (vec!["alice", "127.0.0.1"], "a missing port"),
-        (vec!["alice", "127.0.0.1", "not-a-port"], "a port that is not a number"),
-        (vec!["alice", "127.0.0.1", nobody.as_str(), "--headless"], "an unreachable server"),
+    for (args, what, why) in [
+        (vec!["../bob", "127.0.0.1", "1"], "an invalid username", "username"),
+        (vec![".alice", "127.0.0.1", "1"], "a username starting with a dot", "username"),
+        (vec!["alice", "127.0.0.1"], "a missing port", "PORT"),
+        (vec!["alice", "127.0.0.1", "not-a-port"], "a port that is not a number", "not-a-port"),
+        (vec!["alice", "127.0.0.1", nobody.as_str(), "--headless"], "an unreachable server", "cannot reach"),
     ] {
-        let out = std::process::Command::new(client_bin()).args(&args).current_dir(&cwd).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{what}: should exit with 2");
-        assert!(!out.stderr.is_empty(), "{what}: should say why on stderr");
-        assert!(out.stdout.is_empty(), "{what}: printed an outcome: {}", String::from_utf8_lossy(&out.stdout));
+        let mut cmd = std::process::Command::new(client_bin());
+        // With a password, so that the unreachable server is what stops it.
+        cmd.args(&args).current_dir(&cwd).env("REPLIBOX_PASSWORD", password_of("alice"));
+        let (status, out, err) = run_bounded(&t, "bad-client-args", cmd);
+        assert_eq!(status.code(), Some(2), "{what}: should exit with 2");
+        assert!(err.contains(why), "{what}: should say why on stderr ({why:?}):\n{err}");
+        assert!(out.is_empty(), "{what}: printed an outcome: {out}");
     }
     assert!(!cwd.join("sync_dir_../bob").exists() && !t.join("bob").exists(), "an invalid username made a directory");
 }

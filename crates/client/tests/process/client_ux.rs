@@ -484,10 +484,15 @@ fn a_terminal_session_edits_lines_and_ctrl_c_says_bye() {
     cmd.args(["-q", "-e", "-c", &client, "/dev/null"])
         .env("TERM", "xterm")
         .env("RUST_LOG", "warn")
+        .env_remove("REPLIBOX_PASSWORD")
         .current_dir(&t.path);
     let mut tty = Proc::spawn(&t, "tty", cmd, true);
     let screen = |p: &Proc| p.stdout();
+    // No password in the environment: it is asked for on the terminal, without echo.
+    wait_until(DEADLINE, "the password prompt", || screen(&tty).contains("password for alice"));
+    tty.send_bytes(format!("{}\r", password_of("alice")).as_bytes());
     wait_until(DEADLINE, "the prompt", || screen(&tty).contains("replibox> "));
+    assert!(!screen(&tty).contains(&password_of("alice")), "the password was echoed:\n{}", screen(&tty));
 
     // "helq", backspace, "p", Enter: line editing.
     tty.send_bytes(b"helq\x7fp\r");
@@ -549,4 +554,102 @@ fn a_burst_of_files_is_summarised() {
             dev.activity()
         );
     }
+}
+
+/// A device that receives files still sends its own changes without waiting for
+/// a rescan (the tests' clients rescan once an hour): the hint of a received file
+/// renamed into place starts no pass, and must not hide a folder moved in (one
+/// hint, for the folder) nor an editor's save over a received file.
+#[test]
+fn a_receiving_device_still_sends_a_folder_moved_in_and_a_save_over_a_received_file() {
+    let t = TestDir::new("ux_receiving_device_sends");
+    let (server, d1, d2) = server_and_two_devices(&t, "alice");
+    let mut want = Want::new();
+    for i in 0..20 {
+        let name = format!("got {i:02}.txt");
+        put(&d1.path(&name), name.as_bytes());
+        want.insert(name.clone(), name.into_bytes());
+    }
+    let users = server.user_dir("alice");
+    wait_trees("device 1's files everywhere", &[&d2.sync_dir, &users], &want);
+
+    // A folder staged outside the sync dir, then moved in with one rename.
+    let staged = t.join("staged");
+    for i in 0..5 {
+        let name = format!("moved in/f{i}.txt");
+        put(&staged.join(format!("f{i}.txt")), name.as_bytes());
+        want.insert(name.clone(), name.into_bytes());
+    }
+    fs::rename(&staged, d2.path("moved in")).unwrap();
+    // Waited for alone: another change here would start a pass that finds both.
+    wait_trees("the folder moved into device 2, everywhere", &[&d1.sync_dir, &users], &want);
+    // A save over a file device 2 received, renamed over it from outside the sync
+    // dir, so that the rename is the only hint.
+    let tmp = t.join("got 03.txt.new");
+    put(&tmp, b"edited on device 2");
+    fs::rename(&tmp, d2.path("got 03.txt")).unwrap();
+    want.insert("got 03.txt".into(), b"edited on device 2".to_vec());
+    wait_trees("device 2's changes everywhere", &[&d1.sync_dir, &users], &want);
+}
+
+/// True when `p` exists and its owner's execute bit is set.
+fn executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o100 != 0)
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| fail(format!("chmod {mode:o} {}: {e}", p.display())));
+}
+
+/// The execute bit syncs, and nothing else of the mode: a script made
+/// executable on device 1 is executable on every server and on device 2; a
+/// `chmod +x` alone (no new bytes, no new mtime) is a change; `chmod -x` on
+/// device 2 comes back to device 1; a group-write bit stays local.
+#[test]
+fn the_execute_bit_syncs_and_nothing_else_of_the_mode() {
+    let t = TestDir::new("ux_execute_bit");
+    let (s1, s2, s3) = crate::harness::cluster::three_servers(&t, &[]);
+    let servers = [&s1, &s2, &s3];
+    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
+    let on_all = |what: &str, name: &str, body: &[u8], exec: bool| {
+        wait_until(DEADLINE, what, || {
+            servers.iter().all(|s| {
+                let p = s.user_dir("alice").join(name);
+                holds(&p, body) && executable(&p) == exec
+            }) && holds(&d2.path(name), body)
+                && executable(&d2.path(name)) == exec
+                && holds(&d1.path(name), body)
+                && executable(&d1.path(name)) == exec
+        });
+    };
+
+    // Written executable from the start.
+    put(&d1.path("tools/run.sh"), b"#!/bin/sh\necho run\n");
+    chmod(&d1.path("tools/run.sh"), 0o755);
+    put(&d1.path("plain.txt"), b"not a program");
+    on_all("run.sh executable on every server and on device 2", "tools/run.sh", b"#!/bin/sh\necho run\n", true);
+    on_all("plain.txt not executable anywhere", "plain.txt", b"not a program", false);
+
+    // chmod +x alone: same bytes, same mtime.
+    chmod(&d1.path("plain.txt"), 0o755);
+    on_all("a chmod +x alone to reach everyone", "plain.txt", b"not a program", true);
+
+    // chmod -x on the other device comes back.
+    chmod(&d2.path("tools/run.sh"), 0o644);
+    on_all("a chmod -x on device 2 to reach everyone", "tools/run.sh", b"#!/bin/sh\necho run\n", false);
+
+    // Other bits stay local: a group-write bit on device 1 makes no new version.
+    let before = s1.try_status().and_then(|s| s["seq"].as_u64());
+    chmod(&d1.path("plain.txt"), 0o775);
+    barrier(&s1, &d1, &d2, "after the group bit.txt");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+    assert_eq!(mode(&d2.path("plain.txt")) & 0o020, 0, "device 1's group-write bit reached device 2");
+    let after = s1.try_status().and_then(|s| s["seq"].as_u64());
+    // The barrier file is one upload, one entry: nothing else was sent.
+    assert_eq!(after, before.map(|b| b + 1), "a group-write bit alone made a change on the server");
 }

@@ -199,8 +199,12 @@ fn a_backup_with_a_later_epoch_than_the_primary_does_not_wedge() {
     let mut s1b = Server::start(&t, opts.clone());
     assert_eq!(s1b.status()["epoch"], 2, "s1's data dir was at epoch 1");
     let lastb = restart_as_backup(&t, &last, s1b.addr);
+    // Whichever comes first tells the backup: its join hello (s1 answers why it
+    // stepped down), or s1's coordinator message (the backup answers stale).
     wait_until(DEADLINE, "the backup to say why it does not follow s1", || {
-        lastb.log().contains("learned of the later epoch 3 from your hello")
+        let log = lastb.log();
+        log.contains("learned of the later epoch 3 from your hello")
+            || log.contains("not following id=1 as primary of epoch=2: this server knows the later epoch 3")
     });
     wait_until(DEADLINE, "s1 to learn of the later epoch", || s1b.log().contains("later than ours"));
     s1b.kill();

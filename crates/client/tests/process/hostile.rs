@@ -85,7 +85,10 @@ fn a_hostile_server_cannot_make_a_client_write_move_or_delete_outside_its_sync_d
     assert!(holds(&precious, b"must survive"), "a file outside the sync dir was deleted or changed");
     assert!(holds(&d1.path("ok/seed.txt"), b"a valid file"), "a file was moved out of the sync dir");
     assert_eq!(std::fs::read(d1.sync_dir.join(".replibox/device")).unwrap(), device, "the device id was overwritten");
-    let index = std::fs::read(d1.sync_dir.join(".replibox/index.json")).unwrap();
+    // The index is written at most every 500 ms: wait for it, then check it.
+    let index_path = d1.sync_dir.join(".replibox/index.json");
+    wait_until(DEADLINE, "the index to be written", || index_path.exists());
+    let index = std::fs::read(&index_path).unwrap();
     assert!(serde_json::from_slice::<serde_json::Value>(&index).is_ok(), "the index was overwritten");
     let mut d1 = d1;
     assert!(d1.proc.running(), "the client gave up");
@@ -149,7 +152,7 @@ fn a_hostile_primary_cannot_make_a_backup_write_move_or_delete_outside_its_data_
     let t = TestDir::new("hostile_primary");
     let precious = t.join("precious.txt");
     put(&precious, b"must survive");
-    let fake = FakePrimary::start(SERVER_IP);
+    let fake = FakePrimary::start(&t, SERVER_IP);
     let s2 = backup(&t, "s2", 2, fake.addr, Some(2), &[]);
     let content = FakePrimary::CONTENT;
     let live = |path: &str| serde_json::to_value(meta_of(path, content)).unwrap();
@@ -265,7 +268,7 @@ fn a_hostile_primary_cannot_make_a_backup_write_move_or_delete_outside_its_data_
 #[test]
 fn a_backup_acknowledges_only_after_its_log_write_and_rename() {
     let t = TestDir::new("hostile_ack_after_rename");
-    let fake = FakePrimary::start(SERVER_IP);
+    let fake = FakePrimary::start(&t, SERVER_IP);
     let mut s2 = backup(&t, "s2", 2, fake.addr, Some(2), &[]);
     let mut link = join_with(&fake, &snapshot(&fake, &s2, serde_json::json!({})));
     caught_up(&mut link);

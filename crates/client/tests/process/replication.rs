@@ -6,7 +6,7 @@
 //! holds it, so those checks are made at once, without waiting.
 
 use crate::harness::cluster::*;
-use crate::harness::files::{contents, holds, put, seeded, write_seeded};
+use crate::harness::files::{check_layout, contents, holds, put, seeded, write_seeded};
 use crate::harness::raw::{frame_bytes, Raw};
 use crate::harness::*;
 use replibox_proto::{ContentHash, Msg, OpResult, Who, PROTOCOL_VERSION};
@@ -108,8 +108,17 @@ fn every_change_is_on_all_three_servers_when_the_client_reports_it() {
     want.insert("clip moved.bin".into(), clip);
     std::fs::remove_file(d1.path("empty")).unwrap();
     want.remove("empty");
-    wait_trees("the edit, rename and delete on device 2", &[&d2.sync_dir], &want);
-    assert_on_all(&all, &want, "after edits reached device 2");
+    // media/, emptied by the move, stays on device 1: an empty folder, which syncs.
+    wait_layout("the edit, rename and delete on device 2", &[&d2.sync_dir], &want, &["media"]);
+    for s in all {
+        check_layout(&s.user_dir("alice"), &want, &["media"])
+            .unwrap_or_else(|e| fail(format!("after edits reached device 2, {} lacks them: {e}", s.opts.name)));
+    }
+    std::fs::remove_dir(d1.path("media")).unwrap();
+    let users: Vec<std::path::PathBuf> = all.iter().map(|s| s.user_dir("alice")).collect();
+    let mut roots: Vec<&Path> = users.iter().map(|u| u.as_path()).collect();
+    roots.push(&d2.sync_dir);
+    wait_layout("media/ removed on device 2 and every server", &roots, &want, &[]);
 
     d1.ok("delete report.pdf");
     want.remove("report.pdf");
@@ -171,8 +180,9 @@ fn a_fourth_server_joining_through_a_backup_receives_everything() {
     );
 }
 
-/// A backup that stops answering (SIGSTOP) is dropped from the membership after the
-/// ack bound and the primary goes on; resumed, it rejoins and catches up.
+/// A backup that stops answering (SIGSTOP) is dropped after the ack bound and
+/// fenced; once its fence goes unanswered the primary goes on without it (it stays
+/// listed as a member, silent); resumed, it rejoins and catches up.
 #[test]
 fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
     let t = TestDir::new("repl_stalled_backup");
@@ -184,8 +194,15 @@ fn a_stalled_backup_is_dropped_and_the_primary_goes_on() {
     s2.proc.signal("STOP");
     upload(&mut d1, &outside, "while stalled.bin", &seeded(5, 1_500_000));
     assert!(holds(&s3.user_dir("alice").join("while stalled.bin"), &seeded(5, 1_500_000)), "s3 lacks the upload");
-    wait_members(&[&s1, &s3], &[1, 3]);
     assert!(s1.log().contains("dropping backup id=2"), "the primary should log why it dropped s2");
+    // Silent (not down), it stays listed in the membership, so that an election
+    // must still ask it (docs/reliability.md, finding 7), but nothing waits for it.
+    wait_until(DEADLINE, "the primary to go on without the stalled s2", || {
+        s1.log().contains("going on without backup id=2")
+    });
+    assert_eq!(members(&s1), Some(vec![1, 2, 3]), "a silent backup stays listed until it comes back");
+    upload(&mut d1, &outside, "after the fence.bin", &seeded(6, 1000));
+    assert!(holds(&s3.user_dir("alice").join("after the fence.bin"), &seeded(6, 1000)), "s3 lacks the upload");
 
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2, &s3], &[1, 2, 3]);
@@ -215,7 +232,9 @@ fn a_backup_redirects_clients_and_refuses_a_duplicate_id() {
     let port = free_port(ip(3));
     let mut cmd = Command::new(server_bin());
     cmd.args(["-b", &s1.addr.to_string(), "--id", "2", "--port", &port.to_string(), "--bind", "127.0.0.3", "--data"])
-        .arg(t.join("dup-data"));
+        .arg(t.join("dup-data"))
+        .arg("--key-file")
+        .arg(t.key_file());
     let mut dup = Proc::spawn(&t, "dup", cmd, false);
     let code = dup.wait_exit(DEADLINE);
     assert_eq!(code.code(), Some(1), "a refused join must make the joiner exit with 1, not {code}");
@@ -238,7 +257,16 @@ fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
     http.send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     http.wait_closed(DEADLINE);
 
-    let mut fake = Raw::connect(s1.addr, "a fake backup");
+    // A member gone wrong: it holds the key and connects from the address it claims.
+    let (mut fake, proven) = Raw::server(
+        s1.addr,
+        Some(ip(9)),
+        &t.key(),
+        Some(replibox_proto::ServerId(9)),
+        replibox_proto::Purpose::Link,
+        "a fake backup",
+    );
+    proven.unwrap_or_else(|e| fail(format!("the fake backup's handshake: {e}")));
     let who = Who::Server {
         id: Some(replibox_proto::ServerId(9)),
         ip: Some("127.0.0.9".into()),
@@ -259,7 +287,13 @@ fn misbehaving_peers_are_dropped_and_the_primary_keeps_serving() {
     let d0 = Client::headless(&t, "dev0", "alice", &s1, DEVICE2_IP);
     put(&d0.path("secret.txt"), b"alice's");
     wait_until(DEADLINE, "secret.txt on the primary", || s1.user_dir("alice").join("secret.txt").exists());
-    let mut thief = Raw::connect(s1.addr, "a fetch from a non-member");
+    let mut thief = Raw::authenticated(
+        s1.addr,
+        &t.key(),
+        Some(replibox_proto::ServerId(77)),
+        replibox_proto::Purpose::Fetch,
+        "a fetch from a non-member",
+    );
     thief.send(&Msg::Hello { version: PROTOCOL_VERSION, who: Who::Fetch { id: replibox_proto::ServerId(77) } });
     thief.send(&Msg::Fetch { user: "alice".into(), path: "secret.txt".into() });
     match thief.recv().map(|f| f.msg) {
@@ -436,8 +470,11 @@ fn a_slow_backup_still_gets_heartbeats_during_a_big_upload() {
     // is what the size is for.
     let s1 = primary(&t, &["--ack-timeout-ms", "2000"]);
     let addr = s1.addr;
+    let key = t.key();
     let fake = std::thread::spawn(move || {
-        let mut r = Raw::connect(addr, "a slow backup");
+        let id = Some(replibox_proto::ServerId(9));
+        let (mut r, proven) = Raw::server(addr, Some(ip(9)), &key, id, replibox_proto::Purpose::Link, "a slow backup");
+        proven.expect("the slow backup's handshake");
         let who = Who::Server {
             id: Some(replibox_proto::ServerId(9)),
             ip: Some("127.0.0.9".into()),

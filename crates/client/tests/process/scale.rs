@@ -1,6 +1,10 @@
 //! Real use at real scale: users with thousands of files.
 
+use crate::harness::cluster::*;
+use crate::harness::raw::Raw;
 use crate::harness::*;
+use replibox_proto::{ContentHash, Msg, Op, OpResult, Seq};
+use std::collections::BTreeMap;
 use std::fs;
 use std::time::{Duration, Instant};
 
@@ -51,4 +55,104 @@ fn a_user_with_five_thousand_files_syncs_lists_and_goes_quiet() {
     wait_until(DEADLINE, "three seconds to pass", || since.elapsed() >= Duration::from_secs(3));
     assert_eq!(seq(&server), before, "the cluster committed entries while nothing happened");
     assert!(!d1.activity().contains("connection to the server lost"), "device 1 lost its connection");
+}
+
+/// Sends upload `seq` of `bytes` to `path` on a raw connection without waiting
+/// for its answer (only for its `proceed`); answers of earlier requests that come
+/// meanwhile go into `answers`. None when the server answered at once (no
+/// `proceed`): that answer is in `answers`.
+fn upload_in_flight(
+    r: &mut Raw,
+    seq: Seq,
+    path: &str,
+    bytes: &[u8],
+    answers: &mut BTreeMap<Seq, OpResult>,
+) -> Option<()> {
+    let op = Op::Upload { path: path.into(), size: bytes.len() as u64, mtime_ms: 1_000, base: None, exec: false };
+    r.send(&Msg::Request { seq, op });
+    loop {
+        match r.recv().map(|f| f.msg) {
+            Some(Msg::Proceed { seq: s }) if s == seq => break,
+            Some(Msg::Reply { seq: s, result }) => {
+                answers.insert(s, result);
+                if s == seq {
+                    return None;
+                }
+            }
+            Some(Msg::Pong | Msg::Notice { .. }) => {}
+            other => fail(format!("{}: upload {seq} of {path} answered with {other:?}", r.what)),
+        }
+    }
+    r.send_chunks(seq, bytes);
+    r.send(&Msg::UploadEnd { seq, hash: ContentHash::of(bytes) });
+    Some(())
+}
+
+/// Reads frames until every seq in `want` has its answer in `answers`.
+fn answers_for(r: &mut Raw, want: &[Seq], answers: &mut BTreeMap<Seq, OpResult>) {
+    while !want.iter().all(|s| answers.contains_key(s)) {
+        match r.recv().map(|f| f.msg) {
+            Some(Msg::Reply { seq, result }) => {
+                answers.insert(seq, result);
+            }
+            Some(Msg::Pong | Msg::Notice { .. }) => {}
+            other => fail(format!("{}: waiting for the answers to {want:?}, got {other:?}", r.what)),
+        }
+    }
+}
+
+/// At most once with a window of requests in flight (issue 7, speed): a device
+/// sends three uploads, each one's bytes before any answer is read; the primary
+/// is killed; resent to the new primary with their seqs, each gets its first
+/// answer (the same version, no `proceed`) and none is stored twice. A seq below
+/// the window is refused; one within it that was never applied is served.
+#[test]
+fn uploads_in_flight_resent_after_a_failover_are_each_answered_once() {
+    let t = TestDir::new("scale_window_at_most_once");
+    let (mut s1, s2, s3) = three_servers(&t, &[]);
+    let device = "00000000000000d1";
+    let mut a = Raw::login(s1.addr, "alice", device, "device A");
+    let files: Vec<(String, Vec<u8>)> =
+        (1..=3).map(|i| (format!("w{i}.txt"), format!("file {i}\n").into_bytes())).collect();
+    let mut first = BTreeMap::new();
+    let seqs: Vec<Seq> = (1..=3).map(Seq).collect();
+    for ((path, bytes), seq) in files.iter().zip(&seqs) {
+        assert!(upload_in_flight(&mut a, *seq, path, bytes, &mut first).is_some(), "{path} answered at once");
+    }
+    answers_for(&mut a, &seqs, &mut first);
+    for seq in &seqs {
+        assert!(matches!(first[seq], OpResult::Done { .. }), "upload {seq}: {:?}", first[seq]);
+    }
+    // Every upload went out before the first answer was read: three in flight.
+    drop(a);
+
+    s1.kill();
+    let others = [&s2, &s3];
+    let p = wait_new_primary(&others, 2);
+    let primary = others[p];
+    let mut b = Raw::login(primary.addr, "alice", device, "device A after the failover");
+    let mut again = BTreeMap::new();
+    for ((path, bytes), seq) in files.iter().zip(&seqs) {
+        assert!(
+            upload_in_flight(&mut b, *seq, path, bytes, &mut again).is_none(),
+            "resent upload {seq} of {path} was taken as new (a proceed)"
+        );
+    }
+    assert_eq!(again, first, "each resent upload gets its first answer");
+    for (path, _) in &files {
+        assert!(primary.stored("alice", path).is_empty(), "{path} was stored again by the new primary");
+    }
+
+    // Seven more changes (seqs 4 to 10): seq 1 and 2 fall out of the window of 8.
+    let mut more = BTreeMap::new();
+    let later: Vec<Seq> = (4..=10).map(Seq).collect();
+    for seq in &later {
+        upload_in_flight(&mut b, *seq, &format!("m{}.txt", seq.0), b"more", &mut more);
+        answers_for(&mut b, &[*seq], &mut more);
+    }
+    let mut old = BTreeMap::new();
+    assert!(upload_in_flight(&mut b, Seq(2), "w2.txt", b"file 2\n", &mut old).is_none());
+    assert!(matches!(&old[&Seq(2)], OpResult::Error { message } if message.contains("older")), "{old:?}");
+    assert!(upload_in_flight(&mut b, Seq(3), "w3.txt", b"file 3\n", &mut old).is_none());
+    assert_eq!(old[&Seq(3)], first[&Seq(3)], "seq 3 is still within the window");
 }

@@ -3,7 +3,7 @@
 
 use crate::harness::cluster::*;
 use crate::harness::files::{holds, seeded};
-use crate::harness::raw::{hello, Raw};
+use crate::harness::raw::Raw;
 use crate::harness::*;
 use replibox_proto::{ContentHash, Msg, Op, OpResult, ServerId, Who, PROTOCOL_VERSION};
 use std::net::{SocketAddr, TcpListener};
@@ -170,6 +170,9 @@ fn a_stopping_primary_turns_new_work_away_and_finishes_what_is_under_way() {
     });
 
     s1.proc.signal("TERM");
+    // A listing read before the signal is handled would show the upload, which
+    // s2 (stopped) never acknowledges: it would wait for the ack bound (20 s).
+    wait_until(DEADLINE, "the primary to start stopping", || s1.log().contains("shutting down:"));
     // Device B's requests are answered until the primary takes no new work; then
     // its connection closes.
     wait_until(DEADLINE, "the stopping primary to turn device B's requests away", || {
@@ -180,10 +183,18 @@ fn a_stopping_primary_turns_new_work_away_and_finishes_what_is_under_way() {
         }
     });
     let mut c = Raw::connect(s1.addr, "a login while stopping");
-    c.send(&hello("carol", "00000000000000c1"));
+    c.begin_login("carol", "00000000000000c1");
     let frames = c.expect_closed();
     assert!(!frames.iter().any(|f| matches!(f.msg, Msg::Welcome { .. })), "a login was welcomed while stopping");
-    let mut j = Raw::connect(s1.addr, "a join while stopping");
+    let (mut j, proven) = Raw::server(
+        s1.addr,
+        Some(ip(9)),
+        &t.key(),
+        Some(ServerId(9)),
+        replibox_proto::Purpose::Link,
+        "a join while stopping",
+    );
+    proven.unwrap_or_else(|e| fail(format!("the joiner's handshake: {e}")));
     let who = Who::Server {
         id: Some(ServerId(9)),
         ip: Some("127.0.0.9".into()),
@@ -245,12 +256,10 @@ fn a_stopping_primary_waits_for_a_stalled_backup_at_most_the_ack_bound() {
 fn the_status_contract() {
     let t = TestDir::new("server_status");
     let status_line = |addr: &str| -> (Option<i32>, String, String) {
-        let out = Command::new(server_bin()).args(["--status", addr]).output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["--status", addr]);
+        let (status, out, err) = run_bounded(&t, "status", cmd);
+        (status.code(), out, err)
     };
     let status_of = |s: &Server| -> serde_json::Value {
         let (code, out, err) = status_line(&s.addr.to_string());
@@ -264,7 +273,7 @@ fn the_status_contract() {
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
-            ["epoch", "id", "last_epoch", "members", "note", "phase", "primary", "role", "seq", "sessions"],
+            ["eligible", "epoch", "id", "last_epoch", "members", "note", "phase", "primary", "role", "seq", "sessions"],
             "--status fields"
         );
         v
@@ -374,6 +383,9 @@ fn a_logged_change_that_cannot_be_carried_out_stops_the_server_with_3_and_is_red
 
     std::fs::remove_file(&blocker).unwrap();
     s.restart(&t);
+    // Its port takes connections before the start-up is over; the answer to a
+    // status query comes after it.
+    wait_until(DEADLINE, "the restarted server to answer", || s.try_status().is_some());
     assert!(holds(&s.user_dir("alice").join("blocker/x.txt"), bytes), "the start-up did not redo the change");
     let mut a = Raw::login(s.addr, "alice", "00000000000000a1", "device A again");
     match a.request(Op::List { after: None }) {

@@ -245,3 +245,36 @@ fn a_device_is_not_sent_its_own_changes_back() {
     wait_until(DEADLINE, "the delete on device 2", || !d2.path("moved/mine.txt").exists());
     barrier(&mut a, "its delete");
 }
+
+/// A file edited and then renamed on device 1 while device 2 is stopped: device
+/// 2 cannot fetch the edit under the old name (gone by then), and must not take
+/// its own older copy for the renamed version. It ends with the edit under the
+/// new name, and no conflicted copy (a stale copy recorded as the new version
+/// made the next full pass see a conflict; an edit of it overwrote the other
+/// device's edit).
+#[test]
+fn an_edit_then_a_rename_received_late_gives_the_edit_under_the_new_name() {
+    let t = TestDir::new("edit_then_rename_late");
+    let (server, d1, mut d2) = server_and_two_devices(&t, "alice");
+    let users = server.user_dir("alice");
+    put(&d1.path("a.txt"), b"first");
+    wait_until(DEADLINE, "a.txt on device 2", || holds(&d2.path("a.txt"), b"first"));
+
+    d2.proc.signal("STOP");
+    put(&d1.path("a.txt"), b"edited on device 1");
+    wait_until(DEADLINE, "the edit on the server", || holds(&users.join("a.txt"), b"edited on device 1"));
+    fs::rename(d1.path("a.txt"), d1.path("b.txt")).unwrap();
+    wait_until(DEADLINE, "the rename on the server", || {
+        holds(&users.join("b.txt"), b"edited on device 1") && !users.join("a.txt").exists()
+    });
+    d2.proc.signal("CONT");
+
+    let mut want = Want::new();
+    want.insert("b.txt".into(), b"edited on device 1".to_vec());
+    wait_trees("the edit under its new name on device 2", &[&d2.sync_dir], &want);
+    // Still so after a barrier through device 2.
+    put(&d1.path("barrier.txt"), b"barrier");
+    wait_until(DEADLINE, "the barrier on device 2", || holds(&d2.path("barrier.txt"), b"barrier"));
+    want.insert("barrier.txt".into(), b"barrier".to_vec());
+    wait_trees("device 2 as device 1 and the server", &[&d1.sync_dir, &d2.sync_dir, &users], &want);
+}

@@ -85,12 +85,16 @@ pub fn members(s: &Server) -> Option<Vec<u64>> {
 /// Waits until every server reports exactly the members `want`, all at one seq.
 #[track_caller]
 pub fn wait_members(servers: &[&Server], want: &[u64]) {
-    wait_until(DEADLINE, &format!("every server to report members {want:?} at one seq"), || {
+    wait_until(DEADLINE, &format!("every server to report members {want:?} at one seq, each eligible"), || {
         let seqs: Option<Vec<u64>> = servers
             .iter()
             .map(|s| {
                 let v = s.try_status()?;
-                (member_ids(&v)? == want).then(|| v["seq"].as_u64()).flatten()
+                // A backup that applied its own join but has not yet heard that
+                // every member stored it may not stand: a test that kills the
+                // primary next would wait for an election that cannot come.
+                let eligible = v["eligible"].as_bool() == Some(true);
+                (member_ids(&v)? == want && eligible).then(|| v["seq"].as_u64()).flatten()
             })
             .collect();
         seqs.is_some_and(|s| s.windows(2).all(|w| w[0] == w[1]))

@@ -2,11 +2,12 @@
 //! backup, each saying what the test tells it to, bad paths included.
 
 use super::raw::Raw;
-use super::{fail, free_port, DEADLINE};
+use super::{fail, free_port, password_of, TestDir, DEADLINE};
 use crossbeam_channel::{unbounded, Receiver};
+use replibox_proto::auth::{accept_server, Frames, ScramServer, ServerStep};
 use replibox_proto::{
-    read_frame, write_frame, ContentHash, Epoch, FileMeta, Frame, Msg, Notice, Op, OpResult, Seq, Version, Who,
-    CHUNK_SIZE,
+    read_frame, write_frame, AuthMsg, ClusterKey, ContentHash, Epoch, FileMeta, Frame, Msg, Notice, Op, OpResult, Seq,
+    StoredCredentials, Version, Who, CHUNK_SIZE,
 };
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -23,6 +24,8 @@ pub fn meta_of(path: &str, bytes: &[u8]) -> FileMeta {
         deleted: false,
         atime_ms: 0,
         ctime_ms: 0,
+        exec: false,
+        dir: false,
     }
 }
 
@@ -40,9 +43,11 @@ fn reply(w: &Mutex<TcpStream>, seq: Seq, result: OpResult) -> bool {
     write_frame(&mut *w.lock().unwrap(), Epoch(1), &Msg::Reply { seq, result }, &[]).is_ok()
 }
 
-/// A server for one client at a time: it welcomes any login, lists `files` (every
-/// path as a live version 1, whatever the path), serves their bytes to downloads,
-/// refuses every change, and pushes the notices the test gives it.
+/// A server for one client at a time: it holds every user's account with the
+/// harness's password ([`password_of`]), as a server whose keys were stolen would,
+/// so it can finish a login; it lists `files` (every path as a live version 1,
+/// whatever the path), serves their bytes to downloads, refuses every change, and
+/// pushes the notices the test gives it.
 pub struct FakeServer {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -88,7 +93,10 @@ fn serve_client(
     let mut r = std::io::BufReader::new(s.try_clone().unwrap());
     let w = Arc::new(Mutex::new(s));
     let Ok(Some(Frame { msg: Msg::Hello { .. }, .. })) = read_frame(&mut r) else { return };
-    let welcome = Msg::Welcome { token: "fake".into(), devices: 1, last_seq: Seq(0) };
+    if !fake_login(&mut r, &w) {
+        return;
+    }
+    let welcome = Msg::Welcome { devices: 1, last_seq: Seq(0) };
     if write_frame(&mut *w.lock().unwrap(), Epoch(1), &welcome, &[]).is_err() {
         return;
     }
@@ -119,9 +127,33 @@ fn serve_client(
     }
 }
 
-/// A primary for one backup: it hands the test each replication link the backup
-/// opens (the backup's hello already read), and serves every fetch with
-/// [`FakePrimary::CONTENT`] under the metadata [`meta_of`] gives it.
+/// The server's side of a password login with the harness's password for the
+/// user (few iterations: a client accepts 4096, and the test stays fast). False
+/// when the login did not finish.
+fn fake_login(r: &mut impl std::io::Read, w: &Mutex<TcpStream>) -> bool {
+    let mut next = || match read_frame(r) {
+        Ok(Some(Frame { msg: Msg::Auth(m), .. })) => Some(m),
+        _ => None,
+    };
+    let Some(first) = next() else { return false };
+    let Ok(mut login) = ScramServer::new(first) else { return false };
+    let account = StoredCredentials::derive(&password_of(login.user()), b"a fake server's!", 4096).unwrap();
+    let send = |m: AuthMsg| write_frame(&mut *w.lock().unwrap(), Epoch(1), &Msg::Auth(m), &[]).is_ok();
+    if !send(login.challenge(Some(account)).unwrap()) {
+        return false;
+    }
+    let Some(last) = next() else { return false };
+    match login.step(last) {
+        Ok(ServerStep::LoggedIn { reply, .. }) => send(reply),
+        _ => false,
+    }
+}
+
+/// A primary for one backup: it holds the test's cluster key (a compromised
+/// member, or a bug: the backup's own checks are what is tested), runs the
+/// accepting side of every connection's cluster handshake, hands the test each
+/// replication link the backup opens (the backup's hello already read), and serves
+/// every fetch with [`FakePrimary::CONTENT`] under the metadata [`meta_of`] gives it.
 pub struct FakePrimary {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -132,14 +164,18 @@ impl FakePrimary {
     /// What every fetch gets.
     pub const CONTENT: &'static [u8] = b"bytes from a hostile primary";
 
-    /// Listens on `ip`.
-    pub fn start(ip: IpAddr) -> FakePrimary {
+    /// Listens on `ip`, with the test's cluster key.
+    pub fn start(t: &TestDir, ip: IpAddr) -> FakePrimary {
         let listener = TcpListener::bind(SocketAddr::new(ip, free_port(ip))).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, links) = unbounded();
+        let key = t.key();
         std::thread::spawn(move || {
             for mut s in listener.incoming().flatten() {
                 let _ = s.set_read_timeout(Some(DEADLINE));
+                if !fake_accept(&s, &key) {
+                    continue;
+                }
                 let Ok(Some(Frame { msg: Msg::Hello { who, .. }, .. })) = read_frame(&mut s) else { continue };
                 match who {
                     Who::Fetch { .. } => {
@@ -160,6 +196,16 @@ impl FakePrimary {
     pub fn next_link(&self) -> (Raw, Who) {
         self.links.recv_timeout(DEADLINE).unwrap_or_else(|_| fail("the backup did not connect to the fake primary"))
     }
+}
+
+/// The accepting side of the cluster handshake, as id 1.
+fn fake_accept(s: &TcpStream, key: &ClusterKey) -> bool {
+    let mut t = Frames { reader: s, writer: s, epoch: Epoch(1) };
+    let first = match read_frame(&mut &*s) {
+        Ok(Some(Frame { msg: Msg::Auth(m), .. })) => m,
+        _ => return false,
+    };
+    accept_server(&mut t, key, Some(replibox_proto::ServerId(1)), first).is_ok()
 }
 
 fn serve_fetches(s: TcpStream) {

@@ -200,6 +200,35 @@ pub fn check_tree(root: &Path, expected: &BTreeMap<String, Vec<u8>>) -> Result<(
     Ok(())
 }
 
+/// Like [`check_tree`], with `empty` (and the folders on their way) as the
+/// folders the tree holds besides those its files need.
+pub fn check_layout(root: &Path, expected: &BTreeMap<String, Vec<u8>>, empty: &[&str]) -> Result<(), String> {
+    let t = tree(root);
+    let mut want_dirs = dirs_of(expected.keys());
+    for e in empty {
+        want_dirs.insert(e.to_string());
+        want_dirs.extend(dirs_of([&e.to_string()]));
+    }
+    if t.dirs != want_dirs {
+        return Err(format!("{}: folders {:?}, expected {:?}", root.display(), t.dirs, want_dirs));
+    }
+    if t.files.keys().ne(expected.keys()) || !t.other.is_empty() {
+        return Err(format!(
+            "{}: files {:?}, expected {:?}; other entries {:?}",
+            root.display(),
+            t.files.keys(),
+            expected.keys(),
+            t.other
+        ));
+    }
+    for (p, bytes) in expected {
+        if !holds(&root.join(p), bytes) {
+            return Err(format!("{}: {p} has other bytes than expected", root.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Every file's bytes under `root` (for small trees).
 pub fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
     tree(root).files.into_keys().filter_map(|p| fs::read(root.join(&p)).ok().map(|b| (p, b))).collect()

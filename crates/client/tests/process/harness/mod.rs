@@ -13,18 +13,24 @@
 //! - [`cluster`]: primaries and backups with timers that fit a loaded machine, and
 //!   the membership they report.
 //! - [`proxy`]: a proxy that loses a server's frame on purpose (a lost reply).
+//! - [`chaos`]: the chaos suite's die, ledger and data-dir readers.
 //! - [`fake`]: hostile peers: a fake server for a client, a fake primary for a
 //!   backup.
+//! - [`disk`]: (as root) a small tmpfs that fills up, a folder made read-only in
+//!   place.
 //!
 //! No sleep is an assertion here: everything waits on a condition, with deadlines
 //! generous enough for a loaded 2-core machine.
 
+pub mod chaos;
 pub mod cluster;
+pub mod disk;
 pub mod fake;
 pub mod files;
 pub mod proxy;
 pub mod raw;
 
+use replibox_proto::ClusterKey;
 use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::Write;
@@ -252,8 +258,20 @@ pub fn catch_mid_upload(tmp: &Path, below: u64, finished: impl Fn() -> bool) -> 
 /// Expected content of a tree: relative path -> bytes.
 pub type Want = std::collections::BTreeMap<String, Vec<u8>>;
 
-/// Rows of a `list_server`/`list_client` table: name -> size.
+/// The file rows of a `list_server`/`list_client` table: name -> size (the
+/// rows of empty folders, `name/` with `-` for a size, are [`listed_folders`]).
 pub fn listed(table: &str) -> std::collections::BTreeMap<String, u64> {
+    listing_rows(table).0
+}
+
+/// The empty folders a `list_server`/`list_client` table shows (`name/` rows).
+pub fn listed_folders(table: &str) -> std::collections::BTreeSet<String> {
+    listing_rows(table).1
+}
+
+/// A listing's file rows (name -> size) and folder rows.
+fn listing_rows(table: &str) -> (std::collections::BTreeMap<String, u64>, std::collections::BTreeSet<String>) {
+    let mut folders = std::collections::BTreeSet::new();
     let mut rows = std::collections::BTreeMap::new();
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines.len() >= 2 && lines[0].starts_with("NAME"), "not a listing: {table}");
@@ -266,12 +284,19 @@ pub fn listed(table: &str) -> std::collections::BTreeMap<String, u64> {
             tail.push(&rest[i + 1..]);
             rest = rest[..i].trim_end();
         }
+        if tail[6] == "-" && rest.ends_with('/') {
+            folders.insert(rest.to_string());
+            continue;
+        }
         let size = tail[6].parse().unwrap_or_else(|_| panic!("no size in listing row {line:?}"));
         rows.insert(rest.to_string(), size);
     }
     let count = lines[lines.len() - 1];
     assert!(count.starts_with(&format!("{} file", rows.len())), "the count line {count:?} does not match {rows:?}");
-    rows
+    let n = folders.len();
+    let said = format!(", {n} empty folder");
+    assert_eq!(count.contains(&said), n > 0, "the count line {count:?} does not match the folders {folders:?}");
+    (rows, folders)
 }
 
 /// Sizes of the files in `want`.
@@ -287,6 +312,23 @@ pub fn wait_trees(what: &str, roots: &[&Path], want: &Want) {
     let start = Instant::now();
     loop {
         let last = match roots.iter().try_for_each(|r| files::check_tree(r, want)) {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if start.elapsed() >= DEADLINE {
+            fail(format!("timed out after {DEADLINE:?} waiting for: {what}\nlast difference: {last}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until every root holds exactly `want` and the empty folders `empty`
+/// (see [`files::check_layout`]); on timeout the panic shows the last difference.
+#[track_caller]
+pub fn wait_layout(what: &str, roots: &[&Path], want: &Want, empty: &[&str]) {
+    let start = Instant::now();
+    loop {
+        let last = match roots.iter().try_for_each(|r| files::check_layout(r, want, empty)) {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -318,6 +360,27 @@ impl TestDir {
         fs::create_dir_all(path.join("logs")).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
         CURRENT.with(|c| *c.borrow_mut() = Current { root: Some(path.clone()), procs: Vec::new(), reported: false });
         TestDir { path }
+    }
+
+    /// The test's cluster key file, `cluster.key` in the test dir (made, mode
+    /// 0600, the first time it is asked for). [`Server::start`] gives it to every
+    /// server with `--key-file` unless the test passes its own: the servers of one
+    /// test form one cluster, as `make cluster`'s do with server 1's key.
+    pub fn key_file(&self) -> PathBuf {
+        let path = self.path.join("cluster.key");
+        if !path.exists() {
+            let key = ClusterKey::generate().unwrap_or_else(|e| panic!("cannot make a cluster key: {e}"));
+            match key.save_new(&path) {
+                Ok(()) | Err(replibox_proto::KeyError::Exists { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        path
+    }
+
+    /// The test's cluster key (see [`TestDir::key_file`]).
+    pub fn key(&self) -> ClusterKey {
+        ClusterKey::load(&self.key_file()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A path inside the test dir.
@@ -585,7 +648,13 @@ impl Server {
     /// Starts a server and waits until it answers a status query: its port is
     /// bound before it opens its data dir (and redoes what a crash left), so a
     /// connection alone says nothing about its files yet.
+    /// It is given the test's cluster key ([`TestDir::key_file`]) unless `opts`
+    /// names a `--key-file`.
     pub fn start(t: &TestDir, opts: ServerOpts) -> Server {
+        let mut opts = opts;
+        if !opts.mode.iter().chain(&opts.extra).any(|a| a == "--key-file") {
+            opts.extra.extend(["--key-file".to_string(), t.key_file().display().to_string()]);
+        }
         let data = opts.data.clone().unwrap_or_else(|| t.join(format!("{}-data", opts.name)));
         let fixed = opts.port.is_some();
         for _attempt in 0..5 {
@@ -675,7 +744,7 @@ impl Server {
 /// The status query of `replibox-server --status`, done in-process (the
 /// `server` tests check the command itself): one `hello` as `status`, one
 /// `status` frame back, within 5 s.
-fn query_status_at(addr: SocketAddr) -> Result<serde_json::Value, String> {
+pub fn query_status_at(addr: SocketAddr) -> Result<serde_json::Value, String> {
     use replibox_proto::{read_frame, write_frame, Epoch, Msg, Who, PROTOCOL_VERSION};
     let timeout = Duration::from_secs(5);
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("cannot reach {addr}: {e}"))?;
@@ -734,6 +803,9 @@ pub struct ClientOpts {
     /// The client's full-rescan period (`REPLIBOX_RESCAN_MS`); [`NO_RESCAN`] by
     /// default.
     pub rescan: Duration,
+    /// The password given in `REPLIBOX_PASSWORD` ([`password_of`] the user by
+    /// default); None leaves the variable unset.
+    pub password: Option<String>,
 }
 
 impl ClientOpts {
@@ -756,6 +828,7 @@ impl ClientOpts {
             device_name: Some(name.into()),
             extra: Vec::new(),
             rescan: NO_RESCAN,
+            password: Some(password_of(user)),
         }
     }
 
@@ -828,10 +901,14 @@ impl Client {
         cmd.args(["--bind", &opts.bind.to_string()])
             .current_dir(&cwd)
             .env(replibox_client::engine::RESCAN_ENV, opts.rescan.as_millis().to_string())
+            .env_remove(replibox_client::password::ENV)
             .env("RUST_LOG", std::env::var("REPLIBOX_TEST_CLIENT_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("RUST_BACKTRACE");
         if opts.headless {
             cmd.arg("--headless");
+        }
+        if let Some(password) = &opts.password {
+            cmd.env(replibox_client::password::ENV, password);
         }
         cmd.args(&opts.extra);
         let proc = Proc::spawn(t, &opts.name, cmd, !opts.headless);
@@ -977,6 +1054,21 @@ impl Client {
     }
 }
 
+/// Runs `cmd` to its exit, within [`DEADLINE`] (a bug that keeps it running
+/// fails the test instead of hanging it): its status, stdout and stderr. The
+/// output is kept in the test dir's logs under `name`.
+pub fn run_bounded(t: &TestDir, name: &str, cmd: Command) -> (ExitStatus, String, String) {
+    let mut p = Proc::spawn(t, name, cmd, false);
+    let status = p.wait_exit(DEADLINE);
+    (status, p.stdout(), p.stderr())
+}
+
+/// The password the harness gives `user`'s devices (and raw logins): every test
+/// runs with passwords, and a user's first login creates the account with it.
+pub fn password_of(user: &str) -> String {
+    format!("{user}'s test password")
+}
+
 /// This machine's host name up to its first dot, as the kernel has it.
 pub fn host_name() -> String {
     let name = fs::read_to_string("/proc/sys/kernel/hostname")
@@ -984,12 +1076,16 @@ pub fn host_name() -> String {
     name.trim().split('.').next().unwrap_or_default().to_string()
 }
 
+/// `N files`, or `N files, M empty folders` (singular for 1).
 fn is_count_line(l: &str) -> bool {
-    let mut words = l.split(' ');
-    matches!(
-        (words.next().map(|n| n.parse::<u64>().is_ok()), words.next(), words.next()),
-        (Some(true), Some("file" | "files"), None)
-    )
+    let (files, folders) = match l.split_once(", ") {
+        Some((f, d)) => (f, Some(d)),
+        None => (l, None),
+    };
+    let counted = |s: &str, one: &str, many: &str| {
+        s.split_once(' ').is_some_and(|(n, what)| n.parse::<u64>().is_ok() && (what == one || what == many))
+    };
+    counted(files, "file", "files") && folders.is_none_or(|d| counted(d, "empty folder", "empty folders"))
 }
 
 /// Lines the client prints on stderr for a failed command (not background

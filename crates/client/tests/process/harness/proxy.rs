@@ -21,6 +21,9 @@ struct Shared {
     lose: Mutex<Option<Rule>>,
     /// Picks server frames not to forward, for as long as it is set.
     withhold: Mutex<Option<Rule>>,
+    /// Picks server frames after which the connection is cut (the frame is
+    /// forwarded first), for as long as it is set.
+    cut_after: Mutex<Option<Rule>>,
     /// Connections cut so far.
     cuts: AtomicUsize,
     stop: AtomicBool,
@@ -42,6 +45,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             lose: Mutex::default(),
             withhold: Mutex::default(),
+            cut_after: Mutex::default(),
             cuts: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
@@ -75,7 +79,14 @@ impl Proxy {
         *self.shared.withhold.lock().unwrap() = Some(Box::new(rule));
     }
 
-    /// How many connections the proxy has cut (frames lost).
+    /// From now on, every connection is cut right after the proxy forwarded a
+    /// frame from the server for which `rule` holds (a network that breaks every
+    /// connection soon after it is made).
+    pub fn cut_after(&self, rule: impl FnMut(&Frame) -> bool + Send + 'static) {
+        *self.shared.cut_after.lock().unwrap() = Some(Box::new(rule));
+    }
+
+    /// How many connections the proxy has cut (frames lost, or cut after).
     pub fn cuts(&self) -> usize {
         self.shared.cuts.load(Ordering::Relaxed)
     }
@@ -115,6 +126,12 @@ fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
             continue;
         }
         if write_frame(&mut to_client, frame.epoch, &frame.msg, &frame.payload).is_err() {
+            break;
+        }
+        if shared.cut_after.lock().unwrap().as_mut().is_some_and(|r| r(&frame)) {
+            use std::io::Write;
+            let _ = to_client.flush();
+            shared.cuts.fetch_add(1, Ordering::Relaxed);
             break;
         }
     }

@@ -1,14 +1,70 @@
 //! A protocol connection driven by hand, for sending what a real client never
 //! would.
 
-use super::{fail, DEADLINE};
+use super::{fail, password_of, DEADLINE};
+use replibox_proto::auth::{connect_to_server, AuthenticatedServer, Frames, Password, ScramClient, Step};
 use replibox_proto::{
-    read_frame, write_frame, ContentHash, DeviceId, Epoch, Frame, Msg, Notice, Op, OpResult, ProtoError, Seq, Version,
-    Who, CHUNK_SIZE,
+    read_frame, write_frame, AuthError, ClusterKey, ContentHash, DeviceId, Epoch, Frame, Msg, Notice, Op, OpResult,
+    ProtoError, Purpose, Seq, ServerId, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION,
 };
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// What a password login ended with.
+#[derive(Debug)]
+pub enum LoginEnd {
+    /// Welcomed; the raw connection's device numbers its next requests after `last_seq`.
+    Welcome {
+        /// The device's last answered request.
+        last_seq: Seq,
+        /// The login created the account.
+        created: bool,
+    },
+    /// The server said `refused`, a handshake `failed`, or the client side of the
+    /// login failed: its sentence.
+    Refused(AuthErrorOrText),
+    /// Redirected to the primary.
+    Redirect(String),
+}
+
+/// A login's failure: the handshake's error, or a `refused` sentence.
+#[derive(Debug)]
+pub enum AuthErrorOrText {
+    /// The password login failed (a wrong password, too many failures, ...).
+    Auth(AuthError),
+    /// The server's `refused`.
+    Text(String),
+}
+
+impl std::fmt::Display for AuthErrorOrText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthErrorOrText::Auth(e) => write!(f, "{e}"),
+            AuthErrorOrText::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// Passwords with the key last derived from them, by text: a test's raw logins
+/// pay for the (deliberately slow) derivation once per password, not per login.
+fn password(text: &str) -> std::sync::MutexGuard<'static, HashMap<String, Password>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Password>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    cache.entry(text.to_string()).or_insert_with(|| Password::new(text));
+    cache
+}
+
+/// Connects to `to` from `from` (any free port): a chosen 127.0.0.x address
+/// stands for another machine.
+pub fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(socket.into())
+}
 
 /// A raw connection to a server.
 pub struct Raw {
@@ -38,18 +94,133 @@ impl Raw {
         Raw { stream, what: what.to_string(), seq: 0, notices: Default::default() }
     }
 
-    /// Connects and logs in as a client of `user` with device id `device`;
-    /// panics unless welcomed.
+    /// Connects from `from` (see [`connect_from`]).
+    pub fn connect_from(from: IpAddr, addr: SocketAddr, what: &str) -> Raw {
+        let stream = connect_from(from, addr)
+            .unwrap_or_else(|e| fail(format!("{what}: cannot connect to {addr} from {from}: {e}")));
+        Raw::from_stream(stream, what)
+    }
+
+    /// Connects and logs in as a client of `user` with device id `device` and the
+    /// harness's password for the user ([`password_of`]; a first login creates
+    /// the account); panics unless welcomed.
     pub fn login(addr: SocketAddr, user: &str, device: &str, what: &str) -> Raw {
         let mut r = Raw::connect(addr, what);
-        r.send(&hello(user, device));
-        match r.recv() {
-            Some(Frame { msg: Msg::Welcome { last_seq, .. }, .. }) => {
+        match r.password_login(user, device, &password_of(user)) {
+            LoginEnd::Welcome { last_seq, .. } => {
                 r.seq = last_seq.0;
                 r
             }
             other => fail(format!("{what}: login of {user} not welcomed: {other:?}")),
         }
+    }
+
+    /// A client's hello and password login (SCRAM-style, as the front-end does
+    /// it, creating the account if there is none) on this connection.
+    pub fn password_login(&mut self, user: &str, device: &str, pw: &str) -> LoginEnd {
+        let mut cache = password(pw);
+        let password = cache.get_mut(pw).expect("cached above");
+        let (mut scram, first) = ScramClient::start(user, password, true).unwrap_or_else(|e| fail(e));
+        self.send(&hello(user, device));
+        self.send(&Msg::Auth(first));
+        let created = loop {
+            match self.recv().map(|f| f.msg) {
+                Some(Msg::Auth(m)) => match scram.step(m) {
+                    Ok(Step::Send(reply)) => self.send(&Msg::Auth(reply)),
+                    Ok(Step::Done(_, done)) => break done.created,
+                    Err(e) => {
+                        if let Some(refusal) = e.refusal() {
+                            let _ = write_frame(&mut self.stream, Epoch(0), &Msg::Auth(refusal), &[]);
+                        }
+                        return LoginEnd::Refused(AuthErrorOrText::Auth(e));
+                    }
+                },
+                Some(Msg::Refused { reason }) => return LoginEnd::Refused(AuthErrorOrText::Text(reason)),
+                Some(Msg::Redirect { primary }) => return LoginEnd::Redirect(primary),
+                other => fail(format!("{}: login of {user} answered with {other:?}", self.what)),
+            }
+        };
+        match self.recv().map(|f| f.msg) {
+            Some(Msg::Welcome { last_seq, .. }) => LoginEnd::Welcome { last_seq, created },
+            Some(Msg::Refused { reason }) => LoginEnd::Refused(AuthErrorOrText::Text(reason)),
+            other => fail(format!("{}: login of {user} ended with {other:?} instead of a welcome", self.what)),
+        }
+    }
+
+    /// [`Raw::password_login`] for a connection the server may refuse and close at
+    /// once (at its connection limit): None when a frame cannot be sent or the
+    /// connection closes before an answer, instead of failing the test.
+    pub fn try_password_login(&mut self, user: &str, device: &str) -> Option<LoginEnd> {
+        let pw = password_of(user);
+        let mut cache = password(&pw);
+        let password = cache.get_mut(&pw).expect("cached above");
+        let (mut scram, first) = ScramClient::start(user, password, true).unwrap_or_else(|e| fail(e));
+        write_frame(&mut self.stream, Epoch(0), &hello(user, device), &[]).ok()?;
+        write_frame(&mut self.stream, Epoch(0), &Msg::Auth(first), &[]).ok()?;
+        let created = loop {
+            match self.try_recv()?.msg {
+                Msg::Auth(m) => match scram.step(m) {
+                    Ok(Step::Send(reply)) => write_frame(&mut self.stream, Epoch(0), &Msg::Auth(reply), &[]).ok()?,
+                    Ok(Step::Done(_, done)) => break done.created,
+                    Err(e) => return Some(LoginEnd::Refused(AuthErrorOrText::Auth(e))),
+                },
+                Msg::Refused { reason } => return Some(LoginEnd::Refused(AuthErrorOrText::Text(reason))),
+                Msg::Redirect { primary } => return Some(LoginEnd::Redirect(primary)),
+                other => fail(format!("{}: login of {user} answered with {}", self.what, other.kind())),
+            }
+        };
+        match self.try_recv()?.msg {
+            Msg::Welcome { last_seq, .. } => {
+                self.seq = last_seq.0;
+                Some(LoginEnd::Welcome { last_seq, created })
+            }
+            Msg::Refused { reason } => Some(LoginEnd::Refused(AuthErrorOrText::Text(reason))),
+            other => fail(format!("{}: login of {user} ended with {} instead of a welcome", self.what, other.kind())),
+        }
+    }
+
+    /// The opening of a client's login as the front-end sends it (its hello and
+    /// the first step of its password login), without waiting for an answer.
+    pub fn begin_login(&mut self, user: &str, device: &str) {
+        let mut pw = Password::new(password_of(user));
+        let (_, first) = ScramClient::start(user, &mut pw, true).unwrap_or_else(|e| fail(e));
+        self.send(&hello(user, device));
+        self.send(&Msg::Auth(first));
+    }
+
+    /// Connects (from `from`, if given) and runs the connecting side of the
+    /// cluster handshake with `key`, as server `id`, for `purpose`: what a server
+    /// does before its hello. The handshake's outcome, and the connection.
+    pub fn server(
+        addr: SocketAddr,
+        from: Option<IpAddr>,
+        key: &ClusterKey,
+        id: Option<ServerId>,
+        purpose: Purpose,
+        what: &str,
+    ) -> (Raw, Result<AuthenticatedServer, AuthError>) {
+        let r = match from {
+            Some(ip) => Raw::connect_from(ip, addr, what),
+            None => Raw::connect(addr, what),
+        };
+        let mut t = Frames { reader: &r.stream, writer: &r.stream, epoch: Epoch(0) };
+        let proven = connect_to_server(&mut t, key, id, purpose);
+        (r, proven)
+    }
+
+    /// [`Raw::server`] that must succeed.
+    pub fn authenticated(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        id: Option<ServerId>,
+        purpose: Purpose,
+        what: &str,
+    ) -> Raw {
+        let (r, proven) = Raw::server(addr, None, key, id, purpose, what);
+        if let Err(e) = proven {
+            fail(format!("{what}: the cluster handshake failed: {e}"));
+        }
+        r
     }
 
     /// Writes bytes as they are.
@@ -174,7 +345,10 @@ impl Raw {
     /// `proceed`, or the server's immediate answer.
     pub fn begin_upload(&mut self, path: &str, size: u64, base: Option<Version>) -> Result<Seq, OpResult> {
         let seq = self.next_seq();
-        self.send(&Msg::Request { seq, op: Op::Upload { path: path.into(), size, mtime_ms: 1_000, base } });
+        self.send(&Msg::Request {
+            seq,
+            op: Op::Upload { path: path.into(), size, mtime_ms: 1_000, base, exec: false },
+        });
         loop {
             match self.recv() {
                 Some(Frame { msg: Msg::Proceed { seq: s }, .. }) if s == seq => return Ok(seq),
@@ -248,12 +422,19 @@ impl Raw {
     }
 }
 
-/// A client hello with protocol version 1.
+/// A client hello of this protocol version.
 pub fn hello(user: &str, device: &str) -> Msg {
     Msg::Hello {
-        version: replibox_proto::PROTOCOL_VERSION,
+        version: PROTOCOL_VERSION,
         who: Who::Client { user: user.into(), device: DeviceId(device.into()), callback_port: 9 },
     }
+}
+
+/// A frame as the codec writes it: length prefix, JSON header, payload.
+pub fn encode(epoch: u64, msg: &Msg, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    replibox_proto::write_frame(&mut out, Epoch(epoch), msg, payload).expect("a frame encodes into memory");
+    out
 }
 
 /// A frame built by hand: a length prefix and a header given as text.
