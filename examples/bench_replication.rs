@@ -6,7 +6,7 @@
 //! bench_replication -- [SIZE_MIB] [ROUNDS]`); it needs the release build of
 //! `replibox-server` beside it. Talks only to 127.0.0.1-127.0.0.4 and stops by itself.
 
-use replibox_frontend::{Config, Frontend};
+use replibox_frontend::{Config, Frontend, SharedPassword};
 use replibox_proto::{DeviceId, OpResult};
 use std::fs::File;
 use std::io::Write;
@@ -62,7 +62,8 @@ fn cluster(root: &Path, servers: u8) -> (Vec<Proc>, String) {
         if i == 1 {
             cmd.args(["-p", "--id", "1"]);
         } else {
-            cmd.args(["-b", &primary, "--id", &i.to_string()]);
+            // The primary created the cluster key in its data dir when it started.
+            cmd.args(["-b", &primary, "--id", &i.to_string(), "--key-file"]).arg(root.join("s1").join("cluster.key"));
         }
         cmd.args(["--bind", &ip, "--port", &port.to_string(), "--data"]).arg(&data);
         cmd.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null());
@@ -83,11 +84,15 @@ fn upload_once(primary: &str, file: &Path, size: u64) -> Duration {
         bind: Some("127.0.0.4".parse().expect("ip")),
         callback_port: 9,
         failover_wait: Duration::from_secs(30),
+        // The first login of a fresh cluster creates the account; the login's key
+        // derivation is done before the timed upload starts.
+        password: SharedPassword::new("bench password"),
+        create_account: true,
     };
     let (front, _events, _login) = Frontend::connect(cfg).expect("login");
     let mut f = File::open(file).expect("open sample");
     let started = Instant::now();
-    let result = front.upload("big.bin", &mut f, size, 0, None, &mut |_| {}).expect("upload");
+    let result = front.upload("big.bin", &mut f, size, 0, None, false, &mut |_| {}).expect("upload");
     let took = started.elapsed();
     assert!(matches!(result, OpResult::Done { .. }), "upload answered {result:?}");
     front.logout();
