@@ -931,7 +931,11 @@ impl Client {
                     }
                     let chunk = Arc::new(frame.payload);
                     backups.retain(|b| {
-                        let out = LinkOut { msg: Msg::XferChunk { xfer: xfer.clone() }, payload: Some(chunk.clone()) };
+                        let out = LinkOut {
+                            epoch: b.epoch,
+                            msg: Msg::XferChunk { xfer: xfer.clone() },
+                            payload: Some(chunk.clone()),
+                        };
                         match b.tx.send_timeout(out, self.ack_timeout) {
                             Ok(()) => true,
                             Err(_) => {
@@ -966,7 +970,9 @@ impl Client {
         // many files at once: this thread goes on to the next upload.
         drop(file);
         for b in &backups {
-            let _ = b.tx.send_timeout(LinkOut::msg(Msg::XferEnd { xfer: xfer.clone(), size, hash }), self.ack_timeout);
+            let _ = b
+                .tx
+                .send_timeout(LinkOut::msg(b.epoch, Msg::XferEnd { xfer: xfer.clone(), size, hash }), self.ack_timeout);
         }
         self.ask_later(pending, seq, |reply| CoreRequest::CommitUpload {
             path,

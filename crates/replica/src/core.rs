@@ -838,11 +838,12 @@ impl Core {
     fn timed(&mut self, event: Event) {
         let kind = event.kind();
         let started = Instant::now();
+        let from = self.now_ms();
         self.handle(event);
         // The core's own work (a listing's stat per file, a snapshot) is no
         // pause of this process: the links kept pinging the backups meanwhile.
         let now = self.now_ms();
-        self.node.busy_until(now);
+        self.node.busy(from, now);
         let took = started.elapsed();
         if took > self.longest_stall {
             self.longest_stall = took;
@@ -982,6 +983,7 @@ impl Core {
 
     /// Files put into `users/` by hand while the server was down become entries.
     fn adopt_files(&mut self) {
+        let from = self.now_ms();
         let found = match self.store.check_against(self.node.state()) {
             Ok(f) => f,
             Err(e) => {
@@ -993,7 +995,7 @@ impl Core {
         // longer than the failure timeout: the node must not take its own start-up
         // work for a pause and step down (it then waited for a primary for ever).
         let now = self.now_ms();
-        self.node.busy_until(now);
+        self.node.busy(from, now);
         for (user, meta) in found {
             self.propose(Store::adoption(user, meta), None, None);
         }
@@ -1003,6 +1005,7 @@ impl Core {
     // Carrying out the node's outputs
 
     fn execute(&mut self, out: Vec<Output>) {
+        let from = self.now_ms();
         let mut queue: VecDeque<Output> = out.into();
         while let Some(o) = queue.pop_front() {
             if self.store.has_pending() {
@@ -1034,17 +1037,17 @@ impl Core {
                         *slot = Some(result);
                     }
                 }
-                Output::ToLink { link, msg } => {
+                Output::ToLink { link, epoch, msg } => {
                     if let Msg::Joined { id, .. } = &msg {
                         if let Some(h) = self.links.get_mut(&link) {
                             h.id = Some(*id);
                         }
                     }
                     if let Some(h) = self.links.get(&link) {
-                        let _ = h.ctl.send(LinkOut::msg(msg));
+                        let _ = h.ctl.send(LinkOut::msg(epoch, msg));
                     }
                 }
-                Output::SnapshotTo { link, state } => self.send_snapshot(link, &state),
+                Output::SnapshotTo { link, epoch, state } => self.send_snapshot(link, epoch, &state),
                 Output::CloseLink { link } => {
                     // Dropping the queues lets the writer send what they hold, then
                     // shut the socket.
@@ -1061,14 +1064,14 @@ impl Core {
                         f.stop();
                     }
                 }
-                Output::ToPeer { to, addr, msg } => {
+                Output::ToPeer { to, addr, epoch, msg } => {
                     if let Some(events) = &self.events {
                         let timeout = match msg {
                             Msg::Fence { .. } => self.settings.failure_timeout,
                             _ => self.settings.election_timeout,
                         };
                         let cluster = self.settings.cluster.clone();
-                        peer::send(events.clone(), cluster, to, addr, self.epoch.clone(), msg, timeout);
+                        peer::send(events.clone(), cluster, to, addr, epoch, msg, timeout);
                     }
                 }
                 Output::Complete(t) => self.complete(t),
@@ -1103,7 +1106,7 @@ impl Core {
             self.epoch.store(self.node.epoch().0, Ordering::Relaxed);
         }
         let now = self.now_ms();
-        self.node.busy_until(now);
+        self.node.busy(from, now);
         if !self.held.is_empty() && !self.store.has_pending() {
             self.release_held();
         }
@@ -1117,6 +1120,7 @@ impl Core {
             return;
         }
         let started = Instant::now();
+        let from = self.now_ms();
         let entries = self.store.pending_len();
         if let Err(e) = self.store.flush(self.node.state()) {
             log::error!("stopping: cannot make logged entries durable: {e}");
@@ -1129,7 +1133,7 @@ impl Core {
         self.store.maybe_compact(self.node.state());
         // The flush is the core's own work, not a silence of its peers.
         let now = self.now_ms();
-        self.node.busy_until(now);
+        self.node.busy(from, now);
         while let Some(l) = self.later.pop_front() {
             match l {
                 Later::Out(o) => self.execute(vec![*o]),
@@ -1237,7 +1241,7 @@ impl Core {
         }
     }
 
-    fn send_snapshot(&mut self, link: LinkNo, state: &State) {
+    fn send_snapshot(&mut self, link: LinkNo, epoch: Epoch, state: &State) {
         let Some(h) = self.links.get(&link) else { return };
         let bytes = match serde_json::to_vec(state) {
             Ok(b) => b,
@@ -1248,9 +1252,9 @@ impl Core {
             }
         };
         for chunk in bytes.chunks(replibox_proto::MAX_PAYLOAD) {
-            let _ = h.ctl.send(LinkOut { msg: Msg::SnapshotChunk, payload: Some(Arc::new(chunk.to_vec())) });
+            let _ = h.ctl.send(LinkOut { epoch, msg: Msg::SnapshotChunk, payload: Some(Arc::new(chunk.to_vec())) });
         }
-        let _ = h.ctl.send(LinkOut::msg(Msg::SnapshotEnd { pos: state.pos }));
+        let _ = h.ctl.send(LinkOut::msg(epoch, Msg::SnapshotEnd { pos: state.pos }));
     }
 
     fn complete(&mut self, t: Ticket) {
@@ -1821,7 +1825,7 @@ impl Core {
                             .links
                             .values()
                             .filter_map(|l| l.id.filter(|id| live.contains(id)).map(|id| (id, l)))
-                            .map(|(id, l)| DataSender { id, tx: l.data.clone() })
+                            .map(|(id, l)| DataSender { id, epoch: self.node.epoch(), tx: l.data.clone() })
                             .collect();
                         let _ = reply.send(Ok(senders));
                     }
@@ -1975,7 +1979,7 @@ impl Core {
         }
         self.store.discard_temp(xfer);
         for link in self.links.values() {
-            let _ = link.ctl.send(LinkOut::msg(Msg::XferAbort { xfer: xfer.to_string() }));
+            let _ = link.ctl.send(LinkOut::msg(self.node.epoch(), Msg::XferAbort { xfer: xfer.to_string() }));
         }
     }
 

@@ -17,7 +17,7 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use replibox_proto::{read_frame, write_frame, Epoch, LogPos, Msg, ServerId};
 use std::io::{BufReader, BufWriter};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,10 @@ pub const DATA_QUEUE: usize = 16;
 /// One frame for a backup.
 #[derive(Clone, Debug)]
 pub struct LinkOut {
+    /// The epoch it carries: the sender's when it decided to send. Never read
+    /// at write time: a primary that steps down lets its links send what they
+    /// hold, and those frames belong to the epoch it held then.
+    pub epoch: Epoch,
     /// The message.
     pub msg: Msg,
     /// Its payload, shared between the links it goes to.
@@ -35,8 +39,8 @@ pub struct LinkOut {
 
 impl LinkOut {
     /// A frame without payload.
-    pub fn msg(msg: Msg) -> LinkOut {
-        LinkOut { msg, payload: None }
+    pub fn msg(epoch: Epoch, msg: Msg) -> LinkOut {
+        LinkOut { epoch, msg, payload: None }
     }
 }
 
@@ -44,20 +48,23 @@ impl LinkOut {
 /// the socket down so that the link's reader sees the end too. When the link has
 /// been idle for `keepalive` it writes a ping of its own: the backup hears that
 /// the primary's process is alive even while its core is busy with the disk (the
-/// core's heartbeats, which carry what backups act on, may then come late).
+/// core's heartbeats, which carry what backups act on, may then come late). A
+/// ping carries the epoch of the frame before it (`first` until there is one).
 pub fn writer(
     stream: TcpStream,
     ctl: Receiver<LinkOut>,
     data: Receiver<LinkOut>,
-    epoch: Arc<AtomicU64>,
+    first: Epoch,
     peer: String,
     keepalive: Duration,
 ) {
     let shut = stream.try_clone();
     let mut w = BufWriter::with_capacity(64 * 1024, stream);
+    let last = std::cell::Cell::new(first);
     let mut write = |out: &LinkOut| -> bool {
         let payload = out.payload.as_deref().map(|v| v.as_slice()).unwrap_or(&[]);
-        match write_frame(&mut w, Epoch(epoch.load(Ordering::Relaxed)), &out.msg, payload) {
+        last.set(out.epoch);
+        match write_frame(&mut w, out.epoch, &out.msg, payload) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!("link to backup {peer} failed while sending {}: {e}", out.msg.kind());
@@ -69,7 +76,7 @@ pub fn writer(
     // closing (the core letting go of the link) ends the writer.
     let mut data_open = true;
     'outer: loop {
-        let ping = || Ok((LinkOut::msg(Msg::Ping), true));
+        let ping = || Ok((LinkOut::msg(last.get(), Msg::Ping), true));
         let next = if data_open {
             select! {
                 recv(ctl) -> m => m.map(|m| (m, true)).map_err(|_| true),
@@ -116,6 +123,8 @@ pub fn writer(
 pub struct DataSender {
     /// The backup's id, for logs.
     pub id: replibox_proto::ServerId,
+    /// The epoch of the primary that began the upload, for its frames.
+    pub epoch: Epoch,
     /// Its data queue.
     pub tx: Sender<LinkOut>,
 }
@@ -163,7 +172,7 @@ pub fn serve_link(stream: TcpStream, ctx: Ctx, hello_epoch: Epoch, request: Hell
     let (ctl_tx, ctl_rx) = unbounded();
     let (data_tx, data_rx) = bounded(DATA_QUEUE);
     let (Ok(write_half), Ok(shut_half)) = (stream.try_clone(), stream.try_clone()) else { return };
-    let (epoch, label, keepalive) = (ctx.epoch.clone(), addr.clone(), ctx.heartbeat);
+    let (epoch, label, keepalive) = (Epoch(ctx.epoch.load(Ordering::Relaxed)), addr.clone(), ctx.heartbeat);
     let spawned = std::thread::Builder::new()
         .name(format!("link-{no}-writer"))
         .spawn(move || writer(write_half, ctl_rx, data_rx, epoch, label, keepalive));

@@ -14,7 +14,7 @@ use replibox_proto::auth::AuthMsg;
 use replibox_proto::{read_frame, write_frame, Answer, Epoch, Msg, Purpose, ServerId, Who, PROTOCOL_VERSION};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,13 +57,13 @@ pub fn send(
     cluster: Arc<ClusterAuth>,
     to: ServerId,
     addr: String,
-    epoch: Arc<AtomicU64>,
+    epoch: Epoch,
     msg: Msg,
     timeout: Duration,
 ) {
     let kind = msg.kind();
     let spawned = std::thread::Builder::new().name(format!("peer-{kind}-{to}")).spawn(move || {
-        let event = match exchange(&cluster, to, &addr, &epoch, &msg, timeout) {
+        let event = match exchange(&cluster, to, &addr, epoch, &msg, timeout) {
             Ok((epoch, answer)) => Event::PeerAnswer { to, epoch, answer },
             Err((how, why)) => {
                 log::info!("could not reach server id={to} at {addr} with {}: {why}", msg.kind());
@@ -84,12 +84,11 @@ fn exchange(
     cluster: &ClusterAuth,
     to: ServerId,
     addr: &str,
-    epoch: &AtomicU64,
+    now: Epoch,
     msg: &Msg,
     timeout: Duration,
 ) -> Result<(Epoch, Answer), (Unreached, String)> {
     let me = cluster.me().unwrap_or_default();
-    let now = Epoch(epoch.load(Ordering::Relaxed));
     let (stream, proven) =
         cluster::connect(cluster, Some(me), addr, Purpose::Election, now, timeout).map_err(|e| match e {
             ConnectError::Unreachable { how, why } => (how, why),

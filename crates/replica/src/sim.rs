@@ -366,13 +366,16 @@ impl Sim {
                         queue.extend(node.installed(self.now, Vec::new()));
                     }
                 }
-                Output::ToLink { link, msg } => self.send_to_backup(i, link, Wire::Msg(msg)),
-                Output::SnapshotTo { link, state } => {
+                Output::ToLink { link, epoch, msg } => self.send_to_backup(link, epoch, Wire::Msg(msg)),
+                Output::SnapshotTo { link, epoch, state } => {
                     let history: BTreeMap<LogPos, Epoch> =
                         self.servers[i].disk.history.range(..=state.pos).map(|(p, e)| (*p, *e)).collect();
-                    self.send_to_backup(i, link, Wire::Snapshot(state, history));
+                    self.send_to_backup(link, epoch, Wire::Snapshot(state, history));
                 }
-                Output::CloseLink { link } => self.send_to_backup(i, link, Wire::Close("closed by the primary".into())),
+                Output::CloseLink { link } => {
+                    let epoch = self.epoch_of(i);
+                    self.send_to_backup(link, epoch, Wire::Close("closed by the primary".into()))
+                }
                 Output::ToPrimary(msg) => {
                     if let Some(c) = self.servers[i].conn {
                         self.send_to_primary(c, Wire::Msg(msg));
@@ -380,9 +383,8 @@ impl Sim {
                 }
                 Output::Follow { addr } => self.follow(i, &addr),
                 Output::Unfollow => self.unfollow(i),
-                Output::ToPeer { to, msg, .. } => {
+                Output::ToPeer { to, epoch, msg, .. } => {
                     let to = (to.0 - 1) as usize;
-                    let epoch = self.epoch_of(i);
                     self.send_peer(i, to, epoch, msg);
                 }
                 Output::Complete(t) => self.complete(t),
@@ -499,7 +501,9 @@ impl Sim {
     // -----------------------------------------------------------------------
     // Links
 
-    fn send_to_backup(&mut self, _primary: usize, link: LinkNo, wire: Wire) {
+    /// Sends on a link, its frame stamped with `epoch`: the sender's when it
+    /// decided to send, as in the real server (not when the frame goes out).
+    fn send_to_backup(&mut self, link: LinkNo, epoch: Epoch, wire: Wire) {
         let Some(c) = self.conns.get(&link).cloned() else { return };
         if !c.open {
             return;
@@ -507,7 +511,6 @@ impl Sim {
         if self.across_cut(link, c.backup, c.primary) {
             return;
         }
-        let epoch = self.epoch_of(c.primary);
         let at = (self.now + self.delay()).max(c.last_to_backup);
         if let Some(c) = self.conns.get_mut(&link) {
             c.last_to_backup = at;
@@ -712,7 +715,8 @@ impl Sim {
                     Some(a) if a != addr => Wire::Msg(Msg::Redirect { primary: a }),
                     _ => Wire::Close("this backup knows no primary".into()),
                 };
-                self.send_to_backup(p, conn, reply);
+                let epoch = self.epoch_of(p);
+                self.send_to_backup(conn, epoch, reply);
                 return;
             }
         }
