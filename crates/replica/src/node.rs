@@ -897,13 +897,18 @@ impl Node {
 
     /// Starts as the primary of a new epoch (`-p`): the epoch after every one this
     /// data dir knows, with a membership of itself; backups join it.
+    ///
+    /// The node's clock starts here, not when it was built: whatever the process
+    /// did in between (opening the store) is no pause of a running primary.
     pub fn start_primary(&mut self, now: u64) -> Vec<Output> {
+        self.last_now = self.last_now.max(now);
         let epoch = self.epoch.max(self.state.epoch).next();
         self.become_primary(now, epoch, &[])
     }
 
     /// Starts as a backup (`-b`): joins through the seed address.
     pub fn start_backup(&mut self, now: u64) -> Vec<Output> {
+        self.last_now = self.last_now.max(now);
         let mut out = Vec::new();
         if let Some(seed) = self.cfg.seed.clone() {
             self.follow(now, seed, &mut out);
@@ -2318,6 +2323,16 @@ mod tests {
         let out = step(&mut p, 5010, |n| n.tick(5010));
         assert!(!p.is_primary(), "a pause taken for work: {out:?}");
         assert!(out.contains(&Output::SteppedDown { epoch: Epoch(1) }), "{out:?}");
+    }
+
+    /// A primary started a while after its node was built (the store took that
+    /// long to open) has not been paused: it does not step down at its first tick.
+    #[test]
+    fn a_slow_start_is_no_pause() {
+        let mut p = Node::new(cfg(1), State::default(), Vec::new(), 0);
+        step(&mut p, 5000, |n| n.start_primary(5000));
+        let out = step(&mut p, 5010, |n| n.tick(5010));
+        assert!(p.is_primary(), "the start taken for a pause: {out:?}");
     }
 
     #[test]
