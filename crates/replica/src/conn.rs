@@ -46,10 +46,15 @@ impl FrameWriter {
         FrameWriter { stream: Arc::new(Mutex::new(stream)), epoch }
     }
 
-    /// Writes one frame.
+    /// Writes one frame, stamped with the highest epoch heard.
     pub fn send(&self, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
+        self.send_at(Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
+    }
+
+    /// Writes one frame stamped with `epoch`: the one its content was decided in.
+    pub fn send_at(&self, epoch: Epoch, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *s, Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
+        write_frame(&mut *s, epoch, msg, payload)
     }
 
     /// Another handle on the socket (to shut it down from elsewhere).

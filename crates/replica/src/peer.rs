@@ -23,7 +23,9 @@ use std::time::Duration;
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one message from another server (its hello said `Who::Peer`): the core
-/// answers it, and the answer goes back stamped with the core's epoch.
+/// answers it, and the answer goes back stamped with the epoch the core decided
+/// it in: read at write time, a primary's `primary` answer could go out with the
+/// later epoch it stepped down for, and send a candidate after a former primary.
 pub fn serve<R: Read>(reader: &mut R, writer: &FrameWriter, core: &Sender<Event>, from: ServerId, peer: &str) {
     let frame = match read_frame(reader) {
         Ok(Some(f)) => f,
@@ -40,10 +42,11 @@ pub fn serve<R: Read>(reader: &mut R, writer: &FrameWriter, core: &Sender<Event>
             return;
         }
     }
-    let Some((_, answer)) = ask(core, |reply| Event::Peer { from, epoch: frame.epoch, msg: frame.msg, reply }) else {
+    let Some((epoch, answer)) = ask(core, |reply| Event::Peer { from, epoch: frame.epoch, msg: frame.msg, reply })
+    else {
         return;
     };
-    let _ = writer.send(&Msg::Answer { answer }, &[]);
+    let _ = writer.send_at(epoch, &Msg::Answer { answer }, &[]);
 }
 
 fn resolve(addr: &str) -> Option<SocketAddr> {
