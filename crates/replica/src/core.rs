@@ -839,6 +839,12 @@ impl Core {
         let kind = event.kind();
         let started = Instant::now();
         let from = self.now_ms();
+        // The node hears the time first: a primary stopped (SIGSTOP, a frozen VM)
+        // just before this event steps down before it answers anything on its
+        // old authority, even when the event itself never reaches the node (a
+        // listing, a download).
+        let out = self.node.observe(from);
+        self.execute(out);
         self.handle(event);
         // The core's own work (a listing's stat per file, a snapshot) is no
         // pause of this process: the links kept pinging the backups meanwhile.
@@ -1456,8 +1462,10 @@ impl Core {
                         (Answer::Stale, Vec::new())
                     }
                 };
+                // The answer carries the epoch it was decided in (see Output::ToPeer).
+                let decided = self.node.epoch();
                 self.execute(out);
-                let _ = reply.send((self.node.epoch(), answer));
+                let _ = reply.send((decided, answer));
             }
             Event::PeerAnswer { to, epoch, answer } => {
                 let out = self.node.peer_answer(now, to, epoch, answer);

@@ -519,6 +519,16 @@ impl Node {
         }
     }
 
+    /// The time, and nothing else: a pause longer than the failure timeout is
+    /// noticed now (see `clock`) rather than at the next input. The core calls it
+    /// before every event, many of which (listings, downloads) never reach the
+    /// node.
+    pub fn observe(&mut self, now: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.clock(now, &mut out);
+        out
+    }
+
     /// The caller was busy with this node's own work from `from` until `until`
     /// (an fsync on a slow disk, a listing): that was no pause. Only a primary is
     /// vouched for: its links kept pinging its backups meanwhile, so none of them
@@ -2322,6 +2332,19 @@ mod tests {
         p.busy(5000, 5005);
         let out = step(&mut p, 5010, |n| n.tick(5010));
         assert!(!p.is_primary(), "a pause taken for work: {out:?}");
+        assert!(out.contains(&Output::SteppedDown { epoch: Epoch(1) }), "{out:?}");
+    }
+
+    /// A primary that hears the time after a pause steps down there and then,
+    /// before it would serve a read on its old authority.
+    #[test]
+    fn a_primary_observing_the_time_after_a_pause_steps_down_at_once() {
+        let mut p = Node::new(cfg(1), State::default(), Vec::new(), 0);
+        step(&mut p, 0, |n| n.start_primary(0));
+        let out = step(&mut p, 100, |n| n.observe(100));
+        assert!(p.is_primary() && out.is_empty(), "{out:?}");
+        let out = step(&mut p, 5000, |n| n.observe(5000));
+        assert!(!p.is_primary(), "{out:?}");
         assert!(out.contains(&Output::SteppedDown { epoch: Epoch(1) }), "{out:?}");
     }
 
