@@ -556,6 +556,14 @@ fn password_login<R: FrameSource>(
                     wait.as_millis(),
                     start.failures
                 );
+            } else if let (1.., Some(since)) = (start.failures, start.since_failure) {
+                // Said too, so that the log shows every attempt after failures
+                // kept its wait, whether the server or the client's own pace made it.
+                log::info!(
+                    "login user={user} peer={peer} after {} failed logins came {} ms after the last; not delayed",
+                    start.failures,
+                    since.as_millis()
+                );
             }
             Instant::now() + wait
         }

@@ -152,6 +152,8 @@ pub struct LoginStart {
     pub admission: Admission,
     /// The user's failed logins in a row, for the log.
     pub failures: u32,
+    /// How long ago the last of them was, for the log.
+    pub since_failure: Option<Duration>,
 }
 
 /// What a connection, a link, the follower or a peer asks of the core.
@@ -1366,12 +1368,14 @@ impl Core {
             Event::LoginStart { user, reply } => {
                 let account = self.node.state().accounts.get(&user).cloned();
                 // Only a proof against an account can be a guess worth slowing.
+                let now = Instant::now();
+                let since_failure = self.throttle.since_last_failure(&user, now);
                 let admission = match account {
-                    Some(_) => self.throttle.admit(&user, Instant::now()),
+                    Some(_) => self.throttle.admit(&user, now),
                     None => Admission::After(Duration::ZERO),
                 };
                 let failures = self.throttle.failures(&user);
-                let _ = reply.send(LoginStart { account, admission, failures });
+                let _ = reply.send(LoginStart { account, admission, failures, since_failure });
             }
             Event::LoginFailed { user, peer } => {
                 self.throttle.failed(&user, Instant::now());

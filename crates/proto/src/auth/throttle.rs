@@ -107,6 +107,12 @@ impl LoginThrottle {
         self.users.remove(user);
     }
 
+    /// How long ago `user`'s last failed login was, if it has failures (for the
+    /// log: an attempt not delayed says how long it came after the last one).
+    pub fn since_last_failure(&self, user: &str, now: Instant) -> Option<Duration> {
+        self.users.get(user).map(|r| now.saturating_duration_since(r.last_failure))
+    }
+
     /// How many consecutive failures `user` has (for the log).
     pub fn failures(&self, user: &str) -> u32 {
         self.users.get(user).map_or(0, |r| r.failures)
