@@ -507,22 +507,31 @@ fn eight_wrong_guesses_are_slowed_down_and_logged() {
         assert!(kept, "the attempt after {n} failures did not wait {wait} ms:\n{log}");
     }
 
-    // Two attempts at once: one waits its turn, the other is refused outright.
-    let mut first = Raw::connect(server.addr, "an attempt waiting its turn");
-    first.begin_login("alice", "00000000000000e2");
-    match first.recv().map(|f| f.msg) {
-        Some(Msg::Auth(replibox_proto::AuthMsg::ScramServerFirst { .. })) => {}
-        other => fail(format!("the waiting attempt got {other:?}")),
-    }
-    let mut second = Raw::connect(server.addr, "an attempt beyond the queue");
-    match second.password_login("alice", "00000000000000e3", "not alice's password") {
-        LoginEnd::Refused(AuthErrorOrText::Auth(AuthError::Refused { why: Refusal::TryLater, detail })) => {
-            assert!(detail.contains("too many failed logins"), "{detail}")
+    // Attempts at once: each takes the next slot, 2 s after the one before, and
+    // one whose slot is more than 2 s away is refused outright. The first is
+    // always admitted (its slot is at most 2 s away); the second is refused when
+    // it comes within 2 s of the last failure, and however late a loaded machine
+    // lets the test get here, the fourth is (unless 4 s pass between the first
+    // and the fourth connection). Admitted attempts stay open, waiting their turn.
+    let mut waiting = Vec::new();
+    let mut refused = None;
+    for i in 0..4 {
+        let mut a = Raw::connect(server.addr, &format!("attempt {i} of several at once"));
+        a.begin_login("alice", &format!("00000000000000f{i}"));
+        match a.recv().map(|f| f.msg) {
+            Some(Msg::Auth(replibox_proto::AuthMsg::ScramServerFirst { .. })) => waiting.push(a),
+            Some(Msg::Auth(replibox_proto::AuthMsg::Failed { why: Refusal::TryLater, detail })) => {
+                refused = Some((i, detail));
+                break;
+            }
+            other => fail(format!("attempt {i} of several at once got {other:?}")),
         }
-        other => fail(format!("an attempt beyond the queue was answered {other:?}")),
     }
+    let Some((i, detail)) = refused else { fail("four attempts at once were all admitted") };
+    assert!(i >= 1, "the first attempt was refused instead of waiting its turn: {detail}");
+    assert!(detail.contains("too many failed logins"), "{detail}");
     assert!(server.log().contains("refused login user=alice"), "the refusal was not logged");
-    drop(first);
+    drop(waiting);
 
     // The right password gets in once its turn comes; device 1 never noticed.
     wait_until(DEADLINE, "a login with the right password", || {
