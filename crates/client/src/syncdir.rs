@@ -2,20 +2,18 @@
 //! sync dir, the marker that tells a vanished or unmounted sync dir from one the
 //! user emptied, the device id, and the device's name.
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
+use replibox_proto::pidlock::{self, LockError};
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The client's folder inside the sync dir.
 pub const META: &str = ".replibox";
 
-/// An exclusive `flock` on `.replibox/lock`, held for as long as the client runs.
-///
-/// flock rather than a pid file: the kernel drops the lock when the process ends
-/// in any way (SIGKILL and crashes included), so a stale lock never blocks a
-/// restart, and no pid has to be checked for reuse.
+/// An exclusive lock on `.replibox/lock` ([`pidlock`]), held for as long as the
+/// client runs.
 pub struct SyncDirLock {
     lock: Flock<File>,
     path: PathBuf,
@@ -26,38 +24,17 @@ impl SyncDirLock {
     /// waiting. Err says why, naming the other client's pid when it is known.
     pub fn acquire(meta: &Path) -> Result<SyncDirLock, String> {
         let path = meta.join("lock");
-        // Not truncated on open: the pid inside belongs to the holder until the
-        // lock is ours.
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(mut lock) => {
-                // The pid is only for the message a second client prints.
-                let _ = lock.set_len(0);
-                let _ = lock.rewind();
-                let _ = write!(lock, "{}", std::process::id());
-                let _ = lock.flush();
-                Ok(SyncDirLock { lock, path })
-            }
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let who = match holder.trim().parse::<u32>() {
-                    Ok(pid) => format!("another replibox-client (pid {pid})"),
-                    Err(_) => "another replibox-client".to_string(),
-                };
+        match pidlock::lock(&path) {
+            Ok(lock) => Ok(SyncDirLock { lock, path }),
+            Err(LockError::Held(pid)) => {
                 let root = meta.parent().unwrap_or(meta);
                 Err(format!(
-                    "the sync dir {} is in use by {who}; one client per sync dir (give this one its own --sync-dir)",
-                    root.display()
+                    "the sync dir {} is in use by {}; one client per sync dir (give this one its own --sync-dir)",
+                    root.display(),
+                    pidlock::holder("replibox-client", pid)
                 ))
             }
-            Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+            Err(LockError::Failed(why)) => Err(why),
         }
     }
 

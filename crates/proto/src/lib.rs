@@ -23,6 +23,7 @@ pub mod hash;
 pub mod ids;
 pub mod msg;
 pub mod names;
+pub mod pidlock;
 pub mod receipt;
 pub mod repl;
 pub mod times;

@@ -25,6 +25,7 @@
 //! a no-op, and within such a window no later entry touches its paths.
 
 use crate::state::{Change, Entry, State};
+use replibox_proto::pidlock::{self, LockError};
 use replibox_proto::times::{from_ms, to_ms, FileTimes};
 use replibox_proto::{ContentHash, Epoch, FileMeta, ServerId, Version};
 use std::collections::{BTreeSet, HashSet};
@@ -1002,12 +1003,8 @@ impl Store {
     }
 }
 
-/// An exclusive `flock` on `DATA/lock`, held for as long as the server runs: two
-/// servers on one data dir would append two histories to one log.
-///
-/// flock rather than a pid file: the kernel drops the lock when the process ends
-/// in any way (SIGKILL included), so a stale lock never blocks a restart. The pid
-/// written inside is only for the message a second server prints.
+/// An exclusive lock on `DATA/lock` ([`pidlock`]), held for as long as the server
+/// runs: two servers on one data dir would append two histories to one log.
 pub struct DataDirLock {
     _lock: nix::fcntl::Flock<File>,
 }
@@ -1015,40 +1012,15 @@ pub struct DataDirLock {
 /// Takes the lock of data dir `root` (creating the folder if need be), without
 /// waiting. Err says why, naming the other server's pid when it is known.
 pub fn lock_data_dir(root: &Path) -> Result<DataDirLock, String> {
-    use nix::fcntl::{Flock, FlockArg};
-    use std::io::{Read, Seek};
     create_dirs_durably(root).map_err(|e| format!("cannot create data dir {}: {e}", root.display()))?;
-    let path = root.join("lock");
-    // Not truncated on open: the pid inside belongs to the holder until the lock
-    // is ours.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(mut lock) => {
-            let _ = lock.set_len(0);
-            let _ = lock.rewind();
-            let _ = write!(lock, "{}", std::process::id());
-            let _ = lock.flush();
-            Ok(DataDirLock { _lock: lock })
-        }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let who = match holder.trim().parse::<u32>() {
-                Ok(pid) => format!("another replibox-server (pid {pid})"),
-                Err(_) => "another replibox-server".to_string(),
-            };
-            Err(format!(
-                "data dir {} is in use by {who}; one server per data dir (give this one its own --data)",
-                root.display()
-            ))
-        }
-        Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    match pidlock::lock(&root.join("lock")) {
+        Ok(lock) => Ok(DataDirLock { _lock: lock }),
+        Err(LockError::Held(pid)) => Err(format!(
+            "data dir {} is in use by {}; one server per data dir (give this one its own --data)",
+            root.display(),
+            pidlock::holder("replibox-server", pid)
+        )),
+        Err(LockError::Failed(why)) => Err(why),
     }
 }
 
