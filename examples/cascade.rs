@@ -15,18 +15,13 @@
 #[path = "scenario/mod.rs"]
 mod scenario;
 
-use scenario::{check_everywhere, Cluster, Device1, Device2, Measured, Net, Timeline};
+use scenario::{check_everywhere, Cluster, Measured, Timeline};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
 fn run(root: &Path, tl: &Timeline) -> Result<Measured, String> {
-    let mut cluster = Cluster::start(Net::loopback(), root)?;
-    let net = cluster.net.clone();
-    tl.say(format!("three servers up: primary 127.0.0.1, backups 127.0.0.2 and .3 (port {})", net.port()));
-    let device2 = Device2::start(&net, root)?;
-    let device1 = Device1::login(&net)?;
-    tl.say("device 1 (127.0.0.4, in-process front-end) and device 2 (127.0.0.5, replibox-client) logged in");
+    let (mut cluster, device1, device2) = Cluster::on_loopback_with_devices(root, tl)?;
     let writer = device1.start_writer();
     writer.wait_more(20)?;
 
@@ -61,7 +56,7 @@ fn run(root: &Path, tl: &Timeline) -> Result<Measured, String> {
     let restarted = Instant::now();
     cluster.restart_as_backup(1, last)?;
     cluster.restart_as_backup(p, last)?;
-    tl.say(format!("started servers 1 and {p} again with -b {} on their data dirs", net.addr(last)));
+    tl.say(format!("started servers 1 and {p} again with -b {} on their data dirs", cluster.net.addr(last)));
     cluster.wait_members(&[1, 2, 3])?;
     let rejoin = restarted.elapsed();
     tl.say(format!(

@@ -18,18 +18,13 @@
 #[path = "scenario/mod.rs"]
 mod scenario;
 
-use scenario::{check_everywhere, Cluster, Device1, Device2, Measured, Net, Timeline};
+use scenario::{check_everywhere, Cluster, Measured, Timeline};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
 fn run(root: &Path, tl: &Timeline) -> Result<Measured, String> {
-    let mut cluster = Cluster::start(Net::loopback(), root)?;
-    let net = cluster.net.clone();
-    tl.say(format!("three servers up: primary 127.0.0.1, backups 127.0.0.2 and .3 (port {})", net.port()));
-    let device2 = Device2::start(&net, root)?;
-    let device1 = Device1::login(&net)?;
-    tl.say("device 1 (127.0.0.4, in-process front-end) and device 2 (127.0.0.5, replibox-client) logged in");
+    let (mut cluster, device1, device2) = Cluster::on_loopback_with_devices(root, tl)?;
 
     let writer = device1.start_writer();
     writer.wait_more(20)?;

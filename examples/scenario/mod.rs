@@ -207,6 +207,13 @@ pub struct Cluster {
     servers: [Option<Proc>; 3],
 }
 
+/// The member ids in a `--status` answer, sorted.
+fn member_ids(status: &serde_json::Value) -> Option<Vec<u64>> {
+    let mut ids: Vec<u64> = status["members"].as_array()?.iter().filter_map(|m| m["id"].as_u64()).collect();
+    ids.sort();
+    Some(ids)
+}
+
 impl Cluster {
     /// Starts the three servers (with the default timeouts) and waits until all
     /// three report the full membership.
@@ -225,6 +232,23 @@ impl Cluster {
         }
         c.wait_members(&[1, 2, 3])?;
         Ok(c)
+    }
+
+    /// The loopback set-up of the demos: three servers on 127.0.0.1-3, device 2
+    /// (replibox-client) on .5 and device 1 (in-process) on .4, each said on `tl`.
+    pub fn on_loopback_with_devices(root: &Path, tl: &Timeline) -> Result<(Cluster, Device1, Device2), String> {
+        let cluster = Cluster::start(Net::loopback(), root)?;
+        let net = cluster.net.clone();
+        tl.say(format!("three servers up: primary 127.0.0.1, backups 127.0.0.2 and .3 (port {})", net.port()));
+        let device2 = Device2::start(&net, root)?;
+        let device1 = Device1::login(&net)?;
+        tl.say("device 1 (127.0.0.4, in-process front-end) and device 2 (127.0.0.5, replibox-client) logged in");
+        Ok((cluster, device1, device2))
+    }
+
+    /// The member ids server `i` reports, sorted.
+    pub fn members(&self, i: u8) -> Option<Vec<u64>> {
+        member_ids(&self.net.status(i)?)
     }
 
     /// The copy of the cluster key that backups are given (`--key-file`).
@@ -311,10 +335,7 @@ impl Cluster {
         wait_for(&format!("servers {ids:?} to report members {ids:?} at one seq"), SOON, || {
             let all: Vec<serde_json::Value> = ids.iter().map(|i| self.net.status(*i)).collect::<Option<_>>()?;
             let same = all.iter().all(|s| {
-                let mut m: Vec<u64> =
-                    s["members"].as_array().map_or(Vec::new(), |a| a.iter().filter_map(|m| m["id"].as_u64()).collect());
-                m.sort();
-                m == want && s["seq"] == all[0]["seq"] && s["epoch"] == all[0]["epoch"]
+                member_ids(s).is_some_and(|m| m == want) && s["seq"] == all[0]["seq"] && s["epoch"] == all[0]["epoch"]
             });
             (same && all.iter().filter(|s| s["role"] == "primary").count() == 1).then_some(())
         })
