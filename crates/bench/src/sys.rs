@@ -159,37 +159,7 @@ fn timing_defaults(help: &str) -> Vec<(String, String)> {
 
 /// SplitMix64: seeded content that is fresh for every case and run, fast enough to
 /// write a GiB in about a second, and reproducible for the check afterwards.
-pub struct Content(u64);
-
-impl Content {
-    /// A stream for `seed`.
-    pub fn new(seed: u64) -> Content {
-        Content(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fills `buf` with the next bytes of the stream.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-
-    /// `n` bytes of the stream.
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
+pub use replibox_proto::rng::SplitMix64 as Content;
 
 /// Writes `size` bytes of the stream `seed` to `path`.
 pub fn write_content(path: &Path, seed: u64, size: u64) -> io::Result<()> {

@@ -27,21 +27,7 @@ use replibox_client::scan::LocalFile;
 use replibox_proto::{ContentHash, FileMeta, Version};
 use std::collections::{BTreeMap, BTreeSet};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use replibox_proto::rng::SplitMix64 as Rng;
 
 const PATHS: [&str; 3] = ["a", "b", "c"];
 
@@ -242,7 +228,7 @@ impl Model {
 }
 
 fn run(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut m = Model::default();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for _ in 0..60 {
@@ -697,7 +683,7 @@ impl EngineModel {
 const ENGINE_PATHS: [&str; 4] = ["a", "b", "c", "d"];
 
 fn run_engine(seed: u64) -> [u64; 4] {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut m = EngineModel::default();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for _ in 0..80 {

@@ -231,15 +231,6 @@ mod tests {
         }
     }
 
-    /// SplitMix64: a seeded generator, so that a failing input can be replayed.
-    fn splitmix(state: &mut u64) -> u64 {
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// A reader over bytes that records the largest buffer it was asked to fill.
     /// The codec reads a header and a payload each into a buffer of its declared
     /// size, asking for all of it at once, so this is the largest buffer a frame
@@ -281,9 +272,9 @@ mod tests {
     #[test]
     fn random_input_never_panics_nor_allocates_past_limits() {
         for seed in 0..4000u64 {
-            let mut s = seed;
-            let len = (splitmix(&mut s) % 64) as usize;
-            let mut bytes: Vec<u8> = (0..len).map(|_| splitmix(&mut s) as u8).collect();
+            let mut s = crate::rng::SplitMix64::new(seed);
+            let len = (s.next_u64() % 64) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| s.next_u64() as u8).collect();
             let declared = match seed % 5 {
                 // A plausible small length prefix, so the JSON parser is reached.
                 0 if bytes.len() >= 4 => {
@@ -293,10 +284,10 @@ mod tests {
                 }
                 // A header length anywhere up to 32 MiB, often just past the limit.
                 1 => {
-                    let n = if splitmix(&mut s).is_multiple_of(2) {
-                        MAX_HEADER as u64 + 1 + splitmix(&mut s) % 16
+                    let n = if s.next_u64().is_multiple_of(2) {
+                        MAX_HEADER as u64 + 1 + s.next_u64() % 16
                     } else {
-                        splitmix(&mut s) % (32 << 20)
+                        s.next_u64() % (32 << 20)
                     };
                     let mut b = (n as u32).to_be_bytes().to_vec();
                     b.extend_from_slice(&bytes);
@@ -306,10 +297,10 @@ mod tests {
                 // A well-formed header declaring a payload anywhere up to 64 MiB,
                 // often just past the limit.
                 2 => {
-                    let n = if splitmix(&mut s).is_multiple_of(2) {
-                        MAX_PAYLOAD as u64 + 1 + splitmix(&mut s) % 16
+                    let n = if s.next_u64().is_multiple_of(2) {
+                        MAX_PAYLOAD as u64 + 1 + s.next_u64() % 16
                     } else {
-                        splitmix(&mut s) % (64 << 20)
+                        s.next_u64() % (64 << 20)
                     };
                     let mut b = declaring(n);
                     b.extend_from_slice(&bytes);
@@ -339,11 +330,11 @@ mod tests {
     fn mutated_valid_frames_never_panic() {
         let bytes = encode(3, &samples()[3].0, b"");
         for seed in 0..2000u64 {
-            let mut s = seed;
+            let mut s = crate::rng::SplitMix64::new(seed);
             let mut b = bytes.clone();
             for _ in 0..3 {
-                let i = (splitmix(&mut s) as usize) % b.len();
-                b[i] = splitmix(&mut s) as u8;
+                let i = (s.next_u64() as usize) % b.len();
+                b[i] = s.next_u64() as u8;
             }
             let (largest, _) = read_all(&b);
             assert!(largest <= MAX_HEADER, "seed {seed}: the codec asked for a {largest}-byte buffer");

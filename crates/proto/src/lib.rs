@@ -26,6 +26,7 @@ pub mod names;
 pub mod pidlock;
 pub mod receipt;
 pub mod repl;
+pub mod rng;
 pub mod times;
 
 pub use auth::{AuthError, AuthMsg, ClusterKey, KeyError, Purpose, StoredCredentials};

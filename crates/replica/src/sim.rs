@@ -49,34 +49,8 @@ use replibox_proto::{Answer, ContentHash, DeviceId, Epoch, FileMeta, LogPos, Msg
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
-/// SplitMix64: the same seed is the same run.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator for `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// The next number.
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// True with probability `percent`%.
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+/// The simulation's generator: the same seed is the same run.
+pub use replibox_proto::rng::SplitMix64 as Rng;
 
 /// What a server's disk holds: its state and, as the oracle sees it, the
 /// (position, epoch) of every entry in its history.
@@ -738,9 +712,9 @@ impl Sim {
             return;
         }
         // Sometimes slow: past the receiver's deadlines, never past a fence's.
-        let slow = if self.faults && self.rng.chance(5) { 30 + self.rng.below(50) } else { 0 };
+        let slow = if self.faults && self.rng.percent(5) { 30 + self.rng.below(50) } else { 0 };
         let at = self.now + self.delay() + slow;
-        if self.faults && self.rng.chance(3) {
+        if self.faults && self.rng.percent(3) {
             let again = at + self.delay();
             self.schedule(again, Event::Peer { from, to, epoch, msg: msg.clone() });
         }
@@ -752,7 +726,7 @@ impl Sim {
         if self.servers[to].node.is_none() {
             // Refused: `from` learns at once that `to` is down. Now and then the
             // connection reached the process as it died and was reset instead.
-            let how = if self.faults && self.rng.chance(30) { Unreached::Broken } else { Unreached::Refused };
+            let how = if self.faults && self.rng.percent(30) { Unreached::Broken } else { Unreached::Refused };
             self.schedule(now + 1, Event::Unreachable { from, to, how });
             return;
         }
@@ -766,7 +740,7 @@ impl Sim {
         };
         let my_epoch = node.epoch();
         self.carry_out(to, out);
-        let slow = if self.faults && self.rng.chance(5) { 30 + self.rng.below(50) } else { 0 };
+        let slow = if self.faults && self.rng.percent(5) { 30 + self.rng.below(50) } else { 0 };
         let at = now + self.delay() + slow;
         self.schedule(at, Event::Answer { from: to, to: from, epoch: my_epoch, answer });
     }
@@ -1009,7 +983,7 @@ impl Sim {
             return;
         }
         let path = PATHS[self.rng.below(PATHS.len() as u64) as usize];
-        let n = self.rng.next();
+        let n = self.rng.next_u64();
         let Some(node) = self.servers[p].node.as_mut() else { return };
         let state = node.state();
         let change = match state.live("u", path) {
@@ -1103,10 +1077,10 @@ impl Sim {
         self.deliver_due();
         self.tick_all();
         self.check_standing();
-        if self.clients && self.rng.chance(30) {
+        if self.clients && self.rng.percent(30) {
             self.client_request();
         }
-        if self.clients && self.rng.chance(10) {
+        if self.clients && self.rng.percent(10) {
             self.client_resend();
         }
         if !self.faults {
@@ -1119,7 +1093,7 @@ impl Sim {
             // more often than a backup).
             0..=7 => {
                 let primary = self.servers[i].node.as_ref().is_some_and(|n| n.is_primary());
-                if self.up(i) && self.may_fail(i) && (primary || self.rng.chance(40)) {
+                if self.up(i) && self.may_fail(i) && (primary || self.rng.percent(40)) {
                     self.crash(i);
                 }
             }
@@ -1138,7 +1112,7 @@ impl Sim {
                 // Half the cuts take the primary off, wherever the die pointed.
                 let primary = (0..n).find(|j| self.servers[*j].node.as_ref().is_some_and(|node| node.is_primary()));
                 let who = match primary {
-                    Some(p) if self.rng.chance(50) => p,
+                    Some(p) if self.rng.percent(50) => p,
                     _ => i,
                 };
                 if !self.isolated.contains_key(&who) {

@@ -36,28 +36,19 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-/// SplitMix64: small, seedable, good enough to pick cases.
-struct Rng(u64);
+use replibox_proto::rng::SplitMix64 as Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+/// The draws this test makes beyond the shared generator's.
+trait Draw {
+    /// True one time in `one_in`.
+    fn chance(&mut self, one_in: u64) -> bool;
+    /// One of `items`.
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T;
+}
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
+impl Draw for Rng {
     fn chance(&mut self, one_in: u64) -> bool {
         self.below(one_in) == 0
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -88,7 +79,7 @@ fn random_value(rng: &mut Rng, depth: u32) -> Value {
         2 => json!(*rng.pick(&[0u64, 1, 2, 7, u64::MAX, u64::MAX - 1, 1 << 53, (1 << 53) + 1, u32::MAX as u64])),
         3 => json!(*rng.pick(&[-1i64, i64::MIN, -(1 << 40)])),
         4 => json!(*rng.pick(&[0.5f64, -1e300, 1e300, 3.0])),
-        5 => json!(rng.next()),
+        5 => json!(rng.next_u64()),
         6 => json!(*rng.pick(&[
             "",
             ".",
@@ -312,7 +303,7 @@ fn case(
             let op = Op::Upload { path: random_path(rng), size: body.len() as u64, mtime_ms: 0, base: None, exec };
             bytes.extend(encode(epoch, &Msg::Request { seq, op }, &[]));
             bytes.extend(encode(epoch, &Msg::Chunk { seq }, &body));
-            let hash = if rng.chance(4) { ContentHash(rng.next()) } else { ContentHash::of(&body) };
+            let hash = if rng.chance(4) { ContentHash(rng.next_u64()) } else { ContentHash::of(&body) };
             bytes.extend(encode(epoch, &Msg::UploadEnd { seq, hash }, &[]));
             continue;
         }
@@ -415,7 +406,7 @@ fn role_msg(rng: &mut Rng, role: Role, epoch: u64) -> Msg {
     use replibox_proto::{LogPos, Rank, Seq, Version};
     let seq = Seq(rng.below(6));
     let base = [None, Some(Version(rng.below(4))), Some(Version(u64::MAX))][rng.below(3) as usize];
-    let hash = ContentHash(rng.next());
+    let hash = ContentHash(rng.next_u64());
     match role {
         Role::Server => match rng.below(6) {
             0 => Msg::Ack { pos: LogPos(rng.below(60)) },
@@ -462,7 +453,7 @@ fn role_msg(rng: &mut Rng, role: Role, epoch: u64) -> Msg {
                 op: Op::Upload {
                     path: random_path(rng),
                     size: *rng.pick(&[0u64, 5, 1000, 70_000, u64::MAX, 1 << 40]),
-                    mtime_ms: rng.next() as i64,
+                    mtime_ms: rng.next_u64() as i64,
                     base,
                     exec: rng.chance(2),
                 },
@@ -579,7 +570,8 @@ fn random_input_on_every_handler_never_stops_the_server() {
                 .map(|w| {
                     let (samples, kinds, key) = (&samples, &kinds, &key);
                     scope.spawn(move || {
-                        let mut rng = Rng(seed ^ ((round * workers + w) as u64).wrapping_mul(0xA076_1D64_78BD_642F));
+                        let mut rng =
+                            Rng::new(seed ^ ((round * workers + w) as u64).wrapping_mul(0xA076_1D64_78BD_642F));
                         for i in 0..per {
                             let (role, opening, bytes) = case(&mut rng, w, epoch, free, samples, kinds);
                             run_case(addr, key, &opening, &bytes).map_err(|e| {

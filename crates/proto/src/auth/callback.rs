@@ -112,9 +112,9 @@ mod tests {
         let nonce = [9u8; 32];
         let proof = callback_proof("token", &nonce, Epoch(2), &dev("00112233"));
         for seed in 0..256u64 {
-            let mut rng = SplitMix64(seed);
+            let mut rng = SplitMix64::new(seed);
             let mut bad = proof;
-            bad[(rng.next() % 32) as usize] ^= 1 << (rng.next() % 8);
+            bad[(rng.next_u64() % 32) as usize] ^= 1 << (rng.next_u64() % 8);
             let r = verify_callback_proof("token", &nonce, Epoch(2), &dev("00112233"), &hex_encode(&bad));
             assert!(r.is_err(), "seed {seed}");
         }

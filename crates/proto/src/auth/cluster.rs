@@ -477,14 +477,14 @@ mod tests {
     fn random_bit_flips_in_any_message_never_authenticate() {
         let k = key(1);
         for seed in 0..300u64 {
-            let mut rng = SplitMix64(seed);
+            let mut rng = SplitMix64::new(seed);
             let (mut c, first) = ClusterInitiator::with_nonce(&k, Some(ServerId(2)), Purpose::Election, [1; 32]);
             let mut a = ClusterResponder::with_nonce(&k, Some(ServerId(1)), [2; 32]);
-            let which = rng.next() % 3;
+            let which = rng.next_u64() % 3;
             let flip = |msg: AuthMsg, rng: &mut SplitMix64| -> AuthMsg {
                 let mut json = serde_json::to_vec(&msg).unwrap();
-                let i = (rng.next() as usize) % json.len();
-                json[i] ^= 1 << (rng.next() % 7);
+                let i = (rng.next_u64() as usize) % json.len();
+                json[i] ^= 1 << (rng.next_u64() % 7);
                 serde_json::from_slice(&json).unwrap_or(AuthMsg::ServerAccepted)
             };
             let first = if which == 0 { flip(first, &mut rng) } else { first };

@@ -146,12 +146,12 @@ mod tests {
     #[test]
     fn random_bytes_round_trip_through_both_encodings() {
         for seed in 0..500u64 {
-            let mut rng = SplitMix64(seed);
-            let len = (rng.next() % 70) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut rng = SplitMix64::new(seed);
+            let len = (rng.next_u64() % 70) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             assert_eq!(b64_decode(&b64_encode(&bytes)).as_deref(), Some(&bytes[..]), "seed {seed}");
             let mut fixed = [0u8; 32];
-            fixed.iter_mut().for_each(|b| *b = rng.next() as u8);
+            fixed.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
             assert_eq!(hex_decode::<32>(&hex_encode(&fixed)), Some(fixed), "seed {seed}");
         }
     }
@@ -160,9 +160,9 @@ mod tests {
     fn random_strings_never_panic_the_decoders() {
         const CHARS: &[u8] = b"AZaz09+/=-_ \n\0\xc3";
         for seed in 0..2000u64 {
-            let mut rng = SplitMix64(seed);
-            let len = (rng.next() % 16) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| CHARS[(rng.next() % CHARS.len() as u64) as usize]).collect();
+            let mut rng = SplitMix64::new(seed);
+            let len = (rng.next_u64() % 16) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| CHARS[(rng.next_u64() % CHARS.len() as u64) as usize]).collect();
             let text = String::from_utf8_lossy(&bytes);
             if let Some(decoded) = b64_decode(&text) {
                 assert_eq!(b64_encode(&decoded), text, "seed {seed}: only canonical strings decode");

@@ -424,18 +424,7 @@ fn drive<T: Transport, D>(
 
 #[cfg(test)]
 pub(crate) mod test_rand {
-    /// SplitMix64: a seeded generator, so that a failing input can be replayed.
-    pub(crate) struct SplitMix64(pub u64);
-
-    impl SplitMix64 {
-        pub(crate) fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
+    pub(crate) use crate::rng::SplitMix64;
 }
 
 #[cfg(test)]

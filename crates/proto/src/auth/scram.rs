@@ -956,11 +956,11 @@ mod tests {
     #[test]
     fn random_passwords_log_in_with_the_right_one_only() {
         for seed in 0..8u64 {
-            let mut rng = SplitMix64(seed);
-            let len = 1 + (rng.next() % 20) as usize;
-            let password: String = (0..len).map(|_| char::from(0x21 + (rng.next() % 94) as u8)).collect();
+            let mut rng = SplitMix64::new(seed);
+            let len = 1 + (rng.next_u64() % 20) as usize;
+            let password: String = (0..len).map(|_| char::from(0x21 + (rng.next_u64() % 94) as u8)).collect();
             let mut salt = [0u8; 16];
-            salt.iter_mut().for_each(|b| *b = rng.next() as u8);
+            salt.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
             let account = StoredCredentials::derive(&password, &salt, MIN_ITERATIONS).unwrap();
             assert!(matches!(exchange(&password, &account).0, Ok(ServerStep::LoggedIn { .. })), "seed {seed}");
             let wrong = format!("{password}x");

@@ -225,16 +225,16 @@ mod tests {
     #[test]
     fn random_schedules_never_wait_past_the_cap_nor_panic() {
         for seed in 0..200u64 {
-            let mut rng = SplitMix64(seed);
+            let mut rng = SplitMix64::new(seed);
             let mut t = LoginThrottle::new();
             let mut now = Instant::now();
             for _ in 0..200 {
-                now += Duration::from_millis(rng.next() % 3000);
-                let user = ["a", "b", "c"][(rng.next() % 3) as usize];
+                now += Duration::from_millis(rng.next_u64() % 3000);
+                let user = ["a", "b", "c"][(rng.next_u64() % 3) as usize];
                 match t.admit(user, now) {
                     Admission::After(wait) => {
                         assert!(wait <= CAP, "seed {seed}: {wait:?}");
-                        if rng.next().is_multiple_of(4) {
+                        if rng.next_u64().is_multiple_of(4) {
                             t.succeeded(user);
                         } else {
                             t.failed(user, now + wait);
@@ -242,7 +242,7 @@ mod tests {
                     }
                     Admission::Busy(retry) => assert!(retry > CAP, "seed {seed}"),
                 }
-                if rng.next().is_multiple_of(50) {
+                if rng.next_u64().is_multiple_of(50) {
                     t.prune(now);
                 }
             }

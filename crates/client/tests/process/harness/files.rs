@@ -5,41 +5,8 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
-/// SplitMix64: a seeded generator, so that content is random-ish (not zeros, not
-/// compressible, different per seed) and a failure can be replayed.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// The next 64 bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fills `buf` with the next bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        // Draw for a remainder only when there is one, so that filling a buffer in
-        // pieces of whole multiples of 8 gives the same bytes as filling it at once.
-        if !rest.is_empty() {
-            let last = self.next_u64().to_le_bytes();
-            let n = rest.len();
-            rest.copy_from_slice(&last[..n]);
-        }
-    }
-}
+/// Seeded bytes and choices: the same seed, the same content.
+pub use replibox_proto::rng::SplitMix64 as Rng;
 
 /// `len` seeded bytes.
 pub fn seeded(seed: u64, len: usize) -> Vec<u8> {
