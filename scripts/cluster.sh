@@ -62,22 +62,9 @@ die() {
     exit 1
 }
 
-need_tmux() {
-    command -v tmux >/dev/null && return 0
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-        say "tmux is missing; installing it with apt-get"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq </dev/null
-        apt-get install -y -qq tmux </dev/null >/dev/null
-        command -v tmux >/dev/null || die "apt-get ran but tmux is still not on PATH"
-    else
-        die "make cluster needs tmux; install it with: sudo apt-get install tmux (Debian/Ubuntu), sudo dnf install tmux (Fedora) or brew install tmux (macOS)"
-    fi
-}
-
-have_session() {
-    command -v tmux >/dev/null && tmux has-session -t "=$SESSION" 2>/dev/null
-}
+# need_tmux, have_session, run_in, target_dir.
+# shellcheck source=scripts/tmux.sh
+source "$ROOT/scripts/tmux.sh"
 
 # True when something accepts TCP connections at HOST:PORT (bash's /dev/tcp: no
 # tools needed, and a connection closed before any frame costs the server nothing).
@@ -167,12 +154,8 @@ alive() {
     [[ -n $stat && $stat != Z* ]]
 }
 
-target_dir() {
-    cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
-}
-
 start() {
-    need_tmux
+    need_tmux "make cluster"
     stop quiet
     local busy
     if ! busy=$(wait_closed 0); then
@@ -253,19 +236,6 @@ start() {
     else
         say "up: attach with 'tmux attach -t $SESSION' (detach: Ctrl-b d); stop it with 'make cluster-stop'"
     fi
-}
-
-# Types a command into a pane's shell and presses Enter, once the shell has drawn
-# its prompt (typed earlier, the line would be echoed twice).
-run_in() {
-    local deadline=$((SECONDS + 5))
-    # Captured whole rather than piped into `grep -q`, which may exit before tmux has
-    # written everything and so fail the pipeline (SIGPIPE under pipefail).
-    until [[ $(tmux capture-pane -p -t "$1") =~ [^[:space:]] ]] || ((SECONDS >= deadline)); do
-        sleep 0.05
-    done
-    tmux send-keys -t "$1" -l -- "$2"
-    tmux send-keys -t "$1" Enter
 }
 
 # One field of a status line (a number or a string), the members list cut out

@@ -89,6 +89,10 @@ die() {
     exit 1
 }
 
+# need_tmux, have_session, run_in, target_dir.
+# shellcheck source=scripts/tmux.sh
+source "$ROOT/scripts/tmux.sh"
+
 need_root() {
     [ "$(id -u)" -eq 0 ] || die "the lab needs root to create network namespaces; run it as root (sudo make $1). make cluster runs the same on loopback without root."
     command -v ip >/dev/null || die "the lab needs iproute2's ip (apt-get install iproute2)"
@@ -216,44 +220,13 @@ shell() {
         env "PATH=$bin:$PATH" ${RUST_LOG:+RUST_LOG=$RUST_LOG} 'PS1=\h:\w\$ ' bash --norc --noprofile
 }
 
-target_dir() {
-    (cd "$ROOT" && cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-}
-
-need_tmux() {
-    command -v tmux >/dev/null && return 0
-    if command -v apt-get >/dev/null; then
-        say "tmux is missing; installing it with apt-get"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq </dev/null
-        apt-get install -y -qq tmux </dev/null >/dev/null
-        command -v tmux >/dev/null || die "apt-get ran but tmux is still not on PATH"
-    else
-        die "make lab needs tmux; install it with your package manager"
-    fi
-}
-
-have_session() {
-    command -v tmux >/dev/null && tmux has-session -t "=$SESSION" 2>/dev/null
-}
-
-# Types a command into a pane once its shell has drawn a prompt.
-run_in() {
-    local deadline=$((SECONDS + 5))
-    until [[ $(tmux capture-pane -p -t "$1") =~ [^[:space:]] ]] || ((SECONDS >= deadline)); do
-        sleep 0.05
-    done
-    tmux send-keys -t "$1" -l -- "$2"
-    tmux send-keys -t "$1" Enter
-}
-
 status_of() { # HOST:PORT, queried from the operator's seat
     ip netns exec "$BR" "$LAB_BIN_DIR/replibox-server" --status "$1" 2>/dev/null
 }
 
 up() {
     need_root lab
-    need_tmux
+    need_tmux "make lab"
     if have_session || net_is_up; then
         say "replacing the running lab"
         down quiet
