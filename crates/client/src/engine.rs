@@ -43,7 +43,7 @@ const INDEX_SAVE_EVERY: Duration = Duration::from_millis(500);
 /// flight at once.
 const BATCH_FILE_MAX: u64 = 1 << 20;
 /// Files per batch of uploads or downloads.
-const BATCH_FILES: usize = 64;
+const BATCH_FILES: usize = 256;
 /// Notices taken off the queue at once, so that a burst's files come down in
 /// batches instead of one round trip and one fsync after another.
 const NOTICES_AT_ONCE: usize = 4 * BATCH_FILES;

@@ -20,7 +20,7 @@ use replibox_proto::auth::{callback::verify_callback_proof, fresh_nonce, AuthErr
 use replibox_proto::auth::{ScramClient, Step};
 use replibox_proto::{
     read_frame, write_frame, Damaged, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Receipt,
-    Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION, REQUEST_WINDOW,
+    Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION, REQUEST_WINDOW, SMALL_UPLOAD,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -596,18 +596,25 @@ impl Frontend {
         progress: &mut dyn FnMut(u64),
     ) -> Result<OpResult, FrontError> {
         self.with_retry(|conn, seq| {
-            let op = Op::Upload { path: path.to_string(), size, mtime_ms, base, exec };
+            let eager = size < SMALL_UPLOAD;
+            let op = Op::Upload { path: path.to_string(), size, mtime_ms, base, exec, eager };
             if let Err(e) = conn.send(&Msg::Request { seq, op }, &[]) {
                 return Ok(Attempt::Lost(e));
             }
-            let first = match conn.recv() {
-                Ok(f) => f,
-                Err(e) => return Ok(Attempt::Lost(e)),
-            };
-            match first.msg {
-                Msg::Proceed { seq: s } if s == seq => {}
-                Msg::Reply { seq: s, result } if s == seq => return Ok(Attempt::Done(result)),
-                other => return Err(FrontError::Protocol(format!("unexpected {} answering an upload", other.kind()))),
+            // A small file's bytes follow at once; a larger one's wait for the
+            // server's go-ahead (or its refusal, which saves sending them).
+            if !eager {
+                let first = match conn.recv() {
+                    Ok(f) => f,
+                    Err(e) => return Ok(Attempt::Lost(e)),
+                };
+                match first.msg {
+                    Msg::Proceed { seq: s } if s == seq => {}
+                    Msg::Reply { seq: s, result } if s == seq => return Ok(Attempt::Done(result)),
+                    other => {
+                        return Err(FrontError::Protocol(format!("unexpected {} answering an upload", other.kind())))
+                    }
+                }
             }
             source
                 .seek(SeekFrom::Start(0))
@@ -890,30 +897,36 @@ fn pipeline(
             *turn
         });
         let item = &mut items[i];
+        let eager = item.size < SMALL_UPLOAD;
         let op = Op::Upload {
             path: item.path.clone(),
             size: item.size,
             mtime_ms: item.mtime_ms,
             base: item.base,
             exec: item.exec,
+            eager,
         };
         if let Err(e) = conn.send(&Msg::Request { seq, op }, &[]) {
             return Ok(Some(e));
         }
-        // Its proceed (or its answer, when refused or answered before) comes
-        // after the answers of requests before it that are ready by then.
-        loop {
-            let frame = match conn.recv() {
-                Ok(f) => f,
-                Err(e) => return Ok(Some(e)),
-            };
-            match frame.msg {
-                Msg::Proceed { seq: s } if s == seq => break,
-                Msg::Reply { seq: s, result } if s == seq => {
-                    answers[i] = Some(result);
-                    break;
+        // A small file's bytes follow its request at once (eager). A larger
+        // one's wait for its proceed (or its answer, when refused or answered
+        // before), which comes after the answers of requests before it that are
+        // ready by then.
+        if !eager {
+            loop {
+                let frame = match conn.recv() {
+                    Ok(f) => f,
+                    Err(e) => return Ok(Some(e)),
+                };
+                match frame.msg {
+                    Msg::Proceed { seq: s } if s == seq => break,
+                    Msg::Reply { seq: s, result } if s == seq => {
+                        answers[i] = Some(result);
+                        break;
+                    }
+                    _ => take(frame, &mut waiting, answers)?,
                 }
-                _ => take(frame, &mut waiting, answers)?,
             }
         }
         if answers[i].is_some() {

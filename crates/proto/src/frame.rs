@@ -158,7 +158,14 @@ mod tests {
             (
                 Msg::Request {
                     seq: Seq(7),
-                    op: Op::Upload { path: "a".into(), size: 5, mtime_ms: -3, base: Some(Version(2)), exec: false },
+                    op: Op::Upload {
+                        path: "a".into(),
+                        size: 5,
+                        mtime_ms: -3,
+                        base: Some(Version(2)),
+                        exec: false,
+                        eager: false,
+                    },
                 },
                 vec![],
             ),

@@ -40,8 +40,10 @@ pub use receipt::{Damaged, Receipt};
 
 /// Version of the protocol; a hello (or a server's challenge) with any other version
 /// is refused. Version 2 (issue 8): clients log in with a password, servers
-/// authenticate each other with the cluster key.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// authenticate each other with the cluster key. Version 3 (issue 7): a device
+/// keeps up to 64 requests in flight ([`REQUEST_WINDOW`]), and an upload may be
+/// eager, its bytes following the request at once ([`SMALL_UPLOAD`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest JSON header accepted, in bytes.
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest binary payload accepted in one frame, in bytes.
@@ -52,4 +54,9 @@ pub const CHUNK_SIZE: usize = 256 * 1024;
 /// answered). The server's request table keeps each device's last this many
 /// changing requests with their results, so that every one of them, resent after
 /// a lost connection or a failover, gets its first answer.
-pub const REQUEST_WINDOW: u64 = 8;
+pub const REQUEST_WINDOW: u64 = 64;
+/// The front-end sends an upload of fewer bytes than this eagerly ([`Op::Upload`]'s
+/// `eager`): its bytes follow the request at once, since a round trip per file
+/// would set the pace of a burst. A larger one waits for [`Msg::Proceed`], so
+/// that a refusal (a conflict, say) saves sending it.
+pub const SMALL_UPLOAD: u64 = 1 << 20;

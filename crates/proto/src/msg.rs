@@ -121,8 +121,9 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<String>,
     },
-    /// Store a file; after [`Msg::Proceed`], the client sends its bytes as
-    /// [`Msg::Chunk`] frames and ends with [`Msg::UploadEnd`].
+    /// Store a file; the client sends its bytes as [`Msg::Chunk`] frames and
+    /// ends with [`Msg::UploadEnd`]: after [`Msg::Proceed`], or right after the
+    /// request when `eager`.
     Upload {
         /// Destination path.
         path: String,
@@ -136,6 +137,12 @@ pub enum Op {
         /// The file is executable ([`FileMeta::exec`]); absent means false.
         #[serde(default, skip_serializing_if = "is_false")]
         exec: bool,
+        /// The bytes follow the request at once, with no [`Msg::Proceed`]; a
+        /// server that refuses the upload reads them and drops them, then
+        /// answers. Absent means false. The front-end sets it for files under
+        /// [`crate::SMALL_UPLOAD`].
+        #[serde(default, skip_serializing_if = "is_false")]
+        eager: bool,
     },
     /// Create a folder (a [`FileMeta::dir`] entry). Answered with
     /// [`OpResult::Done`]; a folder that exists already is no conflict (two
@@ -350,7 +357,8 @@ pub enum Msg {
         /// What to do.
         op: Op,
     },
-    /// The server accepts an upload; the client may send its chunks.
+    /// The server accepts an upload that is not eager; the client may send its
+    /// chunks.
     Proceed {
         /// The upload's request.
         seq: Seq,

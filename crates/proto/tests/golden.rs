@@ -209,10 +209,11 @@ fn every_complete_header_in_the_protocol_page_is_what_the_code_sends() {
 }
 
 /// Frames pinned here, not in the page: a change to any of these bytes breaks
-/// every peer built against version 2 of the protocol. (The replication frames
-/// were changed once on purpose, by the failover work: log positions apart from
-/// request numbers, entries with their epoch; version 2, issue 8, added the
-/// cluster handshake and password logins.)
+/// every peer built against version 2 or 3 of the protocol. (The replication
+/// frames were changed once on purpose, by the failover work: log positions apart
+/// from request numbers, entries with their epoch; version 2, issue 8, added the
+/// cluster handshake and password logins; version 3, issue 7, added the eager
+/// upload, whose field a request without it leaves out, and a wider window.)
 #[test]
 fn pinned_frames_byte_for_byte() {
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
@@ -258,6 +259,14 @@ fn pinned_frames_byte_for_byte() {
             3,
             Msg::Welcome { devices: 2, last_seq: Seq(41) },
             r#"{"epoch":3,"msg":{"kind":"welcome","devices":2,"last_seq":41}}"#,
+        ),
+        (
+            0,
+            Msg::Request {
+                seq: Seq(45),
+                op: Op::Upload { path: "a.txt".into(), size: 5, mtime_ms: 7, base: None, exec: false, eager: true },
+            },
+            r#"{"epoch":0,"msg":{"kind":"request","seq":45,"op":{"op":"upload","path":"a.txt","size":5,"mtime_ms":7,"base":null,"eager":true}}}"#,
         ),
         (
             0,

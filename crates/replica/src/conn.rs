@@ -8,6 +8,7 @@
 use crate::cluster::ClusterAuth;
 use crate::core::{ask, AccountOutcome, ConnId, CoreRequest, Event, Route, Welcome};
 use crate::link::{DataSender, LinkOut};
+use crate::uploads::{Temps, UploadRoute};
 use crossbeam_channel::{unbounded, Sender};
 use replibox_proto::auth::{accept_server, Admission, Frames, Refusal, ScramServer, ServerStep, SessionKey};
 use replibox_proto::{
@@ -198,6 +199,10 @@ pub struct Ctx {
     /// The cluster key and this server's id, for the handshake that opens every
     /// server-to-server connection.
     pub cluster: Arc<ClusterAuth>,
+    /// Makes uploads' temporary files.
+    pub temps: Arc<Temps>,
+    /// The backups an upload streams to, as the core last published them.
+    pub route: Arc<UploadRoute>,
 }
 
 /// Why a client connection ended.
@@ -470,8 +475,17 @@ fn serve_client<R: FrameSource>(
         Ok(a) => a.ip().to_string(),
         Err(_) => String::new(),
     };
-    let client =
-        Client { conn, user, device, core: core.clone(), writer: writer.clone(), peer, ack_timeout: ctx.ack_timeout };
+    let client = Client {
+        conn,
+        user,
+        device,
+        core: core.clone(),
+        writer: writer.clone(),
+        peer,
+        ack_timeout: ctx.ack_timeout,
+        temps: ctx.temps.clone(),
+        route: ctx.route.clone(),
+    };
     let (out_tx, out_rx) = unbounded::<Msg>();
     let login = |reply| Event::Login {
         conn,
@@ -651,6 +665,10 @@ pub struct Client {
     pub peer: String,
     /// How long an upload waits for a backup's queue.
     pub ack_timeout: Duration,
+    /// Makes uploads' temporary files.
+    pub temps: Arc<Temps>,
+    /// The backups a small upload streams to without asking the core.
+    pub route: Arc<UploadRoute>,
 }
 
 /// Serves a backup's fetches: each names a user's file, answered like a download
@@ -840,7 +858,8 @@ impl Client {
             if let Err(e) = validate_path(p) {
                 log::warn!("refused request user={} device={} seq={seq}: {e}", self.user, self.device);
                 // An upload's chunks would follow a refused header only after a
-                // Proceed, which is never sent, so the session stays in step.
+                // Proceed, which is never sent; an eager one's are on their way.
+                self.skip_small_upload(reader, seq, &op)?;
                 return self.reply(seq, OpResult::Error { message: e.to_string() });
             }
         }
@@ -864,11 +883,61 @@ impl Client {
                 Err(result) => self.reply(seq, result),
                 Ok((meta, file)) => self.download(seq, meta, file),
             },
-            Op::Upload { path, size, mtime_ms, base, exec } => {
-                match self.ask(seq, |reply| CoreRequest::BeginUpload { path: path.clone(), base, reply })? {
-                    Err(result) => self.reply(seq, result),
-                    Ok(backups) => self.upload(reader, pending, seq, path, size, (mtime_ms, exec), base, backups),
+            Op::Upload { path, size, mtime_ms, base, exec, eager } => {
+                // An eager upload's bytes are on their way: it begins at once,
+                // with the backups the core last published (its commit checks it
+                // anyway). Any other asks the core first, whose refusal (a
+                // conflict, a resend already answered) saves sending the bytes.
+                let published = if eager { self.route.backups() } else { None };
+                let backups = match published {
+                    Some(backups) => backups,
+                    None => {
+                        match self.ask(seq, |reply| CoreRequest::BeginUpload { path: path.clone(), base, reply })? {
+                            Err(result) => {
+                                if eager {
+                                    self.skip_upload(reader, seq, size)?;
+                                }
+                                return self.reply(seq, result);
+                            }
+                            Ok(backups) => backups,
+                        }
+                    }
+                };
+                self.upload(reader, pending, seq, path, size, (mtime_ms, exec, eager), base, backups)
+            }
+        }
+    }
+
+    /// After a refusal that came before the bytes: reads and drops them when
+    /// `op` is an eager upload (they follow its request unasked).
+    fn skip_small_upload<R: FrameSource>(&self, reader: &mut R, seq: Seq, op: &Op) -> Result<(), End> {
+        match op {
+            Op::Upload { size, eager: true, .. } => self.skip_upload(reader, seq, *size),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads an eager upload's chunks and end and drops them, so that the session
+    /// stays in step after a refusal; more bytes than announced, or any other
+    /// frame before the end, is a protocol violation.
+    fn skip_upload<R: FrameSource>(&self, reader: &mut R, seq: Seq, size: u64) -> Result<(), End> {
+        let mut got = 0u64;
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(End::Violation(format!("closed mid-upload ({got} of {size} bytes)"))),
+                Err(e) => return Err(reader.gave_up().map_or(End::Proto(e), End::Violation)),
+            };
+            match frame.msg {
+                Msg::Ping => self.send(&Msg::Pong)?,
+                Msg::Chunk { seq: s } if s == seq => {
+                    got += frame.payload.len() as u64;
+                    if got > size {
+                        return Err(End::Violation(format!("upload seq={seq} sent {got} bytes, more than its {size}")));
+                    }
                 }
+                Msg::UploadEnd { seq: s, .. } if s == seq => return Ok(()),
+                other => return Err(End::Violation(format!("unexpected {} during upload seq={seq}", other.kind()))),
             }
         }
     }
@@ -888,15 +957,21 @@ impl Client {
         seq: Seq,
         path: String,
         size: u64,
-        (mtime_ms, exec): (i64, bool),
+        (mtime_ms, exec, eager): (i64, bool, bool),
         base: Option<replibox_proto::Version>,
         mut backups: Vec<DataSender>,
     ) -> Result<(), End> {
-        let (xfer, mut file, _) = {
-            match ask(&self.core, |reply| Event::NewTemp { reply }).ok_or(End::CoreGone)? {
-                Ok(t) => t,
-                // No Proceed was sent: the client sends no chunks.
-                Err(message) => return self.reply(seq, OpResult::Unavailable { message }),
+        let (xfer, mut file) = match self.temps.create() {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("cannot create temporary file for user={} path={path}: {e}", self.user);
+                // No Proceed is sent: the chunks never come, or, for an eager
+                // upload, are read and dropped.
+                if eager {
+                    self.skip_upload(reader, seq, size)?;
+                }
+                let message = crate::store::storage_trouble(&e.source);
+                return self.reply(seq, OpResult::Unavailable { message });
             }
         };
         // The core tells every backup (on the control queue, which never drops a
@@ -905,8 +980,10 @@ impl Client {
             let _ = self.core.send(Event::AbandonUpload { xfer: xfer.clone() });
             why
         };
-        if let Err(e) = self.send(&Msg::Proceed { seq }) {
-            return Err(abandon(e));
+        if !eager {
+            if let Err(e) = self.send(&Msg::Proceed { seq }) {
+                return Err(abandon(e));
+            }
         }
         let mut receipt = Receipt::new(size);
         // Set when this server cannot store the bytes (its disk is full): the

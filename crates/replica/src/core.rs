@@ -15,6 +15,7 @@ use crate::node::{Config as NodeConfig, JoinRequest, LinkNo, Node, Output, Phase
 use crate::peer;
 use crate::state::{Change, Entry, LastRequest, Session, State, MAX_DEVICES};
 use crate::store::{self, new_meta, CommitError, Store};
+use crate::uploads::{Temps, UploadRoute};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use replibox_proto::auth::{Admission, LoginThrottle};
 use replibox_proto::{
@@ -241,11 +242,6 @@ pub enum Event {
         /// What it asks.
         req: CoreRequest,
     },
-    /// Create a temporary file for an incoming upload.
-    NewTemp {
-        /// Its id, handle and path, or why not.
-        reply: Sender<Result<(String, File, PathBuf), String>>,
-    },
     /// An upload will not be committed: remove its temporary file here and on
     /// every backup.
     AbandonUpload {
@@ -391,7 +387,6 @@ impl Event {
             Event::CallbackFailed { .. } => "callback failed",
             Event::Disconnect { .. } => "disconnect",
             Event::Request { .. } => "request",
-            Event::NewTemp { .. } => "new temp",
             Event::AbandonUpload { .. } => "abandon upload",
             Event::Route { .. } => "route",
             Event::Status { .. } => "status",
@@ -680,6 +675,9 @@ pub struct Core {
     fewer_said: Option<Instant>,
     /// Failed logins per user (only the primary checks passwords).
     throttle: LoginThrottle,
+    /// The backups' queues as upload threads read them (published after every
+    /// round of events).
+    route: Arc<UploadRoute>,
 }
 
 /// How often a primary running with fewer backups than it had says so again.
@@ -744,6 +742,7 @@ impl Core {
             fewer_since: None,
             fewer_said: None,
             throttle: LoginThrottle::new(),
+            route: Arc::new(UploadRoute::default()),
         }
     }
 
@@ -755,6 +754,16 @@ impl Core {
     /// The cluster key and this server's id, shared with the connection threads.
     pub fn cluster(&self) -> Arc<ClusterAuth> {
         self.settings.cluster.clone()
+    }
+
+    /// The backups' queues the core publishes for the connection threads' uploads.
+    pub fn upload_route(&self) -> Arc<UploadRoute> {
+        self.route.clone()
+    }
+
+    /// The maker of temporary files, shared with the connection threads.
+    pub fn temps(&self) -> Arc<Temps> {
+        self.store.temps()
     }
 
     /// The epoch shared with the connection threads, which stamp it on every frame.
@@ -787,6 +796,7 @@ impl Core {
             self.adopt_files();
         }
         self.flush();
+        self.publish_route();
         loop {
             if let Some(f) = self.fatal.take() {
                 self.stop_threads();
@@ -828,6 +838,7 @@ impl Core {
             self.flush();
             self.timers();
             self.flush();
+            self.publish_route();
         }
         self.stop_threads();
         log::info!("core stopped pos={} longest_stall_ms={}", self.node.state().pos, self.longest_stall.as_millis());
@@ -1120,6 +1131,24 @@ impl Core {
         }
     }
 
+    /// The live backups' data queues, with the epoch an upload's chunks carry.
+    fn upload_senders(&self) -> Vec<DataSender> {
+        let live: Vec<ServerId> = self.node.live_backups();
+        self.links
+            .values()
+            .filter_map(|l| l.id.filter(|id| live.contains(id)).map(|id| (id, l)))
+            .map(|(id, l)| DataSender { id, epoch: self.node.epoch(), tx: l.data.clone() })
+            .collect()
+    }
+
+    /// Tells the connection threads where an upload begun now streams to: the
+    /// live backups while this server serves as primary, else nothing (they ask
+    /// the core, which refuses or answers).
+    fn publish_route(&self) {
+        let serving = self.node.is_primary() && self.stopping.is_none() && self.fatal.is_none();
+        self.route.publish(serving.then(|| self.upload_senders()));
+    }
+
     /// Ends the group commit under way: its entries durable and their actions
     /// done ([`Store::flush`]), what waited for them goes out. On failure the
     /// core stops, and nothing that waited is sent.
@@ -1401,16 +1430,6 @@ impl Core {
             }
             Event::Disconnect { conn, clean } => self.disconnect(conn, clean),
             Event::Request { conn, seq, req } => self.request(conn, seq, req),
-            Event::NewTemp { reply } => {
-                let made = self.store.create_temp().map(|(xfer, file)| {
-                    let path = store::tmp_file(self.store.root(), &xfer);
-                    (xfer, file, path)
-                });
-                let _ = reply.send(made.map_err(|e| {
-                    log::error!("cannot create temporary file: {e}");
-                    store::storage_trouble(&e.source)
-                }));
-            }
             Event::AbandonUpload { xfer } => self.abandon_upload(&xfer),
             Event::Route { reply } => {
                 let answer = if self.node.is_primary() {
@@ -1832,14 +1851,7 @@ impl Core {
                 match state.check_upload(&user, &path, base).err() {
                     Some(r) => self.answer_committed(Held::Begin(reply, r)),
                     None => {
-                        let live: Vec<ServerId> = self.node.live_backups();
-                        let senders = self
-                            .links
-                            .values()
-                            .filter_map(|l| l.id.filter(|id| live.contains(id)).map(|id| (id, l)))
-                            .map(|(id, l)| DataSender { id, epoch: self.node.epoch(), tx: l.data.clone() })
-                            .collect();
-                        let _ = reply.send(Ok(senders));
+                        let _ = reply.send(Ok(self.upload_senders()));
                     }
                 }
             }

@@ -19,6 +19,8 @@
 //!   opened with the cluster key's mutual handshake.
 //! - [`conn`]: one thread per connection: the opening (a server's cluster
 //!   handshake, a client's password login), requests, transfers.
+//! - [`uploads`]: what a connection thread needs to begin an upload without the
+//!   core: temporary files, and the backups' queues the core publishes.
 //! - [`server`]: the listener and the threads' start-up.
 //! - [`status`]: the `--status` query.
 
@@ -37,3 +39,4 @@ mod sim;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod uploads;

@@ -206,6 +206,8 @@ fn callback(
         writer: writer.clone(),
         peer: target,
         ack_timeout: ctx.ack_timeout,
+        temps: ctx.temps.clone(),
+        route: ctx.route.clone(),
     };
     let welcome = Msg::Welcome { devices: welcome.devices, last_seq: welcome.last_seq };
     let end = match client.send(&welcome) {

@@ -102,6 +102,8 @@ pub fn start(
         bound_to_any: local.ip().is_unspecified(),
         port: local.port(),
         cluster: core.cluster(),
+        temps: core.temps(),
+        route: core.upload_route(),
     };
     let (tx, core_ctx) = (events.clone(), ctx.clone());
     let core = std::thread::Builder::new().name("core".into()).spawn(move || core.run(start, tx, rx, core_ctx))?;

@@ -533,15 +533,17 @@ mod tests {
         // window: served as new. A seq below the window gets an error.
         assert_eq!(s.already_answered(&dev, Seq(3)), None);
         assert_eq!(s.already_answered(&dev, Seq(5)), None);
-        for seq in 5..=12 {
+        let last = 4 + REQUEST_WINDOW;
+        for seq in 5..=last {
             let mut e = session("alice", "00000009");
             e.pos = s.pos.next();
             let result = OpResult::Done { meta: meta("a", seq) };
             e.request = Some((dev.clone(), LastRequest { seq: Seq(seq), result }));
             s.apply(&e).unwrap();
         }
-        // The last REQUEST_WINDOW (8) requests, 5 to 12, answer as they first did.
-        for seq in 5..=12 {
+        // The last REQUEST_WINDOW requests, 5 to 4 + REQUEST_WINDOW, answer as
+        // they first did.
+        for seq in 5..=last {
             assert_eq!(s.already_answered(&dev, Seq(seq)), Some(OpResult::Done { meta: meta("a", seq) }), "{seq}");
         }
         assert!(matches!(s.already_answered(&dev, Seq(4)), Some(OpResult::Error { .. })), "4 is out of the window");

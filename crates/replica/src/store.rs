@@ -25,6 +25,7 @@
 //! a no-op, and within such a window no later entry touches its paths.
 
 use crate::state::{Change, Entry, State};
+use crate::uploads::Temps;
 use replibox_proto::pidlock::{self, LockError};
 use replibox_proto::times::{from_ms, to_ms, FileTimes};
 use replibox_proto::{ContentHash, Epoch, FileMeta, ServerId, Version};
@@ -33,8 +34,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 /// After this many log entries the state is written to a snapshot and the log emptied.
 const COMPACT_AFTER: usize = 10_000;
@@ -192,7 +192,8 @@ pub struct Store {
     /// Entries in the log that trigger a compaction ([`COMPACT_AFTER`]; tests
     /// lower it).
     compact_after: usize,
-    next_xfer: AtomicU64,
+    /// Makes temporary files; shared with the connection threads.
+    temps: Arc<Temps>,
     /// Entries appended but not yet fsynced: their actions, in log order.
     pending: Vec<Change>,
     /// The paths (user, path) the pending entries touch.
@@ -325,7 +326,7 @@ impl Store {
             log,
             log_entries,
             compact_after: COMPACT_AFTER,
-            next_xfer: AtomicU64::new(0),
+            temps: Arc::new(Temps::new(root)),
             pending: Vec::new(),
             pending_paths: HashSet::new(),
         };
@@ -398,16 +399,12 @@ impl Store {
 
     /// Creates a temporary file for an incoming transfer; returns its id and handle.
     pub fn create_temp(&self) -> Result<(String, File), StoreError> {
-        let n = self.next_xfer.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let xfer = format!("x{}-{nanos}-{n}", std::process::id());
-        let path = self.tmp_path(&xfer);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .context(|| format!("creating {}", path.display()))?;
-        Ok((xfer, file))
+        self.temps.create()
+    }
+
+    /// The maker of temporary files, for the connection threads.
+    pub fn temps(&self) -> Arc<Temps> {
+        self.temps.clone()
     }
 
     /// Removes a temporary file whose transfer was abandoned.

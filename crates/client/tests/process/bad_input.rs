@@ -173,7 +173,7 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     let seq = r.next_seq();
     r.send(&Msg::Request {
         seq,
-        op: Op::Upload { path: "long.bin".into(), size: 10, mtime_ms: 0, base: None, exec: false },
+        op: Op::Upload { path: "long.bin".into(), size: 10, mtime_ms: 0, base: None, exec: false, eager: false },
     });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload of long.bin not accepted");
     r.send_with(&Msg::Chunk { seq }, &[7u8; 20]);
@@ -183,7 +183,7 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     let seq = r.next_seq();
     r.send(&Msg::Request {
         seq,
-        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: None, exec: false },
+        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: None, exec: false, eager: false },
     });
     // keep.txt exists at version 1: uploading without a base is a conflict. Use the base.
     let base = match r.recv().map(|f| f.msg) {
@@ -193,7 +193,14 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     let seq = r.next_seq();
     r.send(&Msg::Request {
         seq,
-        op: Op::Upload { path: "keep.txt".into(), size: 1000, mtime_ms: 0, base: Some(base), exec: false },
+        op: Op::Upload {
+            path: "keep.txt".into(),
+            size: 1000,
+            mtime_ms: 0,
+            base: Some(base),
+            exec: false,
+            eager: false,
+        },
     });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload over keep.txt not accepted");
     r.send_with(&Msg::Chunk { seq }, &[9u8; 500]);
@@ -204,7 +211,7 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
     let seq = r.next_seq();
     r.send(&Msg::Request {
         seq,
-        op: Op::Upload { path: "bad hash.bin".into(), size: 5, mtime_ms: 0, base: None, exec: false },
+        op: Op::Upload { path: "bad hash.bin".into(), size: 5, mtime_ms: 0, base: None, exec: false, eager: false },
     });
     assert!(matches!(r.recv().map(|f| f.msg), Some(Msg::Proceed { .. })), "upload of bad hash.bin not accepted");
     r.send_with(&Msg::Chunk { seq }, b"hello");
@@ -218,6 +225,38 @@ fn bad_input_on_the_server_port_closes_that_connection_only() {
         "the session should go on after a refusal"
     );
     drop(r);
+
+    // Eager uploads (issue 7: the bytes right behind the request, as the
+    // front-end sends small files). Refused before the server read the bytes (a
+    // conflict; a bad path; a wrong hash after them): the bytes are read and
+    // dropped, the refusal comes, and the session stays in step. More bytes than
+    // declared still ends the connection.
+    let mut r = Raw::login(addr, "alice", device, "eager uploads refused");
+    match r.eager_upload("keep.txt", b"no base given", None) {
+        OpResult::Conflict { current: Some(c) } => assert_eq!(c.path, "keep.txt"),
+        other => fail(format!("an eager upload over keep.txt without a base should conflict, got {other:?}")),
+    }
+    match r.eager_upload("../escape.txt", b"outside", None) {
+        OpResult::Error { message } => assert!(message.contains(".."), "{message}"),
+        other => fail(format!("an eager upload to ../escape.txt should be refused, got {other:?}")),
+    }
+    let seq = r.next_seq();
+    let op = Op::Upload { path: "bad hash 2.bin".into(), size: 5, mtime_ms: 0, base: None, exec: false, eager: true };
+    r.send(&Msg::Request { seq, op });
+    r.send_with(&Msg::Chunk { seq }, b"hello");
+    assert!(
+        matches!(r.end_upload(seq, ContentHash::of(b"other")), OpResult::Error { .. }),
+        "an eager upload with a wrong hash should be refused"
+    );
+    assert!(
+        matches!(r.request(Op::List { after: None }), OpResult::Listing { .. }),
+        "the session should go on after refused eager uploads"
+    );
+    let seq = r.next_seq();
+    let op = Op::Upload { path: "long2.bin".into(), size: 10, mtime_ms: 0, base: None, exec: false, eager: true };
+    r.send(&Msg::Request { seq, op });
+    r.send_with(&Msg::Chunk { seq }, &[7u8; 20]);
+    r.expect_closed();
 
     silent.wait_closed(DEADLINE);
 

@@ -300,7 +300,14 @@ fn case(
             let n = *rng.pick(&[0usize, 3, 300, 70_000]);
             let body = rng.bytes(n);
             let exec = rng.chance(4);
-            let op = Op::Upload { path: random_path(rng), size: body.len() as u64, mtime_ms: 0, base: None, exec };
+            let op = Op::Upload {
+                path: random_path(rng),
+                size: body.len() as u64,
+                mtime_ms: 0,
+                base: None,
+                exec,
+                eager: false,
+            };
             bytes.extend(encode(epoch, &Msg::Request { seq, op }, &[]));
             bytes.extend(encode(epoch, &Msg::Chunk { seq }, &body));
             let hash = if rng.chance(4) { ContentHash(rng.next_u64()) } else { ContentHash::of(&body) };
@@ -456,6 +463,7 @@ fn role_msg(rng: &mut Rng, role: Role, epoch: u64) -> Msg {
                     mtime_ms: rng.next_u64() as i64,
                     base,
                     exec: rng.chance(2),
+                    eager: rng.chance(2),
                 },
             },
         },

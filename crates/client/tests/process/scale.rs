@@ -68,7 +68,14 @@ fn upload_in_flight(
     bytes: &[u8],
     answers: &mut BTreeMap<Seq, OpResult>,
 ) -> Option<()> {
-    let op = Op::Upload { path: path.into(), size: bytes.len() as u64, mtime_ms: 1_000, base: None, exec: false };
+    let op = Op::Upload {
+        path: path.into(),
+        size: bytes.len() as u64,
+        mtime_ms: 1_000,
+        base: None,
+        exec: false,
+        eager: false,
+    };
     r.send(&Msg::Request { seq, op });
     loop {
         match r.recv().map(|f| f.msg) {

@@ -440,7 +440,7 @@ mod tests {
             nonce: hex_encode(&[1; 32]),
         };
         let e = a.step(v2).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks protocol version 3; we speak 2");
+        assert_eq!(e.to_string(), "the peer speaks protocol version 4; we speak 3");
     }
 
     #[test]

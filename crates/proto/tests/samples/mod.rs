@@ -48,6 +48,7 @@ pub fn ops() -> Vec<Op> {
             mtime_ms: 1_764_150_000_000,
             base: Some(Version(2)),
             exec: true,
+            eager: true,
         },
         Op::Download { path: "docs/a b.txt".into() },
         Op::Delete { path: "old.txt".into(), base: Some(Version(1)) },

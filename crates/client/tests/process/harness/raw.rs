@@ -347,7 +347,7 @@ impl Raw {
         let seq = self.next_seq();
         self.send(&Msg::Request {
             seq,
-            op: Op::Upload { path: path.into(), size, mtime_ms: 1_000, base, exec: false },
+            op: Op::Upload { path: path.into(), size, mtime_ms: 1_000, base, exec: false, eager: false },
         });
         loop {
             match self.recv() {
@@ -382,6 +382,20 @@ impl Raw {
                 self.end_upload(seq, ContentHash::of(bytes))
             }
         }
+    }
+
+    /// An eager upload of `bytes` to `path` (its bytes right behind the request,
+    /// no `proceed` awaited), as the front-end sends small files: the answer.
+    /// A `proceed` for it fails the test.
+    pub fn eager_upload(&mut self, path: &str, bytes: &[u8], base: Option<Version>) -> OpResult {
+        let seq = self.next_seq();
+        let size = bytes.len() as u64;
+        self.send(&Msg::Request {
+            seq,
+            op: Op::Upload { path: path.into(), size, mtime_ms: 1_000, base, exec: false, eager: true },
+        });
+        self.send_chunks(seq, bytes);
+        self.end_upload(seq, ContentHash::of(bytes))
     }
 
     /// Waits (up to [`DEADLINE`]) for the server to close the connection; returns
