@@ -8,7 +8,6 @@ pub mod propagation;
 pub mod users;
 
 use crate::cluster::{self, Cluster, Credentials, Device, Host};
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -211,8 +210,10 @@ impl Arrival {
 
 /// Waits until each of `places` holds every file of `files` (relative path, size)
 /// at its full size, and returns when each place was complete. Polls every
-/// `every`; a large set is first counted by listing its folders (cheap), and each
-/// file's size is checked once the count is right. `alive` is asked between polls.
+/// `every`; each poll checks a place's files in order from the first one not yet
+/// complete, and stops at the first one still missing, so that the poller's own
+/// work over a whole burst grows with the files, not with files times polls (it
+/// shares the cores with what it measures). `alive` is asked between polls.
 pub fn wait_files(
     places: &[PathBuf],
     files: &[(String, u64)],
@@ -220,33 +221,23 @@ pub fn wait_files(
     every: Duration,
     alive: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<Vec<Instant>, String> {
-    // Files by folder, so that one listing counts a folder's arrivals.
-    let mut by_folder: HashMap<PathBuf, HashMap<String, u64>> = HashMap::new();
-    for (rel, size) in files {
-        let p = Path::new(rel);
-        let folder = p.parent().map(Path::to_path_buf).unwrap_or_default();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        by_folder.entry(folder).or_default().insert(name, *size);
-    }
-    let complete = |place: &Path| -> bool {
-        by_folder.iter().all(|(folder, names)| {
-            let dir = place.join(folder);
-            if names.len() > 4 {
-                let Ok(entries) = fs::read_dir(&dir) else { return false };
-                let present =
-                    entries.flatten().filter(|e| names.contains_key(e.file_name().to_string_lossy().as_ref())).count();
-                if present < names.len() {
-                    return false;
-                }
+    // Per place, how many of `files` (in order) are known complete: a file that
+    // arrived stays (nothing else writes there while a case waits).
+    let mut checked: Vec<usize> = vec![0; places.len()];
+    let mut complete = |i: usize, place: &Path| -> bool {
+        while let Some((rel, size)) = files.get(checked[i]) {
+            if !fs::metadata(place.join(rel)).is_ok_and(|m| m.len() == *size) {
+                return false;
             }
-            names.iter().all(|(name, size)| fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == *size))
-        })
+            checked[i] += 1;
+        }
+        true
     };
     let start = Instant::now();
     let mut done: Vec<Option<Instant>> = vec![None; places.len()];
     loop {
         for (i, place) in places.iter().enumerate() {
-            if done[i].is_none() && complete(place) {
+            if done[i].is_none() && complete(i, place) {
                 done[i] = Some(Instant::now());
             }
         }
