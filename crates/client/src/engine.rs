@@ -42,8 +42,14 @@ const INDEX_SAVE_EVERY: Duration = Duration::from_millis(500);
 /// Files smaller than this go up and come down in batches, several requests in
 /// flight at once.
 const BATCH_FILE_MAX: u64 = 1 << 20;
-/// Files per batch of uploads or downloads.
+/// Files per batch of downloads (each has its temporary file open until the
+/// batch is placed).
 const BATCH_FILES: usize = 256;
+/// Most files per batch of uploads. A batch waits for its last answers before
+/// the next one starts (a gap of one replication, tens of ms, in a burst), so
+/// the bigger the better; each of its files is open until the batch ends, so
+/// it takes at most a quarter of the open-file limit ([`upload_batch_files`]).
+const UPLOAD_BATCH_MAX: usize = 2048;
 /// Notices taken off the queue at once, so that a burst's files come down in
 /// batches instead of one round trip and one fsync after another.
 const NOTICES_AT_ONCE: usize = 4 * BATCH_FILES;
@@ -872,7 +878,7 @@ impl Engine {
             for path in std::mem::take(&mut plan.uploads) {
                 if local.get(&path).is_some_and(|l| l.size < BATCH_FILE_MAX) {
                     small.push(path);
-                    if small.len() >= BATCH_FILES {
+                    if small.len() >= upload_batch_files() {
                         let outcomes = self.upload_batch(std::mem::take(&mut small));
                         count_outcomes(self, &mut uploads, &mut to_send, outcomes)?;
                     }
@@ -1642,4 +1648,15 @@ impl Engine {
             other => Err(format!("unexpected answer: {other:?}")),
         }
     }
+}
+
+/// Files per batch of uploads: [`UPLOAD_BATCH_MAX`], or a quarter of the
+/// open-file limit (raised to its hard limit once, the first time), at least
+/// [`BATCH_FILES`].
+fn upload_batch_files() -> usize {
+    static FILES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FILES.get_or_init(|| {
+        let limit = replibox_proto::fdlimit::raise_open_files().unwrap_or(1024);
+        ((limit / 4) as usize).clamp(BATCH_FILES, UPLOAD_BATCH_MAX)
+    })
 }

@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod durable;
 pub mod error;
+pub mod fdlimit;
 pub mod frame;
 pub mod hash;
 pub mod ids;

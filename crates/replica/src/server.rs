@@ -31,20 +31,10 @@ pub const FDS_RESERVED: u64 = 64;
 /// Raises this process's soft limit on open files to its hard limit (a server
 /// holds a few per connection), and returns the limit it runs with.
 pub fn raise_fd_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-                hard
-            } else {
-                soft
-            }
-        }
-        Err(e) => {
-            log::warn!("cannot read the open-file limit: {e}; assuming 1024");
-            1024
-        }
-    }
+    replibox_proto::fdlimit::raise_open_files().unwrap_or_else(|e| {
+        log::warn!("{e}; assuming 1024");
+        1024
+    })
 }
 
 /// The default `--max-connections` for an open-file limit: what fits in it

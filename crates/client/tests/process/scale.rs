@@ -3,7 +3,7 @@
 use crate::harness::cluster::*;
 use crate::harness::raw::Raw;
 use crate::harness::*;
-use replibox_proto::{ContentHash, Msg, Op, OpResult, Seq};
+use replibox_proto::{ContentHash, Msg, Op, OpResult, Seq, REQUEST_WINDOW};
 use std::collections::BTreeMap;
 use std::fs;
 use std::time::{Duration, Instant};
@@ -150,9 +150,10 @@ fn uploads_in_flight_resent_after_a_failover_are_each_answered_once() {
         assert!(primary.stored("alice", path).is_empty(), "{path} was stored again by the new primary");
     }
 
-    // Seven more changes (seqs 4 to 10): seq 1 and 2 fall out of the window of 8.
+    // More changes, seqs 4 to 2 + REQUEST_WINDOW: seq 1 and 2 fall out of the
+    // window, seq 3 is its oldest.
     let mut more = BTreeMap::new();
-    let later: Vec<Seq> = (4..=10).map(Seq).collect();
+    let later: Vec<Seq> = (4..=2 + REQUEST_WINDOW).map(Seq).collect();
     for seq in &later {
         upload_in_flight(&mut b, *seq, &format!("m{}.txt", seq.0), b"more", &mut more);
         answers_for(&mut b, &[*seq], &mut more);
