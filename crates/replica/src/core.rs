@@ -23,7 +23,7 @@ use replibox_proto::{
     Version,
 };
 use serde_json::json;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -330,6 +330,10 @@ pub enum Event {
     /// Stop the core.
     Shutdown,
 }
+
+/// Paths noted in `Core::changed_at` beyond which the acknowledged ones are
+/// forgotten (a burst of changes under way holds fewer).
+const CHANGED_AT_PRUNE: usize = 4096;
 
 /// How long the core waits for more entries before a group commit, in a burst.
 const LINGER: Duration = Duration::from_millis(2);
@@ -678,6 +682,13 @@ pub struct Core {
     /// The backups' queues as upload threads read them (published after every
     /// round of events).
     route: Arc<UploadRoute>,
+    /// Per user and path, the position of the last entry this primary logged
+    /// that changed it (pruned once acknowledged): a download waits for that
+    /// entry alone, not for every change under way ([`Core::answer_download`]).
+    changed_at: HashMap<(String, String), LogPos>,
+    /// The log's position when this server last became primary: entries up to
+    /// it are not in `changed_at`, and count as changing every path.
+    primary_from: LogPos,
 }
 
 /// How often a primary running with fewer backups than it had says so again.
@@ -743,6 +754,8 @@ impl Core {
             fewer_said: None,
             throttle: LoginThrottle::new(),
             route: Arc::new(UploadRoute::default()),
+            changed_at: HashMap::new(),
+            primary_from: LogPos(0),
         }
     }
 
@@ -1195,6 +1208,9 @@ impl Core {
     /// that reached the log but whose action failed leaves disk and state
     /// disagreeing: the core stops (the next start-up redoes the action).
     fn persist(&mut self, entry: Entry) -> Vec<Output> {
+        if self.node.is_primary() {
+            self.note_changed(&entry);
+        }
         let now = self.now_ms();
         let pos = entry.pos;
         let refetching = self.applying.as_ref().is_some_and(|a| a.pos == pos && a.needs_disk());
@@ -1338,6 +1354,8 @@ impl Core {
 
     fn became_primary(&mut self, epoch: Epoch) {
         log::info!("serving as primary id={} epoch={epoch} addr={}", self.node.id(), self.node.addr());
+        self.primary_from = self.node.state().pos;
+        self.changed_at.clear();
         let (Some(events), Some(ctx)) = (self.events.clone(), self.ctx.clone()) else { return };
         let sessions: Vec<Session> = self.node.state().sessions.values().cloned().collect();
         for s in sessions {
@@ -1841,7 +1859,7 @@ impl Core {
             }
             CoreRequest::Open { path, reply } => {
                 let opened = self.open(&user, &path);
-                self.answer_committed(Held::Open(reply, opened));
+                self.answer_download(&user, &path, Held::Open(reply, opened));
             }
             CoreRequest::BeginUpload { path, base, reply } => {
                 if let Some(answer) = answered {
@@ -1975,6 +1993,49 @@ impl Core {
             // flush): what it read may not be on the backups; the client asks
             // the next primary, as for the answers `release_held` drops.
             None => {}
+        }
+    }
+
+    /// Notes the paths an entry logged on this primary changes, for
+    /// [`Core::answer_download`]; forgets those acknowledged since, now and then.
+    fn note_changed(&mut self, entry: &Entry) {
+        let pos = entry.pos;
+        let mut note = |user: &str, path: &str| {
+            self.changed_at.insert((user.to_string(), path.to_string()), pos);
+        };
+        match &entry.change {
+            Change::Put { user, meta, .. } | Change::Delete { user, meta } => note(user, &meta.path),
+            Change::Rename { user, from, to } => {
+                note(user, &from.path);
+                note(user, &to.path);
+            }
+            _ => {}
+        }
+        if self.changed_at.len() > CHANGED_AT_PRUNE {
+            let committed = self.node.committed().unwrap_or(LogPos(0));
+            self.changed_at.retain(|_, at| *at > committed);
+        }
+    }
+
+    /// Sends a download's answer (the file's version, or that there is none)
+    /// once the last entry that changed that path is acknowledged: now, when it
+    /// is. Only that entry shows in the answer, so the rest of a burst of
+    /// changes under way does not hold it up, while a change that a failover
+    /// could still lose is never shown (see [`Core::answer_committed`]). The
+    /// file was opened after any group that touches it was flushed.
+    fn answer_download(&mut self, user: &str, path: &str, held: Held) {
+        let Some(committed) = self.node.committed() else {
+            // Not primary: the client asks the next one (as answer_committed).
+            return;
+        };
+        let changed = self.changed_at.get(&(user.to_string(), path.to_string())).copied();
+        let at = changed.unwrap_or(LogPos(0)).max(self.primary_from);
+        if at <= committed {
+            held.send();
+        } else {
+            // In position order, as release_held expects.
+            let i = self.held.iter().position(|(p, _)| *p > at).unwrap_or(self.held.len());
+            self.held.insert(i, (at, held));
         }
     }
 

@@ -176,6 +176,51 @@ fn a_listing_or_a_download_never_shows_a_change_that_is_not_acknowledged() {
     s3.proc.signal("CONT");
 }
 
+/// A download waits only for the last change to its own file (issue 7: a device
+/// fetching a burst's files while the other device is still sending must not
+/// wait for every change under way): with backup s3 stopped and device A's
+/// upload of x.bin unacknowledged, device B's download of z.bin, which nothing
+/// under way touches, is answered before the primary drops s3, with z.bin's
+/// bytes; its download of x.bin still waits (the test above).
+#[test]
+fn a_download_waits_only_for_the_changes_to_its_own_file() {
+    let t = TestDir::new("guarantee_download_own_file");
+    let (s1, _s2, mut s3) = three_servers(&t, &["--ack-timeout-ms", "2500"]);
+    let mut a = Raw::login(s1.addr, "alice", "00000000000000a1", "device A");
+    let mut b = Raw::login(s1.addr, "alice", "00000000000000b1", "device B");
+    let z = seeded(3, 50_000);
+    assert!(matches!(a.upload("z.bin", &z, None), OpResult::Done { .. }), "the upload of z.bin");
+    let _ = b.next_notice();
+    let before = dropped(&s1, 3);
+    s3.proc.signal("STOP");
+    let x = seeded(4, 20_000);
+    let seq = a.begin_upload("x.bin", x.len() as u64, None).unwrap_or_else(|r| fail(format!("{r:?}")));
+    a.send_chunks(seq, &x);
+    a.send(&Msg::UploadEnd { seq, hash: replibox_proto::ContentHash::of(&x) });
+    wait_until(DEADLINE, "the primary to apply the upload of x.bin", || {
+        s1.log().contains("stored user=alice path=x.bin")
+    });
+    let dseq = b.next_seq();
+    b.send(&Msg::Request { seq: dseq, op: Op::Download { path: "z.bin".into() } });
+    let meta = match b.reply_to(dseq) {
+        OpResult::Data { meta } => meta,
+        other => fail(format!("the download of z.bin answered {other:?}")),
+    };
+    assert_eq!(dropped(&s1, 3), before, "the download of z.bin waited for the primary to drop stalled s3");
+    let mut got = Vec::new();
+    loop {
+        match b.recv().map(|f| (f.msg, f.payload)) {
+            Some((Msg::Chunk { seq: s }, payload)) if s == dseq => got.extend_from_slice(&payload),
+            Some((Msg::DownloadEnd { seq: s, .. }, _)) if s == dseq => break,
+            Some((Msg::Pong | Msg::Notice { .. }, _)) => {}
+            other => fail(format!("the download of z.bin went on with {other:?}")),
+        }
+    }
+    assert_eq!((meta.size, got), (z.len() as u64, z), "z.bin's bytes");
+    assert!(matches!(a.reply_to(seq), OpResult::Done { .. }), "the upload of x.bin, once s3 is dropped");
+    s3.proc.signal("CONT");
+}
+
 /// At most once, end to end: a request that the server applied but whose reply was
 /// lost (the network cut the connection instead of delivering it) is resent by the
 /// client's front-end after it reconnects, gets its first answer, and is not
