@@ -667,7 +667,7 @@ pub struct Client {
     pub ack_timeout: Duration,
     /// Makes uploads' temporary files.
     pub temps: Arc<Temps>,
-    /// The backups a small upload streams to without asking the core.
+    /// The backups an eager upload streams to without asking the core.
     pub route: Arc<UploadRoute>,
 }
 
@@ -859,7 +859,7 @@ impl Client {
                 log::warn!("refused request user={} device={} seq={seq}: {e}", self.user, self.device);
                 // An upload's chunks would follow a refused header only after a
                 // Proceed, which is never sent; an eager one's are on their way.
-                self.skip_small_upload(reader, seq, &op)?;
+                self.skip_eager_upload(reader, seq, &op)?;
                 return self.reply(seq, OpResult::Error { message: e.to_string() });
             }
         }
@@ -910,7 +910,7 @@ impl Client {
 
     /// After a refusal that came before the bytes: reads and drops them when
     /// `op` is an eager upload (they follow its request unasked).
-    fn skip_small_upload<R: FrameSource>(&self, reader: &mut R, seq: Seq, op: &Op) -> Result<(), End> {
+    fn skip_eager_upload<R: FrameSource>(&self, reader: &mut R, seq: Seq, op: &Op) -> Result<(), End> {
         match op {
             Op::Upload { size, eager: true, .. } => self.skip_upload(reader, seq, *size),
             _ => Ok(()),

@@ -151,7 +151,13 @@ pub fn process_death(ctx: &Ctx) -> (Row, String) {
     let devices = [Host::loopback(4), Host::loopback(5)];
     let mut trials = Vec::new();
     for t in 1..=ctx.plan.failover_trials {
-        match trial(&ctx.dir.join("failover").join(format!("trial-{t}")), &servers, devices.clone(), &ctx.creds, &Cut::Kill) {
+        match trial(
+            &ctx.dir.join("failover").join(format!("trial-{t}")),
+            &servers,
+            devices.clone(),
+            &ctx.creds,
+            &Cut::Kill,
+        ) {
             Ok(tr) => {
                 ctx.say(&format!("case 1 trial {t}: outage {}", show_ms(ms(tr.outage))));
                 trials.push(tr);
@@ -187,7 +193,13 @@ pub fn host_loss(ctx: &Ctx) -> (Row, String) {
     let devices = [lab.device_host(1), lab.device_host(2)];
     let mut trials = Vec::new();
     for t in 1..=ctx.plan.failover_trials {
-        let r = trial(&ctx.dir.join("hostloss").join(format!("trial-{t}")), &servers, devices.clone(), &ctx.creds, &Cut::Host(&lab));
+        let r = trial(
+            &ctx.dir.join("hostloss").join(format!("trial-{t}")),
+            &servers,
+            devices.clone(),
+            &ctx.creds,
+            &Cut::Host(&lab),
+        );
         if let Err(e) = lab.heal() {
             return (Row::not_measured(2, what, target, &e), how);
         }
