@@ -1651,12 +1651,9 @@ impl Engine {
 }
 
 /// Files per batch of uploads: [`UPLOAD_BATCH_MAX`], or a quarter of the
-/// open-file limit (raised to its hard limit once, the first time), at least
-/// [`BATCH_FILES`].
+/// open-file limit (which `main` raises to its hard limit at start-up), at
+/// least [`BATCH_FILES`]. Read once: the limit does not change afterwards.
 fn upload_batch_files() -> usize {
     static FILES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FILES.get_or_init(|| {
-        let limit = replibox_proto::fdlimit::raise_open_files().unwrap_or(1024);
-        ((limit / 4) as usize).clamp(BATCH_FILES, UPLOAD_BATCH_MAX)
-    })
+    *FILES.get_or_init(|| ((replibox_proto::fdlimit::open_files() / 4) as usize).clamp(BATCH_FILES, UPLOAD_BATCH_MAX))
 }

@@ -86,6 +86,10 @@ fn device_name(s: &str) -> Result<String, String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
+    // A batch of uploads keeps its files open (engine::upload_batch_files).
+    if let Err(e) = replibox_proto::fdlimit::raise_open_files() {
+        log::warn!("{e}");
+    }
     match run(args) {
         Ok(code) => code,
         Err(e) => {

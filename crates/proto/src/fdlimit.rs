@@ -14,11 +14,18 @@ pub fn raise_open_files() -> Result<u64, String> {
     }
 }
 
+/// This process's soft limit on open files (1024 when it cannot be read).
+pub fn open_files() -> u64 {
+    use nix::sys::resource::{getrlimit, Resource};
+    getrlimit(Resource::RLIMIT_NOFILE).map(|(soft, _)| soft).unwrap_or(1024)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_limit_is_at_least_what_it_was() {
         let before = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap().0;
         assert!(super::raise_open_files().unwrap() >= before);
+        assert!(super::open_files() >= before);
     }
 }

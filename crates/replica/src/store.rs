@@ -397,11 +397,6 @@ impl Store {
         Ok(())
     }
 
-    /// Creates a temporary file for an incoming transfer; returns its id and handle.
-    pub fn create_temp(&self) -> Result<(String, File), StoreError> {
-        self.temps.create()
-    }
-
     /// The maker of temporary files, for the connection threads.
     pub fn temps(&self) -> Arc<Temps> {
         self.temps.clone()
@@ -1125,7 +1120,7 @@ mod tests {
     }
 
     fn put(store: &mut Store, state: &mut State, path: &str, bytes: &[u8]) {
-        let (xfer, mut f) = store.create_temp().unwrap();
+        let (xfer, mut f) = store.temps().create().unwrap();
         f.write_all(bytes).unwrap();
         let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));
         let entry = next_entry(state, Change::Put { user: "u".into(), meta, xfer });
@@ -1154,7 +1149,7 @@ mod tests {
     fn crash_after_log_before_rename_is_redone_at_start() {
         let dir = TempDir::new("redo");
         let (mut store, _, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
-        let (xfer, mut f) = store.create_temp().unwrap();
+        let (xfer, mut f) = store.temps().create().unwrap();
         f.write_all(b"data").unwrap();
         let meta = new_meta("x", Version(1), 4, 5, ContentHash::of(b"data"));
         let entry = Entry {
@@ -1178,7 +1173,7 @@ mod tests {
         let dir = TempDir::new("torn");
         let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
         put(&mut store, &mut state, "keep", b"1");
-        let (_xfer, mut f) = store.create_temp().unwrap();
+        let (_xfer, mut f) = store.temps().create().unwrap();
         f.write_all(b"half an upload").unwrap();
         store.log.write_all(b"{\"pos\":2,\"chan").unwrap();
         drop(store);
@@ -1324,7 +1319,7 @@ mod tests {
 
     /// A Put entry for `bytes` at `path`, its temporary file written and synced.
     fn put_entry(store: &Store, state: &State, path: &str, bytes: &[u8]) -> Entry {
-        let (xfer, mut f) = store.create_temp().unwrap();
+        let (xfer, mut f) = store.temps().create().unwrap();
         f.write_all(bytes).unwrap();
         sync_temp(&f).unwrap();
         let meta = new_meta(path, state.next_version("u", path), bytes.len() as u64, 1_000, ContentHash::of(bytes));

@@ -51,11 +51,6 @@ impl Temps {
             .context(|| format!("creating {}", path.display()))?;
         Ok((xfer, file))
     }
-
-    /// Where the transfer `xfer`'s bytes are kept.
-    pub fn path(&self, xfer: &str) -> PathBuf {
-        tmp_file(&self.data, xfer)
-    }
 }
 
 /// The live backups' data queues, as the core last published them; none while
@@ -100,7 +95,7 @@ mod tests {
         let (a, _) = temps.create().unwrap();
         let (b, _) = temps.create().unwrap();
         assert_ne!(a, b);
-        assert!(temps.path(&a).exists() && temps.path(&b).exists());
+        assert!(tmp_file(&dir, &a).exists() && tmp_file(&dir, &b).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
