@@ -498,7 +498,13 @@ impl Store {
             self.act_into(state, change, &mut dirs)?;
         }
         for dir in dirs {
-            fsync_dir(&dir).context(|| format!("syncing directory {}", dir.display()))?;
+            match fsync_dir(&dir) {
+                // A later entry of the group emptied the folder and removed it:
+                // the folder it was removed from is in `dirs` too (what
+                // `prune_empty_dirs` returns), and syncing that makes it durable.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other.context(|| format!("syncing directory {}", dir.display()))?,
+            }
         }
         Ok(())
     }
@@ -1400,6 +1406,30 @@ mod tests {
         assert_eq!(fs::read(store.user_path("u", "x/2")).unwrap(), b"two", "the group was not redone whole");
         assert_eq!(fs::read(store.user_path("u", "y")).unwrap(), b"three");
         assert!(!store.user_path("u", "d/old").exists());
+        assert!(store.check_against(&state2).unwrap().is_empty());
+    }
+
+    /// Two deletes in one group, the second emptying the folder the first left
+    /// behind (`d/e/b`, then `d/c`): the first's folder to sync, `d`, is gone by
+    /// the flush. Found by the chaos test (a new primary stopped with "syncing
+    /// directory ...: No such file or directory"); the flush must succeed.
+    #[test]
+    fn a_group_that_empties_a_folder_a_previous_entry_synced_flushes() {
+        let dir = TempDir::new("group-nested-deletes");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "d/e/b", b"b");
+        put(&mut store, &mut state, "d/c", b"c");
+        for path in ["d/e/b", "d/c"] {
+            let e = delete_entry(&state, path);
+            assert!(store.can_defer(&e.change));
+            store.append_deferred(&state, &e).unwrap();
+            state.apply(&e).unwrap();
+        }
+        store.flush(&state).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!store.user_path("u", "d").exists());
+        drop(store);
+        let (store, state2, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state2, state);
         assert!(store.check_against(&state2).unwrap().is_empty());
     }
 
