@@ -18,13 +18,16 @@ CARGO ?= cargo
 # disagree instead of quietly resolving new versions. Locally, cargo may update it.
 LOCKED := $(if $(filter true 1,$(CI)),--locked,)
 
-.PHONY: build release debug test mutants cluster cluster-stop cluster-clean bench bench-quick bench-peers bench-replication fmt fmt-check clippy clean tools help
+.PHONY: build release debug test mutants cluster cluster-stop cluster-clean bench bench-quick bench-peers bench-replication fmt fmt-check clippy clean tools test-tools help
 
 help:
 	@sed -n '3,10s/^# //p' Makefile
 
 tools:
 	@scripts/check-tools.sh
+
+test-tools:
+	@scripts/check-tools.sh tests
 
 build: release debug
 
@@ -41,7 +44,7 @@ debug: tools
 # cargo's last summary line is often a doc-test binary with nothing in it; the
 # closing line here adds up every binary's counts, so a reader of the log (or CI)
 # sees at the end how many tests ran.
-test: tools
+test: test-tools
 	$(CARGO) build --workspace $(LOCKED)
 	@mkdir -p target
 	RUST_BACKTRACE=1 $(CARGO) test --workspace --no-fail-fast $(LOCKED) 2>&1 | tee target/test-output.log
@@ -84,7 +87,7 @@ fuzz: tools
 # Mutation testing (cargo-mutants, installed from crates.io when missing) of the
 # pure modules, each against its own unit tests; see docs/testing.md. It takes
 # minutes, so `make test` does not run it. Results: target/mutants/NAME/mutants.out.
-mutants: tools
+mutants: test-tools
 	@command -v cargo-mutants >/dev/null || $(CARGO) install cargo-mutants --locked
 	scripts/mutants.sh
 

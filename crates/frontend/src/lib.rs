@@ -18,6 +18,7 @@
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use replibox_proto::auth::{callback::verify_callback_proof, fresh_nonce, AuthError, AuthMsg, Password, Refusal};
 use replibox_proto::auth::{ScramClient, Step};
+use replibox_proto::durable::WriteBehind;
 use replibox_proto::{
     read_frame, write_frame, Damaged, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Receipt,
     Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION, REQUEST_WINDOW, SMALL_UPLOAD,
@@ -673,6 +674,7 @@ impl Frontend {
             // rest of the file is read and dropped, so that the connection stays
             // clean and the retry (with its back-off) costs no new login.
             let mut failed: Option<FrontError> = None;
+            let mut out = WriteBehind::new(&*dest);
             loop {
                 let frame = match conn.recv() {
                     Ok(f) => f,
@@ -682,7 +684,7 @@ impl Frontend {
                     Msg::Chunk { seq: s } if s == seq => {
                         receipt.add(&frame.payload).map_err(damaged)?;
                         if failed.is_none() {
-                            if let Err(e) = dest.write_all(&frame.payload) {
+                            if let Err(e) = out.write_all(&frame.payload) {
                                 failed = Some(FrontError::local_io(format_args!("cannot write {path}"), &e));
                             }
                         }
@@ -693,7 +695,7 @@ impl Frontend {
                         if let Some(e) = failed {
                             return Ok(Attempt::Failed(e));
                         }
-                        if let Err(e) = dest.flush() {
+                        if let Err(e) = out.flush().and_then(|()| out.finish()) {
                             return Ok(Attempt::Failed(FrontError::local_io(format_args!("cannot write {path}"), &e)));
                         }
                         return Ok(Attempt::Done(Ok(meta)));

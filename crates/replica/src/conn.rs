@@ -11,6 +11,7 @@ use crate::link::{DataSender, LinkOut};
 use crate::uploads::{Temps, UploadRoute};
 use crossbeam_channel::{unbounded, Sender};
 use replibox_proto::auth::{accept_server, Admission, Frames, Refusal, ScramServer, ServerStep, SessionKey};
+use replibox_proto::durable::WriteBehind;
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, AuthError, AuthMsg, DeviceId, Epoch, Frame, Hasher, Msg,
     Op, OpResult, ProtoError, Purpose, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
@@ -961,7 +962,7 @@ impl Client {
         base: Option<replibox_proto::Version>,
         mut backups: Vec<DataSender>,
     ) -> Result<(), End> {
-        let (xfer, mut file) = match self.temps.create() {
+        let (xfer, file) = match self.temps.create() {
             Ok(t) => t,
             Err(e) => {
                 log::error!("cannot create temporary file for user={} path={path}: {e}", self.user);
@@ -974,6 +975,7 @@ impl Client {
                 return self.reply(seq, OpResult::Unavailable { message });
             }
         };
+        let mut file = WriteBehind::new(file);
         // The core tells every backup (on the control queue, which never drops a
         // message) that this transfer will not be committed.
         let abandon = |why: End| {
@@ -1044,6 +1046,13 @@ impl Client {
                 }
             }
         };
+        if trouble.is_none() {
+            if let Err(e) = file.finish() {
+                log::error!("cannot write upload user={} path={path}: {e}", self.user);
+                trouble = Some(crate::store::storage_trouble(&e));
+                let _ = abandon(End::Clean);
+            }
+        }
         if let Some(message) = trouble {
             return self.reply(seq, OpResult::Unavailable { message });
         }

@@ -17,6 +17,7 @@ use crate::core::{ask, Event, FollowerEvent};
 use crate::state::{Change, State};
 use crate::store::{sync_temp, tmp_file, user_file};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use replibox_proto::durable::WriteBehind;
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, Damaged, Epoch, FileMeta, Frame, Hasher, LogPos, Msg,
     OpResult, ProtoError, Purpose, Receipt, ServerId, Who, PROTOCOL_VERSION,
@@ -166,7 +167,7 @@ fn valid_xfer(xfer: &str) -> bool {
 
 /// A forwarded upload arriving on the link; its size is known only at its end.
 struct Incoming {
-    file: File,
+    file: WriteBehind<File>,
     hash: Hasher,
     complete: bool,
 }
@@ -404,7 +405,10 @@ impl Follower {
                 self.storage = true;
                 format!("cannot create {}: {e}", path.display())
             })?;
-            self.xfers.insert(xfer.to_string(), Incoming { file, hash: Hasher::new(), complete: false });
+            self.xfers.insert(
+                xfer.to_string(),
+                Incoming { file: WriteBehind::new(file), hash: Hasher::new(), complete: false },
+            );
         }
         self.xfers.get_mut(xfer).ok_or_else(|| format!("transfer {xfer} vanished"))
     }
@@ -423,6 +427,10 @@ impl Follower {
             Msg::XferEnd { xfer, size, hash } => {
                 // Created here for an empty upload, which has no chunks.
                 let inc = self.incoming(&xfer)?;
+                if let Err(e) = inc.file.finish() {
+                    self.storage = true;
+                    return Err(format!("cannot write transfer {xfer}: {e}"));
+                }
                 let got = inc.hash.bytes_hashed();
                 if got != size || inc.hash.finish() != hash {
                     log::warn!("transfer {xfer} arrived incomplete ({got} of {size} bytes); will fetch it");
@@ -625,7 +633,7 @@ impl Fetcher {
             other => return Err(format!("unexpected {} answering a fetch", other.kind()).into()),
         };
         let local = |what: &str, e: std::io::Error| FetchError::Local(format!("cannot {what} {}: {e}", dest.display()));
-        let mut file = File::create(dest).map_err(|e| local("create", e))?;
+        let mut file = WriteBehind::new(File::create(dest).map_err(|e| local("create", e))?);
         let mut receipt = Receipt::of_version(meta.size, meta.hash);
         let damaged = |e: Damaged| format!("fetch of {path} of user {user} arrived damaged: {e}");
         loop {
@@ -637,7 +645,8 @@ impl Fetcher {
                 }
                 Msg::DownloadEnd { hash: sent, .. } => {
                     receipt.finish(sent).map_err(damaged)?;
-                    sync_temp(&file).map_err(|e| local("sync", e))?;
+                    file.finish().map_err(|e| local("write", e))?;
+                    sync_temp(file.get_ref()).map_err(|e| local("sync", e))?;
                     return Ok(Some(meta));
                 }
                 other => return Err(format!("unexpected {} during a fetch", other.kind()).into()),
