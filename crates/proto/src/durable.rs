@@ -5,11 +5,12 @@
 //! of received files both sync this way.
 //!
 //! A large file arriving over the network is written through a [`WriteBehind`],
-//! which keeps only its last few MiB in the page cache.
+//! which keeps only its last few MiB in the page cache; one a server sends is read
+//! through a [`ReadBehind`], for the same reason.
 
 use std::borrow::Borrow;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::mpsc;
 use std::thread;
 
@@ -202,6 +203,44 @@ impl<F: Borrow<File>> Write for WriteBehind<F> {
     }
 }
 
+/// A file read once, from its start to its end, that does not fill the page
+/// cache: every [`WRITE_BEHIND`] bytes, what was read is dropped from the cache.
+///
+/// Why: a server sending a large file (a download, a backup's fetch) reads it from
+/// disk into pages the kernel must find anew, as [`WriteBehind`] explains; read
+/// plainly, 1 GiB took 1.2-2.2 s on the test machine, dropped behind 0.5-0.6 s
+/// (the freed pages are the next ones filled). The file's first and last window
+/// may stay cached.
+pub struct ReadBehind<F: Borrow<File>> {
+    file: F,
+    /// Bytes read so far, from the file's start.
+    read: u64,
+    /// Bytes before this offset were dropped from the cache.
+    dropped: u64,
+}
+
+impl<F: Borrow<File>> ReadBehind<F> {
+    /// Reads through `file`, whose position is its start.
+    pub fn new(file: F) -> Self {
+        ReadBehind { file, read: 0, dropped: 0 }
+    }
+}
+
+impl<F: Borrow<File>> Read for ReadBehind<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut file: &File = self.file.borrow();
+        let n = file.read(buf)?;
+        self.read += n as u64;
+        if self.read - self.dropped >= WRITE_BEHIND {
+            let (from, len) = (self.dropped as i64, (self.read - self.dropped) as i64);
+            // Only a hint: if the kernel ignores it, the pages stay cached.
+            let _ = nix::fcntl::posix_fadvise(file, from, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+            self.dropped = self.read;
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_written_behind_holds_every_byte_in_order() {
+    fn a_file_written_behind_holds_every_byte_in_order_and_reads_back_behind() {
         let dir = std::env::temp_dir().join(format!("replibox-writebehind-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
@@ -239,6 +278,19 @@ mod tests {
         w.finish().unwrap();
         w.get_ref().sync_all().unwrap();
         assert!(std::fs::read(&path).unwrap() == expected, "the file holds other bytes than were written");
+        // Read back behind, in pieces that straddle the windows too.
+        let mut r = ReadBehind::new(File::open(&path).unwrap());
+        let mut got = Vec::new();
+        let mut piece = vec![0u8; (1 << 20) + 3];
+        loop {
+            let n = r.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert!(r.dropped > 0, "nothing was dropped behind the reader");
+        assert!(got == expected, "reading behind gave other bytes than were written");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -11,7 +11,7 @@ use crate::link::{DataSender, LinkOut};
 use crate::uploads::{Temps, UploadRoute};
 use crossbeam_channel::{unbounded, Sender};
 use replibox_proto::auth::{accept_server, Admission, Frames, Refusal, ScramServer, ServerStep, SessionKey};
-use replibox_proto::durable::WriteBehind;
+use replibox_proto::durable::{ReadBehind, WriteBehind};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, AuthError, AuthMsg, DeviceId, Epoch, Frame, Hasher, Msg,
     Op, OpResult, ProtoError, Purpose, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
@@ -724,17 +724,13 @@ fn serve_fetch(
 }
 
 /// Sends a file as a download: the metadata, its chunks, the end with the hash.
-fn stream_file(
-    writer: &FrameWriter,
-    seq: Seq,
-    meta: replibox_proto::FileMeta,
-    mut file: std::fs::File,
-) -> Result<(), End> {
+fn stream_file(writer: &FrameWriter, seq: Seq, meta: replibox_proto::FileMeta, file: std::fs::File) -> Result<(), End> {
     let size = meta.size;
     writer.send(&Msg::Reply { seq, result: OpResult::Data { meta } }, &[])?;
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut sent = 0u64;
     let mut hasher = Hasher::new();
+    let mut file = ReadBehind::new(file);
     while sent < size {
         let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
         let n = match file.read(&mut buf[..want]) {

@@ -45,11 +45,12 @@ fn cached_bytes(path: &Path) -> u64 {
 /// A large file does not stay in the page cache of the servers that store it, nor
 /// of the device that receives it: each writes it through
 /// `proto::durable::WriteBehind`, which syncs every 32 MiB and drops what it
-/// synced, so at most about one window (plus a chunk) is left cached. Written
-/// plainly, all 160 MiB would stay cached on each, pushing out what else was
-/// there (on a machine that hands freed memory back to its host, filling new
-/// pages is what made a 1 GiB file slow), and the commit's fsync would find the
-/// whole file still to write. The file is checked byte for byte afterwards
+/// synced, so at most about one window (plus a chunk) is left cached; and the
+/// primary sends it to device 2 through `ReadBehind`, which drops what it has
+/// sent. Written plainly, all 160 MiB would stay cached on each, pushing out what
+/// else was there (on a machine that hands freed memory back to its host, filling
+/// new pages is what made a 1 GiB file slow), and the commit's fsync would find
+/// the whole file still to write. The file is checked byte for byte afterwards
 /// (reading it caches it again, so only then).
 #[test]
 fn a_large_file_does_not_stay_in_the_page_cache_of_those_that_store_it() {
@@ -70,8 +71,8 @@ fn a_large_file_does_not_stay_in_the_page_cache_of_those_that_store_it() {
         eprintln!("{name}: {cached} bytes of big.bin cached");
         assert!(cached < BOUND, "{name} keeps {cached} bytes of the {SIZE}-byte big.bin cached (bound {BOUND})");
     }
-    // Device 2 starts only now: its download reads the primary's copy back into
-    // the primary's cache.
+    // Device 2 starts only now, so that its download reads the primary's copy
+    // from the disk.
     let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
     let at_d2 = d2.path("big.bin");
     wait_until(DEADLINE, "device 2 to hold big.bin at its full size", || {
@@ -80,6 +81,12 @@ fn a_large_file_does_not_stay_in_the_page_cache_of_those_that_store_it() {
     let cached = cached_bytes(&at_d2);
     eprintln!("dev2: {cached} bytes of big.bin cached");
     assert!(cached < BOUND, "device 2 keeps {cached} bytes of the {SIZE}-byte big.bin cached (bound {BOUND})");
+    let cached = cached_bytes(&stored[0].1);
+    eprintln!("s1 after sending it: {cached} bytes of big.bin cached");
+    assert!(
+        cached < BOUND,
+        "s1 keeps {cached} bytes of the {SIZE}-byte big.bin cached after sending it (bound {BOUND})"
+    );
     for (name, path) in &stored {
         assert!(same_file(&src, path), "{name} holds other bytes than were uploaded");
     }
