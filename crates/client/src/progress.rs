@@ -111,6 +111,8 @@ pub fn download_to(
         Ok(Ok(meta)) => {
             stamp(&file, tmp, &meta);
             file.sync_all()
+                // It was written behind (`Frontend::download`); the rest goes now.
+                .map(|()| replibox_proto::durable::drop_synced(&file))
                 .map(|()| Ok(meta))
                 .map_err(|e| FrontError::local_io(format_args!("cannot write {}", tmp.display()), &e))
         }

@@ -695,7 +695,7 @@ impl Frontend {
                         if let Some(e) = failed {
                             return Ok(Attempt::Failed(e));
                         }
-                        if let Err(e) = out.flush().and_then(|()| out.finish()) {
+                        if let Err(e) = out.flush() {
                             return Ok(Attempt::Failed(FrontError::local_io(format_args!("cannot write {path}"), &e)));
                         }
                         return Ok(Attempt::Done(Ok(meta)));

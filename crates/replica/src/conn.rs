@@ -1042,13 +1042,6 @@ impl Client {
                 }
             }
         };
-        if trouble.is_none() {
-            if let Err(e) = file.finish() {
-                log::error!("cannot write upload user={} path={path}: {e}", self.user);
-                trouble = Some(crate::store::storage_trouble(&e));
-                let _ = abandon(End::Clean);
-            }
-        }
         if let Some(message) = trouble {
             return self.reply(seq, OpResult::Unavailable { message });
         }

@@ -427,10 +427,6 @@ impl Follower {
             Msg::XferEnd { xfer, size, hash } => {
                 // Created here for an empty upload, which has no chunks.
                 let inc = self.incoming(&xfer)?;
-                if let Err(e) = inc.file.finish() {
-                    self.storage = true;
-                    return Err(format!("cannot write transfer {xfer}: {e}"));
-                }
                 let got = inc.hash.bytes_hashed();
                 if got != size || inc.hash.finish() != hash {
                     log::warn!("transfer {xfer} arrived incomplete ({got} of {size} bytes); will fetch it");
@@ -645,8 +641,8 @@ impl Fetcher {
                 }
                 Msg::DownloadEnd { hash: sent, .. } => {
                     receipt.finish(sent).map_err(damaged)?;
-                    file.finish().map_err(|e| local("write", e))?;
                     sync_temp(file.get_ref()).map_err(|e| local("sync", e))?;
+                    replibox_proto::durable::drop_synced(file.get_ref());
                     return Ok(Some(meta));
                 }
                 other => return Err(format!("unexpected {} during a fetch", other.kind()).into()),

@@ -119,7 +119,11 @@ pub fn sync_temp(file: &File) -> io::Result<()> {
 /// ([`replibox_proto::durable`]).
 fn sync_files(paths: &[PathBuf]) -> Result<(), StoreError> {
     replibox_proto::durable::sync_all(paths, |p| {
-        File::open(p).and_then(|f| f.sync_data()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        let f = File::open(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+        f.sync_data().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+        // A large upload was written behind; what is left of it goes now.
+        replibox_proto::durable::drop_synced(&f);
+        Ok(())
     })
     .context(|| "syncing temporary files".into())
 }
