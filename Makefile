@@ -87,7 +87,7 @@ fuzz: tools
 # Mutation testing (cargo-mutants, installed from crates.io when missing) of the
 # pure modules, each against its own unit tests; see docs/testing.md. It takes
 # minutes, so `make test` does not run it. Results: target/mutants/NAME/mutants.out.
-mutants: test-tools
+mutants: tools
 	@command -v cargo-mutants >/dev/null || $(CARGO) install cargo-mutants --locked
 	scripts/mutants.sh
 
