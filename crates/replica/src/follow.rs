@@ -642,7 +642,6 @@ impl Fetcher {
                 Msg::DownloadEnd { hash: sent, .. } => {
                     receipt.finish(sent).map_err(damaged)?;
                     sync_temp(file.get_ref()).map_err(|e| local("sync", e))?;
-                    replibox_proto::durable::drop_synced(file.get_ref());
                     return Ok(Some(meta));
                 }
                 other => return Err(format!("unexpected {} during a fetch", other.kind()).into()),

@@ -110,18 +110,21 @@ pub fn user_file(data: &Path, user: &str, path: &str) -> PathBuf {
 
 /// Makes a temporary file's bytes durable (a fetched copy about to be placed).
 /// The temporary files that entries place are synced by the store instead, many
-/// at once, with their group ([`Store::flush`]).
+/// at once, with their group ([`Store::flush`]). Either way a large file, written
+/// behind ([`replibox_proto::durable::WriteBehind`]), then leaves the page cache.
 pub fn sync_temp(file: &File) -> io::Result<()> {
-    file.sync_all()
+    file.sync_all()?;
+    replibox_proto::durable::drop_synced(file);
+    Ok(())
 }
 
 /// Fsyncs the bytes of every file in `paths`, several at once
 /// ([`replibox_proto::durable`]).
 fn sync_files(paths: &[PathBuf]) -> Result<(), StoreError> {
     replibox_proto::durable::sync_all(paths, |p| {
-        let f = File::open(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-        f.sync_data().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-        // A large upload was written behind; what is left of it goes now.
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+        let f = File::open(p).map_err(named)?;
+        f.sync_data().map_err(named)?;
         replibox_proto::durable::drop_synced(&f);
         Ok(())
     })
