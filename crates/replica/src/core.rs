@@ -449,6 +449,8 @@ pub enum FollowerEvent {
     Installed {
         /// Files the primary no longer had at the snapshot's version.
         lacks: Vec<(String, String)>,
+        /// Answered once their local copies are dropped.
+        reply: Sender<()>,
     },
     /// The next entry, its content ready in `tmp/` as far as it could be.
     Apply {
@@ -1244,11 +1246,16 @@ impl Core {
         if let Some(a) = self.applying.take() {
             if a.pos == pos {
                 lacks.extend(a.lacking);
-                if let Some((user, meta, xfer)) = a.refetch {
-                    let path = meta.path.clone();
-                    match self.place_fetched(&user, &meta, &xfer) {
+                if let Some((user, got, xfer)) = a.refetch {
+                    // The node applies the entry after this: what the rename puts
+                    // in place is what the entry names, not the state's yet.
+                    let want = match &entry.change {
+                        Change::Rename { to, .. } => Some(to),
+                        _ => None,
+                    };
+                    match self.place_fetched(&user, &got, want, &xfer) {
                         Ok(true) => {}
-                        _ => lacks.push((user, path)),
+                        _ => lacks.push((user, got.path)),
                     }
                 }
                 for (user, path) in &lacks {
@@ -1279,9 +1286,11 @@ impl Core {
         out
     }
 
-    fn place_fetched(&self, user: &str, meta: &FileMeta, xfer: &str) -> Result<bool, String> {
-        match self.node.state().live(user, &meta.path) {
-            Some(w) if w.hash == meta.hash && w.size == meta.size => {
+    /// Puts fetched file `got` (in temporary file `xfer`) in place as `want`, when
+    /// its content is what `want` describes; else discards it and says false.
+    fn place_fetched(&self, user: &str, got: &FileMeta, want: Option<&FileMeta>, xfer: &str) -> Result<bool, String> {
+        match want {
+            Some(w) if !w.deleted && w.path == got.path && w.hash == got.hash && w.size == got.size => {
                 self.store.place_temp(user, w, xfer).map(|()| true).map_err(|e| {
                     log::error!("cannot place fetched file user={user} path={}: {e}", w.path);
                     e.to_string()
@@ -1561,12 +1570,14 @@ impl Core {
                 let _ = reply.send(result);
             }
             FollowerEvent::PlaceFetched { user, meta, xfer, reply } => {
-                let _ = reply.send(self.place_fetched(&user, &meta, &xfer));
+                let want = self.node.state().live(&user, &meta.path);
+                let _ = reply.send(self.place_fetched(&user, &meta, want, &xfer));
             }
-            FollowerEvent::Installed { lacks } => {
+            FollowerEvent::Installed { lacks, reply } => {
                 for (user, path) in &lacks {
                     self.store.drop_content(self.node.state(), user, path);
                 }
+                let _ = reply.send(());
                 let out = self.node.installed(now, lacks);
                 self.execute(out);
             }

@@ -391,7 +391,9 @@ impl Follower {
             }
         }
         log::info!("fetched {placed} of {} files ({size} bytes) for pos={pos}", needed.len());
-        self.report(FollowerEvent::Installed { lacks })
+        // Waited for: the entries that follow judge a rename's source by what is on
+        // the disk, and an older copy of a lacking file must be gone by then.
+        self.ask(|reply| FollowerEvent::Installed { lacks, reply })
     }
 
     /// The forwarded upload `xfer`, its temporary file created at its first frame.
