@@ -450,7 +450,7 @@ pub enum FollowerEvent {
         /// Files the primary no longer had at the snapshot's version.
         lacks: Vec<(String, String)>,
         /// Answered once their local copies are dropped.
-        reply: Sender<()>,
+        reply: Sender<Result<(), String>>,
     },
     /// The next entry, its content ready in `tmp/` as far as it could be.
     Apply {
@@ -1547,6 +1547,9 @@ impl Core {
                 FollowerEvent::Apply { reply, .. } => {
                     let _ = reply.send(Err("this session was stopped".into()));
                 }
+                FollowerEvent::Installed { reply, .. } => {
+                    let _ = reply.send(Err("this session was stopped".into()));
+                }
                 _ => {}
             }
             return;
@@ -1577,12 +1580,26 @@ impl Core {
                 for (user, path) in &lacks {
                     self.store.drop_content(self.node.state(), user, path);
                 }
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
                 let out = self.node.installed(now, lacks);
                 self.execute(out);
             }
-            FollowerEvent::Apply { epoch, entry, refetch, lacking, reply } => {
+            FollowerEvent::Apply { epoch, entry, refetch, mut lacking, reply } => {
                 let pos = entry.pos;
+                if let Change::Rename { user, from, to } = &entry.change {
+                    // The follower judged the source present (the entries before
+                    // are on the disk: it waited for them). Should that be wrong, the
+                    // destination is missing, never silently absent.
+                    if refetch.is_none() && lacking.is_none() && !self.store.holds_file(user, &from.path) {
+                        log::warn!(
+                            "entry pos={pos} renames user={user} path={} to {}, which this server does not hold; \
+                             its acks wait until a later entry settles it",
+                            from.path,
+                            to.path
+                        );
+                        lacking = Some((user.clone(), to.path.clone()));
+                    }
+                }
                 self.applying = Some(Applying { pos, refetch, lacking });
                 let out = self.node.apply(now, epoch, *entry);
                 self.execute(out);

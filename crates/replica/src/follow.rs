@@ -393,7 +393,7 @@ impl Follower {
         log::info!("fetched {placed} of {} files ({size} bytes) for pos={pos}", needed.len());
         // Waited for: the entries that follow judge a rename's source by what is on
         // the disk, and an older copy of a lacking file must be gone by then.
-        self.ask(|reply| FollowerEvent::Installed { lacks, reply })
+        self.ask(|reply| FollowerEvent::Installed { lacks, reply })?
     }
 
     /// The forwarded upload `xfer`, its temporary file created at its first frame.
@@ -483,7 +483,10 @@ impl Follower {
                     // What earlier entries moved into place is on the disk once
                     // they are answered.
                     self.settle_applies(0)?;
-                    if !user_file(&self.cfg.data, user, &from.path).exists() {
+                    // A file, as the store moves only a file: a folder left at
+                    // that path (the file's content lacking) is not its source.
+                    let source = user_file(&self.cfg.data, user, &from.path);
+                    if !std::fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
                         let xfer = format!("r{}-{}-{}", std::process::id(), self.session, entry.pos);
                         match self.fetch(user, &to.path, &xfer)? {
                             Some(got) => refetch = Some((user.clone(), got, xfer)),

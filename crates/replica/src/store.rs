@@ -390,6 +390,12 @@ impl Store {
         user_file(&self.root, user, path)
     }
 
+    /// Whether a user's path is a file on this disk (not a folder, not a link):
+    /// what a rename's action would move.
+    pub fn holds_file(&self, user: &str, path: &str) -> bool {
+        fs::symlink_metadata(self.user_path(user, path)).is_ok_and(|m| m.is_file())
+    }
+
     fn tmp_path(&self, xfer: &str) -> PathBuf {
         tmp_file(&self.root, xfer)
     }
@@ -700,7 +706,7 @@ impl Store {
                 let dest = self.user_path(user, &to.path);
                 // Only a file is moved: when a start-up redoes a finished rename,
                 // its source may be a folder a later entry made since.
-                if fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
+                if self.holds_file(user, &from.path) {
                     self.make_parent(user, &dest)?;
                     fs::rename(&src, &dest).context(|| format!("moving {} to {}", src.display(), dest.display()))?;
                     dirs.insert(parent(&dest));
@@ -966,10 +972,15 @@ impl Store {
     }
 
     /// Removes a user's file without a log entry (a backup's copy whose content it
-    /// could not get: the state keeps describing it until a later entry).
+    /// could not get: the state keeps describing it until a later entry). An empty
+    /// folder there goes too: the state says a file, so the folder is what an older
+    /// state left (its files were removed with it), and it must not stay behind
+    /// once a later entry deletes or renames the file.
     pub fn drop_content(&self, state: &State, user: &str, path: &str) {
         let p = self.user_path(user, path);
-        if fs::remove_file(&p).is_ok() {
+        let is_dir = fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+        let removed = if is_dir { fs::remove_dir(&p) } else { fs::remove_file(&p) };
+        if removed.is_ok() {
             // Durable before anything that relies on it (the marker's removal).
             let _ = self.sync_parent(&p);
             self.prune_empty_dirs(state, user, &p);
@@ -1239,6 +1250,24 @@ mod tests {
     /// The state in the data dir's snapshot.
     fn snapshot(dir: &Path) -> State {
         serde_json::from_slice(&fs::read(dir.join("meta/snapshot.json")).unwrap()).unwrap()
+    }
+
+    /// A backup's lacking file whose path holds an empty folder (an older state's)
+    /// is cleared, folder included; a rename must not take the folder for it.
+    #[test]
+    fn dropping_a_lacking_file_clears_an_empty_folder_at_its_path() {
+        let dir = TempDir::new("drop-folder");
+        let (mut store, mut state, _) = Store::open(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        put(&mut store, &mut state, "z", b"content");
+        put(&mut store, &mut state, "keep", b"kept");
+        let z = store.user_path("u", "z");
+        fs::remove_file(&z).unwrap();
+        fs::create_dir(&z).unwrap();
+        assert!(!store.holds_file("u", "z"), "a folder is not a file a rename could move");
+        store.drop_content(&state, "u", "z");
+        assert!(fs::symlink_metadata(&z).is_err(), "the empty folder at a lacking file's path should be gone");
+        store.drop_content(&state, "u", "keep");
+        assert!(!store.user_path("u", "keep").exists(), "a lacking file's copy should be gone");
     }
 
     #[test]

@@ -48,7 +48,8 @@ fn wait_like_primary(primary: &Server, backup: &Server, what: &str) {
 fn assert_one_install(backup: &Server) {
     let log = backup.log();
     let installs = log.matches("installing snapshot").count();
-    assert_eq!(installs, 1, "{} should catch up on one snapshot and the entries after it:\n{log}", backup.opts.name);
+    let name = &backup.opts.name;
+    assert_eq!(installs, 1, "{name} should catch up on one snapshot and the entries after it (a second means it was fenced, or its session broke):\n{log}");
 }
 
 /// A primary holding a 200 MiB file of alice's, uploaded by an interactive device,
@@ -468,12 +469,49 @@ fn a_backup_back_with_an_old_copy_gets_a_file_renamed_before_it_could_fetch_it()
     s2.restart(&t);
     wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("; fetching 2 files"));
     stop_while_catching_up(&mut s2);
-    assert!(s2.user_dir("alice").join("z.bin").exists(), "s2 should still hold its old copy of z.bin");
+    let old = s2.user_dir("alice").join("z.bin");
+    assert!(holds(&old, &seeded(40, 300_000)), "s2 should still hold its old copy of z.bin");
     rename_on(&d1, &s1, "z.bin", "c.bin");
     s2.proc.signal("CONT");
     wait_members(&[&s1, &s2], &[1, 2]);
     wait_like_primary(&s1, &s2, "s2 to hold what the primary holds");
     assert_one_install(&s2);
+    let log = s2.log();
+    assert!(log.contains("primary no longer has z.bin"), "s2's fetch of z.bin should have been refused:\n{log}");
+}
+
+/// Like the test above, but what the backup holds at z's path is a folder (z was
+/// one when the backup left; then device 1 put a file there). A folder is never
+/// what a rename moves: the backup must not take it for the renamed file's
+/// source, and fetches c.bin. (Found in review.)
+#[test]
+fn a_backup_back_with_a_folder_where_a_renamed_file_was_gets_the_file() {
+    let t = TestDir::new("repl_rename_old_folder");
+    let s1 = primary(&t, &[]);
+    let mut s2 = backup(&t, "s2", 2, s1.addr, Some(2), &[]);
+    wait_members(&[&s1, &s2], &[1, 2]);
+    let mut d1 = Client::interactive(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    let outside = t.mkdir("outside");
+    std::fs::create_dir(d1.path("z")).unwrap();
+    wait_until(DEADLINE, "s2 to hold the folder z", || s2.user_dir("alice").join("z").is_dir());
+    s2.kill();
+    wait_members(&[&s1], &[1]);
+    upload_seeded(&mut d1, &outside, "bulk.bin", 41, 200 * 1024 * 1024);
+    std::fs::remove_dir(d1.path("z")).unwrap();
+    let bytes = seeded(42, 500_000);
+    put(&d1.path("z"), &bytes);
+    wait_until(DEADLINE, "the primary to hold the file z", || holds(&s1.user_dir("alice").join("z"), &bytes));
+    s2.restart(&t);
+    wait_until(DEADLINE, "s2 to start fetching the snapshot's files", || s2.log().contains("; fetching 2 files"));
+    stop_while_catching_up(&mut s2);
+    assert!(s2.user_dir("alice").join("z").is_dir(), "s2 should still hold the folder z");
+    rename_on(&d1, &s1, "z", "c.bin");
+    s2.proc.signal("CONT");
+    wait_members(&[&s1, &s2], &[1, 2]);
+    wait_like_primary(&s1, &s2, "s2 to hold what the primary holds");
+    assert_one_install(&s2);
+    let log = s2.log();
+    assert!(log.contains("primary no longer has z "), "s2's fetch of z should have been refused:\n{log}");
 }
 
 /// A backup killed while it installs a snapshot (its state already describes files
