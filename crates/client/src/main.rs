@@ -84,7 +84,12 @@ fn device_name(s: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: see the module's account of the page faults saved.
+    let kept = replibox_proto::malloc::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if !kept {
+        log::debug!("the allocator's thresholds were left at their defaults");
+    }
     let args = Args::parse();
     // A batch of uploads keeps its files open (engine::upload_batch_files).
     if let Err(e) = replibox_proto::fdlimit::raise_open_files() {

@@ -12,6 +12,8 @@
 //! - [`receipt`]: the checks every receiver of a chunked transfer makes.
 //! - [`times`]: file times in milliseconds, as [`FileMeta`] carries them.
 //! - [`error`]: the protocol error type.
+//! - [`malloc`]: the C allocator's thresholds, set first thing by both binaries
+//!   (chunk buffers freed on another thread no longer fault in anew).
 //! - [`auth`]: the cluster key, server-to-server and user authentication, the
 //!   failed-login throttle and the callback proof (issue 8).
 
@@ -22,6 +24,7 @@ pub mod fdlimit;
 pub mod frame;
 pub mod hash;
 pub mod ids;
+pub mod malloc;
 pub mod msg;
 pub mod names;
 pub mod pidlock;
