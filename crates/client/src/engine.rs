@@ -307,6 +307,8 @@ impl Engine {
         for e in fs::read_dir(&tmp)?.flatten() {
             let _ = fs::remove_file(e.path());
         }
+        // Only after the clean-up above, which would take their files away.
+        setup.front.keep_early_in(tmp.clone());
         let index = Index::load(meta.join("index.json"));
         let rules = Rules::load(&root);
         for problem in &rules.problems {
@@ -1499,7 +1501,33 @@ impl Engine {
             self.make_dir_here(meta);
             return Ok(());
         }
+        if let Some(copy) = self.front.take_early(&meta.path, meta.size, meta.hash) {
+            return self.place_early(meta, &copy);
+        }
         self.fetch(&meta.path)
+    }
+
+    /// Places the early copy of `meta` (its bytes, received while the servers
+    /// stored them, already checked against its hash) as a download is placed;
+    /// downloads the file if the copy cannot be made durable.
+    fn place_early(&mut self, meta: &FileMeta, copy: &Path) -> Result<(), FrontError> {
+        if !self.may_receive(&meta.path) {
+            let _ = fs::remove_file(copy);
+            return Ok(());
+        }
+        let synced = File::options().write(true).open(copy).and_then(|f| {
+            progress::stamp(&f, copy, meta);
+            f.sync_all()?;
+            replibox_proto::durable::drop_synced(&f);
+            Ok(())
+        });
+        if let Err(e) = synced {
+            let _ = fs::remove_file(copy);
+            log::warn!("cannot keep the early copy of {}: {e}; downloading it", meta.path);
+            return self.fetch(&meta.path);
+        }
+        log::info!("placing the early copy of {} (received while the servers stored it)", meta.path);
+        self.place(&meta.path, copy, meta)
     }
 
     fn remote_delete(&mut self, meta: &FileMeta) {

@@ -20,17 +20,20 @@ use replibox_proto::auth::{callback::verify_callback_proof, fresh_nonce, AuthErr
 use replibox_proto::auth::{ScramClient, Step};
 use replibox_proto::durable::WriteBehind;
 use replibox_proto::{
-    read_frame, write_frame, Damaged, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult, Receipt,
-    Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION, REQUEST_WINDOW, SMALL_UPLOAD,
+    read_frame, write_frame, ContentHash, Damaged, DeviceId, Epoch, FileMeta, Frame, Hasher, Msg, Notice, Op, OpResult,
+    Receipt, Seq, Version, Who, CHUNK_SIZE, PROTOCOL_VERSION, REQUEST_WINDOW, SMALL_UPLOAD,
 };
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+pub mod early;
 
 /// How often an idle connection is pinged.
 const PING_EVERY: Duration = Duration::from_secs(3);
@@ -250,6 +253,8 @@ struct Shared {
     /// A login after a loss was refused for its password (changed on another
     /// device, say): requests fail with this instead of waiting.
     denied: Mutex<Option<FrontError>>,
+    /// Whole early copies of other devices' large uploads ([`early`]).
+    early: Mutex<early::Held>,
 }
 
 /// The front-end: cheap to clone, safe to share between threads.
@@ -411,6 +416,7 @@ impl Frontend {
             closing: Mutex::new(false),
             flaps: Mutex::new((Instant::now(), 0)),
             denied: Mutex::new(None),
+            early: Mutex::new(early::Held::default()),
         });
         install(&shared, stream).map_err(FrontError::Unavailable)?;
         let s = shared.clone();
@@ -645,6 +651,19 @@ impl Frontend {
                 Err(e) => Attempt::Lost(e),
             })
         })
+    }
+
+    /// From now on, early copies of the user's other devices' large uploads are
+    /// received into `dir` (on the sync dir's file system, so that a copy is
+    /// placed by a rename); until this is called they are ignored.
+    pub fn keep_early_in(&self, dir: PathBuf) {
+        self.shared.early.lock().unwrap_or_else(|p| p.into_inner()).keep_in(dir);
+    }
+
+    /// The whole early copy of `path` with this size and hash, if one arrived:
+    /// its file is the caller's (to place, or delete). See [`early`].
+    pub fn take_early(&self, path: &str, size: u64, hash: ContentHash) -> Option<PathBuf> {
+        self.shared.early.lock().unwrap_or_else(|p| p.into_inner()).take(path, size, hash)
     }
 
     /// Downloads `path` into `dest` (rewound and truncated on every attempt).
@@ -1056,6 +1075,8 @@ fn install(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
 
 fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>, generation: u64) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, &mut stream);
+    // Early copies still arriving are deleted when this connection ends.
+    let mut arrivals = early::Arrivals::default();
     let why = loop {
         // The epoch known rises only with a welcome or a callback: a primary
         // that has just heard of a later epoch (and is about to step down)
@@ -1071,6 +1092,32 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>,
                 Msg::Notice { notice } => {
                     let _ = shared.events.send(FrontEvent::Notice(notice));
                 }
+                Msg::EarlyBegin { xfer, path, size } => {
+                    let (dir, held) = {
+                        let held = shared.early.lock().unwrap_or_else(|p| p.into_inner());
+                        (held.dir(), held.len())
+                    };
+                    if let Some(dir) = dir {
+                        match arrivals.begin(&dir, held, &xfer, &path, size) {
+                            Ok(()) => log::debug!("receiving an early copy of {path} ({size} bytes)"),
+                            Err(why) => log::info!("not taking an early copy of {path}: {why}"),
+                        }
+                    }
+                }
+                Msg::EarlyChunk { xfer } => {
+                    if let Err(why) = arrivals.chunk(&xfer, &frame.payload) {
+                        log::info!("dropping an early copy: {why}");
+                    }
+                }
+                Msg::EarlyEnd { xfer, hash } => match arrivals.end(&xfer, hash) {
+                    Ok(Some(copy)) => {
+                        log::debug!("early copy of {} whole", copy.path);
+                        shared.early.lock().unwrap_or_else(|p| p.into_inner()).put(copy);
+                    }
+                    Ok(None) => {}
+                    Err(why) => log::warn!("dropping an early copy: {why}"),
+                },
+                Msg::EarlyAbort { xfer } => arrivals.abort(&xfer),
                 _ => {
                     if replies.send(frame).is_err() {
                         break "front-end closed".into();

@@ -46,8 +46,13 @@ pub use receipt::{Damaged, Receipt};
 /// is refused. Version 2 (issue 8): clients log in with a password, servers
 /// authenticate each other with the cluster key. Version 3 (issue 7): a device
 /// keeps up to 64 requests in flight ([`REQUEST_WINDOW`]), and an upload may be
-/// eager, its bytes following the request at once ([`SMALL_UPLOAD`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// eager, its bytes following the request at once ([`SMALL_UPLOAD`]). Version 4
+/// (issue 7): a device may be sent the bytes of another device's large upload
+/// while the servers store them ([`Msg::EarlyBegin`], at least [`EARLY_MIN`]).
+pub const PROTOCOL_VERSION: u32 = 4;
+/// Uploads at least this large are sent on to the user's other devices as they
+/// arrive ([`Msg::EarlyBegin`]); a smaller one is quicker to download once told.
+pub const EARLY_MIN: u64 = 8 << 20;
 /// Largest JSON header accepted, in bytes.
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest binary payload accepted in one frame, in bytes.

@@ -394,6 +394,38 @@ pub enum Msg {
         /// What changed.
         notice: Notice,
     },
+    /// The first frame of an early copy: another device of the same user is
+    /// uploading `path` (a large file), and the primary sends its bytes on to
+    /// this device as they arrive, while the servers store them. Nothing here is
+    /// a change: the device keeps the bytes aside and places them only for a
+    /// [`Msg::Notice`] of that path with the same size and hash, which comes
+    /// once the backups have the file (or downloads as before without it).
+    EarlyBegin {
+        /// The transfer (the upload's temporary name on the primary).
+        xfer: String,
+        /// The path being uploaded.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Bytes of an early copy, in order (payload).
+    EarlyChunk {
+        /// The transfer.
+        xfer: String,
+    },
+    /// The early copy is whole: the primary received every byte, with this hash.
+    EarlyEnd {
+        /// The transfer.
+        xfer: String,
+        /// Hash of its bytes.
+        hash: crate::hash::ContentHash,
+    },
+    /// The early copy stops here (the upload failed, or this device fell
+    /// behind); its bytes can go.
+    EarlyAbort {
+        /// The transfer.
+        xfer: String,
+    },
     /// The answer to a status query: one JSON object.
     Status {
         /// The server's status.
@@ -541,6 +573,10 @@ impl Msg {
             Msg::DownloadEnd { .. } => "download_end",
             Msg::Reply { .. } => "reply",
             Msg::Notice { .. } => "notice",
+            Msg::EarlyBegin { .. } => "early_begin",
+            Msg::EarlyChunk { .. } => "early_chunk",
+            Msg::EarlyEnd { .. } => "early_end",
+            Msg::EarlyAbort { .. } => "early_abort",
             Msg::Status { .. } => "status",
             Msg::Joined { .. } => "joined",
             Msg::SnapshotChunk => "snapshot_chunk",

@@ -66,9 +66,13 @@ fn ordinal(m: &Msg) -> usize {
         Msg::Answer { .. } => 30,
         Msg::Auth(_) => 31,
         Msg::Resume => 32,
+        Msg::EarlyBegin { .. } => 33,
+        Msg::EarlyChunk { .. } => 34,
+        Msg::EarlyEnd { .. } => 35,
+        Msg::EarlyAbort { .. } => 36,
     }
 }
-const KINDS: usize = 33;
+const KINDS: usize = 37;
 
 /// The value of a serde tag (`"kind"`, `"op"`, ...) in a value's JSON.
 fn tag(value: &impl serde::Serialize, field: &str) -> String {
@@ -209,11 +213,12 @@ fn every_complete_header_in_the_protocol_page_is_what_the_code_sends() {
 }
 
 /// Frames pinned here, not in the page: a change to any of these bytes breaks
-/// every peer built against version 2 or 3 of the protocol. (The replication
+/// every peer built against version 2 to 4 of the protocol. (The replication
 /// frames were changed once on purpose, by the failover work: log positions apart
 /// from request numbers, entries with their epoch; version 2, issue 8, added the
 /// cluster handshake and password logins; version 3, issue 7, added the eager
-/// upload, whose field a request without it leaves out, and a wider window.)
+/// upload, whose field a request without it leaves out, and a wider window;
+/// version 4, issue 7, added the early copies' four message kinds.)
 #[test]
 fn pinned_frames_byte_for_byte() {
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");

@@ -7,6 +7,7 @@
 
 use crate::cluster::ClusterAuth;
 use crate::core::{ask, AccountOutcome, ConnId, CoreRequest, Event, Route, Welcome};
+use crate::early::EarlyOut;
 use crate::link::{DataSender, LinkOut};
 use crate::uploads::{Temps, UploadRoute};
 use crossbeam_channel::{unbounded, Sender};
@@ -14,7 +15,7 @@ use replibox_proto::auth::{accept_server, Admission, Frames, Refusal, ScramServe
 use replibox_proto::durable::{ReadBehind, WriteBehind};
 use replibox_proto::{
     read_frame, validate_path, validate_username, write_frame, AuthError, AuthMsg, DeviceId, Epoch, Frame, Hasher, Msg,
-    Op, OpResult, ProtoError, Purpose, Receipt, Seq, Who, CHUNK_SIZE, PROTOCOL_VERSION,
+    Op, OpResult, ProtoError, Purpose, Receipt, Seq, Who, CHUNK_SIZE, EARLY_MIN, PROTOCOL_VERSION,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -204,6 +205,8 @@ pub struct Ctx {
     pub temps: Arc<Temps>,
     /// The backups an upload streams to, as the core last published them.
     pub route: Arc<UploadRoute>,
+    /// Every user's logged-in sessions, for early copies of large uploads.
+    pub devices: Arc<crate::early::Devices>,
 }
 
 /// Why a client connection ended.
@@ -486,6 +489,7 @@ fn serve_client<R: FrameSource>(
         ack_timeout: ctx.ack_timeout,
         temps: ctx.temps.clone(),
         route: ctx.route.clone(),
+        devices: ctx.devices.clone(),
     };
     let (out_tx, out_rx) = unbounded::<Msg>();
     let login = |reply| Event::Login {
@@ -670,6 +674,9 @@ pub struct Client {
     pub temps: Arc<Temps>,
     /// The backups an eager upload streams to without asking the core.
     pub route: Arc<UploadRoute>,
+    /// Every user's logged-in sessions: this one joins while it serves, and a
+    /// large upload is sent on early to the others.
+    pub devices: Arc<crate::early::Devices>,
 }
 
 /// Serves a backup's fetches: each names a user's file, answered like a download
@@ -773,6 +780,7 @@ impl Client {
     /// Serves a logged-in session: pushes from the core go out through their own
     /// thread (the core never waits on this socket); requests are read here.
     pub fn serve<R: FrameSource>(&self, reader: &mut R, out_rx: crossbeam_channel::Receiver<Msg>) -> End {
+        let _joined = self.devices.join(&self.user, self.conn, self.writer.clone());
         let w = self.writer.clone();
         let name = format!("conn-{}-push", self.conn);
         let _ = std::thread::Builder::new().name(name).spawn(move || {
@@ -983,6 +991,17 @@ impl Client {
                 return Err(abandon(e));
             }
         }
+        // The user's other devices get the bytes as they arrive (early copies);
+        // dropped, as on every early return below, they are told to let them go.
+        let mut early: Vec<EarlyOut> = if size >= EARLY_MIN {
+            self.devices
+                .others(&self.user, self.conn)
+                .into_iter()
+                .filter_map(|(conn, writer)| EarlyOut::start(conn, writer, &xfer, &path, size))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut receipt = Receipt::new(size);
         // Set when this server cannot store the bytes (its disk is full): the
         // rest of the upload is read and dropped, so that the session stays in
@@ -1015,9 +1034,11 @@ impl Client {
                         log::error!("cannot write upload user={} path={path}: {e}", self.user);
                         trouble = Some(crate::store::storage_trouble(&e));
                         let _ = abandon(End::Clean);
+                        early.clear();
                         continue;
                     }
                     let chunk = Arc::new(frame.payload);
+                    early.retain_mut(|d| d.push(&chunk));
                     backups.retain(|b| {
                         let out = LinkOut {
                             epoch: b.epoch,
@@ -1061,6 +1082,12 @@ impl Client {
             let _ = b
                 .tx
                 .send_timeout(LinkOut::msg(b.epoch, Msg::XferEnd { xfer: xfer.clone(), size, hash }), self.ack_timeout);
+        }
+        // Before the commit, whose notice would otherwise overtake the copy's
+        // last frames: a device that lags longer downloads the file as before.
+        let deadline = Instant::now() + self.ack_timeout;
+        for d in early {
+            d.finish(hash, deadline);
         }
         self.ask_later(pending, seq, |reply| CoreRequest::CommitUpload {
             path,

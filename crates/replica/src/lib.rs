@@ -27,6 +27,7 @@
 pub mod cluster;
 pub mod conn;
 pub mod core;
+pub mod early;
 pub mod follow;
 pub mod link;
 pub mod node;

@@ -208,6 +208,7 @@ fn callback(
         ack_timeout: ctx.ack_timeout,
         temps: ctx.temps.clone(),
         route: ctx.route.clone(),
+        devices: ctx.devices.clone(),
     };
     let welcome = Msg::Welcome { devices: welcome.devices, last_seq: welcome.last_seq };
     let end = match client.send(&welcome) {

@@ -94,6 +94,7 @@ pub fn start(
         cluster: core.cluster(),
         temps: core.temps(),
         route: core.upload_route(),
+        devices: Arc::new(crate::early::Devices::default()),
     };
     let (tx, core_ctx) = (events.clone(), ctx.clone());
     let core = std::thread::Builder::new().name("core".into()).spawn(move || core.run(start, tx, rx, core_ctx))?;

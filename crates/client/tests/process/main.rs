@@ -57,6 +57,7 @@ mod chaos;
 mod cli;
 mod client_ux;
 mod devices;
+mod early;
 mod edges;
 mod epochs;
 mod failover;

@@ -440,7 +440,8 @@ mod tests {
             nonce: hex_encode(&[1; 32]),
         };
         let e = a.step(v2).unwrap_err();
-        assert_eq!(e.to_string(), "the peer speaks protocol version 4; we speak 3");
+        let (ours, theirs) = (crate::PROTOCOL_VERSION, crate::PROTOCOL_VERSION + 1);
+        assert_eq!(e.to_string(), format!("the peer speaks protocol version {theirs}; we speak {ours}"));
     }
 
     #[test]

@@ -1,0 +1,166 @@
+//! Early copies: the primary sends a large upload's bytes on to the user's other
+//! connected devices as they arrive, while the servers store them, so that a
+//! device told of the file (once the backups have it, as before) already holds
+//! it instead of downloading it then. See `docs/protocol.md`, "Early copies".
+//!
+//! Best effort, and never much in the way: each device gets a thread of its
+//! own and a bounded queue. The upload waits for a device whose queue is full
+//! (a device a little slower than the servers, as on one machine whose two
+//! cores all five processes share, would otherwise always be left out), but
+//! only so long: once it has waited [`GRACE`] or a [`HOLD_BACK`]th of the
+//! upload's time for that device, whichever is more, the device is left out of
+//! this upload and downloads the file as before. A device on a slow link thus
+//! slows a large upload by at most about a quarter, never to its own pace.
+
+use crate::conn::FrameWriter;
+use crate::core::ConnId;
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
+use replibox_proto::{ContentHash, Msg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How many chunks a device's early copy may be behind the upload (16 MiB, as
+/// a backup link's queue).
+const QUEUE_CHUNKS: usize = 64;
+
+/// The least an upload may wait, in all, for one device's full queue.
+pub const GRACE: Duration = Duration::from_millis(250);
+
+/// An upload may also wait for one device up to this share (1/N) of the time it
+/// has taken so far.
+pub const HOLD_BACK: u32 = 4;
+
+/// The logged-in sessions of each user on this server, with their write sides.
+#[derive(Default)]
+pub struct Devices {
+    by_user: Mutex<HashMap<String, Vec<(ConnId, FrameWriter)>>>,
+}
+
+impl Devices {
+    /// Records a session serving `user` on `conn` until the guard is dropped.
+    pub fn join(self: &Arc<Self>, user: &str, conn: ConnId, writer: FrameWriter) -> Joined {
+        self.lock().entry(user.to_string()).or_default().push((conn, writer));
+        Joined { devices: self.clone(), user: user.to_string(), conn }
+    }
+
+    /// The write sides of `user`'s sessions other than `conn`.
+    pub fn others(&self, user: &str, conn: ConnId) -> Vec<(ConnId, FrameWriter)> {
+        self.lock().get(user).map(|v| v.iter().filter(|(c, _)| *c != conn).cloned().collect()).unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(ConnId, FrameWriter)>>> {
+        self.by_user.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A session's place in [`Devices`]; leaves it when dropped.
+pub struct Joined {
+    devices: Arc<Devices>,
+    user: String,
+    conn: ConnId,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let mut map = self.devices.lock();
+        if let Some(v) = map.get_mut(&self.user) {
+            v.retain(|(c, _)| *c != self.conn);
+            if v.is_empty() {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+enum Piece {
+    Chunk(Arc<Vec<u8>>),
+    End(ContentHash),
+}
+
+/// One device's early copy of one upload, sent by a thread of its own. Dropped
+/// before [`EarlyOut::finish`], the device is told to let the copy go.
+pub struct EarlyOut {
+    conn: ConnId,
+    tx: Sender<Piece>,
+    /// Closed by the thread when it has written its last frame.
+    done: Receiver<()>,
+    /// When the upload began, and how long it has waited for this device.
+    began: Instant,
+    waited: Duration,
+}
+
+impl EarlyOut {
+    /// Starts sending `path` (`size` bytes, transfer `xfer`) to the device
+    /// behind `writer`; None if no thread could be started.
+    pub fn start(conn: ConnId, writer: FrameWriter, xfer: &str, path: &str, size: u64) -> Option<EarlyOut> {
+        let (tx, rx) = bounded::<Piece>(QUEUE_CHUNKS);
+        let (done_tx, done) = bounded::<()>(0);
+        let begin = Msg::EarlyBegin { xfer: xfer.to_string(), path: path.to_string(), size };
+        let xfer = xfer.to_string();
+        let spawned = std::thread::Builder::new().name(format!("early-{conn}")).spawn(move || {
+            let _done = done_tx;
+            if writer.send(&begin, &[]).is_err() {
+                return;
+            }
+            let chunk = Msg::EarlyChunk { xfer: xfer.clone() };
+            for piece in &rx {
+                let sent = match piece {
+                    Piece::Chunk(bytes) => writer.send(&chunk, &bytes),
+                    Piece::End(hash) => {
+                        let _ = writer.send(&Msg::EarlyEnd { xfer, hash }, &[]);
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    // The session's own threads see the broken connection.
+                    return;
+                }
+            }
+            let _ = writer.send(&Msg::EarlyAbort { xfer }, &[]);
+        });
+        match spawned {
+            Ok(_) => Some(EarlyOut { conn, tx, done, began: Instant::now(), waited: Duration::ZERO }),
+            Err(e) => {
+                log::warn!("no early copy of {path} for conn={conn}: cannot start its thread: {e}");
+                None
+            }
+        }
+    }
+
+    /// Queues a chunk, waiting for room within the allowance (see the module);
+    /// false when the device is left out (and it is told to let the copy go).
+    pub fn push(&mut self, chunk: &Arc<Vec<u8>>) -> bool {
+        let piece = match self.tx.try_send(Piece::Chunk(chunk.clone())) {
+            Ok(()) => return true,
+            Err(TrySendError::Disconnected(_)) => return false,
+            Err(TrySendError::Full(piece)) => piece,
+        };
+        let allowance = GRACE.max(self.began.elapsed() / HOLD_BACK).saturating_sub(self.waited);
+        let since = Instant::now();
+        let queued = self.tx.send_timeout(piece, allowance);
+        self.waited += since.elapsed();
+        match queued {
+            Ok(()) => true,
+            Err(SendTimeoutError::Timeout(_)) => {
+                log::info!(
+                    "conn={} fell behind the early copy (the upload waited {} ms for it); it downloads the file once told",
+                    self.conn,
+                    self.waited.as_millis()
+                );
+                false
+            }
+            Err(SendTimeoutError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Ends the copy with the upload's hash and waits, until `deadline`, for
+    /// its last frame to be written: the notice of the change, which follows
+    /// the commit, then finds the copy whole on the device.
+    pub fn finish(self, hash: ContentHash, deadline: Instant) {
+        let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        if self.tx.send_timeout(Piece::End(hash), wait).is_ok() {
+            let _ = self.done.recv_deadline(deadline);
+        }
+    }
+}
