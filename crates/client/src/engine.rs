@@ -1495,6 +1495,10 @@ impl Engine {
 
     fn remote_put(&mut self, meta: &FileMeta) -> Result<(), FrontError> {
         if self.index.get(&meta.path).is_some_and(|i| i.version >= meta.version) {
+            // An early copy of a version this device has already goes.
+            if let Some(copy) = self.front.take_early(&meta.path, meta.size, meta.hash) {
+                let _ = fs::remove_file(copy);
+            }
             return Ok(());
         }
         if meta.dir {

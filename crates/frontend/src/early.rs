@@ -14,10 +14,14 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How many copies a device holds at once, whole or arriving; a transfer begun
-/// beyond it is ignored (the file is downloaded once told), and a whole copy
-/// beyond it pushes out the oldest.
+/// Numbers the copies' files: a name the server chose never picks the file.
+static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+/// How many copies a device holds whole, and how many may be arriving on one
+/// connection: a transfer begun beyond it is ignored (the file is downloaded
+/// once told), and a whole copy beyond it pushes out the oldest.
 pub const MAX_COPIES: usize = 4;
 
 /// A whole early copy waiting for the notice that tells of its file.
@@ -64,10 +68,14 @@ impl Held {
         }
     }
 
-    /// The copy of `path` with this size and hash, now the caller's to place.
+    /// The copy of `path` with this size and hash, now the caller's to place. A
+    /// copy of `path` with another content goes: the notice asking for this one
+    /// is newer than it.
     pub fn take(&mut self, path: &str, size: u64, hash: ContentHash) -> Option<PathBuf> {
-        let at = self.whole.iter().position(|c| c.path == path && c.size == size && c.hash == hash)?;
-        self.whole.remove(at).map(|c| c.file)
+        let at = self.whole.iter().position(|c| c.path == path && c.size == size && c.hash == hash);
+        let taken = at.and_then(|at| self.whole.remove(at)).map(|c| c.file);
+        self.drop_where(|c| c.path == path);
+        taken
     }
 
     /// How many whole copies are held.
@@ -120,18 +128,23 @@ fn valid_xfer(xfer: &str) -> bool {
 
 impl Arrivals {
     /// A copy begins, into `dir`. Refused (with the reason, for the log) when
-    /// the names are not valid or [`MAX_COPIES`] copies are held or arriving.
-    pub fn begin(&mut self, dir: &Path, held: usize, xfer: &str, path: &str, size: u64) -> Result<(), String> {
+    /// the names are not valid or [`MAX_COPIES`] copies are arriving already.
+    pub fn begin(&mut self, dir: &Path, xfer: &str, path: &str, size: u64) -> Result<(), String> {
         if !valid_xfer(xfer) {
             return Err(format!("invalid transfer name {xfer:?}"));
         }
         validate_path(path).map_err(|e| format!("{path:?}: {e}"))?;
         self.abort(xfer);
-        if self.xfers.len() + held >= MAX_COPIES {
-            return Err(format!("{MAX_COPIES} copies are held already"));
+        if self.xfers.len() >= MAX_COPIES {
+            return Err(format!("{MAX_COPIES} copies are arriving already"));
         }
-        let at = dir.join(format!("early-{}-{xfer}", std::process::id()));
-        let file = File::create(&at).map_err(|e| format!("cannot create {}: {e}", at.display()))?;
+        let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
+        let at = dir.join(format!("early-{}-{n}", std::process::id()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&at)
+            .map_err(|e| format!("cannot create {}: {e}", at.display()))?;
         let file = WriteBehind::new(file);
         self.xfers.insert(xfer.to_string(), Arriving { path: path.to_string(), size, file, at, hash: Hasher::new() });
         Ok(())
@@ -204,17 +217,22 @@ mod tests {
         let d = dir("whole");
         let mut arriving = Arrivals::default();
         let mut held = Held::default();
-        arriving.begin(&d, held.len(), "x1", "big.bin", 6).unwrap();
+        arriving.begin(&d, "x1", "big.bin", 6).unwrap();
         arriving.chunk("x1", b"abc").unwrap();
         arriving.chunk("x1", b"def").unwrap();
         let copy = arriving.end("x1", ContentHash::of(b"abcdef")).unwrap().unwrap();
         held.put(copy);
-        assert!(held.take("big.bin", 6, ContentHash::of(b"abcdeX")).is_none(), "another content");
         assert!(held.take("other.bin", 6, ContentHash::of(b"abcdef")).is_none(), "another path");
-        assert!(held.take("big.bin", 7, ContentHash::of(b"abcdef")).is_none(), "another size");
         let file = held.take("big.bin", 6, ContentHash::of(b"abcdef")).expect("the copy");
         assert_eq!(std::fs::read(&file).unwrap(), b"abcdef");
         assert!(held.is_empty());
+        // A notice of the path with another content lets the copy go.
+        arriving.begin(&d, "x2", "big.bin", 6).unwrap();
+        arriving.chunk("x2", b"abcdef").unwrap();
+        held.put(arriving.end("x2", ContentHash::of(b"abcdef")).unwrap().unwrap());
+        assert!(held.take("big.bin", 7, ContentHash::of(b"abcdefg")).is_none(), "another content");
+        assert!(held.is_empty(), "a copy older than the notice of its path stayed");
+        assert_eq!(files(&d), 1, "only the copy taken first is left, the caller's");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -222,13 +240,13 @@ mod tests {
     fn a_damaged_short_or_overlong_copy_is_dropped_with_its_file() {
         let d = dir("damaged");
         let mut arriving = Arrivals::default();
-        arriving.begin(&d, 0, "x1", "a", 3).unwrap();
+        arriving.begin(&d, "x1", "a", 3).unwrap();
         arriving.chunk("x1", b"abc").unwrap();
         assert!(arriving.end("x1", ContentHash::of(b"abd")).is_err(), "wrong hash");
-        arriving.begin(&d, 0, "x2", "a", 3).unwrap();
+        arriving.begin(&d, "x2", "a", 3).unwrap();
         arriving.chunk("x2", b"ab").unwrap();
         assert!(arriving.end("x2", ContentHash::of(b"ab")).is_err(), "short");
-        arriving.begin(&d, 0, "x3", "a", 3).unwrap();
+        arriving.begin(&d, "x3", "a", 3).unwrap();
         assert!(arriving.chunk("x3", b"abcd").is_err(), "too long");
         assert_eq!(arriving.end("x3", ContentHash::of(b"abcd")).unwrap().map(|c| c.size), None, "already dropped");
         assert_eq!(files(&d), 0, "a dropped copy's file stayed");
@@ -239,14 +257,17 @@ mod tests {
     fn bad_names_are_refused_and_copies_are_capped() {
         let d = dir("names");
         let mut arriving = Arrivals::default();
-        assert!(arriving.begin(&d, 0, "../x", "a", 1).is_err());
-        assert!(arriving.begin(&d, 0, "x", "../a", 1).is_err());
-        assert!(arriving.begin(&d, 0, "x", "/etc/passwd", 1).is_err());
+        assert!(arriving.begin(&d, "../x", "a", 1).is_err());
+        assert!(arriving.begin(&d, "x", "../a", 1).is_err());
+        assert!(arriving.begin(&d, "x", "/etc/passwd", 1).is_err());
         for i in 0..MAX_COPIES {
-            arriving.begin(&d, 0, &format!("x{i}"), "a", 1).unwrap();
+            arriving.begin(&d, &format!("x{i}"), "a", 1).unwrap();
         }
-        assert!(arriving.begin(&d, 0, "one-more", "a", 1).is_err(), "beyond the cap");
-        assert!(Arrivals::default().begin(&d, MAX_COPIES, "y", "a", 1).is_err(), "held ones count");
+        assert!(arriving.begin(&d, "one-more", "a", 1).is_err(), "beyond the cap");
+        // The same transfer begun again starts over, in a file of its own.
+        arriving.chunk("x0", b"z").unwrap();
+        arriving.begin(&d, "x0", "a", 1).unwrap();
+        assert_eq!(files(&d), MAX_COPIES, "a transfer begun again left its first file");
         drop(arriving);
         assert_eq!(files(&d), 0, "copies still arriving when the connection ended stayed");
         std::fs::remove_dir_all(&d).unwrap();

@@ -1093,12 +1093,9 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>,
                     let _ = shared.events.send(FrontEvent::Notice(notice));
                 }
                 Msg::EarlyBegin { xfer, path, size } => {
-                    let (dir, held) = {
-                        let held = shared.early.lock().unwrap_or_else(|p| p.into_inner());
-                        (held.dir(), held.len())
-                    };
+                    let dir = shared.early.lock().unwrap_or_else(|p| p.into_inner()).dir();
                     if let Some(dir) = dir {
-                        match arrivals.begin(&dir, held, &xfer, &path, size) {
+                        match arrivals.begin(&dir, &xfer, &path, size) {
                             Ok(()) => log::debug!("receiving an early copy of {path} ({size} bytes)"),
                             Err(why) => log::info!("not taking an early copy of {path}: {why}"),
                         }

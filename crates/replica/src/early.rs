@@ -17,6 +17,7 @@ use crate::core::ConnId;
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
 use replibox_proto::{ContentHash, Msg};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,10 +80,13 @@ enum Piece {
 }
 
 /// One device's early copy of one upload, sent by a thread of its own. Dropped
-/// before [`EarlyOut::finish`], the device is told to let the copy go.
+/// before [`EarlyOut::finish`], the device is told to let the copy go, and the
+/// thread writes none of the chunks still queued.
 pub struct EarlyOut {
     conn: ConnId,
     tx: Sender<Piece>,
+    /// Set when the copy is let go: the thread stops before its next chunk.
+    cancelled: Arc<AtomicBool>,
     /// Closed by the thread when it has written its last frame.
     done: Receiver<()>,
     /// When the upload began, and how long it has waited for this device.
@@ -96,31 +100,43 @@ impl EarlyOut {
     pub fn start(conn: ConnId, writer: FrameWriter, xfer: &str, path: &str, size: u64) -> Option<EarlyOut> {
         let (tx, rx) = bounded::<Piece>(QUEUE_CHUNKS);
         let (done_tx, done) = bounded::<()>(0);
+        let cancelled = Arc::new(AtomicBool::new(false));
         let begin = Msg::EarlyBegin { xfer: xfer.to_string(), path: path.to_string(), size };
         let xfer = xfer.to_string();
+        let stop = cancelled.clone();
         let spawned = std::thread::Builder::new().name(format!("early-{conn}")).spawn(move || {
             let _done = done_tx;
-            if writer.send(&begin, &[]).is_err() {
+            // A write that failed (or timed out) may have left part of a frame:
+            // nothing more can follow it on this connection.
+            let send = |msg: &Msg, payload: &[u8]| {
+                let sent = writer.send(msg, payload);
+                if sent.is_err() {
+                    writer.shutdown();
+                }
+                sent.is_ok()
+            };
+            if !send(&begin, &[]) {
                 return;
             }
             let chunk = Msg::EarlyChunk { xfer: xfer.clone() };
             for piece in &rx {
-                let sent = match piece {
-                    Piece::Chunk(bytes) => writer.send(&chunk, &bytes),
+                match piece {
+                    Piece::Chunk(_) if stop.load(Ordering::Relaxed) => break,
+                    Piece::Chunk(bytes) => {
+                        if !send(&chunk, &bytes) {
+                            return;
+                        }
+                    }
                     Piece::End(hash) => {
-                        let _ = writer.send(&Msg::EarlyEnd { xfer, hash }, &[]);
+                        send(&Msg::EarlyEnd { xfer, hash }, &[]);
                         return;
                     }
-                };
-                if sent.is_err() {
-                    // The session's own threads see the broken connection.
-                    return;
                 }
             }
-            let _ = writer.send(&Msg::EarlyAbort { xfer }, &[]);
+            send(&Msg::EarlyAbort { xfer }, &[]);
         });
         match spawned {
-            Ok(_) => Some(EarlyOut { conn, tx, done, began: Instant::now(), waited: Duration::ZERO }),
+            Ok(_) => Some(EarlyOut { conn, tx, cancelled, done, began: Instant::now(), waited: Duration::ZERO }),
             Err(e) => {
                 log::warn!("no early copy of {path} for conn={conn}: cannot start its thread: {e}");
                 None
@@ -162,5 +178,13 @@ impl EarlyOut {
         if self.tx.send_timeout(Piece::End(hash), wait).is_ok() {
             let _ = self.done.recv_deadline(deadline);
         }
+    }
+}
+
+impl Drop for EarlyOut {
+    fn drop(&mut self) {
+        // After `finish` the thread has ended, or is past its deadline: the
+        // device then downloads the file, and the rest of the copy is let go.
+        self.cancelled.store(true, Ordering::Relaxed);
     }
 }

@@ -361,12 +361,34 @@ fn limited_primary(t: &TestDir, name: &str, nofile: u32, extra: &[&str]) -> Serv
 /// The lowest descriptor number process `pid` does not use: with its open-file
 /// limit there, its next `accept` fails with EMFILE.
 fn lowest_free_fd(pid: u32) -> u64 {
-    let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    let used = open_fds(pid);
+    (0..).find(|n| !used.contains(n)).unwrap_or_default()
+}
+
+/// The descriptors process `pid` holds.
+fn open_fds(pid: u32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap_or_else(|e| fail(format!("cannot list the descriptors of {pid}: {e}")))
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    (0..).find(|n| !used.contains(n)).unwrap_or_default()
+        .collect()
+}
+
+/// Lowers `pid`'s open-file limit to the descriptors it holds, once they have
+/// stayed the same for 200 ms and did not change while the limit was set. A
+/// server just started on a loaded machine may still close a file it used at
+/// start-up: that descriptor, free under the limit, let an accept through now
+/// and then (and each one a new streak of failed accepts in the log).
+fn starve_of_fds(pid: u32) {
+    wait_until(DEADLINE, "the server's descriptors to stay the same while its limit is lowered", || {
+        let before = open_fds(pid);
+        std::thread::sleep(Duration::from_millis(200));
+        if open_fds(pid) != before {
+            return false;
+        }
+        set_fd_limit(pid, lowest_free_fd(pid));
+        open_fds(pid) == before
+    });
 }
 
 /// Sets process `pid`'s soft open-file limit with prlimit(1) (the hard one stays:
@@ -389,7 +411,7 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
     let server = Server::primary(&t);
     wait_members(&[&server], &[1]);
     let pid = server.proc.pid();
-    set_fd_limit(pid, lowest_free_fd(pid));
+    starve_of_fds(pid);
     let since = Instant::now();
     // They wait in the kernel's backlog: every accept fails while the limit holds.
     let _waiting: Vec<TcpStream> = (0..5)
