@@ -1519,12 +1519,7 @@ impl Engine {
             let _ = fs::remove_file(copy);
             return Ok(());
         }
-        let synced = File::options().write(true).open(copy).and_then(|f| {
-            progress::stamp(&f, copy, meta);
-            f.sync_all()?;
-            replibox_proto::durable::drop_synced(&f);
-            Ok(())
-        });
+        let synced = File::options().write(true).open(copy).and_then(|f| progress::settle(&f, copy, meta));
         if let Err(e) = synced {
             let _ = fs::remove_file(copy);
             log::warn!("cannot keep the early copy of {}: {e}; downloading it", meta.path);

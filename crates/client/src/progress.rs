@@ -108,20 +108,25 @@ pub fn download_to(
         p.finish();
     }
     let got = match got {
-        Ok(Ok(meta)) => {
-            stamp(&file, tmp, &meta);
-            file.sync_all()
-                // It was written behind (`Frontend::download`); the rest goes now.
-                .map(|()| replibox_proto::durable::drop_synced(&file))
-                .map(|()| Ok(meta))
-                .map_err(|e| FrontError::local_io(format_args!("cannot write {}", tmp.display()), &e))
-        }
+        Ok(Ok(meta)) => settle(&file, tmp, &meta)
+            .map(|()| Ok(meta))
+            .map_err(|e| FrontError::local_io(format_args!("cannot write {}", tmp.display()), &e)),
         other => other,
     };
     if !matches!(got, Ok(Ok(_))) {
         let _ = std::fs::remove_file(tmp);
     }
     got
+}
+
+/// Makes a file received whole (at `tmp`) ready to be placed: the version's
+/// times and execute bit, then an fsync. It was written behind (a download, an
+/// early copy); the rest of it leaves the page cache now.
+pub fn settle(file: &File, tmp: &Path, meta: &FileMeta) -> std::io::Result<()> {
+    stamp(file, tmp, meta);
+    file.sync_all()?;
+    replibox_proto::durable::drop_synced(file);
+    Ok(())
 }
 
 /// Gives a received file (at `tmp`) the version's modification time and

@@ -121,16 +121,11 @@ pub struct Arrivals {
     xfers: HashMap<String, Arriving>,
 }
 
-/// A transfer name is also a file name: what the primary makes, nothing else.
-fn valid_xfer(xfer: &str) -> bool {
-    !xfer.is_empty() && xfer.len() <= 128 && xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 impl Arrivals {
     /// A copy begins, into `dir`. Refused (with the reason, for the log) when
     /// the names are not valid or [`MAX_COPIES`] copies are arriving already.
     pub fn begin(&mut self, dir: &Path, xfer: &str, path: &str, size: u64) -> Result<(), String> {
-        if !valid_xfer(xfer) {
+        if !replibox_proto::names::is_transfer_name(xfer) {
             return Err(format!("invalid transfer name {xfer:?}"));
         }
         validate_path(path).map_err(|e| format!("{path:?}: {e}"))?;

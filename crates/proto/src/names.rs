@@ -84,6 +84,13 @@ pub fn is_reserved(component: &str) -> bool {
     component.starts_with(RESERVED_PREFIX)
 }
 
+/// Whether `xfer` is a transfer name as a primary makes them (`x` PID, time,
+/// counter): it becomes a file name on backups and devices, so nothing else is
+/// taken.
+pub fn is_transfer_name(xfer: &str) -> bool {
+    !xfer.is_empty() && xfer.len() <= 128 && xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -160,10 +160,7 @@ pub fn check_names(change: &Change) -> Result<(), String> {
     }
 }
 
-/// A transfer name as the primary's store makes them: it becomes a file name.
-fn valid_xfer(xfer: &str) -> bool {
-    !xfer.is_empty() && xfer.len() <= 128 && xfer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+use replibox_proto::names::is_transfer_name as valid_xfer;
 
 /// A forwarded upload arriving on the link; its size is known only at its end.
 struct Incoming {

@@ -20,8 +20,13 @@ fn early_files(device: &Client) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn has_file(dir: &Path, size: u64) -> bool {
-    std::fs::metadata(dir).is_ok_and(|m| m.len() == size)
+fn has_file(path: &Path, size: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() == size)
+}
+
+/// Whether alice's `name` is on every server at its full size.
+fn on_servers(servers: [&Server; 3], name: &str, size: u64) -> bool {
+    servers.iter().all(|s| has_file(&s.user_dir("alice").join(name), size))
 }
 
 /// A 12 MiB file moved into device 1 reaches device 2 as an early copy (its log
@@ -42,8 +47,7 @@ fn a_large_file_reaches_the_other_device_as_an_early_copy() {
     std::fs::rename(&staged, d1.path("big.bin")).unwrap();
     let src = d1.path("big.bin");
     wait_until(DEADLINE, "big.bin on device 2 and all three servers, byte-identical", || {
-        [&s1, &s2, &s3].iter().all(|s| has_file(&s.user_dir("alice").join("big.bin"), SIZE))
-            && has_file(&d2.path("big.bin"), SIZE)
+        on_servers([&s1, &s2, &s3], "big.bin", SIZE) && has_file(&d2.path("big.bin"), SIZE)
     });
     assert!(same_file(&src, &d2.path("big.bin")), "device 2 holds other bytes than were uploaded");
     for s in [&s1, &s2, &s3] {
@@ -99,7 +103,7 @@ fn a_device_that_falls_behind_is_left_out_and_downloads_the_file_once_told() {
     d2.proc.signal("STOP");
     std::fs::rename(&staged, d1.path("big.bin")).unwrap();
     wait_until(DEADLINE, "big.bin on all three servers while device 2 is stopped", || {
-        [&s1, &s2, &s3].iter().all(|s| has_file(&s.user_dir("alice").join("big.bin"), SIZE))
+        on_servers([&s1, &s2, &s3], "big.bin", SIZE)
     });
     let log = s1.proc.stderr();
     assert!(log.contains("fell behind the early copy"), "the primary never left device 2 out; its log:\n{log}");
