@@ -86,7 +86,9 @@ fn device_name(s: &str) -> Result<String, String> {
 fn main() -> ExitCode {
     // Before any thread starts: see the module's account of the page faults saved.
     let kept = replibox_proto::malloc::keep_freed_memory();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
     if !kept {
         log::debug!("the allocator's thresholds were left at their defaults");
     }

@@ -1084,7 +1084,8 @@ impl Client {
                 .send_timeout(LinkOut::msg(b.epoch, Msg::XferEnd { xfer: xfer.clone(), size, hash }), self.ack_timeout);
         }
         // Before the commit, whose notice would otherwise overtake the copy's
-        // last frames: a device that lags longer downloads the file as before.
+        // last frames: a device that lags longer than its allowance (see
+        // `early`) downloads the file as before.
         let deadline = Instant::now() + self.ack_timeout;
         for d in early {
             d.finish(hash, deadline);

@@ -9,12 +9,15 @@
 //! cores all five processes share, would otherwise always be left out), but
 //! only so long: once it has waited [`GRACE`] or a [`HOLD_BACK`]th of the
 //! upload's time for that device, whichever is more, the device is left out of
-//! this upload and downloads the file as before. A device on a slow link thus
-//! slows a large upload by at most about a quarter, never to its own pace.
+//! this upload and downloads the file as before. At the end, the commit waits
+//! as long again, at most, for the device to take the rest of its queue. A
+//! device on a slow link or a stopped one thus slows a large upload by at most
+//! about half (a quarter while the bytes flow, a quarter at the end) or
+//! [`GRACE`] twice, never to its own pace.
 
 use crate::conn::FrameWriter;
 use crate::core::ConnId;
-use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use replibox_proto::{ContentHash, Msg};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,14 +173,26 @@ impl EarlyOut {
         }
     }
 
-    /// Ends the copy with the upload's hash and waits, until `deadline`, for
-    /// its last frame to be written: the notice of the change, which follows
-    /// the commit, then finds the copy whole on the device.
-    pub fn finish(self, hash: ContentHash, deadline: Instant) {
-        let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        if self.tx.send_timeout(Piece::End(hash), wait).is_ok() {
-            let _ = self.done.recv_deadline(deadline);
+    /// Ends the copy with the upload's hash and waits for its last frame to be
+    /// written, so that the notice of the change, which follows the commit,
+    /// finds the copy whole on the device. The wait ends at `deadline`, or
+    /// once it has lasted [`GRACE`] or a [`HOLD_BACK`]th of the upload's time,
+    /// whichever is sooner; true if the copy went out whole. Otherwise the
+    /// device is told to let the copy go, and downloads the file once told.
+    pub fn finish(self, hash: ContentHash, deadline: Instant) -> bool {
+        let now = Instant::now();
+        let until = deadline.min(now + GRACE.max(self.began.elapsed() / HOLD_BACK)).max(now + Duration::from_millis(1));
+        // The thread closes `done` when it ends: after its last frame.
+        let whole = self.tx.send_deadline(Piece::End(hash), until).is_ok()
+            && matches!(self.done.recv_deadline(until), Err(RecvTimeoutError::Disconnected));
+        if !whole {
+            log::info!(
+                "conn={} had not taken the whole early copy {} ms after the upload ended; it downloads the file once told",
+                self.conn,
+                now.elapsed().as_millis()
+            );
         }
+        whole
     }
 }
 
@@ -186,5 +201,76 @@ impl Drop for EarlyOut {
         // After `finish` the thread has ended, or is past its deadline: the
         // device then downloads the file, and the rest of the copy is let go.
         self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replibox_proto::read_frame;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::mpsc;
+
+    /// A server-side writer and the device's end of a loopback connection.
+    fn pair() -> (FrameWriter, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let device = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        (FrameWriter::new(server, Arc::new(AtomicU64::new(1))), device)
+    }
+
+    /// Runs `finish` on a thread: its answer, or None if it has not come by a
+    /// deadline far beyond any allowance.
+    fn finish_within(out: EarlyOut, deadline: Instant) -> Option<bool> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(out.finish(ContentHash(7), deadline)));
+        rx.recv_timeout(Duration::from_secs(30)).ok()
+    }
+
+    #[test]
+    fn a_device_that_reads_gets_the_whole_copy_before_the_commit() {
+        let (writer, device) = pair();
+        let reading = std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(device);
+            let mut kinds = Vec::new();
+            while let Ok(Some(frame)) = read_frame(&mut r) {
+                kinds.push(frame.msg.kind());
+                if matches!(frame.msg, Msg::EarlyEnd { .. }) {
+                    break;
+                }
+            }
+            kinds
+        });
+        let mut out = EarlyOut::start(1, writer, "x-1", "big.bin", 8 << 18).unwrap();
+        let chunk = Arc::new(vec![5u8; 1 << 18]);
+        for _ in 0..8 {
+            assert!(out.push(&chunk));
+        }
+        assert_eq!(finish_within(out, Instant::now() + Duration::from_secs(60)), Some(true));
+        let kinds = reading.join().unwrap();
+        assert_eq!(kinds.first().copied(), Some("early_begin"));
+        assert_eq!(kinds.iter().filter(|k| **k == "early_chunk").count(), 8);
+        assert_eq!(kinds.last().copied(), Some("early_end"));
+    }
+
+    #[test]
+    fn a_stopped_device_holds_the_commit_for_its_allowance_only() {
+        // The device never reads: its socket fills, then the queue's thread
+        // waits on it. The commit's deadline (a minute) is far beyond the
+        // allowance: finish must give up on the device well before it.
+        let (writer, device) = pair();
+        let mut out = EarlyOut::start(2, writer, "x-2", "big.bin", 40 << 18).unwrap();
+        let chunk = Arc::new(vec![5u8; 1 << 18]);
+        for _ in 0..40 {
+            assert!(out.push(&chunk), "40 chunks fit the queue without a wait");
+        }
+        assert_eq!(
+            finish_within(out, Instant::now() + Duration::from_secs(60)),
+            Some(false),
+            "finish waited past its allowance for a device that does not read"
+        );
+        drop(device);
     }
 }

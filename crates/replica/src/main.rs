@@ -106,7 +106,9 @@ enum Exit {
 fn main() -> ExitCode {
     // Before any thread starts: see the module's account of the page faults saved.
     let kept = replibox_proto::malloc::keep_freed_memory();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     if !kept {
         log::debug!("the allocator's thresholds were left at their defaults");
     }
