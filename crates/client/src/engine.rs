@@ -1479,8 +1479,15 @@ impl Engine {
             return;
         }
         let result = match notice {
-            // An ignored path is not received, nor deleted here.
-            Notice::Put { meta } | Notice::Delete { meta } if self.rules.ignores(&meta.path, meta.dir) => Ok(()),
+            // An ignored path is not received, nor deleted here; an early copy
+            // of it goes.
+            Notice::Put { meta } | Notice::Delete { meta } if self.rules.ignores(&meta.path, meta.dir) => {
+                if let Some(copy) = self.front.take_early(&meta.path, meta.size, meta.hash) {
+                    log::info!("letting the early copy of {} go: this device ignores the path", meta.path);
+                    let _ = fs::remove_file(copy);
+                }
+                Ok(())
+            }
             Notice::Put { meta } => self.remote_put(&meta),
             Notice::Delete { meta } => {
                 self.remote_delete(&meta);

@@ -114,3 +114,32 @@ fn a_device_that_falls_behind_is_left_out_and_downloads_the_file_once_told() {
     assert!(!log.contains("placing the early copy of big.bin"), "device 2 placed a copy it was told to let go:\n{log}");
     wait_until(DEADLINE, "device 2 to let the early copy go", || early_files(&d2).is_empty());
 }
+
+/// Device 2's rules ignore `*.iso`: the early copy of a large `.iso` it receives
+/// is let go when the notice of the file comes (before, it stayed in device 2's
+/// temporary folder until pushed out or the client restarted), and the file is
+/// neither placed nor downloaded there.
+#[test]
+fn an_early_copy_of_a_path_the_device_ignores_is_let_go() {
+    const SIZE: u64 = 12 << 20;
+    let t = TestDir::new("early_copy_ignored");
+    let (s1, s2, s3) = three_servers(&t, &[]);
+    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
+    std::fs::write(t.mkdir("dev2-sync").join(".replibox-ignore"), "*.iso\n").unwrap();
+    let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
+    let staged = t.mkdir("outside").join("disk.iso");
+    write_seeded(&staged, 24, SIZE);
+    std::fs::rename(&staged, d1.path("disk.iso")).unwrap();
+    wait_until(DEADLINE, "disk.iso on all three servers", || on_servers([&s1, &s2, &s3], "disk.iso", SIZE));
+    // Notices are applied in order: once the next file is on device 2, the
+    // notice of disk.iso was handled.
+    std::fs::write(d1.path("after.txt"), "after").unwrap();
+    wait_until(DEADLINE, "after.txt on device 2", || has_file(&d2.path("after.txt"), 5));
+    let log = d2.proc.stderr();
+    assert!(
+        log.contains("letting the early copy of disk.iso go: this device ignores the path"),
+        "device 2 did not let its early copy of disk.iso go; its log:\n{log}"
+    );
+    assert_eq!(early_files(&d2), Vec::<PathBuf>::new(), "the early copy of an ignored path stayed on device 2");
+    assert!(!d2.path("disk.iso").exists(), "device 2 placed a file its rules ignore");
+}
