@@ -780,7 +780,7 @@ impl Client {
     /// Serves a logged-in session: pushes from the core go out through their own
     /// thread (the core never waits on this socket); requests are read here.
     pub fn serve<R: FrameSource>(&self, reader: &mut R, out_rx: crossbeam_channel::Receiver<Msg>) -> End {
-        let _joined = self.devices.join(&self.user, self.conn, self.writer.clone());
+        let _joined = self.devices.join(&self.user, self.conn, &self.device, self.writer.clone());
         let w = self.writer.clone();
         let name = format!("conn-{}-push", self.conn);
         let _ = std::thread::Builder::new().name(name).spawn(move || {
@@ -995,7 +995,7 @@ impl Client {
         // dropped, as on every early return below, they are told to let them go.
         let mut early: Vec<EarlyOut> = if size >= EARLY_MIN {
             self.devices
-                .others(&self.user, self.conn)
+                .others(&self.user, &self.device)
                 .into_iter()
                 .filter_map(|(conn, writer)| EarlyOut::start(conn, writer, &xfer, &path, size))
                 .collect()

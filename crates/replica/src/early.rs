@@ -18,7 +18,7 @@
 use crate::conn::FrameWriter;
 use crate::core::ConnId;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
-use replibox_proto::{ContentHash, Msg};
+use replibox_proto::{ContentHash, DeviceId, Msg};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,25 +35,42 @@ pub const GRACE: Duration = Duration::from_millis(250);
 /// has taken so far.
 pub const HOLD_BACK: u32 = 4;
 
+/// A logged-in session: its connection, its device and its write side.
+type Session = (ConnId, DeviceId, FrameWriter);
+
 /// The logged-in sessions of each user on this server, with their write sides.
 #[derive(Default)]
 pub struct Devices {
-    by_user: Mutex<HashMap<String, Vec<(ConnId, FrameWriter)>>>,
+    by_user: Mutex<HashMap<String, Vec<Session>>>,
 }
 
 impl Devices {
-    /// Records a session serving `user` on `conn` until the guard is dropped.
-    pub fn join(self: &Arc<Self>, user: &str, conn: ConnId, writer: FrameWriter) -> Joined {
-        self.lock().entry(user.to_string()).or_default().push((conn, writer));
+    /// Records a session of `device` serving `user` on `conn` until the guard
+    /// is dropped.
+    pub fn join(self: &Arc<Self>, user: &str, conn: ConnId, device: &DeviceId, writer: FrameWriter) -> Joined {
+        self.lock().entry(user.to_string()).or_default().push((conn, device.clone(), writer));
         Joined { devices: self.clone(), user: user.to_string(), conn }
     }
 
-    /// The write sides of `user`'s sessions other than `conn`.
-    pub fn others(&self, user: &str, conn: ConnId) -> Vec<(ConnId, FrameWriter)> {
-        self.lock().get(user).map(|v| v.iter().filter(|(c, _)| *c != conn).cloned().collect()).unwrap_or_default()
+    /// The connections and write sides of `user`'s devices other than
+    /// `device`: of each, its latest session only. An older one (a device that
+    /// reconnected before its old connection was seen to end) is not sent a
+    /// copy, nor is a session of the uploading device itself, which holds the
+    /// bytes already.
+    pub fn others(&self, user: &str, device: &DeviceId) -> Vec<(ConnId, FrameWriter)> {
+        let map = self.lock();
+        let Some(sessions) = map.get(user) else { return Vec::new() };
+        let mut latest: Vec<&Session> = Vec::new();
+        for session in sessions.iter().filter(|(_, d, _)| d != device) {
+            // Sessions are kept in the order they joined: a later one replaces
+            // an earlier one of the same device.
+            latest.retain(|(_, d, _)| *d != session.1);
+            latest.push(session);
+        }
+        latest.into_iter().map(|(c, _, w)| (*c, w.clone())).collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(ConnId, FrameWriter)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Session>>> {
         self.by_user.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -69,7 +86,7 @@ impl Drop for Joined {
     fn drop(&mut self) {
         let mut map = self.devices.lock();
         if let Some(v) = map.get_mut(&self.user) {
-            v.retain(|(c, _)| *c != self.conn);
+            v.retain(|(c, _, _)| *c != self.conn);
             if v.is_empty() {
                 map.remove(&self.user);
             }
@@ -227,6 +244,30 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || tx.send(out.finish(ContentHash(7), deadline)));
         rx.recv_timeout(Duration::from_secs(30)).ok()
+    }
+
+    #[test]
+    fn copies_go_to_the_latest_session_of_each_other_device() {
+        let devices = Arc::new(Devices::default());
+        let (laptop, phone) = (DeviceId("laptop".into()), DeviceId("phone".into()));
+        let (w, _keep1) = pair();
+        let _a = devices.join("alice", 1, &laptop, w.clone());
+        let _b = devices.join("alice", 2, &phone, w.clone());
+        let stale = devices.join("alice", 3, &laptop, w.clone());
+        let latest = devices.join("alice", 4, &laptop, w.clone());
+        let _other_user = devices.join("bob", 5, &phone, w.clone());
+        let conns = |user: &str, device: &DeviceId| {
+            let mut c: Vec<ConnId> = devices.others(user, device).into_iter().map(|(c, _)| c).collect();
+            c.sort();
+            c
+        };
+        assert_eq!(conns("alice", &phone), vec![4], "the laptop's latest session only");
+        assert_eq!(conns("alice", &laptop), vec![2], "never a session of the uploading device");
+        assert_eq!(conns("bob", &phone), Vec::<ConnId>::new());
+        drop(latest);
+        assert_eq!(conns("alice", &phone), vec![3], "once the latest ends, the one before it");
+        drop(stale);
+        assert_eq!(conns("alice", &phone), vec![1]);
     }
 
     #[test]
