@@ -24,6 +24,18 @@ static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
 /// once told), and a whole copy beyond it pushes out the oldest.
 pub const MAX_COPIES: usize = 4;
 
+/// Room an early copy must leave free on the device's disk beyond its own bytes
+/// (and the rest of those still arriving): a copy never takes the last of the
+/// space the user's own files need.
+pub const FREE_MARGIN: u64 = 256 << 20;
+
+/// The bytes free for this user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, String> {
+    let fs =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| format!("cannot read the free space of {}: {e}", dir.display()))?;
+    Ok((fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64))
+}
+
 /// A whole early copy waiting for the notice that tells of its file.
 #[derive(Debug)]
 pub struct Copy {
@@ -123,7 +135,9 @@ pub struct Arrivals {
 
 impl Arrivals {
     /// A copy begins, into `dir`. Refused (with the reason, for the log) when
-    /// the names are not valid or [`MAX_COPIES`] copies are arriving already.
+    /// the names are not valid, [`MAX_COPIES`] copies are arriving already, or
+    /// the disk has not room for it and the rest of those arriving with
+    /// [`FREE_MARGIN`] to spare.
     pub fn begin(&mut self, dir: &Path, xfer: &str, path: &str, size: u64) -> Result<(), String> {
         if !replibox_proto::names::is_transfer_name(xfer) {
             return Err(format!("invalid transfer name {xfer:?}"));
@@ -132,6 +146,13 @@ impl Arrivals {
         self.abort(xfer);
         if self.xfers.len() >= MAX_COPIES {
             return Err(format!("{MAX_COPIES} copies are arriving already"));
+        }
+        let arriving: u64 = self.xfers.values().map(|a| a.size.saturating_sub(a.hash.bytes_hashed())).sum();
+        let free = free_bytes(dir)?;
+        if size.saturating_add(arriving).saturating_add(FREE_MARGIN) > free {
+            return Err(format!(
+                "{size} bytes do not fit: {free} are free, {arriving} more are arriving and {FREE_MARGIN} stay spare"
+            ));
         }
         let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
         let at = dir.join(format!("early-{}-{n}", std::process::id()));
@@ -245,6 +266,26 @@ mod tests {
         assert!(arriving.chunk("x3", b"abcd").is_err(), "too long");
         assert_eq!(arriving.end("x3", ContentHash::of(b"abcd")).unwrap().map(|c| c.size), None, "already dropped");
         assert_eq!(files(&d), 0, "a dropped copy's file stayed");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_copy_that_would_not_fit_on_the_disk_is_refused() {
+        let d = dir("space");
+        let mut arriving = Arrivals::default();
+        let err = arriving.begin(&d, "x1", "huge.bin", u64::MAX / 4).unwrap_err();
+        assert!(err.contains("do not fit"), "{err}");
+        assert_eq!(files(&d), 0, "a refused copy left a file");
+        // Copies still arriving count: two that fit one at a time, not together.
+        let room = free_bytes(&d).unwrap().saturating_sub(FREE_MARGIN);
+        assert!(room > 1 << 30, "this test needs a GiB free in {}", d.display());
+        arriving.begin(&d, "x2", "a.bin", room / 3 * 2).unwrap();
+        let err = arriving.begin(&d, "x3", "b.bin", room / 3 * 2).unwrap_err();
+        assert!(err.contains("more are arriving"), "{err}");
+        arriving.abort("x2");
+        arriving.begin(&d, "x3", "b.bin", room / 3 * 2).unwrap();
+        drop(arriving);
+        assert_eq!(files(&d), 0);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
