@@ -9,11 +9,12 @@
 //! cores all five processes share, would otherwise always be left out), but
 //! only so long: once it has waited [`GRACE`] or a [`HOLD_BACK`]th of the
 //! upload's time for that device, whichever is more, the device is left out of
-//! this upload and downloads the file as before. At the end, the commit waits
-//! as long again, at most, for the device to take the rest of its queue. A
-//! device on a slow link or a stopped one thus slows a large upload by at most
-//! about half (a quarter while the bytes flow, a quarter at the end) or
-//! [`GRACE`] twice, never to its own pace.
+//! this upload and downloads the file as before. A device on a slow link thus
+//! slows a large upload by at most about a quarter while its bytes flow, never
+//! to its own pace. At the end, the commit waits for the device to take the
+//! rest of its queue (at most 16 MiB) for as long as it keeps taking chunks,
+//! and gives up on one that takes none for [`GRACE`]: a stopped device costs
+//! an upload [`GRACE`] there, not the commit's whole deadline.
 
 use crate::conn::FrameWriter;
 use crate::core::ConnId;
@@ -46,28 +47,23 @@ pub struct Devices {
 
 impl Devices {
     /// Records a session of `device` serving `user` on `conn` until the guard
-    /// is dropped.
+    /// is dropped. It replaces any earlier session of that device, which the
+    /// core no longer sends anything either.
     pub fn join(self: &Arc<Self>, user: &str, conn: ConnId, device: &DeviceId, writer: FrameWriter) -> Joined {
-        self.lock().entry(user.to_string()).or_default().push((conn, device.clone(), writer));
+        let mut map = self.lock();
+        let sessions = map.entry(user.to_string()).or_default();
+        sessions.retain(|(_, d, _)| d != device);
+        sessions.push((conn, device.clone(), writer));
         Joined { devices: self.clone(), user: user.to_string(), conn }
     }
 
     /// The connections and write sides of `user`'s devices other than
-    /// `device`: of each, its latest session only. An older one (a device that
-    /// reconnected before its old connection was seen to end) is not sent a
-    /// copy, nor is a session of the uploading device itself, which holds the
-    /// bytes already.
+    /// `device`, each on its latest session: not the uploading device itself,
+    /// which holds the bytes already.
     pub fn others(&self, user: &str, device: &DeviceId) -> Vec<(ConnId, FrameWriter)> {
         let map = self.lock();
-        let Some(sessions) = map.get(user) else { return Vec::new() };
-        let mut latest: Vec<&Session> = Vec::new();
-        for session in sessions.iter().filter(|(_, d, _)| d != device) {
-            // Sessions are kept in the order they joined: a later one replaces
-            // an earlier one of the same device.
-            latest.retain(|(_, d, _)| *d != session.1);
-            latest.push(session);
-        }
-        latest.into_iter().map(|(c, _, w)| (*c, w.clone())).collect()
+        let sessions = map.get(user).map(Vec::as_slice).unwrap_or_default();
+        sessions.iter().filter(|(_, d, _)| d != device).map(|(c, _, w)| (*c, w.clone())).collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Session>>> {
@@ -107,8 +103,10 @@ pub struct EarlyOut {
     tx: Sender<Piece>,
     /// Set when the copy is let go: the thread stops before its next chunk.
     cancelled: Arc<AtomicBool>,
-    /// Closed by the thread when it has written its last frame.
+    /// Closed by the thread when it ends.
     done: Receiver<()>,
+    /// Set by the thread once `early_end` is written.
+    ended: Arc<AtomicBool>,
     /// When the upload began, and how long it has waited for this device.
     began: Instant,
     waited: Duration,
@@ -124,6 +122,8 @@ impl EarlyOut {
         let begin = Msg::EarlyBegin { xfer: xfer.to_string(), path: path.to_string(), size };
         let xfer = xfer.to_string();
         let stop = cancelled.clone();
+        let ended = Arc::new(AtomicBool::new(false));
+        let end_written = ended.clone();
         let spawned = std::thread::Builder::new().name(format!("early-{conn}")).spawn(move || {
             let _done = done_tx;
             // A write that failed (or timed out) may have left part of a frame:
@@ -141,14 +141,18 @@ impl EarlyOut {
             let chunk = Msg::EarlyChunk { xfer: xfer.clone() };
             for piece in &rx {
                 match piece {
-                    Piece::Chunk(_) if stop.load(Ordering::Relaxed) => break,
+                    // Let go (the upload failed, or `finish` gave up on this
+                    // device): the end, too, would now come after the notice.
+                    Piece::Chunk(_) | Piece::End(_) if stop.load(Ordering::Relaxed) => break,
                     Piece::Chunk(bytes) => {
                         if !send(&chunk, &bytes) {
                             return;
                         }
                     }
                     Piece::End(hash) => {
-                        send(&Msg::EarlyEnd { xfer, hash }, &[]);
+                        if send(&Msg::EarlyEnd { xfer, hash }, &[]) {
+                            end_written.store(true, Ordering::Relaxed);
+                        }
                         return;
                     }
                 }
@@ -156,7 +160,7 @@ impl EarlyOut {
             send(&Msg::EarlyAbort { xfer }, &[]);
         });
         match spawned {
-            Ok(_) => Some(EarlyOut { conn, tx, cancelled, done, began: Instant::now(), waited: Duration::ZERO }),
+            Ok(_) => Some(EarlyOut { conn, tx, cancelled, done, ended, began: Instant::now(), waited: Duration::ZERO }),
             Err(e) => {
                 log::warn!("no early copy of {path} for conn={conn}: cannot start its thread: {e}");
                 None
@@ -192,21 +196,42 @@ impl EarlyOut {
 
     /// Ends the copy with the upload's hash and waits for its last frame to be
     /// written, so that the notice of the change, which follows the commit,
-    /// finds the copy whole on the device. The wait ends at `deadline`, or
-    /// once it has lasted [`GRACE`] or a [`HOLD_BACK`]th of the upload's time,
-    /// whichever is sooner; true if the copy went out whole. Otherwise the
-    /// device is told to let the copy go, and downloads the file once told.
+    /// finds the copy whole on the device. The wait lasts while the device
+    /// keeps taking the queued chunks: it ends at `deadline`, or once the
+    /// device has taken none for [`GRACE`]. True if the copy went out whole;
+    /// otherwise the device is told to let it go, and downloads the file once
+    /// told.
     pub fn finish(self, hash: ContentHash, deadline: Instant) -> bool {
-        let now = Instant::now();
-        let until = deadline.min(now + GRACE.max(self.began.elapsed() / HOLD_BACK)).max(now + Duration::from_millis(1));
-        // The thread closes `done` when it ends: after its last frame.
-        let whole = self.tx.send_deadline(Piece::End(hash), until).is_ok()
-            && matches!(self.done.recv_deadline(until), Err(RecvTimeoutError::Disconnected));
+        let began = Instant::now();
+        let mut end = Some(Piece::End(hash));
+        // Pieces still to go (the end included), and when that last fell.
+        let mut left = self.tx.len() + 1;
+        let mut moved = began;
+        let whole = loop {
+            let until = (moved + GRACE).min(deadline);
+            if let Some(piece) = end.take() {
+                match self.tx.send_deadline(piece, until) {
+                    Ok(()) => {}
+                    Err(SendTimeoutError::Timeout(piece)) => end = Some(piece),
+                    Err(SendTimeoutError::Disconnected(_)) => break false,
+                }
+            }
+            if end.is_none() && matches!(self.done.recv_deadline(until), Err(RecvTimeoutError::Disconnected)) {
+                break self.ended.load(Ordering::Relaxed);
+            }
+            let now_left = self.tx.len() + usize::from(end.is_some());
+            if now_left < left {
+                (left, moved) = (now_left, Instant::now());
+            } else if Instant::now() >= until {
+                break false;
+            }
+        };
         if !whole {
             log::info!(
-                "conn={} had not taken the whole early copy {} ms after the upload ended; it downloads the file once told",
+                "conn={} did not take the rest of the early copy ({} ms after the upload ended, {left} chunks left); \
+                 it downloads the file once told",
                 self.conn,
-                now.elapsed().as_millis()
+                began.elapsed().as_millis()
             );
         }
         whole
@@ -229,12 +254,16 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::mpsc;
 
-    /// A server-side writer and the device's end of a loopback connection.
+    /// A server-side writer and the device's end of a loopback connection,
+    /// with small socket buffers: what the device has not read holds the
+    /// queue's thread back at once, whatever the system's defaults.
     fn pair() -> (FrameWriter, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let device = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         server.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        socket2::SockRef::from(&server).set_send_buffer_size(32 << 10).unwrap();
+        socket2::SockRef::from(&device).set_recv_buffer_size(32 << 10).unwrap();
         (FrameWriter::new(server, Arc::new(AtomicU64::new(1))), device)
     }
 
@@ -264,10 +293,10 @@ mod tests {
         assert_eq!(conns("alice", &phone), vec![4], "the laptop's latest session only");
         assert_eq!(conns("alice", &laptop), vec![2], "never a session of the uploading device");
         assert_eq!(conns("bob", &phone), Vec::<ConnId>::new());
-        drop(latest);
-        assert_eq!(conns("alice", &phone), vec![3], "once the latest ends, the one before it");
         drop(stale);
-        assert_eq!(conns("alice", &phone), vec![1]);
+        assert_eq!(conns("alice", &phone), vec![4], "a replaced session ending takes nothing with it");
+        drop(latest);
+        assert_eq!(conns("alice", &phone), Vec::<ConnId>::new(), "never a replaced session: the core sends it nothing");
     }
 
     #[test]
@@ -297,15 +326,48 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_device_that_keeps_reading_gets_the_whole_copy() {
+        // The device takes a chunk every 50 ms: 1.2 s in all, far past GRACE,
+        // but never GRACE without taking one.
+        let (writer, device) = pair();
+        let reading = std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(device);
+            let mut chunks = 0;
+            while let Ok(Some(frame)) = read_frame(&mut r) {
+                match frame.msg {
+                    Msg::EarlyChunk { .. } => {
+                        chunks += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Msg::EarlyEnd { .. } => return Some(chunks),
+                    _ => {}
+                }
+            }
+            None
+        });
+        let mut out = EarlyOut::start(3, writer, "x-3", "big.bin", 24 << 18).unwrap();
+        let chunk = Arc::new(vec![5u8; 1 << 18]);
+        for _ in 0..24 {
+            assert!(out.push(&chunk));
+        }
+        assert_eq!(
+            finish_within(out, Instant::now() + Duration::from_secs(60)),
+            Some(true),
+            "finish gave up on a device that kept taking its copy"
+        );
+        assert_eq!(reading.join().unwrap(), Some(24), "the device did not get every chunk and the end");
+    }
+
+    #[test]
     fn a_stopped_device_holds_the_commit_for_its_allowance_only() {
         // The device never reads: its socket fills, then the queue's thread
         // waits on it. The commit's deadline (a minute) is far beyond the
         // allowance: finish must give up on the device well before it.
         let (writer, device) = pair();
-        let mut out = EarlyOut::start(2, writer, "x-2", "big.bin", 40 << 18).unwrap();
+        let mut out = EarlyOut::start(2, writer, "x-2", "big.bin", 16 << 18).unwrap();
         let chunk = Arc::new(vec![5u8; 1 << 18]);
-        for _ in 0..40 {
-            assert!(out.push(&chunk), "40 chunks fit the queue without a wait");
+        for _ in 0..16 {
+            assert!(out.push(&chunk), "16 chunks fit the queue without a wait");
         }
         assert_eq!(
             finish_within(out, Instant::now() + Duration::from_secs(60)),

@@ -98,8 +98,11 @@ pub fn server_bin() -> PathBuf {
         .clone()
 }
 
-/// A source file of the server (its crate, or a crate it depends on, or the
-/// workspace manifests) modified after `binary` was built, if any.
+/// A source file of the server (its crate, or a crate it depends on, and their
+/// manifests) modified after `binary` was built, if any. The workspace's
+/// `Cargo.toml` and `Cargo.lock` are not looked at: a dependency added to
+/// another crate changes them, and `cargo build --workspace` then rightly
+/// leaves the server's binary as it was, which would refuse every test.
 /// Sources compiled into unit tests only: cargo does not rebuild a binary when
 /// they change, so they say nothing about its age.
 const TEST_ONLY: &[&str] = &["crates/replica/src/sim.rs"];
@@ -110,7 +113,6 @@ fn newer_source_than(binary: &Path) -> Option<PathBuf> {
     let mut stack: Vec<PathBuf> = ["crates/replica", "crates/proto", "crates/election"]
         .iter()
         .flat_map(|c| [root.join(c).join("src"), root.join(c).join("Cargo.toml")])
-        .chain([root.join("Cargo.toml"), root.join("Cargo.lock")])
         .collect();
     while let Some(p) = stack.pop() {
         let Ok(md) = fs::metadata(&p) else { continue };
