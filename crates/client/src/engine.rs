@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The index is written at most this often. Writing it is a whole file and two
@@ -184,7 +185,7 @@ pub struct Engine {
     console: Console,
     status: Status,
     marker: Marker,
-    rules: Rules,
+    rules: Arc<Rules>,
     /// Routine activity lines waiting to be printed together.
     batch: Batch,
     /// Indexed paths seen without a file (deleted here, not yet sent).
@@ -310,10 +311,11 @@ impl Engine {
         // Only after the clean-up above, which would take their files away.
         setup.front.keep_early_in(tmp.clone());
         let index = Index::load(meta.join("index.json"));
-        let rules = Rules::load(&root);
+        let rules = Arc::new(Rules::load(&root));
         for problem in &rules.problems {
             setup.console.activity(problem.clone());
         }
+        setup.front.want_early_only(early_wanted(&rules));
         Ok(Engine {
             root,
             tmp,
@@ -518,7 +520,8 @@ impl Engine {
         if !self.rules.stale(&self.root) {
             return;
         }
-        self.rules = Rules::load(&self.root);
+        self.rules = Arc::new(Rules::load(&self.root));
+        self.front.want_early_only(early_wanted(&self.rules));
         for problem in &self.rules.problems {
             self.console.activity(problem.clone());
         }
@@ -1693,4 +1696,11 @@ impl Engine {
 fn upload_batch_files() -> usize {
     static FILES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *FILES.get_or_init(|| ((replibox_proto::fdlimit::open_files() / 4) as usize).clamp(BATCH_FILES, UPLOAD_BATCH_MAX))
+}
+
+/// The paths to take early copies of: those `rules` do not ignore (a copy
+/// of an ignored path would only be let go when its notice comes).
+fn early_wanted(rules: &Arc<Rules>) -> replibox_frontend::early::Wanted {
+    let rules = rules.clone();
+    Arc::new(move |path: &str| !rules.ignores(path, false))
 }

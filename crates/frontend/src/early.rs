@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Numbers the copies' files: a name the server chose never picks the file.
 static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
@@ -49,11 +50,15 @@ pub struct Copy {
     pub file: PathBuf,
 }
 
-/// The whole copies of a front-end, and where copies go (none until the engine
-/// says: early transfers before that are ignored).
+/// Which paths the device takes early copies of (true: taken).
+pub type Wanted = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The whole copies of a front-end, where copies go (none until the engine
+/// says: early transfers before that are ignored), and of which paths.
 #[derive(Default)]
 pub struct Held {
     dir: Option<PathBuf>,
+    wanted: Option<Wanted>,
     whole: VecDeque<Copy>,
 }
 
@@ -63,9 +68,18 @@ impl Held {
         self.dir = Some(dir);
     }
 
-    /// Where copies go, if anywhere.
-    pub fn dir(&self) -> Option<PathBuf> {
-        self.dir.clone()
+    /// From now on, copies are taken only of the paths `wanted` says yes to
+    /// (the device's ignore rules: a path it never receives is not worth
+    /// writing).
+    pub fn want_only(&mut self, wanted: Wanted) {
+        self.wanted = Some(wanted);
+    }
+
+    /// Where a copy of `path` goes: None if copies go nowhere yet, or this
+    /// path is not wanted (the caller then logs that the device's rules leave
+    /// it out).
+    pub fn dir_for(&self, path: &str) -> Option<PathBuf> {
+        self.dir.clone().filter(|_| self.wanted.as_ref().is_none_or(|wanted| wanted(path)))
     }
 
     /// Holds a whole copy; one of the same path before it goes, and the oldest
@@ -267,6 +281,17 @@ mod tests {
         assert_eq!(arriving.end("x3", ContentHash::of(b"abcd")).unwrap().map(|c| c.size), None, "already dropped");
         assert_eq!(files(&d), 0, "a dropped copy's file stayed");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn copies_go_nowhere_until_told_and_only_for_wanted_paths() {
+        let mut held = Held::default();
+        assert_eq!(held.dir_for("a.bin"), None, "before the engine says where");
+        held.keep_in(PathBuf::from("/sync/.replibox/tmp"));
+        assert_eq!(held.dir_for("a.iso"), Some(PathBuf::from("/sync/.replibox/tmp")), "every path, until told");
+        held.want_only(Arc::new(|p: &str| !p.ends_with(".iso")));
+        assert_eq!(held.dir_for("a.iso"), None);
+        assert_eq!(held.dir_for("a.bin"), Some(PathBuf::from("/sync/.replibox/tmp")));
     }
 
     #[test]

@@ -660,6 +660,12 @@ impl Frontend {
         self.shared.early.lock().unwrap_or_else(|p| p.into_inner()).keep_in(dir);
     }
 
+    /// From now on, early copies are taken only of the paths `wanted` says yes
+    /// to (the device's ignore rules, which it gives again when they change).
+    pub fn want_early_only(&self, wanted: early::Wanted) {
+        self.shared.early.lock().unwrap_or_else(|p| p.into_inner()).want_only(wanted);
+    }
+
     /// The whole early copy of `path` with this size and hash, if one arrived:
     /// its file is the caller's (to place, or delete). See [`early`].
     pub fn take_early(&self, path: &str, size: u64, hash: ContentHash) -> Option<PathBuf> {
@@ -1093,12 +1099,12 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>,
                     let _ = shared.events.send(FrontEvent::Notice(notice));
                 }
                 Msg::EarlyBegin { xfer, path, size } => {
-                    let dir = shared.early.lock().unwrap_or_else(|p| p.into_inner()).dir();
-                    if let Some(dir) = dir {
-                        match arrivals.begin(&dir, &xfer, &path, size) {
-                            Ok(()) => log::debug!("receiving an early copy of {path} ({size} bytes)"),
-                            Err(why) => log::info!("not taking an early copy of {path}: {why}"),
-                        }
+                    // Chunks of a copy not begun here are ignored, and so is its end.
+                    let dir = shared.early.lock().unwrap_or_else(|p| p.into_inner()).dir_for(&path);
+                    match dir.map(|dir| arrivals.begin(&dir, &xfer, &path, size)) {
+                        Some(Ok(())) => log::debug!("receiving an early copy of {path} ({size} bytes)"),
+                        Some(Err(why)) => log::info!("not taking an early copy of {path}: {why}"),
+                        None => log::info!("not taking an early copy of {path}: the device's rules leave it out"),
                     }
                 }
                 Msg::EarlyChunk { xfer } => {

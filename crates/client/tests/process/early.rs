@@ -115,12 +115,12 @@ fn a_device_that_falls_behind_is_left_out_and_downloads_the_file_once_told() {
     wait_until(DEADLINE, "device 2 to let the early copy go", || early_files(&d2).is_empty());
 }
 
-/// Device 2's rules ignore `*.iso`: the early copy of a large `.iso` it receives
-/// is let go when the notice of the file comes (before, it stayed in device 2's
-/// temporary folder until pushed out or the client restarted), and the file is
-/// neither placed nor downloaded there.
+/// Device 2's rules ignore `*.iso`: it does not take an early copy of a large
+/// `.iso` (before, it wrote the whole copy and kept it in its temporary folder
+/// until pushed out or the client restarted), and the file is neither placed
+/// nor downloaded there.
 #[test]
-fn an_early_copy_of_a_path_the_device_ignores_is_let_go() {
+fn an_early_copy_of_a_path_the_device_ignores_is_not_taken() {
     const SIZE: u64 = 12 << 20;
     let t = TestDir::new("early_copy_ignored");
     let (s1, s2, s3) = three_servers(&t, &[]);
@@ -137,9 +137,9 @@ fn an_early_copy_of_a_path_the_device_ignores_is_let_go() {
     wait_until(DEADLINE, "after.txt on device 2", || has_file(&d2.path("after.txt"), 5));
     let log = d2.proc.stderr();
     assert!(
-        log.contains("letting the early copy of disk.iso go: this device ignores the path"),
-        "device 2 did not let its early copy of disk.iso go; its log:\n{log}"
+        log.contains("not taking an early copy of disk.iso: the device's rules leave it out"),
+        "device 2 did not refuse an early copy of disk.iso; its log:\n{log}"
     );
-    assert_eq!(early_files(&d2), Vec::<PathBuf>::new(), "the early copy of an ignored path stayed on device 2");
+    assert_eq!(early_files(&d2), Vec::<PathBuf>::new(), "an early copy of an ignored path is on device 2");
     assert!(!d2.path("disk.iso").exists(), "device 2 placed a file its rules ignore");
 }
