@@ -54,6 +54,17 @@ impl FrameWriter {
         self.send_at(Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
     }
 
+    /// Writes one frame, but only if `still` holds once no other frame is
+    /// being written: true if it was written. What `still` reads is decided
+    /// before any frame written after this one.
+    pub fn send_if(&self, still: impl FnOnce() -> bool, msg: &Msg, payload: &[u8]) -> Result<bool, ProtoError> {
+        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if !still() {
+            return Ok(false);
+        }
+        write_frame(&mut *s, Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload).map(|()| true)
+    }
+
     /// Writes one frame stamped with `epoch`: the one its content was decided in.
     pub fn send_at(&self, epoch: Epoch, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());

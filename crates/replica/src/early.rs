@@ -142,16 +142,23 @@ impl EarlyOut {
             for piece in &rx {
                 match piece {
                     // Let go (the upload failed, or `finish` gave up on this
-                    // device): the end, too, would now come after the notice.
-                    Piece::Chunk(_) | Piece::End(_) if stop.load(Ordering::Relaxed) => break,
+                    // device): the end, too, could come after the notice.
+                    Piece::Chunk(_) if stop.load(Ordering::Relaxed) => break,
                     Piece::Chunk(bytes) => {
                         if !send(&chunk, &bytes) {
                             return;
                         }
                     }
                     Piece::End(hash) => {
-                        if send(&Msg::EarlyEnd { xfer, hash }, &[]) {
-                            end_written.store(true, Ordering::Relaxed);
+                        // Checked with the socket held: `finish` gives up (and
+                        // the commit, then its notice, follows) either before
+                        // this check, and the copy is let go, or after the end
+                        // is written, ahead of the notice.
+                        let end = Msg::EarlyEnd { xfer: xfer.clone(), hash };
+                        match writer.send_if(|| !stop.load(Ordering::Relaxed), &end, &[]) {
+                            Ok(true) => end_written.store(true, Ordering::Relaxed),
+                            Ok(false) => break,
+                            Err(_) => writer.shutdown(),
                         }
                         return;
                     }
@@ -273,6 +280,28 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || tx.send(out.finish(ContentHash(7), deadline)));
         rx.recv_timeout(Duration::from_secs(30)).ok()
+    }
+
+    #[test]
+    fn a_copy_given_up_on_ends_with_early_abort_never_early_end() {
+        // The device reads nothing until `finish` has given up: the thread is
+        // still writing the last chunk, with the end queued behind it. The
+        // commit's notice may follow at once, so the end must not.
+        let (writer, device) = pair();
+        let mut out = EarlyOut::start(4, writer, "x-4", "big.bin", 1 << 20).unwrap();
+        // One chunk larger than the small socket buffers hold: its write blocks.
+        assert!(out.push(&Arc::new(vec![5u8; 1 << 20])));
+        assert_eq!(finish_within(out, Instant::now() + Duration::from_secs(60)), Some(false));
+        let mut r = std::io::BufReader::new(device);
+        let mut kinds = Vec::new();
+        while let Ok(Some(frame)) = read_frame(&mut r) {
+            kinds.push(frame.msg.kind());
+            if matches!(frame.msg, Msg::EarlyAbort { .. } | Msg::EarlyEnd { .. }) {
+                break;
+            }
+        }
+        assert_eq!(kinds.last().copied(), Some("early_abort"), "{kinds:?}");
+        assert!(!kinds.contains(&"early_end"), "{kinds:?}");
     }
 
     #[test]
