@@ -59,18 +59,18 @@ fn receive(listener: TcpListener, dest: PathBuf, writes: Writes) -> io::Result<(
         r.read_exact(&mut size)?;
         let mut left = u64::from_be_bytes(size);
         let f = File::create(dest.join(&name))?;
-        let mut w = WriteBehind::new(&f);
+        let mut behind = (writes == Writes::Behind).then(|| WriteBehind::new(&f));
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             r.read_exact(&mut buf[..n])?;
-            match writes {
-                Writes::Plain => (&f).write_all(&buf[..n])?,
-                Writes::Behind => w.write_all(&buf[..n])?,
+            match behind.as_mut() {
+                Some(w) => w.write_all(&buf[..n])?,
+                None => (&f).write_all(&buf[..n])?,
             }
             left -= n as u64;
         }
         f.sync_all()?;
-        if writes == Writes::Behind {
+        if behind.is_some() {
             drop_synced(&f);
         }
         ack.write_all(&[1])?;

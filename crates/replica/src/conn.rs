@@ -51,18 +51,23 @@ impl FrameWriter {
 
     /// Writes one frame, stamped with the highest epoch heard.
     pub fn send(&self, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
-        self.send_at(Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload)
+        self.send_at(self.heard(), msg, payload)
     }
 
-    /// Writes one frame, but only if `still` holds once no other frame is
-    /// being written: true if it was written. What `still` reads is decided
-    /// before any frame written after this one.
+    /// Writes one frame as [`FrameWriter::send`] does, but only if `still`
+    /// holds once no other frame is being written: true if it was written.
+    /// What `still` reads is decided before any frame written after this one.
     pub fn send_if(&self, still: impl FnOnce() -> bool, msg: &Msg, payload: &[u8]) -> Result<bool, ProtoError> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if !still() {
             return Ok(false);
         }
-        write_frame(&mut *s, Epoch(self.epoch.load(Ordering::Relaxed)), msg, payload).map(|()| true)
+        write_frame(&mut *s, self.heard(), msg, payload).map(|()| true)
+    }
+
+    /// The highest epoch heard, which frames are stamped with.
+    fn heard(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Relaxed))
     }
 
     /// Writes one frame stamped with `epoch`: the one its content was decided in.

@@ -101,7 +101,8 @@ enum Piece {
 pub struct EarlyOut {
     conn: ConnId,
     tx: Sender<Piece>,
-    /// Set when the copy is let go: the thread stops before its next chunk.
+    /// Set when the copy is let go: the thread writes no further frame of it
+    /// but `early_abort`.
     cancelled: Arc<AtomicBool>,
     /// Closed by the thread when it ends.
     done: Receiver<()>,
@@ -126,45 +127,43 @@ impl EarlyOut {
         let end_written = ended.clone();
         let spawned = std::thread::Builder::new().name(format!("early-{conn}")).spawn(move || {
             let _done = done_tx;
-            // A write that failed (or timed out) may have left part of a frame:
+            // A frame of the copy is written only while the copy is not let go
+            // (the upload failed, or `finish` gave up on this device), checked
+            // with the socket held: `finish` gives up, and the commit and its
+            // notice follow, either before a frame's check or after that frame
+            // is written, ahead of the notice. Some(written), or None when the
+            // write failed (or timed out) and may have left part of a frame:
             // nothing more can follow it on this connection.
-            let send = |msg: &Msg, payload: &[u8]| {
-                let sent = writer.send(msg, payload);
-                if sent.is_err() {
+            let send = |msg: &Msg, payload: &[u8]| match writer.send_if(|| !stop.load(Ordering::Relaxed), msg, payload)
+            {
+                Ok(written) => Some(written),
+                Err(_) => {
                     writer.shutdown();
+                    None
                 }
-                sent.is_ok()
             };
-            if !send(&begin, &[]) {
+            if send(&begin, &[]) != Some(true) {
                 return;
             }
             let chunk = Msg::EarlyChunk { xfer: xfer.clone() };
             for piece in &rx {
-                match piece {
-                    // Let go (the upload failed, or `finish` gave up on this
-                    // device): the end, too, could come after the notice.
-                    Piece::Chunk(_) if stop.load(Ordering::Relaxed) => break,
-                    Piece::Chunk(bytes) => {
-                        if !send(&chunk, &bytes) {
-                            return;
-                        }
-                    }
-                    Piece::End(hash) => {
-                        // Checked with the socket held: `finish` gives up (and
-                        // the commit, then its notice, follows) either before
-                        // this check, and the copy is let go, or after the end
-                        // is written, ahead of the notice.
-                        let end = Msg::EarlyEnd { xfer: xfer.clone(), hash };
-                        match writer.send_if(|| !stop.load(Ordering::Relaxed), &end, &[]) {
-                            Ok(true) => end_written.store(true, Ordering::Relaxed),
-                            Ok(false) => break,
-                            Err(_) => writer.shutdown(),
-                        }
+                let (sent, end) = match piece {
+                    Piece::Chunk(bytes) => (send(&chunk, &bytes), false),
+                    Piece::End(hash) => (send(&Msg::EarlyEnd { xfer: xfer.clone(), hash }, &[]), true),
+                };
+                match sent {
+                    Some(true) if end => {
+                        end_written.store(true, Ordering::Relaxed);
                         return;
                     }
+                    Some(true) => {}
+                    Some(false) => break,
+                    None => return,
                 }
             }
-            send(&Msg::EarlyAbort { xfer }, &[]);
+            if writer.send(&Msg::EarlyAbort { xfer }, &[]).is_err() {
+                writer.shutdown();
+            }
         });
         match spawned {
             Ok(_) => Some(EarlyOut { conn, tx, cancelled, done, ended, began: Instant::now(), waited: Duration::ZERO }),

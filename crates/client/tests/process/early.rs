@@ -24,6 +24,20 @@ fn has_file(path: &Path, size: u64) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.len() == size)
 }
 
+/// Alice's two devices, both logged in through `primary`.
+fn alices_devices(t: &TestDir, primary: &Server) -> (Client, Client) {
+    let d1 = Client::headless(t, "dev1", "alice", primary, DEVICE1_IP);
+    let d2 = Client::headless(t, "dev2", "alice", primary, DEVICE2_IP);
+    (d1, d2)
+}
+
+/// A file of `size` seeded bytes, written outside every sync dir, to be moved in.
+fn staged(t: &TestDir, name: &str, seed: u64, size: u64) -> PathBuf {
+    let path = t.mkdir("outside").join(name);
+    write_seeded(&path, seed, size);
+    path
+}
+
 /// Whether alice's `name` is on every server at its full size.
 fn on_servers(servers: [&Server; 3], name: &str, size: u64) -> bool {
     servers.iter().all(|s| has_file(&s.user_dir("alice").join(name), size))
@@ -40,11 +54,8 @@ fn a_large_file_reaches_the_other_device_as_an_early_copy() {
     const SIZE: u64 = 12 << 20;
     let t = TestDir::new("early_copy");
     let (s1, s2, s3) = three_servers(&t, &[]);
-    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
-    let staged = t.mkdir("outside").join("big.bin");
-    write_seeded(&staged, 21, SIZE);
-    std::fs::rename(&staged, d1.path("big.bin")).unwrap();
+    let (d1, d2) = alices_devices(&t, &s1);
+    std::fs::rename(staged(&t, "big.bin", 21, SIZE), d1.path("big.bin")).unwrap();
     let src = d1.path("big.bin");
     wait_until(DEADLINE, "big.bin on device 2 and all three servers, byte-identical", || {
         on_servers([&s1, &s2, &s3], "big.bin", SIZE) && has_file(&d2.path("big.bin"), SIZE)
@@ -69,11 +80,8 @@ fn an_early_copy_of_an_upload_that_never_completes_is_let_go() {
     const SIZE: u64 = 768 << 20;
     let t = TestDir::new("early_copy_abandoned");
     let (s1, s2, s3) = three_servers(&t, &[]);
-    let mut d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
-    let staged = t.mkdir("outside").join("huge.bin");
-    write_seeded(&staged, 22, SIZE);
-    std::fs::rename(&staged, d1.path("huge.bin")).unwrap();
+    let (mut d1, d2) = alices_devices(&t, &s1);
+    std::fs::rename(staged(&t, "huge.bin", 22, SIZE), d1.path("huge.bin")).unwrap();
     wait_until(DEADLINE, "device 2 to receive an early copy of huge.bin", || !early_files(&d2).is_empty());
     d1.proc.kill();
     wait_until(DEADLINE, "device 2 to let the early copy of huge.bin go", || early_files(&d2).is_empty());
@@ -96,12 +104,10 @@ fn a_device_that_falls_behind_is_left_out_and_downloads_the_file_once_told() {
     const SIZE: u64 = 64 << 20;
     let t = TestDir::new("early_copy_behind");
     let (s1, s2, s3) = three_servers(&t, &[]);
-    let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
-    let mut d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
-    let staged = t.mkdir("outside").join("big.bin");
-    write_seeded(&staged, 23, SIZE);
+    let (d1, mut d2) = alices_devices(&t, &s1);
+    let file = staged(&t, "big.bin", 23, SIZE);
     d2.proc.signal("STOP");
-    std::fs::rename(&staged, d1.path("big.bin")).unwrap();
+    std::fs::rename(file, d1.path("big.bin")).unwrap();
     wait_until(DEADLINE, "big.bin on all three servers while device 2 is stopped", || {
         on_servers([&s1, &s2, &s3], "big.bin", SIZE)
     });
@@ -127,9 +133,7 @@ fn an_early_copy_of_a_path_the_device_ignores_is_not_taken() {
     let d1 = Client::headless(&t, "dev1", "alice", &s1, DEVICE1_IP);
     std::fs::write(t.mkdir("dev2-sync").join(".replibox-ignore"), "*.iso\n").unwrap();
     let d2 = Client::headless(&t, "dev2", "alice", &s1, DEVICE2_IP);
-    let staged = t.mkdir("outside").join("disk.iso");
-    write_seeded(&staged, 24, SIZE);
-    std::fs::rename(&staged, d1.path("disk.iso")).unwrap();
+    std::fs::rename(staged(&t, "disk.iso", 24, SIZE), d1.path("disk.iso")).unwrap();
     wait_until(DEADLINE, "disk.iso on all three servers", || on_servers([&s1, &s2, &s3], "disk.iso", SIZE));
     // Notices are applied in order: once the next file is on device 2, the
     // notice of disk.iso was handled.
