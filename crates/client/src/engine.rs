@@ -1184,6 +1184,7 @@ impl Engine {
             }
             tmps.push(tmp);
         }
+        let asked = Instant::now();
         let answers = match self.front.download_batch(&mut items) {
             Ok(a) => a,
             Err(e) => {
@@ -1204,17 +1205,28 @@ impl Engine {
                 }
             }
         }
+        let downloaded = Instant::now();
         let files: Vec<&File> = received.iter().map(|(k, _)| &items[*k].file).collect();
-        if let Err(e) = replibox_proto::durable::sync_all(&files, |f| f.sync_all()) {
+        let synced = replibox_proto::durable::sync_all(&files, |f| f.sync_all());
+        let synced_at = Instant::now();
+        if let Err(e) = synced {
             forget(&tmps);
             return Err(FrontError::local_io(
                 format_args!("cannot write the files received into {}", self.tmp.display()),
                 &e,
             ));
         }
+        let n = received.len();
         for (k, meta) in received {
             self.place(&items[k].path, &tmps[k], &meta)?;
         }
+        // One line per batch: where a burst's time goes on the receiving device.
+        log::debug!(
+            "received {n} files: downloaded in {:?}, synced in {:?}, placed in {:?}",
+            downloaded - asked,
+            synced_at - downloaded,
+            synced_at.elapsed()
+        );
         Ok(())
     }
 

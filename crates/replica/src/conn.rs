@@ -2,8 +2,8 @@
 //! client's hello and password login, a status query), then what follows it.
 //!
 //! The reader thread owns the socket's read side. Frames going out share the write
-//! side behind a mutex, so a download streamed by the reader and a push written by
-//! the connection's writer thread interleave only at frame boundaries.
+//! side behind a mutex, so a download streamed by the replies thread and a push
+//! written by the connection's push thread interleave only at frame boundaries.
 
 use crate::cluster::ClusterAuth;
 use crate::core::{ask, AccountOutcome, ConnId, CoreRequest, Event, Route, Welcome};
@@ -667,8 +667,30 @@ fn password_login<R: FrameSource>(
     }
 }
 
-/// Where a connection's changing requests wait for their answers, in order.
-type Pending = crossbeam_channel::Sender<(Seq, crossbeam_channel::Receiver<OpResult>)>;
+/// How many downloads a connection may have opened and not yet sent. A device
+/// asks for a burst's files up to [`replibox_proto::REQUEST_WINDOW`] at a time;
+/// asked one after the other, each waited for the core to come round to it
+/// (behind a group commit's fsyncs), and the other device fell seconds behind
+/// the servers in a burst of 10,000 files. Each holds an open file
+/// ([`crate::server::FDS_PER_CONNECTION`]).
+pub const DOWNLOADS_AHEAD: usize = 8;
+
+/// An answer a connection's replies thread sends, in request order.
+enum Answer {
+    /// A change's result, once stored everywhere.
+    Change(crossbeam_channel::Receiver<OpResult>),
+    /// A download: the file the core opened (or why not), then sent whole.
+    Download(crossbeam_channel::Receiver<Result<(replibox_proto::FileMeta, std::fs::File), OpResult>>),
+}
+
+/// Where a connection's requests wait for their answers, in order.
+struct Pending {
+    /// The answers, in request order.
+    queue: Sender<(Seq, Answer)>,
+    /// A token per download asked for and not yet sent: at most
+    /// [`DOWNLOADS_AHEAD`].
+    ahead: Sender<()>,
+}
 
 /// A logged-in client's connection (or a called-back one, once resumed).
 pub struct Client {
@@ -750,7 +772,8 @@ fn serve_fetch(
 fn stream_file(writer: &FrameWriter, seq: Seq, meta: replibox_proto::FileMeta, file: std::fs::File) -> Result<(), End> {
     let size = meta.size;
     writer.send(&Msg::Reply { seq, result: OpResult::Data { meta } }, &[])?;
-    let mut buf = vec![0u8; CHUNK_SIZE];
+    // A small file's buffer is its size: a burst's downloads are mostly small.
+    let mut buf = vec![0u8; size.min(CHUNK_SIZE as u64) as usize];
     let mut sent = 0u64;
     let mut hasher = Hasher::new();
     let mut file = ReadBehind::new(file);
@@ -811,25 +834,36 @@ impl Client {
         // request, so a device may keep several in flight (a window) and their
         // replication overlaps. Bounded, so that a client that sends without
         // reading waits here instead of piling up work.
-        let (pending, answers) = crossbeam_channel::bounded::<(Seq, crossbeam_channel::Receiver<OpResult>)>(
-            4 * crate::state::REQUEST_WINDOW as usize,
-        );
+        // Downloads are answered by the same thread, in their turn: the reader
+        // asks the core for the next files while one is sent.
+        let (queue, answers) = crossbeam_channel::bounded::<(Seq, Answer)>(4 * crate::state::REQUEST_WINDOW as usize);
+        let (ahead, sent_rx) = crossbeam_channel::bounded::<()>(DOWNLOADS_AHEAD);
+        let pending = Pending { queue, ahead };
         let w = self.writer.clone();
+        let (conn, peer) = (self.conn, self.peer.clone());
         let name = format!("conn-{}-replies", self.conn);
         let _ = std::thread::Builder::new().name(name).spawn(move || {
             for (seq, answer) in answers {
-                match answer.recv() {
-                    Ok(result) => {
-                        if w.send(&Msg::Reply { seq, result }, &[]).is_err() {
-                            break;
-                        }
+                let sent = match answer {
+                    Answer::Change(answer) => answer.recv().map(|result| w.send(&Msg::Reply { seq, result }, &[])),
+                    Answer::Download(answer) => {
+                        let sent = answer.recv().map(|opened| match opened {
+                            Err(result) => w.send(&Msg::Reply { seq, result }, &[]),
+                            Ok((meta, file)) => stream_file(&w, seq, meta, file).map_err(|end| {
+                                log::warn!("download seq={seq} conn={conn} peer={peer} failed: {end}");
+                                ProtoError::Io(std::io::Error::other(end.to_string()))
+                            }),
+                        });
+                        let _ = sent_rx.try_recv();
+                        sent
                     }
-                    Err(_) => {
-                        // The core dropped the request (it stepped down, or stops):
-                        // the client resends it elsewhere once the connection is gone.
-                        w.shutdown();
-                        break;
-                    }
+                };
+                if !matches!(sent, Ok(Ok(()))) {
+                    // The socket failed, a stored file could not be sent, or the
+                    // core dropped the request (it stepped down, or stops): the
+                    // connection ends, and the client asks again (elsewhere).
+                    w.shutdown();
+                    break;
                 }
             }
         });
@@ -864,7 +898,19 @@ impl Client {
     ) -> Result<(), End> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.core.send(Event::Request { conn: self.conn, seq, req: make(tx) }).map_err(|_| End::CoreGone)?;
-        pending.send((seq, rx)).map_err(|_| End::Violation("the replies thread ended".into()))
+        pending.queue.send((seq, Answer::Change(rx))).map_err(|_| End::Violation("the replies thread ended".into()))
+    }
+
+    /// Asks the core to open a file for a download and leaves sending it to the
+    /// replies thread; waits while [`DOWNLOADS_AHEAD`] are opened and unsent.
+    fn download_later(&self, pending: &Pending, seq: Seq, path: String) -> Result<(), End> {
+        let ended = || End::Violation("the replies thread ended".into());
+        pending.ahead.send(()).map_err(|_| ended())?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.core
+            .send(Event::Request { conn: self.conn, seq, req: CoreRequest::Open { path, reply: tx } })
+            .map_err(|_| End::CoreGone)?;
+        pending.queue.send((seq, Answer::Download(rx))).map_err(|_| ended())
     }
 
     fn request<R: FrameSource>(&self, reader: &mut R, pending: &Pending, seq: Seq, op: Op) -> Result<(), End> {
@@ -900,10 +946,7 @@ impl Client {
             Op::Passwd { credentials } => {
                 self.ask_later(pending, seq, |reply| CoreRequest::Passwd { credentials, reply })
             }
-            Op::Download { path } => match self.ask(seq, |reply| CoreRequest::Open { path, reply })? {
-                Err(result) => self.reply(seq, result),
-                Ok((meta, file)) => self.download(seq, meta, file),
-            },
+            Op::Download { path } => self.download_later(pending, seq, path),
             Op::Upload { path, size, mtime_ms, base, exec, eager } => {
                 // An eager upload's bytes are on their way: it begins at once,
                 // with the backups the core last published (its commit checks it
@@ -961,10 +1004,6 @@ impl Client {
                 other => return Err(End::Violation(format!("unexpected {} during upload seq={seq}", other.kind()))),
             }
         }
-    }
-
-    fn download(&self, seq: Seq, meta: replibox_proto::FileMeta, file: std::fs::File) -> Result<(), End> {
-        stream_file(&self.writer, seq, meta, file)
     }
 
     /// Receives an upload into a temporary file and, chunk by chunk as it arrives,
@@ -1116,5 +1155,162 @@ impl Client {
             hash,
             reply,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::CoreRequest;
+    use crossbeam_channel::Receiver;
+    use replibox_proto::{ContentHash, FileMeta, Version};
+    use std::net::TcpListener;
+
+    /// A session of one device served on a loopback connection, with a core
+    /// that is a channel the test answers: the device's end of the connection
+    /// and the core's events. Files live under `dir`.
+    fn session(dir: &std::path::Path) -> (TcpStream, Receiver<Event>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let device = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        device.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let (core, events) = unbounded();
+        let client = Client {
+            conn: 1,
+            user: "alice".into(),
+            device: DeviceId("0123456789abcdef".into()),
+            core,
+            writer: FrameWriter::new(server.try_clone().unwrap(), Arc::new(AtomicU64::new(1))),
+            peer: peer.to_string(),
+            ack_timeout: Duration::from_secs(2),
+            temps: Arc::new(Temps::new(dir)),
+            route: Arc::new(UploadRoute::default()),
+            devices: Arc::new(crate::early::Devices::default()),
+        };
+        std::thread::spawn(move || {
+            let (_pushes, out_rx) = unbounded();
+            let end = client.serve(&mut FrameReader::new(server), out_rx);
+            client.writer.shutdown();
+            end
+        });
+        (device, events)
+    }
+
+    fn ask_download(device: &TcpStream, seq: u64, path: &str) {
+        let op = Op::Download { path: path.into() };
+        write_frame(&mut &*device, Epoch(1), &Msg::Request { seq: Seq(seq), op }, &[]).unwrap();
+    }
+
+    /// The core's next event, which must be a request to open a file.
+    type Open = (Seq, String, Sender<Result<(FileMeta, std::fs::File), OpResult>>);
+    fn next_open(events: &Receiver<Event>) -> Open {
+        match events.recv_timeout(Duration::from_secs(30)) {
+            Ok(Event::Request { seq, req: CoreRequest::Open { path, reply }, .. }) => (seq, path, reply),
+            Ok(_) => panic!("expected a download's open, got another event"),
+            Err(e) => panic!("no download's open reached the core: {e}"),
+        }
+    }
+
+    /// Stores `content` under `dir` and opens it, with its metadata.
+    fn stored(dir: &std::path::Path, path: &str, content: &[u8]) -> (FileMeta, std::fs::File) {
+        let file = dir.join(path);
+        std::fs::write(&file, content).unwrap();
+        let meta = FileMeta {
+            path: path.into(),
+            version: Version(1),
+            size: content.len() as u64,
+            mtime_ms: 0,
+            hash: ContentHash::of(content),
+            deleted: false,
+            atime_ms: 0,
+            ctime_ms: 0,
+            exec: false,
+            dir: false,
+        };
+        (meta, std::fs::File::open(file).unwrap())
+    }
+
+    /// Reads one download's answer: the file's bytes, or the refusal.
+    fn read_download(device: &TcpStream, seq: u64) -> Result<Vec<u8>, OpResult> {
+        let read = || read_frame(&mut &*device).unwrap().expect("the connection closed mid-answer");
+        let meta = match read().msg {
+            Msg::Reply { seq: s, result: OpResult::Data { meta } } if s == Seq(seq) => meta,
+            Msg::Reply { seq: s, result } if s == Seq(seq) => return Err(result),
+            other => panic!("expected the answer to seq={seq}, got {other:?}"),
+        };
+        let mut bytes = Vec::new();
+        loop {
+            let frame = read();
+            match frame.msg {
+                Msg::Chunk { seq: s } if s == Seq(seq) => bytes.extend_from_slice(&frame.payload),
+                Msg::DownloadEnd { seq: s, hash } if s == Seq(seq) => {
+                    assert_eq!(hash, meta.hash, "seq={seq}: the end's hash is not the file's");
+                    return Ok(bytes);
+                }
+                other => panic!("expected seq={seq}'s chunks, got {other:?}"),
+            }
+        }
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("replibox-conn-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn downloads_are_opened_ahead_and_answered_in_request_order() {
+        // Asked one after the other, each download waited for the core to come
+        // round to it, behind a group commit's fsyncs: in a burst of 10,000
+        // files the other device fell seconds behind the servers. The core must
+        // see every open before it answers the first.
+        let dir = scratch("ahead");
+        let (device, events) = session(&dir);
+        let paths = ["a.txt", "b.txt", "c.txt"];
+        for (k, p) in paths.iter().enumerate() {
+            ask_download(&device, k as u64 + 1, p);
+        }
+        let opens: Vec<Open> = paths.iter().map(|_| next_open(&events)).collect();
+        let asked: Vec<&str> = opens.iter().map(|(_, p, _)| p.as_str()).collect();
+        assert_eq!(asked, paths, "opened in another order");
+        // Answered last first (the core answers a download once its file's entry
+        // is committed): the device still gets them in its order. The second is
+        // refused.
+        for (seq, path, reply) in opens.into_iter().rev() {
+            let answer = if path == "b.txt" {
+                Err(OpResult::Gone { path })
+            } else {
+                Ok(stored(&dir, &path, format!("content of {path} ({seq})").as_bytes()))
+            };
+            reply.send(answer).unwrap();
+        }
+        assert_eq!(read_download(&device, 1).unwrap(), b"content of a.txt (1)");
+        assert_eq!(read_download(&device, 2), Err(OpResult::Gone { path: "b.txt".into() }));
+        assert_eq!(read_download(&device, 3).unwrap(), b"content of c.txt (3)");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_stored_file_that_cannot_be_sent_ends_the_connection() {
+        // The device would otherwise wait for the rest of a file that never
+        // comes; once the connection ends it asks again.
+        let dir = scratch("short");
+        let (device, events) = session(&dir);
+        ask_download(&device, 1, "a.txt");
+        let (_, path, reply) = next_open(&events);
+        let (mut meta, file) = stored(&dir, &path, b"four");
+        meta.size = 1000;
+        reply.send(Ok((meta, file))).unwrap();
+        let mut frames = 0;
+        loop {
+            match read_frame(&mut &device) {
+                Ok(Some(_)) => frames += 1,
+                Ok(None) => break,
+                Err(e) => panic!("the connection failed instead of ending: {e}"),
+            }
+            assert!(frames < 10, "the server keeps sending a file it cannot read");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -75,7 +75,7 @@ struct Args {
     quorum: QuorumArg,
     /// How many connections (clients, backups, status queries) are served at once;
     /// one more is told the server is busy and closed. The default fits the
-    /// process's open-file limit (4 descriptors per connection, 64 kept aside).
+    /// process's open-file limit (12 descriptors per connection, 64 kept aside).
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
     /// With -p: start even though a server this data dir remembers did not

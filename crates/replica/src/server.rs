@@ -22,8 +22,9 @@ pub const ACCEPT_PAUSE_FIRST: Duration = Duration::from_millis(10);
 /// The longest pause between two accepts that fail.
 pub const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// File descriptors a connection may hold at once: its socket, the two clones
-/// its reader and writers share, and a file being sent or received.
-pub const FDS_PER_CONNECTION: u64 = 4;
+/// its reader and writers share, a file being received, and the files of the
+/// downloads opened ahead ([`crate::conn::DOWNLOADS_AHEAD`]).
+pub const FDS_PER_CONNECTION: u64 = 4 + crate::conn::DOWNLOADS_AHEAD as u64;
 /// File descriptors kept for everything else: the listener, the log, the
 /// snapshot, outgoing links, fetches and callbacks, a refused connection.
 pub const FDS_RESERVED: u64 = 64;

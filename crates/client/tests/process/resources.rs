@@ -431,15 +431,15 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
 }
 
 /// Issue 7, item 7: without `--max-connections`, the limit fits the process's
-/// open-file limit (here (96 - 64) / 4 = 8 connections), and a connection beyond
+/// open-file limit (here (160 - 64) / 12 = 8 connections), and a connection beyond
 /// it is told why in a `refused` frame and closed, while those already in are
 /// served; once some close, new ones are taken again.
 #[test]
 fn connections_beyond_the_limit_are_refused_politely() {
     let t = TestDir::new("resources_max_connections");
-    let server = limited_primary(&t, "server", 96, &[]);
+    let server = limited_primary(&t, "server", 160, &[]);
     wait_until(DEADLINE, "the server to say its limit", || {
-        server.log().contains("serving at most 8 connections at once (open-file limit 96)")
+        server.log().contains("serving at most 8 connections at once (open-file limit 160)")
     });
     let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
     let mut held: Vec<Raw> = Vec::new();
