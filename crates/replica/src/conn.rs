@@ -236,6 +236,9 @@ pub enum End {
     Violation(String),
     Refused(String),
     CoreGone,
+    /// The replies thread could not send an answer and closed the connection
+    /// (its own log line says why).
+    RepliesEnded,
 }
 
 impl std::fmt::Display for End {
@@ -247,6 +250,7 @@ impl std::fmt::Display for End {
             End::Violation(s) => write!(f, "protocol violation: {s}"),
             End::Refused(r) => write!(f, "login refused: {r}"),
             End::CoreGone => f.write_str("server shutting down"),
+            End::RepliesEnded => f.write_str("an answer could not be sent"),
         }
     }
 }
@@ -768,6 +772,49 @@ fn serve_fetch(
     }
 }
 
+/// The replies thread of a client connection: sends each answer in request
+/// order, a download's file whole, and takes back a download's token once it is
+/// sent. The first answer that cannot be sent ends the connection (the device
+/// then asks again, elsewhere if need be), with a line saying why.
+fn send_answers(
+    answers: crossbeam_channel::Receiver<(Seq, Answer)>,
+    sent: crossbeam_channel::Receiver<()>,
+    w: FrameWriter,
+    conn: ConnId,
+    peer: String,
+) {
+    // Why an answer was not sent, and how loud to say it: a device that went
+    // away, or a core that stepped down (it says so itself), is routine; a
+    // stored file that cannot be sent is the server's own trouble.
+    let dropped = || Some((log::Level::Info, "the core dropped it (stepping down, or stopping)".to_string()));
+    let socket = |e: ProtoError| (log::Level::Info, format!("writing to the device failed: {e}"));
+    for (seq, answer) in answers {
+        let failed = match answer {
+            Answer::Change(answer) => match answer.recv() {
+                Ok(result) => w.send(&Msg::Reply { seq, result }, &[]).err().map(socket),
+                Err(_) => dropped(),
+            },
+            Answer::Download(answer) => {
+                let failed = match answer.recv() {
+                    Ok(Err(result)) => w.send(&Msg::Reply { seq, result }, &[]).err().map(socket),
+                    Ok(Ok((meta, file))) => stream_file(&w, seq, meta, file).err().map(|end| match end {
+                        End::Proto(e) => socket(e),
+                        other => (log::Level::Warn, other.to_string()),
+                    }),
+                    Err(_) => dropped(),
+                };
+                let _ = sent.try_recv();
+                failed
+            }
+        };
+        if let Some((level, why)) = failed {
+            log::log!(level, "closing conn={conn} peer={peer}: the answer to seq={seq} was not sent: {why}");
+            w.shutdown();
+            break;
+        }
+    }
+}
+
 /// Sends a file as a download: the metadata, its chunks, the end with the hash.
 fn stream_file(writer: &FrameWriter, seq: Seq, meta: replibox_proto::FileMeta, file: std::fs::File) -> Result<(), End> {
     let size = meta.size;
@@ -839,34 +886,9 @@ impl Client {
         let (queue, answers) = crossbeam_channel::bounded::<(Seq, Answer)>(4 * crate::state::REQUEST_WINDOW as usize);
         let (ahead, sent_rx) = crossbeam_channel::bounded::<()>(DOWNLOADS_AHEAD);
         let pending = Pending { queue, ahead };
-        let w = self.writer.clone();
-        let (conn, peer) = (self.conn, self.peer.clone());
+        let (w, conn, peer) = (self.writer.clone(), self.conn, self.peer.clone());
         let name = format!("conn-{}-replies", self.conn);
-        let _ = std::thread::Builder::new().name(name).spawn(move || {
-            for (seq, answer) in answers {
-                let sent = match answer {
-                    Answer::Change(answer) => answer.recv().map(|result| w.send(&Msg::Reply { seq, result }, &[])),
-                    Answer::Download(answer) => {
-                        let sent = answer.recv().map(|opened| match opened {
-                            Err(result) => w.send(&Msg::Reply { seq, result }, &[]),
-                            Ok((meta, file)) => stream_file(&w, seq, meta, file).map_err(|end| {
-                                log::warn!("download seq={seq} conn={conn} peer={peer} failed: {end}");
-                                ProtoError::Io(std::io::Error::other(end.to_string()))
-                            }),
-                        });
-                        let _ = sent_rx.try_recv();
-                        sent
-                    }
-                };
-                if !matches!(sent, Ok(Ok(()))) {
-                    // The socket failed, a stored file could not be sent, or the
-                    // core dropped the request (it stepped down, or stops): the
-                    // connection ends, and the client asks again (elsewhere).
-                    w.shutdown();
-                    break;
-                }
-            }
-        });
+        let _ = std::thread::Builder::new().name(name).spawn(move || send_answers(answers, sent_rx, w, conn, peer));
         loop {
             let frame = match reader.next_frame() {
                 Ok(Some(f)) => f,
@@ -898,19 +920,26 @@ impl Client {
     ) -> Result<(), End> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.core.send(Event::Request { conn: self.conn, seq, req: make(tx) }).map_err(|_| End::CoreGone)?;
-        pending.queue.send((seq, Answer::Change(rx))).map_err(|_| End::Violation("the replies thread ended".into()))
+        pending.queue.send((seq, Answer::Change(rx))).map_err(|_| End::RepliesEnded)
+    }
+
+    /// Queues an answer known at once behind those still on their way, so that
+    /// it keeps its turn: a device reads a batch of downloads' answers in order.
+    fn answer_in_turn(&self, pending: &Pending, seq: Seq, result: OpResult) -> Result<(), End> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = tx.send(result);
+        pending.queue.send((seq, Answer::Change(rx))).map_err(|_| End::RepliesEnded)
     }
 
     /// Asks the core to open a file for a download and leaves sending it to the
     /// replies thread; waits while [`DOWNLOADS_AHEAD`] are opened and unsent.
     fn download_later(&self, pending: &Pending, seq: Seq, path: String) -> Result<(), End> {
-        let ended = || End::Violation("the replies thread ended".into());
-        pending.ahead.send(()).map_err(|_| ended())?;
+        pending.ahead.send(()).map_err(|_| End::RepliesEnded)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.core
             .send(Event::Request { conn: self.conn, seq, req: CoreRequest::Open { path, reply: tx } })
             .map_err(|_| End::CoreGone)?;
-        pending.queue.send((seq, Answer::Download(rx))).map_err(|_| ended())
+        pending.queue.send((seq, Answer::Download(rx))).map_err(|_| End::RepliesEnded)
     }
 
     fn request<R: FrameSource>(&self, reader: &mut R, pending: &Pending, seq: Seq, op: Op) -> Result<(), End> {
@@ -927,7 +956,7 @@ impl Client {
                 // An upload's chunks would follow a refused header only after a
                 // Proceed, which is never sent; an eager one's are on their way.
                 self.skip_eager_upload(reader, seq, &op)?;
-                return self.reply(seq, OpResult::Error { message: e.to_string() });
+                return self.answer_in_turn(pending, seq, OpResult::Error { message: e.to_string() });
             }
         }
         match op {
@@ -1292,11 +1321,56 @@ mod tests {
     }
 
     #[test]
+    fn more_downloads_than_are_opened_ahead_all_arrive_in_order() {
+        // Each download sent gives its place back: the reader opens the next
+        // once one is sent, never stopping at DOWNLOADS_AHEAD for good.
+        let dir = scratch("window");
+        let (device, events) = session(&dir);
+        let n = DOWNLOADS_AHEAD as u64 + 4;
+        for seq in 1..=n {
+            ask_download(&device, seq, &format!("f{seq}.txt"));
+        }
+        for _ in 1..=n {
+            let (seq, path, reply) = next_open(&events);
+            reply.send(Ok(stored(&dir, &path, format!("{path} is seq {seq}").as_bytes()))).unwrap();
+        }
+        for seq in 1..=n {
+            assert_eq!(read_download(&device, seq).unwrap(), format!("f{seq}.txt is seq {seq}").as_bytes());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_download_refused_at_once_keeps_its_turn() {
+        // A path the server refuses before asking its core is answered in
+        // order, behind the downloads asked before it: a device reads a batch
+        // of downloads' answers in order.
+        let dir = scratch("refused");
+        let (device, events) = session(&dir);
+        ask_download(&device, 1, "a.txt");
+        ask_download(&device, 2, "../escape");
+        let (_, path, reply) = next_open(&events);
+        // The refusal is decided once seq 2 is read; seq 1 is answered after.
+        let opened = stored(&dir, &path, b"first");
+        ask_download(&device, 3, "b.txt");
+        let (_, path3, reply3) = next_open(&events);
+        reply.send(Ok(opened)).unwrap();
+        reply3.send(Ok(stored(&dir, &path3, b"third"))).unwrap();
+        assert_eq!(read_download(&device, 1).unwrap(), b"first");
+        assert!(matches!(read_download(&device, 2), Err(OpResult::Error { .. })), "seq 2 should be refused");
+        assert_eq!(read_download(&device, 3).unwrap(), b"third");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_stored_file_that_cannot_be_sent_ends_the_connection() {
         // The device would otherwise wait for the rest of a file that never
         // comes; once the connection ends it asks again.
         let dir = scratch("short");
         let (device, events) = session(&dir);
+        // Well within the server's own READ_TIMEOUT, after which its reader
+        // would end the connection anyway.
+        device.set_read_timeout(Some(READ_TIMEOUT / 3)).unwrap();
         ask_download(&device, 1, "a.txt");
         let (_, path, reply) = next_open(&events);
         let (mut meta, file) = stored(&dir, &path, b"four");
