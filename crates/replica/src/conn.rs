@@ -1350,8 +1350,9 @@ mod tests {
         ask_download(&device, 1, "a.txt");
         ask_download(&device, 2, "../escape");
         let (_, path, reply) = next_open(&events);
-        // The refusal is decided once seq 2 is read; seq 1 is answered after.
         let opened = stored(&dir, &path, b"first");
+        // Seq 3's open reaching the core shows that seq 2 was read and
+        // refused; only then is seq 1 answered.
         ask_download(&device, 3, "b.txt");
         let (_, path3, reply3) = next_open(&events);
         reply.send(Ok(opened)).unwrap();
