@@ -75,11 +75,14 @@ impl Held {
         self.wanted = Some(wanted);
     }
 
-    /// Where a copy of `path` goes: None if copies go nowhere yet, or this
-    /// path is not wanted (the caller then logs that the device's rules leave
-    /// it out).
-    pub fn dir_for(&self, path: &str) -> Option<PathBuf> {
-        self.dir.clone().filter(|_| self.wanted.as_ref().is_none_or(|wanted| wanted(path)))
+    /// Where a copy of `path` goes, or why it is not taken: copies go nowhere
+    /// yet, or the device does not want this path.
+    pub fn dir_for(&self, path: &str) -> Result<PathBuf, String> {
+        let dir = self.dir.clone().ok_or("the client is not syncing yet")?;
+        match &self.wanted {
+            Some(wanted) if !wanted(path) => Err("the device's rules leave it out".into()),
+            _ => Ok(dir),
+        }
     }
 
     /// Holds a whole copy; one of the same path before it goes, and the oldest
@@ -286,12 +289,12 @@ mod tests {
     #[test]
     fn copies_go_nowhere_until_told_and_only_for_wanted_paths() {
         let mut held = Held::default();
-        assert_eq!(held.dir_for("a.bin"), None, "before the engine says where");
+        assert_eq!(held.dir_for("a.bin"), Err("the client is not syncing yet".into()), "before the engine says where");
         held.keep_in(PathBuf::from("/sync/.replibox/tmp"));
-        assert_eq!(held.dir_for("a.iso"), Some(PathBuf::from("/sync/.replibox/tmp")), "every path, until told");
+        assert_eq!(held.dir_for("a.iso"), Ok(PathBuf::from("/sync/.replibox/tmp")), "every path, until told");
         held.want_only(Arc::new(|p: &str| !p.ends_with(".iso")));
-        assert_eq!(held.dir_for("a.iso"), None);
-        assert_eq!(held.dir_for("a.bin"), Some(PathBuf::from("/sync/.replibox/tmp")));
+        assert_eq!(held.dir_for("a.iso"), Err("the device's rules leave it out".into()));
+        assert_eq!(held.dir_for("a.bin"), Ok(PathBuf::from("/sync/.replibox/tmp")));
     }
 
     #[test]

@@ -1101,10 +1101,9 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, replies: Sender<Frame>,
                 Msg::EarlyBegin { xfer, path, size } => {
                     // Chunks of a copy not begun here are ignored, and so is its end.
                     let dir = shared.early.lock().unwrap_or_else(|p| p.into_inner()).dir_for(&path);
-                    match dir.map(|dir| arrivals.begin(&dir, &xfer, &path, size)) {
-                        Some(Ok(())) => log::debug!("receiving an early copy of {path} ({size} bytes)"),
-                        Some(Err(why)) => log::info!("not taking an early copy of {path}: {why}"),
-                        None => log::info!("not taking an early copy of {path}: the device's rules leave it out"),
+                    match dir.and_then(|dir| arrivals.begin(&dir, &xfer, &path, size)) {
+                        Ok(()) => log::debug!("receiving an early copy of {path} ({size} bytes)"),
+                        Err(why) => log::info!("not taking an early copy of {path}: {why}"),
                     }
                 }
                 Msg::EarlyChunk { xfer } => {

@@ -681,6 +681,8 @@ pub const DOWNLOADS_AHEAD: usize = 8;
 
 /// An answer a connection's replies thread sends, in request order.
 enum Answer {
+    /// Known at once (a refusal before the core is asked): it only keeps its turn.
+    Ready(OpResult),
     /// A change's result, once stored everywhere.
     Change(crossbeam_channel::Receiver<OpResult>),
     /// A download: the file the core opened (or why not), then sent whole.
@@ -694,6 +696,13 @@ struct Pending {
     /// A token per download asked for and not yet sent: at most
     /// [`DOWNLOADS_AHEAD`].
     ahead: Sender<()>,
+}
+
+impl Pending {
+    /// Queues an answer behind those still on their way.
+    fn push(&self, seq: Seq, answer: Answer) -> Result<(), End> {
+        self.queue.send((seq, answer)).map_err(|_| End::RepliesEnded)
+    }
 }
 
 /// A logged-in client's connection (or a called-back one, once resumed).
@@ -789,20 +798,20 @@ fn send_answers(
     let dropped = || Some((log::Level::Info, "the core dropped it (stepping down, or stopping)".to_string()));
     let socket = |e: ProtoError| (log::Level::Info, format!("writing to the device failed: {e}"));
     for (seq, answer) in answers {
+        let reply = |result| w.send(&Msg::Reply { seq, result }, &[]).err().map(socket);
         let failed = match answer {
-            Answer::Change(answer) => match answer.recv() {
-                Ok(result) => w.send(&Msg::Reply { seq, result }, &[]).err().map(socket),
-                Err(_) => dropped(),
-            },
+            Answer::Ready(result) => reply(result),
+            Answer::Change(answer) => answer.recv().map_or_else(|_| dropped(), reply),
             Answer::Download(answer) => {
                 let failed = match answer.recv() {
-                    Ok(Err(result)) => w.send(&Msg::Reply { seq, result }, &[]).err().map(socket),
+                    Ok(Err(result)) => reply(result),
                     Ok(Ok((meta, file))) => stream_file(&w, seq, meta, file).err().map(|end| match end {
                         End::Proto(e) => socket(e),
                         other => (log::Level::Warn, other.to_string()),
                     }),
                     Err(_) => dropped(),
                 };
+                // Sent (or given up): another download may be opened.
                 let _ = sent.try_recv();
                 failed
             }
@@ -920,15 +929,7 @@ impl Client {
     ) -> Result<(), End> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.core.send(Event::Request { conn: self.conn, seq, req: make(tx) }).map_err(|_| End::CoreGone)?;
-        pending.queue.send((seq, Answer::Change(rx))).map_err(|_| End::RepliesEnded)
-    }
-
-    /// Queues an answer known at once behind those still on their way, so that
-    /// it keeps its turn: a device reads a batch of downloads' answers in order.
-    fn answer_in_turn(&self, pending: &Pending, seq: Seq, result: OpResult) -> Result<(), End> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let _ = tx.send(result);
-        pending.queue.send((seq, Answer::Change(rx))).map_err(|_| End::RepliesEnded)
+        pending.push(seq, Answer::Change(rx))
     }
 
     /// Asks the core to open a file for a download and leaves sending it to the
@@ -939,7 +940,7 @@ impl Client {
         self.core
             .send(Event::Request { conn: self.conn, seq, req: CoreRequest::Open { path, reply: tx } })
             .map_err(|_| End::CoreGone)?;
-        pending.queue.send((seq, Answer::Download(rx))).map_err(|_| End::RepliesEnded)
+        pending.push(seq, Answer::Download(rx))
     }
 
     fn request<R: FrameSource>(&self, reader: &mut R, pending: &Pending, seq: Seq, op: Op) -> Result<(), End> {
@@ -956,7 +957,8 @@ impl Client {
                 // An upload's chunks would follow a refused header only after a
                 // Proceed, which is never sent; an eager one's are on their way.
                 self.skip_eager_upload(reader, seq, &op)?;
-                return self.answer_in_turn(pending, seq, OpResult::Error { message: e.to_string() });
+                // In its turn: a device reads a batch of downloads' answers in order.
+                return pending.push(seq, Answer::Ready(OpResult::Error { message: e.to_string() }));
             }
         }
         match op {
@@ -1194,98 +1196,111 @@ mod tests {
     use crossbeam_channel::Receiver;
     use replibox_proto::{ContentHash, FileMeta, Version};
     use std::net::TcpListener;
+    use std::path::PathBuf;
+
+    /// What the core is asked to open, and where its answer goes.
+    type Open = (Seq, String, Sender<Result<(FileMeta, std::fs::File), OpResult>>);
 
     /// A session of one device served on a loopback connection, with a core
-    /// that is a channel the test answers: the device's end of the connection
-    /// and the core's events. Files live under `dir`.
-    fn session(dir: &std::path::Path) -> (TcpStream, Receiver<Event>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let device = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        device.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let (server, peer) = listener.accept().unwrap();
-        let (core, events) = unbounded();
-        let client = Client {
-            conn: 1,
-            user: "alice".into(),
-            device: DeviceId("0123456789abcdef".into()),
-            core,
-            writer: FrameWriter::new(server.try_clone().unwrap(), Arc::new(AtomicU64::new(1))),
-            peer: peer.to_string(),
-            ack_timeout: Duration::from_secs(2),
-            temps: Arc::new(Temps::new(dir)),
-            route: Arc::new(UploadRoute::default()),
-            devices: Arc::new(crate::early::Devices::default()),
-        };
-        std::thread::spawn(move || {
-            let (_pushes, out_rx) = unbounded();
-            let end = client.serve(&mut FrameReader::new(server), out_rx);
-            client.writer.shutdown();
-            end
-        });
-        (device, events)
+    /// that is a channel the test answers. Its files live in a scratch folder,
+    /// removed when the session is dropped.
+    struct Session {
+        dir: PathBuf,
+        device: TcpStream,
+        events: Receiver<Event>,
     }
 
-    fn ask_download(device: &TcpStream, seq: u64, path: &str) {
-        let op = Op::Download { path: path.into() };
-        write_frame(&mut &*device, Epoch(1), &Msg::Request { seq: Seq(seq), op }, &[]).unwrap();
-    }
-
-    /// The core's next event, which must be a request to open a file.
-    type Open = (Seq, String, Sender<Result<(FileMeta, std::fs::File), OpResult>>);
-    fn next_open(events: &Receiver<Event>) -> Open {
-        match events.recv_timeout(Duration::from_secs(30)) {
-            Ok(Event::Request { seq, req: CoreRequest::Open { path, reply }, .. }) => (seq, path, reply),
-            Ok(_) => panic!("expected a download's open, got another event"),
-            Err(e) => panic!("no download's open reached the core: {e}"),
+    impl Session {
+        fn start(name: &str) -> Session {
+            let dir = std::env::temp_dir().join(format!("replibox-conn-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let device = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            device.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let (server, peer) = listener.accept().unwrap();
+            let (core, events) = unbounded();
+            let client = Client {
+                conn: 1,
+                user: "alice".into(),
+                device: DeviceId("0123456789abcdef".into()),
+                core,
+                writer: FrameWriter::new(server.try_clone().unwrap(), Arc::new(AtomicU64::new(1))),
+                peer: peer.to_string(),
+                ack_timeout: Duration::from_secs(2),
+                temps: Arc::new(Temps::new(&dir)),
+                route: Arc::new(UploadRoute::default()),
+                devices: Arc::new(crate::early::Devices::default()),
+            };
+            std::thread::spawn(move || {
+                let (_pushes, out_rx) = unbounded();
+                let end = client.serve(&mut FrameReader::new(server), out_rx);
+                client.writer.shutdown();
+                end
+            });
+            Session { dir, device, events }
         }
-    }
 
-    /// Stores `content` under `dir` and opens it, with its metadata.
-    fn stored(dir: &std::path::Path, path: &str, content: &[u8]) -> (FileMeta, std::fs::File) {
-        let file = dir.join(path);
-        std::fs::write(&file, content).unwrap();
-        let meta = FileMeta {
-            path: path.into(),
-            version: Version(1),
-            size: content.len() as u64,
-            mtime_ms: 0,
-            hash: ContentHash::of(content),
-            deleted: false,
-            atime_ms: 0,
-            ctime_ms: 0,
-            exec: false,
-            dir: false,
-        };
-        (meta, std::fs::File::open(file).unwrap())
-    }
+        fn ask_download(&self, seq: u64, path: &str) {
+            let op = Op::Download { path: path.into() };
+            write_frame(&mut &self.device, Epoch(1), &Msg::Request { seq: Seq(seq), op }, &[]).unwrap();
+        }
 
-    /// Reads one download's answer: the file's bytes, or the refusal.
-    fn read_download(device: &TcpStream, seq: u64) -> Result<Vec<u8>, OpResult> {
-        let read = || read_frame(&mut &*device).unwrap().expect("the connection closed mid-answer");
-        let meta = match read().msg {
-            Msg::Reply { seq: s, result: OpResult::Data { meta } } if s == Seq(seq) => meta,
-            Msg::Reply { seq: s, result } if s == Seq(seq) => return Err(result),
-            other => panic!("expected the answer to seq={seq}, got {other:?}"),
-        };
-        let mut bytes = Vec::new();
-        loop {
-            let frame = read();
-            match frame.msg {
-                Msg::Chunk { seq: s } if s == Seq(seq) => bytes.extend_from_slice(&frame.payload),
-                Msg::DownloadEnd { seq: s, hash } if s == Seq(seq) => {
-                    assert_eq!(hash, meta.hash, "seq={seq}: the end's hash is not the file's");
-                    return Ok(bytes);
+        /// The core's next event, which must be a request to open a file.
+        fn next_open(&self) -> Open {
+            match self.events.recv_timeout(Duration::from_secs(30)) {
+                Ok(Event::Request { seq, req: CoreRequest::Open { path, reply }, .. }) => (seq, path, reply),
+                Ok(_) => panic!("expected a download's open, got another event"),
+                Err(e) => panic!("no download's open reached the core: {e}"),
+            }
+        }
+
+        /// Stores `content` as `path` and opens it, with its metadata.
+        fn stored(&self, path: &str, content: &[u8]) -> (FileMeta, std::fs::File) {
+            let file = self.dir.join(path);
+            std::fs::write(&file, content).unwrap();
+            let meta = FileMeta {
+                path: path.into(),
+                version: Version(1),
+                size: content.len() as u64,
+                mtime_ms: 0,
+                hash: ContentHash::of(content),
+                deleted: false,
+                atime_ms: 0,
+                ctime_ms: 0,
+                exec: false,
+                dir: false,
+            };
+            (meta, std::fs::File::open(file).unwrap())
+        }
+
+        /// Reads one download's answer: the file's bytes, or the refusal.
+        fn read_download(&self, seq: u64) -> Result<Vec<u8>, OpResult> {
+            let read = || read_frame(&mut &self.device).unwrap().expect("the connection closed mid-answer");
+            let meta = match read().msg {
+                Msg::Reply { seq: s, result: OpResult::Data { meta } } if s == Seq(seq) => meta,
+                Msg::Reply { seq: s, result } if s == Seq(seq) => return Err(result),
+                other => panic!("expected the answer to seq={seq}, got {other:?}"),
+            };
+            let mut bytes = Vec::new();
+            loop {
+                let frame = read();
+                match frame.msg {
+                    Msg::Chunk { seq: s } if s == Seq(seq) => bytes.extend_from_slice(&frame.payload),
+                    Msg::DownloadEnd { seq: s, hash } if s == Seq(seq) => {
+                        assert_eq!(hash, meta.hash, "seq={seq}: the end's hash is not the file's");
+                        return Ok(bytes);
+                    }
+                    other => panic!("expected seq={seq}'s chunks, got {other:?}"),
                 }
-                other => panic!("expected seq={seq}'s chunks, got {other:?}"),
             }
         }
     }
 
-    fn scratch(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("replibox-conn-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    impl Drop for Session {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     #[test]
@@ -1294,13 +1309,12 @@ mod tests {
         // round to it, behind a group commit's fsyncs: in a burst of 10,000
         // files the other device fell seconds behind the servers. The core must
         // see every open before it answers the first.
-        let dir = scratch("ahead");
-        let (device, events) = session(&dir);
+        let s = Session::start("ahead");
         let paths = ["a.txt", "b.txt", "c.txt"];
         for (k, p) in paths.iter().enumerate() {
-            ask_download(&device, k as u64 + 1, p);
+            s.ask_download(k as u64 + 1, p);
         }
-        let opens: Vec<Open> = paths.iter().map(|_| next_open(&events)).collect();
+        let opens: Vec<Open> = paths.iter().map(|_| s.next_open()).collect();
         let asked: Vec<&str> = opens.iter().map(|(_, p, _)| p.as_str()).collect();
         assert_eq!(asked, paths, "opened in another order");
         // Answered last first (the core answers a download once its file's entry
@@ -1310,34 +1324,31 @@ mod tests {
             let answer = if path == "b.txt" {
                 Err(OpResult::Gone { path })
             } else {
-                Ok(stored(&dir, &path, format!("content of {path} ({seq})").as_bytes()))
+                Ok(s.stored(&path, format!("content of {path} ({seq})").as_bytes()))
             };
             reply.send(answer).unwrap();
         }
-        assert_eq!(read_download(&device, 1).unwrap(), b"content of a.txt (1)");
-        assert_eq!(read_download(&device, 2), Err(OpResult::Gone { path: "b.txt".into() }));
-        assert_eq!(read_download(&device, 3).unwrap(), b"content of c.txt (3)");
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(s.read_download(1).unwrap(), b"content of a.txt (1)");
+        assert_eq!(s.read_download(2), Err(OpResult::Gone { path: "b.txt".into() }));
+        assert_eq!(s.read_download(3).unwrap(), b"content of c.txt (3)");
     }
 
     #[test]
     fn more_downloads_than_are_opened_ahead_all_arrive_in_order() {
         // Each download sent gives its place back: the reader opens the next
         // once one is sent, never stopping at DOWNLOADS_AHEAD for good.
-        let dir = scratch("window");
-        let (device, events) = session(&dir);
+        let s = Session::start("window");
         let n = DOWNLOADS_AHEAD as u64 + 4;
         for seq in 1..=n {
-            ask_download(&device, seq, &format!("f{seq}.txt"));
+            s.ask_download(seq, &format!("f{seq}.txt"));
         }
         for _ in 1..=n {
-            let (seq, path, reply) = next_open(&events);
-            reply.send(Ok(stored(&dir, &path, format!("{path} is seq {seq}").as_bytes()))).unwrap();
+            let (seq, path, reply) = s.next_open();
+            reply.send(Ok(s.stored(&path, format!("{path} is seq {seq}").as_bytes()))).unwrap();
         }
         for seq in 1..=n {
-            assert_eq!(read_download(&device, seq).unwrap(), format!("f{seq}.txt is seq {seq}").as_bytes());
+            assert_eq!(s.read_download(seq).unwrap(), format!("f{seq}.txt is seq {seq}").as_bytes());
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1345,47 +1356,43 @@ mod tests {
         // A path the server refuses before asking its core is answered in
         // order, behind the downloads asked before it: a device reads a batch
         // of downloads' answers in order.
-        let dir = scratch("refused");
-        let (device, events) = session(&dir);
-        ask_download(&device, 1, "a.txt");
-        ask_download(&device, 2, "../escape");
-        let (_, path, reply) = next_open(&events);
-        let opened = stored(&dir, &path, b"first");
+        let s = Session::start("refused");
+        s.ask_download(1, "a.txt");
+        s.ask_download(2, "../escape");
+        let (_, path, reply) = s.next_open();
+        let opened = s.stored(&path, b"first");
         // Seq 3's open reaching the core shows that seq 2 was read and
         // refused; only then is seq 1 answered.
-        ask_download(&device, 3, "b.txt");
-        let (_, path3, reply3) = next_open(&events);
+        s.ask_download(3, "b.txt");
+        let (_, path3, reply3) = s.next_open();
         reply.send(Ok(opened)).unwrap();
-        reply3.send(Ok(stored(&dir, &path3, b"third"))).unwrap();
-        assert_eq!(read_download(&device, 1).unwrap(), b"first");
-        assert!(matches!(read_download(&device, 2), Err(OpResult::Error { .. })), "seq 2 should be refused");
-        assert_eq!(read_download(&device, 3).unwrap(), b"third");
-        let _ = std::fs::remove_dir_all(&dir);
+        reply3.send(Ok(s.stored(&path3, b"third"))).unwrap();
+        assert_eq!(s.read_download(1).unwrap(), b"first");
+        assert!(matches!(s.read_download(2), Err(OpResult::Error { .. })), "seq 2 should be refused");
+        assert_eq!(s.read_download(3).unwrap(), b"third");
     }
 
     #[test]
     fn a_stored_file_that_cannot_be_sent_ends_the_connection() {
         // The device would otherwise wait for the rest of a file that never
         // comes; once the connection ends it asks again.
-        let dir = scratch("short");
-        let (device, events) = session(&dir);
+        let s = Session::start("short");
         // Well within the server's own READ_TIMEOUT, after which its reader
         // would end the connection anyway.
-        device.set_read_timeout(Some(READ_TIMEOUT / 3)).unwrap();
-        ask_download(&device, 1, "a.txt");
-        let (_, path, reply) = next_open(&events);
-        let (mut meta, file) = stored(&dir, &path, b"four");
+        s.device.set_read_timeout(Some(READ_TIMEOUT / 3)).unwrap();
+        s.ask_download(1, "a.txt");
+        let (_, path, reply) = s.next_open();
+        let (mut meta, file) = s.stored(&path, b"four");
         meta.size = 1000;
         reply.send(Ok((meta, file))).unwrap();
         let mut frames = 0;
         loop {
-            match read_frame(&mut &device) {
+            match read_frame(&mut &s.device) {
                 Ok(Some(_)) => frames += 1,
                 Ok(None) => break,
                 Err(e) => panic!("the connection failed instead of ending: {e}"),
             }
             assert!(frames < 10, "the server keeps sending a file it cannot read");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
