@@ -147,7 +147,7 @@ dist: tools
 # root, network namespaces rbbench-* of their own. Not tests: `make test` only
 # compiles the harness. BENCH_ARGS passes more options (e.g. BENCH_ARGS="--cases 3,4";
 # scripts/bench.sh --help lists them).
-#   bench              cases 1-7 in full (~10-15 min); rewrites docs/benchmarks.md
+#   bench              cases 1-7 and 9 in full (~10-15 min); rewrites docs/benchmarks.md
 #   bench-quick        a short run of the same; prints the table, leaves the doc alone
 #   bench-peers        case 8: Syncthing side by side (apt-get installs it as root)
 #   bench-replication  examples/bench_replication.rs: one upload to a lone server vs a

@@ -10,10 +10,10 @@ use replibox_frontend::{Config, Frontend, SharedPassword};
 use replibox_proto::{DeviceId, OpResult};
 use std::ffi::OsString;
 use std::fs;
-use std::io::Cursor;
+use std::io::{Cursor, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 /// How long a start-up step may take before the case gives up.
@@ -216,17 +216,22 @@ impl Cluster {
     }
 }
 
-/// One device: a real `replibox-client`, headless.
+/// One device: a real `replibox-client`, headless, or reading commands from the
+/// harness ([`Device::start_console`]).
 pub struct Device {
     /// The process.
     pub proc: Option<Proc>,
     /// Its sync dir.
     pub dir: PathBuf,
+    /// Where its stdout goes (what its commands print).
+    pub out: PathBuf,
+    /// Its stdin, for a device that reads commands.
+    stdin: Option<ChildStdin>,
 }
 
 impl Device {
-    /// Starts a client of `user` on `host` (bound to its address) with the sync dir
-    /// `root/NAME`, and waits until its login-time reconciliation is done.
+    /// Starts a headless client of `user` on `host` (bound to its address) with the
+    /// sync dir `root/NAME`, and waits until its login-time reconciliation is done.
     pub fn start(
         root: &Path,
         name: &str,
@@ -234,6 +239,33 @@ impl Device {
         server: &str,
         host: &Host,
         creds: &Credentials,
+    ) -> Result<Device, String> {
+        Device::spawn(root, name, (user, server), host, creds, false, START_DEADLINE)
+    }
+
+    /// Starts a client as [`Device::start`] does, but one that reads commands
+    /// ([`Device::command`]) as a user at its prompt would type them, and allows
+    /// `deadline` for its login-time reconciliation (a fresh device of a user of
+    /// many files receives them all before it).
+    pub fn start_console(
+        root: &Path,
+        name: &str,
+        (user, server): (&str, &str),
+        host: &Host,
+        creds: &Credentials,
+        deadline: Duration,
+    ) -> Result<Device, String> {
+        Device::spawn(root, name, (user, server), host, creds, true, deadline)
+    }
+
+    fn spawn(
+        root: &Path,
+        name: &str,
+        (user, server): (&str, &str),
+        host: &Host,
+        creds: &Credentials,
+        console: bool,
+        deadline: Duration,
     ) -> Result<Device, String> {
         let client = sys::bin("replibox-client")?;
         let dir = root.join(name);
@@ -244,22 +276,35 @@ impl Device {
         let out = fs::File::create(&out_path).map_err(|e| e.to_string())?;
         let err = fs::File::create(logs.join(format!("{name}.err"))).map_err(|e| e.to_string())?;
         let mut cmd = host.command(&client);
-        cmd.args([user, ip, port, "--headless", "--device-name", name, "--bind", &host.ip.to_string()])
+        cmd.args([user, ip, port, "--device-name", name, "--bind", &host.ip.to_string()])
             .arg("--sync-dir")
             .arg(&dir)
             .envs(creds.client_env(user))
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+            .stdin(if console { Stdio::piped() } else { Stdio::null() })
             .stdout(out)
             .stderr(err);
+        if !console {
+            cmd.arg("--headless");
+        }
         let mut proc = Proc::spawn(name, cmd)?;
-        wait_for(&format!("{name} to log in"), START_DEADLINE, Duration::from_millis(20), || {
+        let stdin = proc.take_stdin();
+        // Polled every 20 ms for a quick start, less often for a long one (the
+        // output grows with what the device receives).
+        let every = if deadline > START_DEADLINE { Duration::from_millis(250) } else { Duration::from_millis(20) };
+        wait_for(&format!("{name} to log in"), deadline, every, || {
             if proc.exited().is_some() {
                 return Some(Err(format!("{name} exited at start-up; see {}", logs.display())));
             }
             fs::read_to_string(&out_path).ok().filter(|s| s.contains("in sync with the server")).map(|_| Ok(()))
         })??;
-        Ok(Device { proc: Some(proc), dir })
+        Ok(Device { proc: Some(proc), dir, out: out_path, stdin })
+    }
+
+    /// Types `line` at a device started with [`Device::start_console`].
+    pub fn command(&mut self, line: &str) -> Result<(), String> {
+        let stdin = self.stdin.as_mut().ok_or("this device reads no commands (it runs headless)")?;
+        writeln!(stdin, "{line}").and_then(|_| stdin.flush()).map_err(|e| format!("cannot type {line:?}: {e}"))
     }
 
     /// The pid of the client.

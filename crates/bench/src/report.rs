@@ -105,7 +105,7 @@ impl Stands {
 /// One line of the result table.
 #[derive(Clone, Debug)]
 pub struct Row {
-    /// The case number of issue 12 (1-8).
+    /// The case number (1-9).
     pub case: u8,
     /// What is measured, short.
     pub what: String,

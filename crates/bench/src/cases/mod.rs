@@ -1,9 +1,11 @@
-//! The cases of issue 12, one module each, and what they share: the run's plan,
-//! a cluster with two devices on loopback, and waiting for files to arrive.
+//! The cases of issue 12 and issue 7's user of many files (9), one module each,
+//! and what they share: the run's plan, a cluster with two devices on loopback,
+//! and waiting for files to arrive.
 
 pub mod burst;
 pub mod failover;
 pub mod large;
+pub mod many;
 pub mod propagation;
 pub mod users;
 
@@ -33,6 +35,8 @@ pub struct Plan {
     pub users: usize,
     /// How long every device makes changes, seconds (7).
     pub users_secs: u64,
+    /// The files of the user of many files (9).
+    pub many_files: usize,
 }
 
 impl Plan {
@@ -49,6 +53,7 @@ impl Plan {
                 large_mib: 256,
                 users: 100,
                 users_secs: 10,
+                many_files: 20_000,
             }
         } else {
             Plan {
@@ -61,6 +66,7 @@ impl Plan {
                 large_mib: 1024,
                 users: 100,
                 users_secs: 30,
+                many_files: 100_000,
             }
         }
     }
@@ -69,7 +75,7 @@ impl Plan {
     pub fn describe(&self) -> String {
         format!(
             "{}: {} failover trials per case; {} files per way of saving; {} burst run(s) of 1,000 files{}; {} run(s) of \
-             a {} MiB file; {} users x 2 devices for {} s",
+             a {} MiB file; {} users x 2 devices for {} s; a user of {} files",
             if self.quick { "quick run (--quick)" } else { "full run" },
             self.failover_trials,
             self.propagation_files,
@@ -81,7 +87,8 @@ impl Plan {
             self.large_runs,
             self.large_mib,
             self.users,
-            self.users_secs
+            self.users_secs,
+            burst::group(self.many_files)
         )
     }
 }
