@@ -59,9 +59,8 @@ impl Done {
     }
 
     /// The summary line for many paths.
-    fn many(self, items: &[(String, u64)]) -> String {
-        let n = items.len();
-        let total: u64 = items.iter().map(|(_, s)| s).sum();
+    fn many(self, kind: &Kind) -> String {
+        let (n, total) = (kind.count, kind.total);
         let files = format!("{n} file{}", plural(n));
         let head = match self {
             Done::Uploaded => format!("uploaded {files} ({})", bytes(total)),
@@ -73,15 +72,26 @@ impl Done {
             Done::MadeThere => format!("made {n} folder{} on the server", plural(n)),
             Done::MadeHere => format!("made {n} folder{} (made on another device)", plural(n)),
         };
-        let named: Vec<&str> = items.iter().take(NAMED).map(|(w, _)| w.as_str()).collect();
+        let named: Vec<&str> = kind.first.iter().take(NAMED).map(|(w, _)| w.as_str()).collect();
         format!("{head}: {} and {} more", named.join(", "), n - named.len())
     }
+}
+
+/// What a batch holds of one kind: the first [`SUMMARY_OVER`] paths, which is all
+/// that its lines ever name, and the count and total size of them all. A fresh
+/// device's first reconciliation adds 100,000 files in one go, before the batch
+/// can be printed.
+#[derive(Default)]
+struct Kind {
+    first: Vec<(String, u64)>,
+    count: usize,
+    total: u64,
 }
 
 /// The lines not printed yet.
 #[derive(Default)]
 pub struct Batch {
-    items: BTreeMap<Done, Vec<(String, u64)>>,
+    items: BTreeMap<Done, Kind>,
     first: Option<Instant>,
     last: Option<Instant>,
 }
@@ -93,7 +103,12 @@ impl Batch {
         let now = Instant::now();
         self.first.get_or_insert(now);
         self.last = Some(now);
-        self.items.entry(kind).or_default().push((what, size));
+        let kind = self.items.entry(kind).or_default();
+        kind.count += 1;
+        kind.total += size;
+        if kind.first.len() < SUMMARY_OVER {
+            kind.first.push((what, size));
+        }
     }
 
     /// When the batch should be printed; None while it is empty.
@@ -106,11 +121,11 @@ impl Batch {
         self.first = None;
         self.last = None;
         let mut lines = Vec::new();
-        for (kind, items) in std::mem::take(&mut self.items) {
-            if items.len() > SUMMARY_OVER {
-                lines.push(kind.many(&items));
+        for (done, kind) in std::mem::take(&mut self.items) {
+            if kind.count > SUMMARY_OVER {
+                lines.push(done.many(&kind));
             } else {
-                lines.extend(items.iter().map(|(what, size)| kind.one(what, *size)));
+                lines.extend(kind.first.iter().map(|(what, size)| done.one(what, *size)));
             }
         }
         lines
@@ -134,5 +149,14 @@ mod tests {
             b.add(Done::Received, format!("f{i:02}.txt"), 1024);
         }
         assert_eq!(b.take_lines(), ["received 20 files (20.0 KiB): f00.txt, f01.txt, f02.txt and 17 more"]);
+        // One more than a line each, and exactly that many.
+        for i in 0..=SUMMARY_OVER {
+            b.add(Done::Uploaded, format!("u{i}"), 1);
+        }
+        assert_eq!(b.take_lines(), ["uploaded 6 files (6 B): u0, u1, u2 and 3 more"]);
+        for i in 0..SUMMARY_OVER {
+            b.add(Done::Uploaded, format!("u{i}"), 1);
+        }
+        assert_eq!(b.take_lines().len(), SUMMARY_OVER);
     }
 }

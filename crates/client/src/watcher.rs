@@ -2,9 +2,16 @@
 //! the engine. The engine rescans rather than trusting event details, so a lost or
 //! merged event costs only latency; what the events add is knowing when a writer
 //! still has a file open (a modify without its close-write yet).
+//!
+//! At most [`QUEUE`] hints wait for the engine. While it is busy for long (a
+//! fresh device's first reconciliation places 100,000 files, each giving a hint
+//! of its own), the hints beyond that are dropped and the `lost` channel says so
+//! once: the engine then rescans, as it does after any lost event. Unbounded,
+//! that queue held some 18 MiB of hints the engine would have ignored (its own
+//! placed files) by the end of such a reconciliation.
 
 use crate::rules::RULES_FILE;
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use replibox_proto::names::is_reserved;
@@ -49,15 +56,38 @@ fn subject(root: &Path, p: &Path) -> Subject {
     }
 }
 
+/// How many hints may wait for the engine (see the module's doc).
+pub const QUEUE: usize = 4096;
+
+/// Where the watcher's hints go: `hints`, of at most [`QUEUE`] (it is never
+/// waited on), and `lost`, of one, which says that hints were dropped since the
+/// engine last took it.
+pub struct Hints {
+    /// The hints.
+    pub hints: Sender<WatchEvent>,
+    /// Hints were dropped: rescan.
+    pub lost: Sender<()>,
+}
+
+impl Hints {
+    fn send(&self, hint: WatchEvent) {
+        if let Err(TrySendError::Full(_)) = self.hints.try_send(hint) {
+            // Already said when full: one rescan stands for every hint dropped
+            // before the engine takes it.
+            let _ = self.lost.try_send(());
+        }
+    }
+}
+
 /// Starts watching `root` recursively; keep the returned watcher alive.
-pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<RecommendedWatcher> {
+pub fn watch(root: PathBuf, out: Hints) -> notify::Result<RecommendedWatcher> {
     let base = root.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let event = match res {
             Ok(e) => e,
             Err(e) => {
                 log::warn!("watcher error: {e}; rescanning");
-                let _ = out.send(WatchEvent::Changed);
+                out.send(WatchEvent::Changed);
                 return;
             }
         };
@@ -67,13 +97,13 @@ pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<Recommend
                 Subject::Root => {
                     // Not reads: the engine's own scans open the folder.
                     if !matches!(event.kind, EventKind::Access(_)) {
-                        let _ = out.send(WatchEvent::Changed);
+                        out.send(WatchEvent::Changed);
                     }
                     continue;
                 }
                 Subject::Rules => {
                     if !matches!(event.kind, EventKind::Access(_)) {
-                        let _ = out.send(WatchEvent::RulesChanged);
+                        out.send(WatchEvent::RulesChanged);
                     }
                     continue;
                 }
@@ -92,12 +122,41 @@ pub fn watch(root: PathBuf, out: Sender<WatchEvent>) -> notify::Result<Recommend
                 EventKind::Access(_) => continue,
                 _ => WatchEvent::Changed,
             };
-            let _ = out.send(hint);
+            out.send(hint);
         }
         if event.paths.is_empty() {
-            let _ = out.send(WatchEvent::Changed);
+            out.send(WatchEvent::Changed);
         }
     })?;
     watcher.watch(&root, RecursiveMode::Recursive)?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    #[test]
+    fn hints_beyond_the_queue_are_dropped_and_said_lost_once() {
+        let (hints, queued) = bounded(2);
+        let (lost, told) = bounded(1);
+        let out = Hints { hints, lost };
+        out.send(WatchEvent::Writing("a".into()));
+        out.send(WatchEvent::Closed("a".into()));
+        assert!(told.try_recv().is_err(), "nothing lost while the queue has room");
+        out.send(WatchEvent::Closed("b".into()));
+        out.send(WatchEvent::Closed("c".into()));
+        assert_eq!(
+            queued.try_iter().collect::<Vec<_>>(),
+            [WatchEvent::Writing("a".into()), WatchEvent::Closed("a".into())]
+        );
+        assert!(told.try_recv().is_ok(), "the engine is told that hints were dropped");
+        assert!(told.try_recv().is_err(), "once, however many were");
+        // Taken, it is told again for the next drop.
+        out.send(WatchEvent::Changed);
+        out.send(WatchEvent::Changed);
+        out.send(WatchEvent::Changed);
+        assert!(told.try_recv().is_ok());
+    }
 }
