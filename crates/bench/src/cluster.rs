@@ -225,6 +225,8 @@ pub struct Device {
     pub dir: PathBuf,
     /// Where its stdout goes (what its commands print).
     pub out: PathBuf,
+    /// Where its stderr goes (their errors).
+    pub err: PathBuf,
     /// Its stdin, for a device that reads commands.
     stdin: Option<ChildStdin>,
 }
@@ -274,7 +276,8 @@ impl Device {
         let (ip, port) = server.rsplit_once(':').ok_or("server address without a port")?;
         let out_path = logs.join(format!("{name}.out"));
         let out = fs::File::create(&out_path).map_err(|e| e.to_string())?;
-        let err = fs::File::create(logs.join(format!("{name}.err"))).map_err(|e| e.to_string())?;
+        let err_path = logs.join(format!("{name}.err"));
+        let err = fs::File::create(&err_path).map_err(|e| e.to_string())?;
         let mut cmd = host.command(&client);
         cmd.args([user, ip, port, "--device-name", name, "--bind", &host.ip.to_string()])
             .arg("--sync-dir")
@@ -298,7 +301,7 @@ impl Device {
             }
             fs::read_to_string(&out_path).ok().filter(|s| s.contains("in sync with the server")).map(|_| Ok(()))
         })??;
-        Ok(Device { proc: Some(proc), dir, out: out_path, stdin })
+        Ok(Device { proc: Some(proc), dir, out: out_path, err: err_path, stdin })
     }
 
     /// Types `line` at a device started with [`Device::start_console`].

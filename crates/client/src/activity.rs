@@ -103,11 +103,11 @@ impl Batch {
         let now = Instant::now();
         self.first.get_or_insert(now);
         self.last = Some(now);
-        let kind = self.items.entry(kind).or_default();
-        kind.count += 1;
-        kind.total += size;
-        if kind.first.len() < SUMMARY_OVER {
-            kind.first.push((what, size));
+        let entry = self.items.entry(kind).or_default();
+        entry.count += 1;
+        entry.total += size;
+        if entry.first.len() < SUMMARY_OVER {
+            entry.first.push((what, size));
         }
     }
 

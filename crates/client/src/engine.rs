@@ -412,9 +412,7 @@ impl Engine {
                     Err(_) => {}
                 },
                 recv(watch) -> ev => if let Ok(ev) = ev { self.watched(ev) },
-                // The watcher dropped hints while this thread was busy: whatever
-                // they said, a pass finds it.
-                recv(lost) -> ev => if ev.is_ok() { self.watched(WatchEvent::Changed) },
+                recv(lost) -> ev => if ev.is_ok() { self.hints_lost(&watch) },
                 default(wait) => {
                     if Instant::now() < due {
                         continue; // woken to print the activity batch
@@ -573,6 +571,22 @@ impl Engine {
         // after a failure, a settle wait) stays as it is.
         let due = (now + DEBOUNCE).min(first + DEBOUNCE_MAX);
         self.pass_due = Some(self.pass_due.map_or(due, |d| d.max(due)));
+    }
+
+    /// The watcher dropped hints while this thread was busy. The hints still
+    /// queued came before the drop and are taken first. Then what is known of
+    /// writers is forgotten, since a dropped `Writing` or `Closed` hint may
+    /// have changed it: every changed file settles by its mtime alone (the 200 ms
+    /// of a file whose events were lost), never by a close that a later write
+    /// undid, nor waits on a writer whose close went missing. A pass then finds
+    /// whatever the dropped hints said.
+    fn hints_lost(&mut self, watch: &Receiver<WatchEvent>) {
+        for ev in watch.try_iter() {
+            self.watched(ev);
+        }
+        self.closed.clear();
+        self.writing.clear();
+        self.watched(WatchEvent::Changed);
     }
 
     fn command(&mut self, cmd: Command) {
@@ -814,6 +828,9 @@ impl Engine {
 
     /// Looks for local changes and sends them. Returns how many uploads were made.
     fn local_pass(&mut self) -> usize {
+        // A writer whose close never came counts no longer (see `still_writing`
+        // below); its entry would only take room.
+        self.writing.retain(|_, since| since.elapsed() < WRITER_GRACE);
         let mut local = scan::scan(&self.root, &self.rules);
         // After the scan: a sync dir removed meanwhile scans as empty, and must not
         // be taken for a user who deleted everything.

@@ -1,7 +1,7 @@
 //! `replibox-client USER HOST PORT`: one device of a user.
 
 use clap::Parser;
-use crossbeam_channel::{bounded, unbounded};
+use crossbeam_channel::unbounded;
 use replibox_client::cli::Shell;
 use replibox_client::engine::{Command, Engine, Setup};
 use replibox_client::session::{self, Ended};
@@ -197,10 +197,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
         (Some(reader), console)
     };
     let front_events = status::relay(front_events, status.clone(), console.clone()).map_err(|e| e.to_string())?;
-    let (watch_tx, watch_rx) = bounded(watcher::QUEUE);
-    let (lost_tx, lost_rx) = bounded(1);
-    let _watcher = watcher::watch(root.clone(), watcher::Hints { hints: watch_tx, lost: lost_tx })
-        .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+    let (hints, watch_rx) = watcher::hints();
+    let _watcher = watcher::watch(root.clone(), hints).map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
     let (stopped_tx, stopped_rx) = unbounded();
     let setup = Setup {
         front: front.clone(),
@@ -214,7 +212,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let (cmd_tx, cmd_rx) = unbounded();
     let engine_thread = std::thread::Builder::new()
         .name("sync-engine".into())
-        .spawn(move || engine.run(cmd_rx, front_events, (watch_rx, lost_rx)))
+        .spawn(move || engine.run(cmd_rx, front_events, watch_rx))
         .map_err(|e| e.to_string())?;
     let shell = Shell { front: front.clone(), engine: cmd_tx.clone(), root, console: console.clone(), status };
 

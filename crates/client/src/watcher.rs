@@ -11,7 +11,7 @@
 //! placed files) by the end of such a reconciliation.
 
 use crate::rules::RULES_FILE;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use replibox_proto::names::is_reserved;
@@ -67,6 +67,14 @@ pub struct Hints {
     pub hints: Sender<WatchEvent>,
     /// Hints were dropped: rescan.
     pub lost: Sender<()>,
+}
+
+/// The watcher's ends ([`Hints`], for [`watch`]) and the engine's: the hints,
+/// and the word that some were dropped.
+pub fn hints() -> (Hints, (Receiver<WatchEvent>, Receiver<()>)) {
+    let (hints, queued) = bounded(QUEUE);
+    let (lost, told) = bounded(1);
+    (Hints { hints, lost }, (queued, told))
 }
 
 impl Hints {
@@ -135,10 +143,10 @@ pub fn watch(root: PathBuf, out: Hints) -> notify::Result<RecommendedWatcher> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crossbeam_channel::bounded;
 
     #[test]
     fn hints_beyond_the_queue_are_dropped_and_said_lost_once() {
+        // A queue of 2 for the test (`hints()` gives the real one).
         let (hints, queued) = bounded(2);
         let (lost, told) = bounded(1);
         let out = Hints { hints, lost };
@@ -158,5 +166,15 @@ mod tests {
         out.send(WatchEvent::Changed);
         out.send(WatchEvent::Changed);
         assert!(told.try_recv().is_ok());
+    }
+
+    #[test]
+    fn the_real_queue_holds_its_size_and_one_word_of_loss() {
+        let (out, (queued, told)) = hints();
+        for _ in 0..QUEUE + 10 {
+            out.send(WatchEvent::Changed);
+        }
+        assert_eq!(queued.len(), QUEUE);
+        assert_eq!(told.len(), 1);
     }
 }

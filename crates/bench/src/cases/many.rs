@@ -1,10 +1,10 @@
 //! Case 9: a user of many files (100,000 in a full run). They are moved into
 //! device 1's sync dir at once, in folders of 1,000; once the three servers hold
 //! them all, a fresh device 2 logs in and receives them; `list_server` typed at
-//! it prints every one; then the cluster is watched while nothing happens,
-//! through two of each device's periodic reconciliations (a full listing and a
-//! scan every 30 s): the status `seq` must not move. Every process's peak memory
-//! is read at the end.
+//! it prints every one. From device 2's login on, no file changes, through two
+//! of each device's periodic reconciliations (a scan and a full listing every
+//! 30 s): the status `seq` must not move. Every process's peak memory is read
+//! at the end.
 
 use super::burst::group;
 use super::{wait_files, Ctx, USER};
@@ -22,10 +22,15 @@ const SIZE: u64 = 1024;
 /// Files per folder.
 const PER_FOLDER: usize = 1000;
 
-/// How long the cluster is watched while nothing happens: a device reconciles
-/// every 30 s (the client's `RESCAN_EVERY`), so each device's periodic pass runs
-/// twice in it.
-const QUIET: Duration = Duration::from_secs(65);
+/// How long the cluster is watched, from device 2's login on, while no file
+/// changes: a device reconciles 30 s after its last reconciliation ended (the
+/// client's `RESCAN_EVERY`), and one of 100,000 files takes a few seconds, so
+/// each device's periodic pass runs twice in it.
+const QUIET: Duration = Duration::from_secs(80);
+
+/// The least time over which the primary's CPU is read, once the byte check
+/// and `list_server` are done.
+const CPU_WINDOW: Duration = Duration::from_secs(30);
 
 /// How long each step may take before the case gives up.
 const DEADLINE: Duration = Duration::from_secs(1800);
@@ -39,9 +44,12 @@ struct Found {
     fresh_device: Duration,
     /// From `list_server` typed to its last line.
     listed: Duration,
-    /// The status `seq` before and after [`QUIET`].
+    /// The status `seq` at device 2's login and at the end.
     seq: (u64, u64),
-    /// The primary's CPU time during [`QUIET`], as a share of one core.
+    /// How long that was (at least [`QUIET`]).
+    still_for: Duration,
+    /// The primary's CPU time at the end of it (at least [`CPU_WINDOW`]), as a
+    /// share of one core.
     quiet_cpu: f64,
     /// Peak RSS, KiB: primary, backup 2, backup 3, device 1, device 2.
     peaks: [u64; 5],
@@ -94,12 +102,11 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     }
     let files: Vec<(String, u64)> = (0..n).map(|i| (rel(i), SIZE)).collect();
     let servers: Vec<PathBuf> = (0..3).map(|i| cluster.user_dir(i, USER)).collect();
-    let server_pids: Vec<u32> = (0..3).filter_map(|i| cluster.pid(i)).collect();
-    let alive = |dev: &mut Device| -> Result<(), String> { dev.check_alive() };
+    let server_pids: Vec<Option<u32>> = (0..3).map(|i| cluster.pid(i)).collect();
 
     let t0 = Instant::now();
     fs::rename(staged.join("many"), dev1.dir.join("many")).map_err(|e| format!("cannot move the files in: {e}"))?;
-    wait_files(&servers, &files, DEADLINE, Duration::from_millis(200), &mut || alive(&mut dev1))?;
+    wait_files(&servers, &files, DEADLINE, Duration::from_millis(200), &mut || dev1.check_alive())?;
     let to_servers = t0.elapsed();
     ctx.say(&format!("case 9: the 3 servers hold all {} files after {}", group(n), secs(to_servers)));
 
@@ -109,6 +116,9 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     // Its login's reconciliation is done: every file must be there already.
     wait_files(std::slice::from_ref(&dev2.dir), &files, Duration::ZERO, Duration::ZERO, &mut || Ok(()))?;
     let fresh_device = t0.elapsed();
+    // From here on no file changes: the byte check and the listing only read.
+    let seq0 = seq(cluster.primary())?;
+    let still_from = Instant::now();
     ctx.say(&format!("case 9: a fresh device 2 had every file {} after it started", secs(fresh_device)));
     for (i, (name, _)) in files.iter().enumerate() {
         for place in servers.iter().chain([&dev2.dir]) {
@@ -120,14 +130,24 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     }
 
     let before = fs::metadata(&dev2.out).map_or(0, |m| m.len());
+    let errors_before =
+        fs::read_to_string(&dev2.err).map_or(0, |e| e.lines().filter(|l| l.starts_with("error")).count());
     let t0 = Instant::now();
     dev2.command("list_server")?;
+    // Its last line: "N files", then ", M empty folders" if there are any.
     let summary = format!("{n} files");
     let listing = sys::wait_for("list_server to print every file", DEADLINE, Duration::from_millis(100), || {
+        if let Err(e) = dev2.check_alive() {
+            return Some(Err(e));
+        }
+        let errors = fs::read_to_string(&dev2.err).map_or(0, |e| e.lines().filter(|l| l.starts_with("error")).count());
+        if errors > errors_before {
+            return Some(Err(format!("list_server failed; see {}", dev2.err.display())));
+        }
         let out = fs::read_to_string(&dev2.out).ok()?;
         let new = out.get(before as usize..)?.to_string();
-        new.lines().any(|l| l == summary).then_some(new)
-    })?;
+        new.lines().any(|l| l.starts_with(&summary)).then_some(Ok(new))
+    })??;
     let listed = t0.elapsed();
     let names: BTreeSet<&str> = listing.lines().filter_map(|l| l.split_whitespace().next()).collect();
     if let Some((missing, _)) = files.iter().find(|(name, _)| !names.contains(name.as_str())) {
@@ -135,21 +155,21 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     }
     ctx.say(&format!("case 9: list_server printed all {} files in {}", group(n), secs(listed)));
 
-    let primary = server_pids.first().copied().ok_or("the primary is not running")?;
-    let seq0 = seq(cluster.primary())?;
+    let primary = server_pids[0].ok_or("the primary is not running")?;
     let ticks0 = cpu_ticks(primary).ok_or("cannot read the primary's CPU time")?;
     let t0 = Instant::now();
-    while t0.elapsed() < QUIET {
+    while still_from.elapsed() < QUIET || t0.elapsed() < CPU_WINDOW {
         dev1.check_alive()?;
         dev2.check_alive()?;
         std::thread::sleep(Duration::from_millis(500));
     }
     let ticks1 = cpu_ticks(primary).ok_or("cannot read the primary's CPU time")?;
     let seq1 = seq(cluster.primary())?;
-    let quiet_cpu = (ticks1 - ticks0) as f64 / clock_ticks_per_sec() / t0.elapsed().as_secs_f64();
+    let still_for = still_from.elapsed();
+    let quiet_cpu = ticks1.saturating_sub(ticks0) as f64 / clock_ticks_per_sec() / t0.elapsed().as_secs_f64();
 
     let mut peaks = [0u64; 5];
-    let pids: Vec<Option<u32>> = server_pids.iter().copied().map(Some).chain([dev1.pid(), dev2.pid()]).collect();
+    let pids: Vec<Option<u32>> = server_pids.into_iter().chain([dev1.pid(), dev2.pid()]).collect();
     for (peak, pid) in peaks.iter_mut().zip(pids) {
         *peak = pid.and_then(proc_stat).map_or(0, |s| s.hwm_kib);
     }
@@ -157,7 +177,7 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     dev2.stop();
     drop(cluster);
     // The files stay until the run ends (the run's directory goes then).
-    Ok(Found { n, to_servers, fresh_device, listed, seq: (seq0, seq1), quiet_cpu, peaks })
+    Ok(Found { n, to_servers, fresh_device, listed, seq: (seq0, seq1), still_for, quiet_cpu, peaks })
 }
 
 /// `getconf CLK_TCK` (100 on Linux's common architectures, where `/proc` counts
@@ -185,13 +205,13 @@ fn rows(f: &Found) -> Vec<Row> {
         what: format!("a user of {n} files: servers, a fresh device, list_server, quiet"),
         figure: format!(
             "the 3 servers had every file {} after the move ({per_sec:.0} files/s); a fresh device 2 had them all {} \
-             after it started; list_server printed all {n} in {}; seq {} over {} s (two periodic reconciliations per \
-             device), the primary using {:.1}% of a core meanwhile",
+             after it started; list_server printed all {n} in {}; seq {} over the {} s from device 2's login on (two \
+             periodic reconciliations per device), the primary using {:.1}% of a core at the end of it",
             secs(f.to_servers),
             secs(f.fresh_device),
             secs(f.listed),
             if still { format!("still at {}", f.seq.0) } else { format!("moved from {} to {}", f.seq.0, f.seq.1) },
-            QUIET.as_secs(),
+            f.still_for.as_secs(),
             f.quiet_cpu * 100.0
         ),
         baseline: "-".into(),
@@ -232,13 +252,16 @@ pub fn run(ctx: &Ctx) -> (Vec<Row>, String) {
          size (polled every 200 ms). Then a fresh device 2 (127.0.0.5, reading commands as at its prompt) starts; \
          its clock stops when it says its login's reconciliation is done, and every file must be there then. The \
          bytes are compared on the servers and device 2. `list_server` is typed at device 2; its clock stops at the \
-         listing's last line, and every name must be in it. Then nothing happens for {} s: the primary's status \
-         `seq` must not move while each device runs its periodic reconciliation (a scan and a full listing, every \
-         30 s) twice, and the primary's CPU time is read over that time. Peak RSS (VmHWM) of every process at the \
-         end covers the whole case. The files stay until the run ends.",
+         listing's last line, and every name must be in it. From device 2's login on, no file changes for at least \
+         {} s (the byte check and the listing only read): the primary's status `seq` must not move while each \
+         device runs its periodic reconciliation (a scan and a full listing, 30 s after the last one ended) twice. \
+         The primary's CPU time is read over the last {} s or more of that, while it serves only those \
+         reconciliations. Peak RSS (VmHWM) of every process at the end covers the whole case. The files stay until \
+         the run ends.",
         group(n),
         group(PER_FOLDER),
-        QUIET.as_secs()
+        QUIET.as_secs(),
+        CPU_WINDOW.as_secs()
     );
     let target = "every file everywhere, all listed; seq still";
     let rows = match measure(ctx, n) {
