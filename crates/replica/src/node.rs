@@ -530,10 +530,15 @@ impl Node {
     }
 
     /// The caller was busy with this node's own work from `from` until `until`
-    /// (an fsync on a slow disk, a listing): that was no pause. Only a primary is
+    /// (an fsync on a slow disk, a listing): that was no pause. A primary is
     /// vouched for: its links kept pinging its backups meanwhile, so none of them
-    /// suspected it; a backup that stalled may have been fenced by timeout, and
-    /// must doubt.
+    /// suspected it. So is a backup installing a snapshot: it is joining, not a
+    /// member the primary waits for, and has no membership to doubt. A backup
+    /// otherwise that stalled may have been fenced by timeout, and must doubt.
+    /// (Without the second case, a snapshot that took longer to install than the
+    /// failure timeout, as one of 100,000 files does on a slow disk, sent the
+    /// backup back to join again when it was done, for another snapshot, for
+    /// ever: `make bench` case 9, 2026-12-03.)
     ///
     /// Only the work is vouched for, not the time before it: a process stopped
     /// between two events, whose first event after the stop never reaches the
@@ -541,7 +546,8 @@ impl Node {
     /// taken for that work and go on as primary of an epoch its backups left
     /// (CI, `epochs::backups_cut_off_past_the_failure_timeout_...`).
     pub fn busy(&mut self, from: u64, until: u64) {
-        if self.is_primary() && from.saturating_sub(self.last_now) <= self.cfg.failure_timeout_ms {
+        let installing = matches!(&self.role, Role::Backup(b) if b.phase == Phase::Installing);
+        if (self.is_primary() || installing) && from.saturating_sub(self.last_now) <= self.cfg.failure_timeout_ms {
             self.last_now = self.last_now.max(until);
         }
     }
@@ -2333,6 +2339,30 @@ mod tests {
         let out = step(&mut p, 5010, |n| n.tick(5010));
         assert!(!p.is_primary(), "a pause taken for work: {out:?}");
         assert!(out.contains(&Output::SteppedDown { epoch: Epoch(1) }), "{out:?}");
+    }
+
+    /// Regression (`make bench` case 9, a user of 100,000 files): a backup whose
+    /// snapshot took longer to install than the failure timeout took its own
+    /// work for a pause, joined again, got another snapshot, and so on for ever.
+    /// Installing is joining: that work is vouched for. A live backup's long
+    /// stall still makes it join again.
+    #[test]
+    fn a_long_snapshot_install_is_no_pause_but_a_live_backups_stall_is() {
+        let mut b = Node::new(cfg(2), State::default(), Vec::new(), 0);
+        b.start_backup(0);
+        step(&mut b, 1, |n| n.joined(1, Epoch(1), ServerId(2), ServerId(1), "s1".into(), true, false));
+        let primary_state = State { pos: LogPos(3), epoch: Epoch(1), ..Default::default() };
+        let out = step(&mut b, 2, |n| n.snapshot(2, Epoch(1), primary_state.clone()));
+        assert!(out.iter().any(|o| matches!(o, Output::Install(_))), "{out:?}");
+        // Installing took 1.5 s, five times the failure timeout.
+        b.busy(2, 1502);
+        let out = step(&mut b, 1510, |n| n.installed(1510, Vec::new()));
+        assert!(!out.contains(&Output::Follow { addr: "s1".into() }), "the install taken for a pause: {out:?}");
+        assert!(out.contains(&Output::ToPrimary(Msg::CaughtUp { pos: LogPos(3) })), "{out:?}");
+        // Live now: a stall as long makes it doubt and join again.
+        b.busy(1520, 3020);
+        let out = step(&mut b, 3030, |n| n.tick(3030));
+        assert!(out.contains(&Output::Follow { addr: "s1".into() }), "a live backup's stall must doubt: {out:?}");
     }
 
     /// A primary that hears the time after a pause steps down there and then,
