@@ -242,7 +242,7 @@ impl Device {
         host: &Host,
         creds: &Credentials,
     ) -> Result<Device, String> {
-        Device::spawn(root, name, (user, server), host, creds, false, START_DEADLINE)
+        Device::spawn(root, name, user, server, host, creds, None)
     }
 
     /// Starts a client as [`Device::start`] does, but one that reads commands
@@ -252,23 +252,27 @@ impl Device {
     pub fn start_console(
         root: &Path,
         name: &str,
-        (user, server): (&str, &str),
+        user: &str,
+        server: &str,
         host: &Host,
         creds: &Credentials,
         deadline: Duration,
     ) -> Result<Device, String> {
-        Device::spawn(root, name, (user, server), host, creds, true, deadline)
+        Device::spawn(root, name, user, server, host, creds, Some(deadline))
     }
 
+    /// `console`: None for a headless client, or the deadline of a client that
+    /// reads commands.
     fn spawn(
         root: &Path,
         name: &str,
-        (user, server): (&str, &str),
+        user: &str,
+        server: &str,
         host: &Host,
         creds: &Credentials,
-        console: bool,
-        deadline: Duration,
+        console: Option<Duration>,
     ) -> Result<Device, String> {
+        let deadline = console.unwrap_or(START_DEADLINE);
         let client = sys::bin("replibox-client")?;
         let dir = root.join(name);
         let logs = root.join("logs");
@@ -284,10 +288,10 @@ impl Device {
             .arg(&dir)
             .envs(creds.client_env(user))
             .env("RUST_LOG", "warn")
-            .stdin(if console { Stdio::piped() } else { Stdio::null() })
+            .stdin(if console.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(out)
             .stderr(err);
-        if !console {
+        if console.is_none() {
             cmd.arg("--headless");
         }
         let mut proc = Proc::spawn(name, cmd)?;

@@ -108,6 +108,34 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     Some(ProcStat { rss_kib: field("VmRSS:"), hwm_kib: field("VmHWM:"), threads: field("Threads:") })
 }
 
+/// A process's CPU time so far (user and system, all its threads), in seconds.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let ticks = ticks_in(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    Some(ticks as f64 / clock_ticks_per_sec())
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/PID/stat`.
+fn ticks_in(stat: &str) -> Option<u64> {
+    // The fields after the command name, which is in parentheses and may hold
+    // spaces and parentheses of its own.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// `getconf CLK_TCK` (100 on Linux's common architectures, where `/proc` counts
+/// in USER_HZ).
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
 /// Resets a process's peak RSS (VmHWM) to its current RSS, so that the peak read
 /// later is the peak of what happened in between (Linux 4.0+; `clear_refs` 5).
 pub fn reset_peak(pid: u32) -> Result<(), String> {
@@ -245,5 +273,14 @@ mod tests {
         let help = "      --heartbeat-ms <N>\n          How often.\n          \n          [default: 100]\n      --port <PORT>\n          [default: 4000]\n";
         let out = timing_defaults(help);
         assert_eq!(out, vec![("heartbeat-ms".to_string(), "100".to_string())]);
+    }
+
+    #[test]
+    fn cpu_time_is_read_after_a_name_with_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0";
+        assert_eq!(ticks_in(stat), Some(12));
+        assert_eq!(ticks_in("42 (cut short"), None);
+        assert!(cpu_secs(std::process::id()).is_some(), "the harness's own /proc/PID/stat reads");
     }
 }

@@ -2341,6 +2341,18 @@ mod tests {
         assert!(out.contains(&Output::SteppedDown { epoch: Epoch(1) }), "{out:?}");
     }
 
+    /// Backup 2 joined primary 1 (epoch 1) as a newcomer and was handed a
+    /// snapshot at pos 3 at time 2: installing, not yet told it is installed.
+    /// Returns it and the snapshot's outputs.
+    fn backup_given_a_snapshot() -> (Node, Vec<Output>) {
+        let mut b = Node::new(cfg(2), State::default(), Vec::new(), 0);
+        b.start_backup(0);
+        step(&mut b, 1, |n| n.joined(1, Epoch(1), ServerId(2), ServerId(1), "s1".into(), true, false));
+        let primary_state = State { pos: LogPos(3), epoch: Epoch(1), ..Default::default() };
+        let out = step(&mut b, 2, |n| n.snapshot(2, Epoch(1), primary_state));
+        (b, out)
+    }
+
     /// Regression (`make bench` case 9, a user of 100,000 files): a backup whose
     /// snapshot took longer to install than the failure timeout took its own
     /// work for a pause, joined again, got another snapshot, and so on for ever.
@@ -2348,11 +2360,7 @@ mod tests {
     /// stall still makes it join again.
     #[test]
     fn a_long_snapshot_install_is_no_pause_but_a_live_backups_stall_is() {
-        let mut b = Node::new(cfg(2), State::default(), Vec::new(), 0);
-        b.start_backup(0);
-        step(&mut b, 1, |n| n.joined(1, Epoch(1), ServerId(2), ServerId(1), "s1".into(), true, false));
-        let primary_state = State { pos: LogPos(3), epoch: Epoch(1), ..Default::default() };
-        let out = step(&mut b, 2, |n| n.snapshot(2, Epoch(1), primary_state.clone()));
+        let (mut b, out) = backup_given_a_snapshot();
         assert!(out.iter().any(|o| matches!(o, Output::Install(_))), "{out:?}");
         // Installing took 1.5 s, five times the failure timeout.
         b.busy(2, 1502);
@@ -2510,11 +2518,7 @@ mod tests {
     /// primary never counted it, and it never became a member again.
     #[test]
     fn a_joiner_missing_files_reports_caught_up_once_a_later_entry_settles_them() {
-        let mut b = Node::new(cfg(2), State::default(), Vec::new(), 0);
-        b.start_backup(0);
-        step(&mut b, 1, |n| n.joined(1, Epoch(1), ServerId(2), ServerId(1), "s1".into(), true, false));
-        let primary_state = State { pos: LogPos(3), epoch: Epoch(1), ..Default::default() };
-        step(&mut b, 2, |n| n.snapshot(2, Epoch(1), primary_state.clone()));
+        let (mut b, _) = backup_given_a_snapshot();
         let out = step(&mut b, 3, |n| n.installed(3, vec![("u".into(), "a".into())]));
         assert!(
             !out.iter().any(|o| matches!(o, Output::ToPrimary(_))),

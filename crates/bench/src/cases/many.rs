@@ -10,10 +10,10 @@ use super::burst::group;
 use super::{wait_files, Ctx, USER};
 use crate::cluster::{self, Cluster, Device, Host};
 use crate::report::{show_mib, show_ms, Row, Stands};
-use crate::sys::{self, has_content, proc_stat, write_content};
+use crate::sys::{self, cpu_secs, has_content, proc_stat, write_content};
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Each file's size: small, as most of a real folder's files are.
@@ -64,19 +64,9 @@ fn seed_of(ctx: &Ctx, i: usize) -> u64 {
     ctx.seed(9_000_000 + i as u64)
 }
 
-/// A process's CPU time so far (user and system), in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    ticks_in(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// utime + stime from the text of `/proc/PID/stat`.
-fn ticks_in(stat: &str) -> Option<u64> {
-    // The fields after the command name, which is in parentheses and may hold
-    // spaces and parentheses of its own.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+/// How many lines of a client's stderr are errors (`error: ...`).
+fn error_lines(err: &Path) -> usize {
+    fs::read_to_string(err).map_or(0, |e| e.lines().filter(|l| l.starts_with("error")).count())
 }
 
 fn seq(addr: &str) -> Result<u64, String> {
@@ -112,7 +102,7 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
 
     let t0 = Instant::now();
     let host2 = Host::loopback(5);
-    let mut dev2 = Device::start_console(&root, "dev2", (USER, cluster.primary()), &host2, &ctx.creds, DEADLINE)?;
+    let mut dev2 = Device::start_console(&root, "dev2", USER, cluster.primary(), &host2, &ctx.creds, DEADLINE)?;
     // Its login's reconciliation is done: every file must be there already.
     wait_files(std::slice::from_ref(&dev2.dir), &files, Duration::ZERO, Duration::ZERO, &mut || Ok(()))?;
     let fresh_device = t0.elapsed();
@@ -130,8 +120,7 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     }
 
     let before = fs::metadata(&dev2.out).map_or(0, |m| m.len());
-    let errors_before =
-        fs::read_to_string(&dev2.err).map_or(0, |e| e.lines().filter(|l| l.starts_with("error")).count());
+    let errors_before = error_lines(&dev2.err);
     let t0 = Instant::now();
     dev2.command("list_server")?;
     // Its last line: "N files", then ", M empty folders" if there are any.
@@ -140,8 +129,7 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
         if let Err(e) = dev2.check_alive() {
             return Some(Err(e));
         }
-        let errors = fs::read_to_string(&dev2.err).map_or(0, |e| e.lines().filter(|l| l.starts_with("error")).count());
-        if errors > errors_before {
+        if error_lines(&dev2.err) > errors_before {
             return Some(Err(format!("list_server failed; see {}", dev2.err.display())));
         }
         let out = fs::read_to_string(&dev2.out).ok()?;
@@ -156,17 +144,17 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     ctx.say(&format!("case 9: list_server printed all {} files in {}", group(n), secs(listed)));
 
     let primary = server_pids[0].ok_or("the primary is not running")?;
-    let ticks0 = cpu_ticks(primary).ok_or("cannot read the primary's CPU time")?;
+    let cpu0 = cpu_secs(primary).ok_or("cannot read the primary's CPU time")?;
     let t0 = Instant::now();
     while still_from.elapsed() < QUIET || t0.elapsed() < CPU_WINDOW {
         dev1.check_alive()?;
         dev2.check_alive()?;
         std::thread::sleep(Duration::from_millis(500));
     }
-    let ticks1 = cpu_ticks(primary).ok_or("cannot read the primary's CPU time")?;
+    let cpu1 = cpu_secs(primary).ok_or("cannot read the primary's CPU time")?;
     let seq1 = seq(cluster.primary())?;
     let still_for = still_from.elapsed();
-    let quiet_cpu = ticks1.saturating_sub(ticks0) as f64 / clock_ticks_per_sec() / t0.elapsed().as_secs_f64();
+    let quiet_cpu = (cpu1 - cpu0).max(0.0) / t0.elapsed().as_secs_f64();
 
     let mut peaks = [0u64; 5];
     let pids: Vec<Option<u32>> = server_pids.into_iter().chain([dev1.pid(), dev2.pid()]).collect();
@@ -178,18 +166,6 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found, String> {
     drop(cluster);
     // The files stay until the run ends (the run's directory goes then).
     Ok(Found { n, to_servers, fresh_device, listed, seq: (seq0, seq1), still_for, quiet_cpu, peaks })
-}
-
-/// `getconf CLK_TCK` (100 on Linux's common architectures, where `/proc` counts
-/// in USER_HZ).
-fn clock_ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
 }
 
 fn secs(d: Duration) -> String {
@@ -279,14 +255,5 @@ mod tests {
     fn files_go_in_folders_of_a_thousand() {
         assert_eq!(super::rel(0), "many/d000/f000000.txt");
         assert_eq!(super::rel(99_999), "many/d099/f099999.txt");
-    }
-
-    #[test]
-    fn cpu_time_is_read_after_a_name_with_spaces() {
-        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
-        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0";
-        assert_eq!(super::ticks_in(stat), Some(12));
-        assert_eq!(super::ticks_in("42 (cut short"), None);
-        assert!(super::cpu_ticks(std::process::id()).is_some(), "the harness's own /proc/PID/stat reads");
     }
 }
