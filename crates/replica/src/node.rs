@@ -934,6 +934,14 @@ impl Node {
 
     fn follow(&mut self, now: u64, addr: String, out: &mut Vec<Output>) {
         if let Role::Backup(b) = &mut self.role {
+            // A snapshot not yet installed with its files: the state says more
+            // than the data dir holds, so the next join asks for a snapshot
+            // again. Joined with entries instead, the files still to fetch
+            // were never fetched (CI, `lab_partition_promise_majority_quorum`:
+            // a new primary's coordinator came while the old one installed).
+            if b.phase == Phase::Installing {
+                self.want_snapshot = true;
+            }
             b.phase = Phase::Joining;
             b.target = Some(addr.clone());
             b.detector = Detector::new(self.cfg.failure_timeout_ms, now);
@@ -2351,6 +2359,18 @@ mod tests {
         let primary_state = State { pos: LogPos(3), epoch: Epoch(1), ..Default::default() };
         let out = step(&mut b, 2, |n| n.snapshot(2, Epoch(1), primary_state));
         (b, out)
+    }
+
+    /// Regression (CI, `lab_partition_promise_majority_quorum`): a backup told of
+    /// a new primary while it still fetched a snapshot's files joined it with
+    /// entries from the snapshot's position, and the files were never fetched.
+    #[test]
+    fn a_join_restarted_while_installing_asks_for_a_snapshot_again() {
+        let (mut b, _) = backup_given_a_snapshot();
+        assert_eq!(b.join_point(), (LogPos(3), Epoch(1)));
+        let (_, out) = b.coordinator(5, ServerId(3), Epoch(2), "s3".into());
+        assert!(out.contains(&Output::Follow { addr: "s3".into() }), "{out:?}");
+        assert_eq!(b.join_point(), (LogPos(0), Epoch(u64::MAX)), "the files not fetched must be asked for again");
     }
 
     /// Regression (`make bench` case 9, a user of 100,000 files): a backup whose
